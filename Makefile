@@ -1,0 +1,37 @@
+# BrainLine: `make run` (set up and start on the embedded defaults) and
+# `make test` (set up and run the whole suite). Python 3.11 required.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install system-deps run test bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+# Embedded defaults: SQLite and spool under ./var, DICOM on 11112, HTTP on 8080.
+# Without BRAINLINE_VAULT_KEY this runs in development mode (generated key).
+run: install
+	BRAINLINE_DEV_MODE=$${BRAINLINE_DEV_MODE:-1} $(BIN)/brainline serve
+
+test: install system-deps
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+bench: install system-deps
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var *.egg-info

@@ -1,0 +1,80 @@
+"""Study completion detector.
+
+The spool is the source of truth: a study folder whose modification time
+(changed by every file renamed into it) is older than BRAINLINE_STABLE_SECONDS
+counts as complete. A job is created when the folder holds a different number
+of instances than the newest job of that study was built from, so late
+instances re-open the study and re-trigger it after another quiet period,
+duplicates do not, and a restart picks up whatever arrived before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .jobs import JobStore
+from .metrics import Metrics
+from .spool import Spool
+
+log = logging.getLogger("brainline.completion")
+
+
+class CompletionMonitor:
+    def __init__(self, spool: Spool, store: JobStore, submit, stable_seconds: float,
+                 metrics: Metrics, poll_seconds: float = 0.5):
+        self.spool = spool
+        self.store = store
+        self.submit = submit
+        self.stable_ns = int(stable_seconds * 1e9)
+        self.metrics = metrics
+        self.poll_seconds = poll_seconds
+        self._handled_mtime: dict[str, int] = {}
+        self._job_counts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._job_counts = self.store.latest_counts()
+        self._thread = threading.Thread(target=self._loop, name="brainline-completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.check_once()
+            except Exception:
+                log.exception("completion check failed")
+
+    def check_once(self, now_ns: int | None = None) -> list[int]:
+        """Create jobs for studies that became stable; return their ids."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        created, waiting = [], 0
+        for study_key, mtime in self.spool.studies():
+            if self._handled_mtime.get(study_key) == mtime:
+                continue
+            if now_ns - mtime < self.stable_ns:
+                waiting += 1
+                continue
+            self._handled_mtime[study_key] = mtime
+            count = self.spool.count(study_key)
+            if count == 0 or self._job_counts.get(study_key) == count:
+                continue
+            job_id = self.store.create(study_key, count, source="spool")
+            self._job_counts[study_key] = count
+            self.store.mark_queued(job_id)
+            self.submit(job_id)
+            created.append(job_id)
+            log.info("study complete, job queued",
+                     extra={"job_id": job_id, "study_key": study_key, "instances": count})
+        self.metrics.studies_pending.set(waiting)
+        return created

@@ -1,0 +1,112 @@
+"""Wires the service's parts together: settings, database, vault, spool,
+metrics, job store, runner, executor, listener and completion monitor."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .completion import CompletionMonitor
+from .db import make_engine, make_sessionmaker, migrate
+from .executor import Executor, LocalExecutor
+from .jobs import JobRunner, JobStore
+from .listener import DicomListener
+from .metrics import Metrics
+from .settings import Settings
+from .spool import Spool
+from .vault import Vault, resolve_vault_key
+
+log = logging.getLogger("brainline.service")
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    engine: object
+    sessions: object
+    vault: Vault
+    spool: Spool
+    metrics: Metrics
+    store: JobStore
+    runner: JobRunner
+    executor: Executor
+    listener: DicomListener | None = None
+    monitor: CompletionMonitor | None = None
+    dev_key: bool = False
+    started: bool = field(default=False)
+
+    @classmethod
+    def build(cls, settings: Settings) -> "ServiceContext":
+        """Create folders, migrate the database and build every part (nothing
+        is started: see ``start``)."""
+        settings.home.mkdir(parents=True, exist_ok=True)
+        settings.workspace_dir.mkdir(parents=True, exist_ok=True)
+        migrate(settings.database_url)
+        engine = make_engine(settings.database_url)
+        sessions = make_sessionmaker(engine)
+        key, generated = resolve_vault_key(settings.vault_key, settings.dev_mode, settings.home)
+        vault = Vault(key, sessions)
+        spool = Spool(settings.spool_dir, settings.min_free_mb)
+        metrics = Metrics()
+        store = JobStore(sessions)
+        metrics.add_jobs_by_state(store.counts_by_state)
+        runner = JobRunner(store, spool, vault, settings, metrics)
+        executor = LocalExecutor(runner.run, settings.workers)
+        return cls(settings=settings, engine=engine, sessions=sessions, vault=vault, spool=spool,
+                   metrics=metrics, store=store, runner=runner, executor=executor,
+                   dev_key=generated)
+
+    def start(self) -> None:
+        """Start executor, re-queue unfinished jobs, then listener and monitor."""
+        s = self.settings
+        if self.dev_key:
+            log.warning("DEVELOPMENT MODE: the vault key was generated and is stored in "
+                        f"{s.home / 'vault.key'}; set BRAINLINE_VAULT_KEY in production")
+        if not s.allowed_aes:
+            log.warning("BRAINLINE_ALLOWED_AES is empty: associations from any calling AE title "
+                        "are accepted")
+        if not s.api_token:
+            log.warning("BRAINLINE_API_TOKEN is empty: the REST API under /api/ is not authenticated")
+        self.executor.start()
+        for job_id in self.store.recover():
+            log.info("re-queued unfinished job after restart", extra={"job_id": job_id})
+            self.executor.submit(job_id)
+        self.listener = DicomListener(s, self.spool, self.vault.study_key, self.metrics)
+        self.listener.start()
+        self.monitor = CompletionMonitor(self.spool, self.store, self.executor.submit,
+                                         s.stable_seconds, self.metrics)
+        self.monitor.start()
+        self.started = True
+
+    def stop(self) -> None:
+        if self.listener:
+            self.listener.stop()
+        if self.monitor:
+            self.monitor.stop()
+        self.executor.stop()
+        self.engine.dispose()
+
+    def readiness(self) -> list[str]:
+        """Reasons the service is not ready; empty when ready."""
+        from sqlalchemy import text
+
+        reasons = []
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            reasons.append(f"database unreachable: {type(exc).__name__}")
+        problem = self.spool.probe_writable()
+        if problem:
+            reasons.append(problem)
+        free_mb = self.spool.free_bytes() / 2**20
+        if free_mb < self.settings.min_free_mb:
+            reasons.append(f"free space {free_mb:.0f} MB is below BRAINLINE_MIN_FREE_MB="
+                           f"{self.settings.min_free_mb:.0f}; C-STORE answers Out of Resources")
+        if not (self.listener and self.listener.bound):
+            reasons.append("DICOM listener is not bound")
+        if not self.executor.alive():
+            reasons.append("executor has no live workers")
+        if not (self.monitor and self.monitor.alive()):
+            reasons.append("study completion monitor is not running")
+        return reasons

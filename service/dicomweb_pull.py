@@ -1,0 +1,105 @@
+"""Pull a study from a PACS over DICOMweb (QIDO-RS to list, WADO-RS to
+retrieve) into the spool; the completion monitor then creates the job as for
+a pushed study."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from requests import HTTPError, RequestException
+
+from .spool import Spool, is_valid_uid
+
+log = logging.getLogger("brainline.pull")
+
+
+class PullError(RuntimeError):
+    """The pull could not be done; ``status`` is the matching HTTP status."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PullResult:
+    study_uid: str
+    series: int
+    instances: int
+    new_instances: int
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def make_client(settings) -> DICOMwebClient:
+    if not settings.dicomweb_url:
+        raise PullError("BRAINLINE_DICOMWEB_URL is not set: no PACS to pull from", status=503)
+    session = requests.Session()
+    if settings.dicomweb_username:
+        session.auth = (settings.dicomweb_username, settings.dicomweb_password)
+    return DICOMwebClient(url=settings.dicomweb_url, session=session)
+
+
+def _to_part10(ds: pydicom.Dataset) -> bytes:
+    """Encode a retrieved dataset as a Part 10 file (keeping its transfer syntax)."""
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def pull_study(settings, spool: Spool, study_key_fn, study_uid: str, metrics=None,
+               progress=None) -> PullResult:
+    """Retrieve every instance of ``study_uid`` into the spool.
+
+    ``progress(n_done, n_total)`` is called after each instance when given.
+    Raises PullError (404 when the PACS does not know the study).
+    """
+    if not is_valid_uid(study_uid):
+        raise PullError(f"{study_uid!r} is not a valid Study Instance UID", status=400)
+    client = make_client(settings)
+    try:
+        found = client.search_for_instances(study_instance_uid=study_uid,
+                                            fields=["SeriesInstanceUID"])
+    except HTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 404:
+            found = []
+        else:
+            raise PullError(f"QIDO-RS search at the PACS failed: {exc}") from None
+    except RequestException as exc:
+        raise PullError(f"the PACS at {settings.dicomweb_url} cannot be reached: {type(exc).__name__}") from None
+    if not found:
+        raise PullError(f"study {study_uid} was not found at the PACS ({settings.dicomweb_url})", status=404)
+    series_uids = sorted({item["0020000E"]["Value"][0] for item in found if "0020000E" in item})
+    study_key = study_key_fn(study_uid)
+    total, new, done = len(found), 0, 0
+    try:
+        for series_uid in series_uids:
+            for ds in client.iter_series(study_uid, series_uid):
+                outcome = spool.store(study_key, str(ds.SOPInstanceUID), _to_part10(ds))
+                done += 1
+                if not outcome.duplicate:
+                    new += 1
+                    if metrics is not None:
+                        metrics.instances.labels(source="dicomweb").inc()
+                if progress:
+                    progress(done, total)
+    except RequestException as exc:
+        raise PullError(f"WADO-RS retrieval failed after {done} of {total} instances: "
+                        f"{type(exc).__name__}") from None
+    log.info("study pulled", extra={"study_key": study_key, "instances": done, "new": new})
+    return PullResult(study_uid=study_uid, series=len(series_uids), instances=done, new_instances=new)

@@ -1,0 +1,210 @@
+"""Durable jobs: creation, state changes, the runner and crash recovery.
+
+The runner (``JobRunner.run``) is what every executor calls, locally or from
+a Celery worker: it loads the job, skips stages already done, runs the rest in
+order and records state, timings, results and errors in the job store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from .db import FINAL_STATES, Job, Stage, State, utcnow
+from .metrics import Metrics
+from .spool import Spool
+from .stages import DEFAULT_PIPELINE, PIPELINES, NeedsInput, Rejected, StageContext
+from .vault import Vault
+
+log = logging.getLogger("brainline.jobs")
+
+
+class JobConflict(Exception):
+    """The job is in a state that does not allow the requested change."""
+
+
+class JobStore:
+    def __init__(self, sessions: sessionmaker):
+        self.sessions = sessions
+
+    def create(self, study_key: str, instance_count: int, source: str,
+               pipeline: str = DEFAULT_PIPELINE) -> int:
+        with self.sessions.begin() as s:
+            job = Job(study_key=study_key, instance_count=instance_count, source=source,
+                      pipeline=pipeline, state=State.RECEIVED.value, attempts=0)
+            job.stages = [Stage(name=name, position=i, state=State.QUEUED.value, attempts=0)
+                          for i, (name, _fn) in enumerate(PIPELINES[pipeline])]
+            s.add(job)
+            s.flush()
+            return job.id
+
+    def mark_queued(self, job_id: int) -> None:
+        with self.sessions.begin() as s:
+            job = s.get(Job, job_id)
+            job.state = State.QUEUED.value
+            job.queued_at = utcnow()
+
+    def get(self, job_id: int) -> Job | None:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                _ = list(job.stages)
+            return job
+
+    def list(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        with self.sessions() as s:
+            q = select(Job).order_by(Job.id.desc()).limit(limit).offset(offset)
+            if state:
+                q = q.where(Job.state == state)
+            jobs = list(s.scalars(q))
+            for job in jobs:
+                _ = list(job.stages)
+            return jobs
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.sessions() as s:
+            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+
+    def latest_counts(self) -> dict[str, int]:
+        """study_key -> instance_count of its newest job."""
+        with self.sessions() as s:
+            newest = select(Job.study_key, func.max(Job.id).label("id")).group_by(Job.study_key).subquery()
+            rows = s.execute(select(Job.study_key, Job.instance_count).join(newest, Job.id == newest.c.id))
+            return {key: count for key, count in rows}
+
+    def unfinished(self) -> list[int]:
+        """Jobs that were received, queued or running (e.g. before a crash)."""
+        live = [State.RECEIVED.value, State.QUEUED.value, State.RUNNING.value]
+        with self.sessions() as s:
+            return list(s.scalars(select(Job.id).where(Job.state.in_(live)).order_by(Job.id)))
+
+    def reset_for_retry(self, job_id: int, force: bool = False) -> None:
+        """Make a finished job runnable again from its first unfinished stage."""
+        with self.sessions.begin() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if not force and State(job.state) not in FINAL_STATES - {State.DONE}:
+                raise JobConflict(f"job {job_id} is {job.state}; only failed, needs_input or "
+                                  "rejected jobs can be retried")
+            for stage in job.stages:
+                if stage.state != State.DONE.value:
+                    stage.state = State.QUEUED.value
+                    stage.error = None
+            job.state = State.QUEUED.value
+            job.error = None
+            job.finished_at = None
+            job.queued_at = utcnow()
+
+    def recover(self) -> list[int]:
+        """After a crash: stages left running go back to queued; return the
+        unfinished jobs to re-submit."""
+        ids = self.unfinished()
+        with self.sessions.begin() as s:
+            for job_id in ids:
+                job = s.get(Job, job_id)
+                for stage in job.stages:
+                    if stage.state == State.RUNNING.value:
+                        stage.state = State.QUEUED.value
+                job.state = State.QUEUED.value
+        return ids
+
+
+def _set_stage(sessions, stage_id: int, **fields) -> None:
+    with sessions.begin() as s:
+        stage = s.get(Stage, stage_id)
+        for k, v in fields.items():
+            setattr(stage, k, v)
+
+
+def _set_job(sessions, job_id: int, **fields) -> None:
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        for k, v in fields.items():
+            setattr(job, k, v)
+
+
+STAGE_LABELS = {"pseudonymize": "pseudonymization", "select_series": "series selection",
+                "convert": "conversion"}
+
+
+class JobRunner:
+    """Runs one job's stages in order; safe to call again after a crash."""
+
+    def __init__(self, store: JobStore, spool: Spool, vault: Vault, settings, metrics: Metrics):
+        self.store = store
+        self.spool = spool
+        self.vault = vault
+        self.settings = settings
+        self.metrics = metrics
+
+    def workspace(self, job_id: int) -> Path:
+        return self.settings.workspace_dir / f"job-{job_id:06d}"
+
+    def run(self, job_id: int) -> str:
+        sessions = self.store.sessions
+        job = self.store.get(job_id)
+        if job is None or State(job.state) in FINAL_STATES:
+            return job.state if job else "missing"
+        _set_job(sessions, job_id, state=State.RUNNING.value, attempts=job.attempts + 1,
+                 started_at=job.started_at or utcnow())
+        ws = self.workspace(job_id)
+        ws.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
+                           spool=self.spool, vault=self.vault, settings=self.settings)
+        stage_fns = dict(PIPELINES[job.pipeline])
+        log.info("job started", extra={"job_id": job_id, "study_key": job.study_key})
+        for stage in job.stages:
+            if stage.state == State.DONE.value:
+                continue
+            outcome = self._run_stage(ctx, stage, stage_fns[stage.name])
+            if outcome != State.DONE:
+                return outcome.value
+        _set_job(sessions, job_id, state=State.DONE.value, finished_at=utcnow(), error=None)
+        log.info("job done", extra={"job_id": job_id})
+        return State.DONE.value
+
+    def _run_stage(self, ctx: StageContext, stage: Stage, fn) -> State:
+        sessions = self.store.sessions
+        started = utcnow()
+        _set_stage(sessions, stage.id, state=State.RUNNING.value, started_at=started,
+                   attempts=stage.attempts + 1, error=None)
+        t0 = time.monotonic()
+        log.info("stage started", extra={"job_id": ctx.job_id, "stage": stage.name})
+        label = STAGE_LABELS.get(stage.name, stage.name)
+        try:
+            result = fn(ctx)
+        except NeedsInput as exc:
+            return self._finish_stage(ctx, stage, t0, State.NEEDS_INPUT, str(exc))
+        except Rejected as exc:
+            return self._finish_stage(ctx, stage, t0, State.REJECTED, f"{label} refused the study: {exc}")
+        except Exception as exc:  # a stage failure must be recorded, never lost
+            log.exception("stage failed", extra={"job_id": ctx.job_id, "stage": stage.name})
+            reason = str(exc) or type(exc).__name__
+            return self._finish_stage(ctx, stage, t0, State.FAILED, f"{label} failed: {reason}")
+        duration = time.monotonic() - t0
+        _set_stage(sessions, stage.id, state=State.DONE.value, finished_at=utcnow(),
+                   duration_s=duration, result_json=json.dumps(result, default=str))
+        if stage.name == "pseudonymize":
+            _set_job(sessions, ctx.job_id, pseudo_study_uid=result.get("pseudo_study_uid"),
+                     pseudo_patient_id=result.get("pseudo_patient_id"))
+        self.metrics.stage_duration.labels(stage=stage.name).observe(duration)
+        log.info("stage done", extra={"job_id": ctx.job_id, "stage": stage.name,
+                                      "duration_s": round(duration, 3)})
+        return State.DONE
+
+    def _finish_stage(self, ctx, stage, t0, state: State, reason: str) -> State:
+        sessions = self.store.sessions
+        duration = time.monotonic() - t0
+        _set_stage(sessions, stage.id, state=state.value, finished_at=utcnow(),
+                   duration_s=duration, error=reason)
+        _set_job(sessions, ctx.job_id, state=state.value, finished_at=utcnow(),
+                 error=f"stage {stage.name}: {reason}")
+        log.warning("job stopped", extra={"job_id": ctx.job_id, "stage": stage.name,
+                                          "state": state.value, "reason": reason})
+        return state

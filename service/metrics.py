@@ -1,0 +1,44 @@
+"""Prometheus metrics of one service instance (own registry, no patient data:
+labels are reasons, states and stage names only)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .db import State
+
+STAGE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances = Counter("brainline_instances_received",
+                                 "DICOM instances stored in the spool (C-STORE and DICOMweb pull)",
+                                 ["source"], registry=r)
+        self.duplicates = Counter("brainline_instances_duplicate",
+                                  "Instances received again with identical content", registry=r)
+        self.associations = Counter("brainline_associations_received",
+                                    "DICOM associations accepted", registry=r)
+        self.rejections = Counter("brainline_rejections",
+                                  "Refused associations and instances, by reason", ["reason"], registry=r)
+        self.stage_duration = Histogram("brainline_stage_duration_seconds",
+                                        "Wall-clock duration of finished pipeline stages",
+                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.studies_pending = Gauge("brainline_studies_receiving",
+                                     "Studies in the spool waiting for their quiet period", registry=r)
+
+    def add_jobs_by_state(self, count_fn) -> None:
+        """Register a collector that asks ``count_fn() -> {state: n}`` at scrape time."""
+
+        class _JobsCollector:
+            def collect(self_inner):
+                family = GaugeMetricFamily("brainline_jobs", "Jobs by state", labels=["state"])
+                counts = count_fn()
+                for state in State:
+                    family.add_metric([state.value], counts.get(state.value, 0))
+                yield family
+
+        self.registry.register(_JobsCollector())

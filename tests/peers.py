@@ -1,0 +1,264 @@
+"""Real DICOM peers for integration tests and benchmarks: an Orthanc server and dcmtk storescu.
+
+Everything binds or connects to loopback (127.0.0.1). Orthanc 1.10 has no bind-address
+option, so its DICOM port listens on all interfaces; its HTTP server rejects remote
+clients because RemoteAccessAllowed is false.
+
+Example::
+
+    with OrthancServer() as orthanc:
+        storescu(study_dir, orthanc.dicom_port, called_aet=orthanc.aet)
+        assert orthanc.count_instances() == 620
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import httpx
+
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+class OrthancServer:
+    """A throw-away Orthanc with the DICOMweb plugin, run as a subprocess.
+
+    Storage, index, config and log live in a temporary directory (``.workdir``) that is
+    kept across ``stop()``/``start()`` (for fault-injection tests) and removed on
+    ``close()`` / context exit. ``modalities`` maps a name to ``[aet, host, port]``
+    (Orthanc's DicomModalities), e.g. ``{"brainline": ["BRAINLINE", "127.0.0.1", 11112]}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        aet: str = "ORTHANC",
+        modalities: dict[str, Sequence] | None = None,
+        extra_config: dict | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.aet = aet
+        self.modalities = {name: list(spec) for name, spec in (modalities or {}).items()}
+        self.extra_config = dict(extra_config or {})
+        self.startup_timeout = startup_timeout
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="orthanc-"))
+        self.config_path = self.workdir / "config.json"
+        self.log_path = self.workdir / "orthanc.log"
+        self._process: subprocess.Popen | None = None
+        self._log_file = None
+        self._write_config()
+
+    # ------------------------------------------------------------------ config
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.http_url}/dicom-web"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def config(self) -> dict:
+        """The Orthanc configuration written to ``config.json``."""
+        config = {
+            "Name": "BrainLineTestOrthanc",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "StorageCompression": False,
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "HttpServerEnabled": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "SslEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomModalities": self.modalities,
+            "SaveJobs": False,
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        config.update(self.extra_config)
+        return config
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+
+    # --------------------------------------------------------------- lifecycle
+
+    def start(self) -> "OrthancServer":
+        """Start Orthanc (again) with the same config and storage; wait until /system answers."""
+        if self.running:
+            return self
+        self._write_config()
+        self._log_file = open(self.log_path, "ab")
+        self._process = subprocess.Popen(
+            [ORTHANC_BINARY, str(self.config_path)],
+            cwd=self.workdir, stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.http_url}/system", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer within {self.startup_timeout} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after ``timeout`` s); storage is kept."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            self._process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self) -> None:
+        """Kill the process abruptly (SIGKILL), for crash tests; storage is kept."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self.stop()
+
+    def close(self) -> None:
+        """Stop Orthanc and delete its temporary directory."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "OrthancServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+    # -------------------------------------------------------------------- REST
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        """GET ``path`` (e.g. "/studies") on the REST API; raises for HTTP errors."""
+        response = httpx.get(f"{self.http_url}{path}", timeout=kwargs.pop("timeout", 30.0), **kwargs)
+        response.raise_for_status()
+        return response
+
+    def system(self) -> dict:
+        """GET /system (Name, Version, DicomAet, ...)."""
+        return self.get("/system").json()
+
+    @property
+    def version(self) -> str:
+        return self.system()["Version"]
+
+    def upload_dir(self, path: Path | str) -> int:
+        """POST every file under ``path`` (recursively, or ``path`` itself) to /instances; return the count."""
+        files = _dicom_files(path)
+        with httpx.Client(base_url=self.http_url, timeout=60.0) as client:
+            for file in files:
+                response = client.post(
+                    "/instances", content=file.read_bytes(),
+                    headers={"Content-Type": "application/dicom"},
+                )
+                response.raise_for_status()
+        return len(files)
+
+    def count_instances(self) -> int:
+        """Number of instances stored (GET /statistics)."""
+        return int(self.get("/statistics").json()["CountInstances"])
+
+    def studies(self) -> list[str]:
+        """Orthanc IDs of the stored studies."""
+        return self.get("/studies").json()
+
+    def delete_all(self) -> None:
+        """Delete every stored study (keeps the server running)."""
+        with httpx.Client(base_url=self.http_url, timeout=60.0) as client:
+            for study in client.get("/studies").json():
+                client.delete(f"/studies/{study}").raise_for_status()
+
+
+def _dicom_files(path: Path | str) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def storescu(
+    paths_or_dir: Path | str | Iterable[Path | str],
+    port: int,
+    called_aet: str = "BRAINLINE",
+    calling_aet: str = "SCANNER",
+    host: str = LOOPBACK,
+    extra: Sequence[str] = (),
+    timeout: float | None = 600.0,
+) -> subprocess.CompletedProcess:
+    """Send files with dcmtk ``storescu`` over one association; never raises on failure.
+
+    A directory is scanned recursively (``+sd +r``); a file or list of files is sent as
+    given. The returned CompletedProcess has ``returncode``, ``stdout`` and ``stderr`` (text).
+    """
+    if isinstance(paths_or_dir, (str, os.PathLike)):
+        paths_or_dir = [paths_or_dir]
+    targets = [str(p) for p in paths_or_dir]
+    scan = ["+sd", "+r"] if any(Path(t).is_dir() for t in targets) else []
+    command = [
+        "storescu", *scan, "-aet", calling_aet, "-aec", called_aet,
+        *extra, host, str(port), *targets,
+    ]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
+        return subprocess.CompletedProcess(command, 124, output or "", f"timed out after {timeout} s")
