@@ -49,6 +49,7 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None
     # association details at INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom quotes offending element values (names, dates) in its
     # warnings and log records: never let them through.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
