@@ -121,6 +121,10 @@ class BrainLineServer:
             text = ""
         return f"--- last lines of {self.log_path} ---\n{text}" if text else "(no log output)"
 
+    def exit_status(self) -> int | None:
+        """The exit status if the process has ended, else None."""
+        return None if self._process is None else self._process.poll()
+
     def stop(self) -> None:
         """SIGTERM the process group we started, SIGKILL after 15 s; remove BRAINLINE_HOME."""
         if self._process is not None and self._process.poll() is None:
@@ -167,6 +171,7 @@ class Target:
     runs: list[Run] = field(default_factory=list)
     error: str = ""
     orthanc: OrthancServer | None = None  # set for Orthanc, to verify instance counts
+    brainline: BrainLineServer | None = None  # set for BrainLine, to report crashes
     rest: bool = False  # True for the reference row (HTTP upload instead of C-STORE)
 
     @property
@@ -186,6 +191,14 @@ def push(study_dir: Path, target: Target, n_instances: int, n_bytes: int) -> Run
     return Run(seconds, n_instances, n_bytes, ok, note)
 
 
+def report_brainline_failure(server: BrainLineServer, run: Run) -> None:
+    """After a failed push: note whether `brainline serve` died, and show its log tail."""
+    status = server.exit_status()
+    if status is not None:
+        run.note = f"brainline serve exited with status {status}; " + run.note
+    print(f"\nERROR: push to BrainLine failed ({run.note})\n{server.log_tail()}\n", file=sys.stderr)
+
+
 def check_orthanc_count(orthanc: OrthancServer, expected: int, run: Run) -> None:
     """Mark the run failed if Orthanc does not hold the expected number of instances."""
     stored = orthanc.count_instances()
@@ -203,8 +216,11 @@ def print_table(targets: list[Target]) -> None:
         if target.error:
             print(f"{target.name:<22}{'-':>4}{'-':>10}{'-':>10}{'-':>9}  NOT RUN: {target.error.splitlines()[0]}")
         for i, run in enumerate(target.runs, start=1):
-            status = "ok" if run.ok else f"FAILED {run.note}"
-            print(f"{target.name:<22}{i:>4}{run.seconds:>10.2f}{run.instances_per_s:>10.1f}{run.mb_per_s:>9.1f}  {status}")
+            if run.ok:
+                print(f"{target.name:<22}{i:>4}{run.seconds:>10.2f}{run.instances_per_s:>10.1f}"
+                      f"{run.mb_per_s:>9.1f}  ok")
+            else:
+                print(f"{target.name:<22}{i:>4}{run.seconds:>10.2f}{'-':>10}{'-':>9}  FAILED {run.note}")
 
 
 def print_summary(targets: list[Target], n_instances: int, n_bytes: int) -> None:
@@ -253,7 +269,7 @@ def start_targets(names: set[str], startup_timeout: float, stack: list) -> list[
     if "brainline" in names:
         brainline = BrainLineServer(startup_timeout)
         stack.append(brainline.stop)
-        target = Target("BrainLine", brainline.dicom_port, AE_TITLE)
+        target = Target("BrainLine", brainline.dicom_port, AE_TITLE, brainline=brainline)
         print(f"starting BrainLine: {' '.join(brainline.command())} (DICOM port {brainline.dicom_port})")
         try:
             brainline.start()
@@ -291,6 +307,8 @@ def run_round(study_dir: Path, targets: list[Target], rest: Target | None, n_ins
         run = push(study_dir, target, n_instances, n_bytes)
         if target.orthanc is not None:
             check_orthanc_count(target.orthanc, n_instances, run)
+        if target.brainline is not None and not run.ok:
+            report_brainline_failure(target.brainline, run)
         target.runs.append(run)
         print(f"  {target.name:<24} {run.seconds:7.2f} s  {'ok' if run.ok else 'FAILED ' + run.note}")
     if rest is not None:

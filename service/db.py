@@ -109,6 +109,35 @@ class VaultEntry(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+class OutboxState(str, enum.Enum):
+    PENDING = "pending"      # waiting for its (next) attempt
+    SENT = "sent"            # stored by the destination
+    FAILED = "failed"        # gave up after outbox_max_attempts transient failures
+    REJECTED = "rejected"    # the destination refused the object (C-STORE failure, HTTP 4xx)
+
+
+class OutboxItem(Base):
+    """One result object for one destination. ``path`` is a file in the PHI
+    outbox folder; retries send the same file, hence the same SOP Instance UID."""
+
+    __tablename__ = "outbox_items"
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(Text)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True, default=OutboxState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and thread sharing."""
     if url.startswith("sqlite"):

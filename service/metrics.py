@@ -30,6 +30,15 @@ class Metrics:
         self.studies_pending = Gauge("brainline_studies_receiving",
                                      "Studies in the spool waiting for their quiet period", registry=r)
 
+    def add_outbox(self, depth_fn, oldest_age_fn) -> None:
+        """Outbox depth and age of the oldest pending item, read at scrape time."""
+        depth = Gauge("brainline_outbox_depth", "Result objects waiting for delivery",
+                      registry=self.registry)
+        depth.set_function(depth_fn)
+        age = Gauge("brainline_outbox_oldest_age_seconds",
+                    "Age of the oldest pending outbox item (0 when empty)", registry=self.registry)
+        age.set_function(oldest_age_fn)
+
     def add_jobs_by_state(self, count_fn) -> None:
         """Register a collector that asks ``count_fn() -> {state: n}`` at scrape time."""
 

@@ -43,6 +43,15 @@ class Settings:
     log_level: str
     series_rules: str
     deid_profile: str
+    dest_dicom: str
+    dest_stowrs: str
+    dest_stowrs_username: str
+    dest_stowrs_password: str
+    outbox_retry_base_seconds: float
+    outbox_retry_max_seconds: float
+    outbox_max_attempts: int
+    dest_unreachable_seconds: float
+    uid_root: str
     extra: dict = field(default_factory=dict)
 
     # Folders inside home -------------------------------------------------
@@ -55,6 +64,11 @@ class Settings:
     def workspace_dir(self) -> Path:
         """Processing zone: pseudonymized data only, one folder per job."""
         return self.home / "workspaces"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """PHI zone: re-identified result objects waiting for delivery."""
+        return self.home / "outbox"
 
     @property
     def log_dir(self) -> Path:

@@ -1,0 +1,89 @@
+"""Segmentation backend interface shared by every model backend.
+
+Coordinate conventions: images are NIfTI files read with SimpleITK, so
+physical space is LPS in millimetres; arrays from ``sitk.GetArrayFromImage``
+are indexed (z, y, x). Label maps follow the BraTS 2023 convention.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+# BraTS 2023 labels
+NCR = 1  # necrotic / non-enhancing tumour core
+ED = 2   # peritumoral edema
+ET = 3   # enhancing tumour
+LABEL_NAMES = {NCR: "necrotic/non-enhancing tumour core", ED: "peritumoral edema",
+               ET: "enhancing tumour"}
+ROLES = ("t1", "t1c", "t2", "flair")
+
+
+class SegmentationError(RuntimeError):
+    """A model cannot be loaded or run; the message says which and why."""
+
+
+@dataclass
+class SegmentationInput:
+    """Preprocessed inputs: co-registered, skull-stripped, bias-corrected
+    NIfTI volumes on one reference grid, plus the brain mask on that grid."""
+
+    paths: dict[str, Path]
+    brain_mask_path: Path
+
+    @cached_property
+    def reference(self) -> sitk.Image:
+        return sitk.ReadImage(str(self.brain_mask_path))
+
+    def image(self, role: str) -> sitk.Image:
+        if role not in self.paths:
+            raise SegmentationError(f"the model needs a {role} image, which is not available")
+        return sitk.ReadImage(str(self.paths[role]), sitk.sitkFloat32)
+
+    def array(self, role: str) -> np.ndarray:
+        """(z, y, x) float32 intensities of one sequence."""
+        return sitk.GetArrayFromImage(self.image(role))
+
+    def mask_array(self) -> np.ndarray:
+        """(z, y, x) boolean brain mask."""
+        return sitk.GetArrayFromImage(self.reference) > 0
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel size (x, y, z) in mm."""
+        return tuple(self.reference.GetSpacing())
+
+
+@dataclass
+class SegmentationOutput:
+    labels: np.ndarray            # (z, y, x) uint8, values in {0, NCR, ED, ET}
+    backend: str                  # e.g. "baseline", "monai_bundle", "onnx"
+    model_name: str               # e.g. "brats_mri_segmentation"
+    model_version: str
+    details: dict = field(default_factory=dict)
+
+    def to_image(self, reference: sitk.Image) -> sitk.Image:
+        """Label map as an image on the reference grid."""
+        img = sitk.GetImageFromArray(self.labels.astype(np.uint8))
+        img.CopyInformation(reference)
+        return img
+
+
+class SegmentationBackend(abc.ABC):
+    """A tumour segmentation model. Implementations load everything they need
+    from local files at construction (no downloads) and raise
+    SegmentationError with a readable message on failure."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def segment(self, inputs: SegmentationInput) -> SegmentationOutput: ...
+
+    def describe(self) -> dict:
+        """Name and version for reports and DICOM algorithm identification."""
+        return {"backend": self.name}

@@ -1,0 +1,197 @@
+"""Outbox: reliable, at-least-once delivery of result objects, idempotent at
+the destination because a retry sends the same file (same SOP Instance UID).
+
+Rows live in the job store, so pending deliveries survive restarts. Transient
+failures back off exponentially (``outbox_retry_base_seconds`` doubling up to
+``outbox_retry_max_seconds``) and turn ``failed`` after
+``outbox_max_attempts``; a destination that refuses an object marks that row
+``rejected`` with the reason and does not block other rows or destinations.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from .db import OutboxItem, OutboxState, utcnow
+from .destinations import Destination, DestinationUnavailable
+
+log = logging.getLogger("brainline.outbox")
+
+BATCH = 64
+
+
+class Outbox:
+    def __init__(self, sessions, destinations: list[Destination], settings, metrics=None):
+        self.sessions = sessions
+        self.destinations = {d.name: d for d in destinations}
+        self.settings = settings
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        # destination name -> monotonic time of the first failure since the last success
+        self.failing_since: dict[str, float] = {}
+        self.last_error: dict[str, str] = {}
+        if metrics is not None:
+            metrics.add_outbox(self.depth, self.oldest_pending_age)
+
+    # -- queueing ------------------------------------------------------------
+    def enqueue(self, job_id: int, objects: list[tuple[str, Path]]) -> int:
+        """Add (kind, file) pairs for every destination; idempotent per
+        (destination, SOP Instance UID). Returns the number of new rows."""
+        added = 0
+        for kind, path in objects:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            for name in self.destinations:
+                try:
+                    with self.sessions.begin() as s:
+                        s.add(OutboxItem(job_id=job_id, destination=name, kind=kind, path=str(path),
+                                         sop_class_uid=str(ds.SOPClassUID),
+                                         sop_instance_uid=str(ds.SOPInstanceUID),
+                                         state=OutboxState.PENDING.value, attempts=0,
+                                         next_attempt_at=utcnow()))
+                    added += 1
+                except IntegrityError:
+                    pass  # already queued (a re-run of the stage)
+        self._wake.set()
+        return added
+
+    # -- views ---------------------------------------------------------------
+    def items(self, states: list[str] | None = None, limit: int = 500) -> list[OutboxItem]:
+        with self.sessions() as s:
+            q = select(OutboxItem).order_by(OutboxItem.id).limit(limit)
+            if states:
+                q = q.where(OutboxItem.state.in_(states))
+            return list(s.scalars(q))
+
+    def depth(self) -> int:
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(OutboxItem)
+                            .where(OutboxItem.state == OutboxState.PENDING.value)) or 0
+
+    def oldest_pending_age(self) -> float:
+        with self.sessions() as s:
+            oldest = s.scalar(select(func.min(OutboxItem.created_at))
+                              .where(OutboxItem.state == OutboxState.PENDING.value))
+        return (utcnow() - oldest).total_seconds() if oldest else 0.0
+
+    def unreachable(self) -> list[str]:
+        """Destinations failing for longer than dest_unreachable_seconds."""
+        limit = self.settings.dest_unreachable_seconds
+        now = time.monotonic()
+        return [f"destination {name} unreachable for {now - since:.0f} s: "
+                f"{self.last_error.get(name, '')}"
+                for name, since in self.failing_since.items() if now - since > limit]
+
+    def retry(self, item_ids: list[int] | None = None) -> int:
+        """Make failed/rejected items (all, or the given ids) pending again."""
+        with self.sessions.begin() as s:
+            q = select(OutboxItem).where(OutboxItem.state.in_(
+                [OutboxState.FAILED.value, OutboxState.REJECTED.value]))
+            if item_ids:
+                q = q.where(OutboxItem.id.in_(item_ids))
+            items = list(s.scalars(q))
+            for item in items:
+                item.state = OutboxState.PENDING.value
+                item.attempts = 0
+                item.next_attempt_at = utcnow()
+        self._wake.set()
+        return len(items)
+
+    # -- sending ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="brainline-outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+            except Exception:
+                log.exception("outbox pass failed")
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def send_due(self) -> int:
+        """Send every item whose time has come; return how many were stored."""
+        with self.sessions() as s:
+            due = list(s.scalars(
+                select(OutboxItem).where(OutboxItem.state == OutboxState.PENDING.value,
+                                         OutboxItem.next_attempt_at <= utcnow())
+                .order_by(OutboxItem.id).limit(BATCH * 4)))
+        by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
+        for item in due:
+            by_dest[item.destination].append(item)
+        stored = 0
+        for name, items in by_dest.items():
+            dest = self.destinations.get(name)
+            if dest is None:
+                self._record(items, error="destination no longer configured", transient=True)
+                continue
+            for start in range(0, len(items), BATCH):
+                stored += self._send_batch(dest, items[start:start + BATCH])
+        return stored
+
+    def _send_batch(self, dest: Destination, items: list[OutboxItem]) -> int:
+        try:
+            outcomes = dest.send([Path(i.path) for i in items])
+        except DestinationUnavailable as exc:
+            self.failing_since.setdefault(dest.name, time.monotonic())
+            self.last_error[dest.name] = str(exc)
+            self._record(items, error=str(exc), transient=True)
+            log.warning("destination unavailable", extra={"destination": dest.name,
+                                                          "items": len(items), "reason": str(exc)})
+            return 0
+        except (OSError, ValueError) as exc:
+            self._record(items, error=f"cannot read the object: {type(exc).__name__}", transient=False)
+            return 0
+        self.failing_since.pop(dest.name, None)
+        self.last_error.pop(dest.name, None)
+        stored = 0
+        with self.sessions.begin() as s:
+            for item, refusal in zip(items, outcomes):
+                row = s.get(OutboxItem, item.id)
+                row.attempts += 1
+                if refusal is None:
+                    row.state, row.sent_at, row.last_error = OutboxState.SENT.value, utcnow(), None
+                    stored += 1
+                else:
+                    row.state, row.last_error = OutboxState.REJECTED.value, refusal
+                    log.warning("object refused by destination",
+                                extra={"destination": dest.name, "item_id": item.id, "reason": refusal})
+        log.info("delivered", extra={"destination": dest.name, "stored": stored, "items": len(items)})
+        return stored
+
+    def _record(self, items: list[OutboxItem], error: str, transient: bool) -> None:
+        base = self.settings.outbox_retry_base_seconds
+        cap = self.settings.outbox_retry_max_seconds
+        with self.sessions.begin() as s:
+            for item in items:
+                row = s.get(OutboxItem, item.id)
+                row.attempts += 1
+                row.last_error = error
+                if not transient:
+                    row.state = OutboxState.REJECTED.value
+                elif row.attempts >= self.settings.outbox_max_attempts:
+                    row.state = OutboxState.FAILED.value
+                else:
+                    delay = min(cap, base * 2 ** (row.attempts - 1))
+                    row.next_attempt_at = utcnow() + timedelta(seconds=delay)

@@ -1,0 +1,100 @@
+"""Re-identification of result objects (gateway side).
+
+Objects are built by the processing side on pseudonymized data: they carry
+pseudonymous patient attributes and reference pseudonymous UIDs. Before they
+leave, every UID found in the study's vault map is swapped back to the
+original (so SEG/SR reference the original Study, Series and SOP Instance
+UIDs and land in the right study), the patient and study identity is
+restored, source-derived dates are shifted back, and the de-identification
+markers are removed. UIDs of the new objects themselves are not in the map
+and are kept.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pydicom
+from pydicom.dataset import Dataset
+
+# Dates copied from the (date-shifted) source into new objects.
+SOURCE_DATES = ("StudyDate", "AcquisitionDate")
+SOURCE_DATETIMES = ("AcquisitionDateTime",)
+# Dates describing the new object itself: set to the real creation time.
+CREATION_DATES = (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
+                  ("InstanceCreationDate", "InstanceCreationTime"))
+DEID_MARKERS = ("PatientIdentityRemoved", "DeidentificationMethod",
+                "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified")
+
+
+class ReidentificationError(RuntimeError):
+    """The vault has no mapping for the object's study."""
+
+
+def _unshift(value: str, shift_days: int) -> str:
+    if not value or len(value) < 8:
+        return value
+    try:
+        original = datetime.strptime(value[:8], "%Y%m%d").date() - timedelta(days=shift_days)
+    except ValueError:
+        return value
+    return original.strftime("%Y%m%d") + value[8:]
+
+
+def _swap_uids(ds: Dataset, uid_map: dict[str, str]) -> int:
+    swapped = 0
+    for elem in ds.iterall():
+        if elem.VR != "UI" or elem.value in (None, ""):
+            continue
+        if elem.VM > 1:
+            new = [uid_map.get(str(v), str(v)) for v in elem.value]
+            swapped += sum(1 for a, b in zip(new, elem.value) if a != str(b))
+            elem.value = new
+        elif str(elem.value) in uid_map:
+            elem.value = uid_map[str(elem.value)]
+            swapped += 1
+    return swapped
+
+
+def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | None = None) -> Dataset:
+    """Return a re-identified copy of ``ds``.
+
+    ``study``: the vault's study record (original StudyInstanceUID,
+    AccessionNumber, StudyID, date_shift_days, uid_map pseudo->original);
+    ``patient``: the vault's patient record (PatientID, PatientName, ...).
+    """
+    if "uid_map" not in study:
+        raise ReidentificationError("the vault record of this study has no UID map")
+    out = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(ds)))
+    _swap_uids(out, study["uid_map"])
+    if out.get("StudyInstanceUID") != study["StudyInstanceUID"]:
+        raise ReidentificationError("the object does not belong to the study of this job")
+    out.PatientName = patient.get("PatientName", "")
+    out.PatientID = patient.get("PatientID", "")
+    if patient.get("IssuerOfPatientID"):
+        out.IssuerOfPatientID = patient["IssuerOfPatientID"]
+    out.PatientBirthDate = patient.get("PatientBirthDate", "")
+    out.PatientSex = patient.get("PatientSex", "")
+    out.AccessionNumber = study.get("AccessionNumber", "")
+    out.StudyID = study.get("StudyID", "")
+    shift = int(study.get("date_shift_days", 0))
+    for keyword in SOURCE_DATES + SOURCE_DATETIMES:
+        if keyword in out:
+            out.data_element(keyword).value = _unshift(str(out.data_element(keyword).value), shift)
+    now = now or datetime.now()
+    for date_kw, time_kw in CREATION_DATES:
+        if date_kw in out:
+            setattr(out, date_kw, now.strftime("%Y%m%d"))
+            setattr(out, time_kw, now.strftime("%H%M%S"))
+    for keyword in DEID_MARKERS:
+        if keyword in out:
+            delattr(out, keyword)
+    return out
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buf = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
