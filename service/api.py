@@ -11,7 +11,7 @@ import hmac
 import json
 from datetime import datetime
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -69,6 +69,13 @@ def job_view(job: Job, with_stages: bool = True) -> dict:
     return view
 
 
+def outbox_view(item) -> dict:
+    return {"id": item.id, "job_id": item.job_id, "destination": item.destination, "kind": item.kind,
+            "sop_instance_uid": item.sop_instance_uid, "state": item.state, "attempts": item.attempts,
+            "last_error": item.last_error, "created_at": _iso(item.created_at),
+            "next_attempt_at": _iso(item.next_attempt_at), "sent_at": _iso(item.sent_at)}
+
+
 def create_app(ctx) -> FastAPI:
     app = FastAPI(title="BrainLine", version=__version__,
                   description="Brain MRI processing service for neuro-oncology: "
@@ -124,6 +131,19 @@ def create_app(ctx) -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         ctx.executor.submit(job_id)
         return job_view(ctx.store.get(job_id))
+
+    @app.get("/api/v1/outbox", tags=["outbox"], dependencies=api)
+    def list_outbox(state: str | None = None) -> dict:
+        """Result deliveries: pending, sent, failed (gave up) or rejected (refused)."""
+        items = ctx.outbox.items([state] if state else None)
+        return {"depth": ctx.outbox.depth(), "oldest_pending_age_s": round(ctx.outbox.oldest_pending_age(), 1),
+                "destinations": sorted(ctx.outbox.destinations),
+                "items": [outbox_view(i) for i in items]}
+
+    @app.post("/api/v1/outbox/retry", tags=["outbox"], dependencies=api)
+    def retry_outbox(item_id: list[int] | None = Query(default=None)) -> dict:
+        """Make failed and rejected deliveries (all, or ?item_id=...) pending again."""
+        return {"requeued": ctx.outbox.retry(item_id)}
 
     @app.post("/api/v1/studies/{study_uid}/pull", tags=["studies"], dependencies=api,
               status_code=202)

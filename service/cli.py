@@ -2,8 +2,10 @@
 
 serve         run the service (DICOM listener, completion monitor, workers, REST API)
 pull          retrieve a study over DICOMweb into the spool (progress bar)
+process       run the whole pipeline offline on a folder of DICOM files
 jobs / job    list jobs / show one job (via the running service's REST API)
 retry         retry a failed or needs_input job (via the REST API)
+outbox        list pending/failed result deliveries, --retry them (via the REST API)
 migrate       create or upgrade the database schema
 """
 
@@ -117,6 +119,68 @@ def cmd_retry(args, settings) -> int:
     return 0
 
 
+def cmd_process(args, settings) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from brainline.pipelines.process import STEP_NAMES, process_study
+
+    from .stages import PIPELINE_ERRORS, pipeline_config
+
+    overrides = {k: v for k, v in (("reference_role", args.reference), ("model", args.model),
+                                   ("device", args.device)) if v}
+    cfg = pipeline_config(settings, **overrides)
+    source, out = Path(args.input), Path(args.out)
+    if not source.is_dir():
+        return _fail(f"{source} is not a folder of DICOM files")
+    bar = tqdm(total=len(STEP_NAMES), desc="brainline process", unit="step", disable=args.quiet)
+
+    def on_step(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    try:
+        summary = process_study(source, out, cfg, rules_path=_opt_path(settings.series_rules),
+                                on_step=on_step)
+    except PIPELINE_ERRORS as exc:
+        bar.close()
+        return _fail(str(exc), 1)
+    bar.close()
+    vol = summary["volumes_ml"]
+    print(f"whole tumour {vol['whole_tumor']:.1f} mL, tumour core {vol['tumor_core']:.1f} mL, "
+          f"enhancing {vol['3']:.1f} mL, edema {vol['2']:.1f} mL, necrosis {vol['1']:.1f} mL; "
+          f"intracranial volume {summary['tiv_ml']:.0f} mL")
+    for flag in summary.get("qc_flags", []):
+        print(f"QC: {flag}")
+    print(f"results in {out}")
+    return 0
+
+
+def _opt_path(value: str):
+    from pathlib import Path
+
+    return Path(value) if value else None
+
+
+def cmd_outbox(args, settings) -> int:
+    if args.retry:
+        query = "&".join(f"item_id={i}" for i in args.id) if args.id else ""
+        done = _api(settings, args, "POST", f"/api/v1/outbox/retry?{query}")
+        print(f"{done['requeued']} deliveries queued again")
+        return 0
+    query = f"?state={args.state}" if args.state else ""
+    box = _api(settings, args, "GET", f"/api/v1/outbox{query}")
+    print(f"pending: {box['depth']}, oldest pending: {box['oldest_pending_age_s']} s; "
+          f"destinations: {', '.join(box['destinations']) or 'none'}")
+    print(f"{'id':>6} {'job':>5}  {'kind':<8} {'state':<9} {'tries':>5}  {'destination':<40} error")
+    for i in box["items"]:
+        if args.all or i["state"] != "sent":
+            print(f"{i['id']:>6} {i['job_id']:>5}  {i['kind']:<8} {i['state']:<9} {i['attempts']:>5}  "
+                  f"{i['destination']:<40} {i['last_error'] or ''}")
+    return 0
+
+
 def cmd_migrate(args, settings) -> int:
     from .db import migrate
 
@@ -145,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("job_id", type=int)
         sp.add_argument("--url", help="service base URL (default http://127.0.0.1:BRAINLINE_HTTP_PORT)")
         sp.set_defaults(fn=fn)
+    box = sub.add_parser("outbox", help="list pending and failed deliveries; --retry to resend")
+    box.add_argument("--state", choices=["pending", "sent", "failed", "rejected"])
+    box.add_argument("--all", action="store_true", help="also list sent items")
+    box.add_argument("--retry", action="store_true", help="queue failed/rejected items again")
+    box.add_argument("--id", type=int, action="append", help="with --retry: only this item (repeatable)")
+    box.add_argument("--url", help="service base URL (default http://127.0.0.1:BRAINLINE_HTTP_PORT)")
+    box.set_defaults(fn=cmd_outbox)
+    proc = sub.add_parser("process", help="run the whole pipeline offline on a DICOM folder")
+    proc.add_argument("input", help="folder with the DICOM files of one study")
+    proc.add_argument("--out", required=True, help="output folder")
+    proc.add_argument("--reference", help="reference sequence: t1c (default), t1, t2 or flair")
+    proc.add_argument("--model", help="segmentation model folder (MONAI bundle or ONNX); default baseline")
+    proc.add_argument("--device", choices=["cpu", "cuda"])
+    proc.add_argument("--quiet", action="store_true", help="no progress bar")
+    proc.set_defaults(fn=cmd_process)
     sub.add_parser("migrate", help="create or upgrade the database").set_defaults(fn=cmd_migrate)
     return p
 

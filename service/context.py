@@ -11,7 +11,9 @@ from .db import make_engine, make_sessionmaker, migrate
 from .executor import Executor, LocalExecutor
 from .jobs import JobRunner, JobStore
 from .listener import DicomListener
+from .destinations import parse_destinations
 from .metrics import Metrics
+from .outbox import Outbox
 from .settings import Settings
 from .spool import Spool
 from .vault import Vault, resolve_vault_key
@@ -30,6 +32,7 @@ class ServiceContext:
     store: JobStore
     runner: JobRunner
     executor: Executor
+    outbox: Outbox
     listener: DicomListener | None = None
     monitor: CompletionMonitor | None = None
     dev_key: bool = False
@@ -50,10 +53,11 @@ class ServiceContext:
         metrics = Metrics()
         store = JobStore(sessions)
         metrics.add_jobs_by_state(store.counts_by_state)
-        runner = JobRunner(store, spool, vault, settings, metrics)
+        outbox = Outbox(sessions, parse_destinations(settings), settings, metrics)
+        runner = JobRunner(store, spool, vault, settings, metrics, outbox)
         executor = LocalExecutor(runner.run, settings.workers)
         return cls(settings=settings, engine=engine, sessions=sessions, vault=vault, spool=spool,
-                   metrics=metrics, store=store, runner=runner, executor=executor,
+                   metrics=metrics, store=store, runner=runner, executor=executor, outbox=outbox,
                    dev_key=generated)
 
     def start(self) -> None:
@@ -67,7 +71,11 @@ class ServiceContext:
                         "are accepted")
         if not s.api_token:
             log.warning("BRAINLINE_API_TOKEN is empty: the REST API under /api/ is not authenticated")
+        if not self.outbox.destinations:
+            log.warning("no result destination configured (BRAINLINE_DEST_DICOM / "
+                        "BRAINLINE_DEST_STOWRS): results stay in the job workspaces")
         self.executor.start()
+        self.outbox.start()
         for job_id in self.store.recover():
             log.info("re-queued unfinished job after restart", extra={"job_id": job_id})
             self.executor.submit(job_id)
@@ -84,6 +92,7 @@ class ServiceContext:
         if self.monitor:
             self.monitor.stop()
         self.executor.stop()
+        self.outbox.stop()
         self.engine.dispose()
 
     def readiness(self) -> list[str]:
@@ -109,4 +118,7 @@ class ServiceContext:
             reasons.append("executor has no live workers")
         if not (self.monitor and self.monitor.alive()):
             reasons.append("study completion monitor is not running")
+        if not self.outbox.alive():
+            reasons.append("outbox sender is not running")
+        reasons.extend(self.outbox.unreachable())
         return reasons

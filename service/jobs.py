@@ -130,14 +130,19 @@ def _set_job(sessions, job_id: int, **fields) -> None:
 
 
 STAGE_LABELS = {"pseudonymize": "pseudonymization", "select_series": "series selection",
-                "convert": "conversion"}
+                "convert": "conversion", "register": "co-registration",
+                "skull_strip": "skull stripping", "bias_correct": "N4 bias correction",
+                "segment": "tumour segmentation", "summarize": "summary",
+                "build_outputs": "building the DICOM results", "deliver": "delivery"}
 
 
 class JobRunner:
     """Runs one job's stages in order; safe to call again after a crash."""
 
-    def __init__(self, store: JobStore, spool: Spool, vault: Vault, settings, metrics: Metrics):
+    def __init__(self, store: JobStore, spool: Spool, vault: Vault, settings, metrics: Metrics,
+                 outbox=None):
         self.store = store
+        self.outbox = outbox
         self.spool = spool
         self.vault = vault
         self.settings = settings
@@ -156,7 +161,8 @@ class JobRunner:
         ws = self.workspace(job_id)
         ws.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
-                           spool=self.spool, vault=self.vault, settings=self.settings)
+                           spool=self.spool, vault=self.vault, settings=self.settings,
+                           outbox=self.outbox)
         stage_fns = dict(PIPELINES[job.pipeline])
         log.info("job started", extra={"job_id": job_id, "study_key": job.study_key})
         for stage in job.stages:

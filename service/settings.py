@@ -52,6 +52,11 @@ class Settings:
     outbox_max_attempts: int
     dest_unreachable_seconds: float
     uid_root: str
+    reference_role: str
+    registration_transform: str
+    skull_strip_backend: str
+    model: str
+    device: str
     extra: dict = field(default_factory=dict)
 
     # Folders inside home -------------------------------------------------

@@ -23,15 +23,24 @@ from typing import Callable
 
 import pydicom
 
-from brainline.pipelines.conversion import convert_series
+from brainline.models.base import SegmentationError
+from brainline.pipelines.bias_correction import N4Error
+from brainline.pipelines.conversion import ConversionError, convert_series
+from brainline.pipelines.image_pipeline import STEPS, PipelineConfig, PipelineError
+from brainline.pipelines.registration import RegistrationConfig, RegistrationError
+from brainline.pipelines.skull_strip import SkullStripError
 from brainline.pipelines.series_selection import (
     MissingSeriesError,
+    RulesError,
     load_rules,
     scan_series,
     select_series,
 )
 
+from brainline.pipelines.results import build_results, rerender_pdf
+
 from .deid import DeidContext, DeidProfile, identifying_strings_of, pseudonymize_dataset
+from .reidentify import reidentify_dataset
 from .spool import Spool
 from .vault import Vault
 
@@ -54,6 +63,7 @@ class StageContext:
     spool: Spool
     vault: Vault
     settings: object
+    outbox: object = None  # service.outbox.Outbox, None when no destination is configured
 
     def path(self, *parts: str) -> Path:
         return self.workspace.joinpath(*parts)
@@ -176,6 +186,81 @@ def convert(ctx: StageContext) -> dict:
     return {"series": results}
 
 
+# --------------------------------------------------------------------------
+# results: build (processing side), re-identify and queue (gateway side)
+# --------------------------------------------------------------------------
+def _reference_files(ctx: StageContext) -> list[Path]:
+    selection = json.loads(ctx.path("selection.json").read_text())
+    reference = pipeline_config(ctx.settings).reference
+    return [ctx.workspace / f for f in selection["files"][reference]]
+
+
+def build_outputs(ctx: StageContext) -> dict:
+    """DICOM SEG, TID 1500 SR, overlay series and PDF report in ``results/``,
+    built on the pseudonymized reference series."""
+    return build_results(ctx.workspace, _reference_files(ctx), uid_root=ctx.settings.uid_root or None)
+
+
+def deliver(ctx: StageContext) -> dict:
+    """Re-identify the results (original patient, study and UIDs, PDF
+    re-rendered with the real identity) into the PHI outbox folder and queue
+    them for every configured destination."""
+    results = json.loads(ctx.path("results.json").read_text())
+    if ctx.outbox is None or not ctx.outbox.destinations:
+        return {"queued": 0, "note": "no destination configured (BRAINLINE_DEST_DICOM / "
+                                     "BRAINLINE_DEST_STOWRS); results stay in the workspace"}
+    pseudo = json.loads(ctx.path("pseudonymize.json").read_text())
+    study = ctx.vault.get("study", pseudo["pseudo_study_uid"])
+    patient = ctx.vault.get("patient", pseudo["pseudo_patient_id"])
+    if study is None or patient is None:
+        raise Rejected("the vault has no identity for this study, so results cannot be re-identified")
+    out_dir = ctx.settings.outbox_dir / f"job-{ctx.job_id:06d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    queued: list[tuple[str, Path]] = []
+    for obj in results["objects"]:
+        ds = reidentify_dataset(pydicom.dcmread(ctx.workspace / obj["file"]), study, patient)
+        if obj["kind"] == "pdf":
+            identity = {"patient_id": patient["PatientID"], "patient_name": patient["PatientName"],
+                        "study_date": str(ds.get("StudyDate", "")),
+                        "accession_number": study.get("AccessionNumber", ""),
+                        "study_instance_uid": study["StudyInstanceUID"]}
+            rerender_pdf(ds, ctx.workspace, _reference_files(ctx), identity)
+        target = out_dir / Path(obj["file"]).name
+        tmp = target.with_name(".tmp-" + target.name)
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, target)
+        queued.append((obj["kind"], target))
+    added = ctx.outbox.enqueue(ctx.job_id, queued)
+    return {"objects": len(queued), "queued": added,
+            "destinations": sorted(ctx.outbox.destinations)}
+
+
+# Errors whose message is meant for people (they name the series and reason).
+PIPELINE_ERRORS = (MissingSeriesError, RulesError, ConversionError, PipelineError,
+                   RegistrationError, SkullStripError, N4Error, SegmentationError)
+
+
+def pipeline_config(settings, **overrides) -> PipelineConfig:
+    """The image pipeline configuration from the service settings."""
+    values = {"reference_role": settings.reference_role, "model": settings.model,
+              "device": settings.device, **overrides}
+    return PipelineConfig(
+        reference=values["reference_role"],
+        registration=RegistrationConfig(transform=settings.registration_transform),
+        skull_strip_backend=settings.skull_strip_backend,
+        device=values["device"],
+        model=values["model"] or None,
+    )
+
+
+def _image_step(step):
+    def stage(ctx: StageContext) -> dict:
+        return step(ctx.workspace, pipeline_config(ctx.settings))
+
+    stage.__doc__ = step.__doc__
+    return stage
+
+
 StageFn = Callable[[StageContext], dict]
 
 PIPELINES: dict[str, list[tuple[str, StageFn]]] = {
@@ -184,5 +269,13 @@ PIPELINES: dict[str, list[tuple[str, StageFn]]] = {
         ("select_series", select),
         ("convert", convert),
     ],
+    "neuro_onco": [
+        ("pseudonymize", pseudonymize),
+        ("select_series", select),
+        ("convert", convert),
+        *[(name, _image_step(step)) for name, step in STEPS],
+        ("build_outputs", build_outputs),
+        ("deliver", deliver),
+    ],
 }
-DEFAULT_PIPELINE = "foundation"
+DEFAULT_PIPELINE = "neuro_onco"

@@ -70,6 +70,10 @@ class ServiceProcess:
         self.stdout_path = home / "serve.out"
 
     @property
+    def cli(self) -> list[str]:
+        return [sys.executable, "-m", "brainline.service.cli"]
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 

@@ -282,6 +282,8 @@ def add_series_attributes(ds: Dataset, role: str, series_uid: str, study_date: s
     ds.EchoTime = _ds(proto["EchoTime"])
     if proto["InversionTime"] is not None:
         ds.InversionTime = _ds(proto["InversionTime"])
+    elif "InversionTime" in ds:
+        del ds.InversionTime  # the dataset is reused across series
     ds.FlipAngle = _ds(proto["FlipAngle"])
     ds.EchoTrainLength = proto["EchoTrainLength"]
     ds.EchoNumbers = "1"
@@ -290,6 +292,10 @@ def add_series_attributes(ds: Dataset, role: str, series_uid: str, study_date: s
         ds.ContrastBolusAgent = proto["ContrastBolusAgent"]
         ds.ContrastBolusVolume = _ds(proto["ContrastBolusVolume"])
         ds.ContrastBolusRoute = "IV"
+    else:
+        for keyword in ("ContrastBolusAgent", "ContrastBolusVolume", "ContrastBolusRoute"):
+            if keyword in ds:
+                delattr(ds, keyword)
     ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date
     ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = clock
     ds.AcquisitionNumber = 1

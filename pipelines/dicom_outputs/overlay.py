@@ -1,0 +1,171 @@
+"""Overlay series: the reference sequence with coloured segmentation outlines burned in.
+
+For viewers and PACS that cannot display DICOM SEG. One RGB Secondary Capture
+image (highdicom ``SCImage``) per source instance, same matrix, in the same
+study, with:
+
+* ImageType DERIVED\\SECONDARY, SeriesDescription "BrainLine overlay - NOT FOR
+  PRIMARY DIAGNOSIS", DerivationDescription/DerivationCodeSequence;
+* SourceImageSequence referencing the MR instance it was rendered from;
+* the source geometry (Frame of Reference and Image Plane modules, both allowed
+  in the SC Image IOD), so viewers can scroll, link and cross-reference it with
+  the MR series;
+* BurnedInAnnotation "NO" by default: only coloured outlines are burned in, no
+  text that identifies the patient (PS3.3 C.7.6.1.1.9); pass
+  ``burned_in_annotation="YES"`` to override.
+
+Colours come from :data:`.codes.LABELS`; the grey scale uses the source
+window (WindowCenter/WindowWidth) when present, else the 0.5-99.5 percentile
+of non-zero voxels of the series.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
+
+from .codes import DERIVATION_SEGMENTATION, LABELS, PURPOSE_SOURCE_IMAGE, AlgorithmInfo
+from .seg import SourceSeries, _as_series, labels_on_source_grid, new_uid
+
+__all__ = ["build_overlay_series", "render_overlay", "outline", "patient_orientation", "window_of",
+           "DRAW_ORDER", "DEFAULT_SERIES_DESCRIPTION"]
+
+DEFAULT_SERIES_DESCRIPTION = "BrainLine overlay - NOT FOR PRIMARY DIAGNOSIS"
+#: Outer regions first so inner outlines stay visible.
+DRAW_ORDER = (2, 1, 3)
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Inner boundary pixels of a 2-D mask (4-connected), ``width`` pixels thick."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    inner = ndimage.binary_erosion(mask, structure=_CROSS, iterations=max(1, int(width)), border_value=0)
+    return mask & ~inner
+
+
+def window_of(series: SourceSeries, volume: np.ndarray) -> tuple[float, float]:
+    """(low, high) display range in modality units."""
+    ds = series.first
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center = ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter
+        width = ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth
+        center, width = float(center), float(width)
+        if width > 0:
+            return center - width / 2.0, center + width / 2.0
+    sample = volume[volume != 0]
+    if sample.size == 0:
+        sample = volume.ravel()
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    return float(lo), float(max(hi, lo + 1.0))
+
+
+def render_overlay(gray: np.ndarray, labels2d: np.ndarray, low: float, high: float, width: int = 1) -> np.ndarray:
+    """RGB uint8 image: ``gray`` windowed to [low, high] with label outlines in their colours."""
+    scaled = np.clip((gray.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    g = np.rint(scaled * 255.0).astype(np.uint8)
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    for value in DRAW_ORDER:
+        edge = outline(labels2d == value, width)
+        if edge.any():
+            rgb[edge] = LABELS[value].rgb
+    return rgb
+
+
+def patient_orientation(iop: Sequence[float]) -> tuple[str, str]:
+    """PatientOrientation (row direction, column direction) letters from ImageOrientationPatient."""
+    def letters(vec: np.ndarray) -> str:
+        names = (("L", "R"), ("P", "A"), ("H", "F"))
+        order = np.argsort(-np.abs(vec))
+        out = ""
+        for axis in order:
+            if abs(vec[axis]) > 1e-3 and len(out) < 3:
+                out += names[axis][0] if vec[axis] > 0 else names[axis][1]
+        return out or "L"
+    v = np.asarray(iop, dtype=float)
+    return letters(v[:3]), letters(v[3:])
+
+
+def build_overlay_series(
+    source_files: Sequence[str | PathLike] | SourceSeries,
+    labels: sitk.Image,
+    *,
+    algorithm: AlgorithmInfo | None = None,
+    uid_root: str | None = None,
+    series_number: int = 302,
+    manufacturer: str = "BrainLine",
+    series_description: str = DEFAULT_SERIES_DESCRIPTION,
+    line_width: int = 1,
+    burned_in_annotation: str = "NO",
+) -> list[Dataset]:
+    """One RGB Secondary Capture per source instance (sorted along the slice
+    normal, InstanceNumber 1..N) with the label outlines burned in."""
+    algorithm = algorithm or AlgorithmInfo()
+    series = _as_series(source_files, pixels=True)
+    frames = labels_on_source_grid(labels, series)
+    volume = np.stack([apply_modality_lut(ds.pixel_array, ds).astype(np.float64) for ds in series.datasets])
+    low, high = window_of(series, volume)
+    series_uid = new_uid(uid_root)
+    description = (f"Outlines of the {algorithm.name} {algorithm.version} tumour segmentation "
+                   f"({algorithm.model_label}) burned into the source image; not for primary diagnosis")[:1024]
+    out: list[Dataset] = []
+    for index, (ds, gray, lab) in enumerate(zip(series.datasets, volume, frames), start=1):
+        rgb = render_overlay(gray, lab, low, high, line_width)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=ds,
+            pixel_array=rgb,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=new_uid(uid_root),
+            instance_number=index,
+            manufacturer=manufacturer,
+            pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
+            patient_orientation=patient_orientation(ds.ImageOrientationPatient),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=series_description,
+            manufacturer_model_name=algorithm.name,
+            software_versions=list(algorithm.software_versions),
+            device_serial_number=algorithm.device_serial_number,
+        )
+        if "SpecificCharacterSet" in ds and "SpecificCharacterSet" not in sc:
+            sc.SpecificCharacterSet = ds.SpecificCharacterSet
+        # General Image
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.BurnedInAnnotation = burned_in_annotation
+        sc.DerivationDescription = description
+        sc.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(DERIVATION_SEGMENTATION)]
+        src = Dataset()
+        src.ReferencedSOPClassUID = ds.SOPClassUID
+        src.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        src.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PURPOSE_SOURCE_IMAGE)]
+        sc.SourceImageSequence = [src]
+        # SC Equipment: rendered on a workstation by BrainLine
+        sc.ConversionType = "WSD"
+        sc.SecondaryCaptureDeviceManufacturer = manufacturer
+        sc.SecondaryCaptureDeviceManufacturerModelName = algorithm.name
+        sc.SecondaryCaptureDeviceSoftwareVersions = list(algorithm.software_versions)
+        # Frame of Reference + Image Plane (source geometry)
+        if "FrameOfReferenceUID" in ds:
+            sc.FrameOfReferenceUID = ds.FrameOfReferenceUID
+            sc.PositionReferenceIndicator = ds.get("PositionReferenceIndicator", "")
+        sc.ImagePositionPatient = ds.ImagePositionPatient
+        sc.ImageOrientationPatient = ds.ImageOrientationPatient
+        sc.SliceThickness = ds.get("SliceThickness", "")
+        if "SliceLocation" in ds:
+            sc.SliceLocation = ds.SliceLocation
+        if "BodyPartExamined" in ds:
+            sc.BodyPartExamined = ds.BodyPartExamined
+        out.append(sc)
+    return out

@@ -1,0 +1,320 @@
+"""DICOM Segmentation (SEG) of the tumour label map, built with highdicom.
+
+The label map comes from the NIfTI world (dcm2niix + SimpleITK), the SEG lives
+in the DICOM world: its frames must lie on the grid of the referenced source
+series and reference its instances one by one (OHIF and most PACS viewers need
+both ReferencedSeriesSequence and per-frame source images to overlay it).
+
+:func:`labels_on_source_grid` bridges the two: it reads the source series with
+SimpleITK's ImageSeriesReader, resamples the label map nearest-neighbour onto
+that geometry and matches every slice to its source instance by position
+(instances not on a regular grid are resampled one by one onto their own
+plane). :func:`build_seg` then writes one BINARY segment per label present.
+:func:`read_seg_labels` reads a SEG back into a label map on the source grid.
+
+Also home to the helpers the other output builders share: reading and sorting
+the source series (:func:`read_source_series`) and minting UIDs
+(:func:`new_uid`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from .codes import ALGORITHM_FAMILY, BRAIN, LABELS, AlgorithmInfo, label_concept
+
+__all__ = [
+    "EmptySegmentationError", "SourceSeries", "new_uid", "read_source_series",
+    "labels_on_source_grid", "build_seg", "read_seg_labels", "segment_label_values",
+    "algorithm_identification",
+]
+
+log = logging.getLogger(__name__)
+
+#: Tolerance (in voxels) when matching an instance position to a grid slice.
+_GRID_TOLERANCE = 1e-3
+
+
+class EmptySegmentationError(ValueError):
+    """The label map has no tumour voxels on the source grid: a SEG needs at least one segment."""
+
+
+# ------------------------------------------------------------------------- UIDs
+
+
+def new_uid(uid_root: str | None = None) -> str:
+    """A new UID: UUID-derived ``2.25.…`` by default, else random under ``uid_root``."""
+    if not uid_root:
+        return str(generate_uid(prefix=None))
+    prefix = uid_root if uid_root.endswith(".") else uid_root + "."
+    return str(generate_uid(prefix=prefix))
+
+
+# ---------------------------------------------------------------- source series
+
+
+@dataclass
+class SourceSeries:
+    """The single-frame instances of one series, sorted along the slice normal
+    (the order of ``sitk.GetArrayFromImage`` axis 0 after ImageSeriesReader)."""
+
+    datasets: list[Dataset]
+    paths: list[Path]
+    normal: np.ndarray
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.first.SeriesInstanceUID)
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        return [str(ds.SOPInstanceUID) for ds in self.datasets]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.datasets), int(self.first.Rows), int(self.first.Columns))
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+
+def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool = False) -> SourceSeries:
+    """Read the instances of one single-frame series and sort them along the slice normal.
+
+    Raises ValueError (in words) for an empty list, mixed series, multi-frame
+    instances, missing geometry or mixed orientations.
+    """
+    paths = [Path(p) for p in source_files]
+    if not paths:
+        raise ValueError("no source DICOM files given")
+    datasets = [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in paths]
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) != 1:
+        raise ValueError(f"source files belong to {len(series_uids)} series; expected exactly one")
+    for ds, path in zip(datasets, paths):
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise ValueError(f"{path.name}: multi-frame source images are not supported")
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
+            raise ValueError(f"{path.name}: source image has no image plane geometry (position/orientation/spacing)")
+    iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
+    for ds, path in zip(datasets, paths):
+        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
+            raise ValueError(f"{path.name}: orientation differs from the rest of the series")
+        if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
+            raise ValueError(f"{path.name}: matrix size differs from the rest of the series")
+    normal = np.cross(iop[:3], iop[3:])
+    order = sorted(range(len(datasets)),
+                   key=lambda i: float(np.dot(np.array(datasets[i].ImagePositionPatient, dtype=float), normal)))
+    return SourceSeries([datasets[i] for i in order], [paths[i] for i in order], normal)
+
+
+def _as_series(source: SourceSeries | Sequence[str | PathLike], pixels: bool = False) -> SourceSeries:
+    if isinstance(source, SourceSeries):
+        if pixels and "PixelData" not in source.first:
+            return read_source_series(source.paths, pixels=True)
+        return source
+    return read_source_series(source, pixels=pixels)
+
+
+# ---------------------------------------------------------------- label resampling
+
+
+def _check_labels(labels: sitk.Image) -> sitk.Image:
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("labels must be a 3-D scalar label image")
+    arr = sitk.GetArrayViewFromImage(labels)
+    values = np.unique(arr)
+    bad = [v for v in values.tolist() if v != 0 and v not in LABELS]
+    if bad:
+        raise ValueError(f"label map holds values {bad} that are not BraTS 2023 labels {sorted(LABELS)}")
+    if labels.GetPixelID() != sitk.sitkUInt8:
+        labels = sitk.Cast(labels, sitk.sitkUInt8)
+    return labels
+
+
+def _instance_plane(ds: Dataset) -> sitk.Image:
+    """A one-slice reference image with the geometry of one source instance."""
+    iop = np.array(ds.ImageOrientationPatient, dtype=float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    ref = sitk.Image(int(ds.Columns), int(ds.Rows), 1, sitk.sitkUInt8)
+    ref.SetOrigin([float(v) for v in ds.ImagePositionPatient])
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    ref.SetSpacing((col_spacing, row_spacing, 1.0))
+    ref.SetDirection(np.column_stack([row_dir, col_dir, normal]).ravel().tolist())
+    return ref
+
+
+def _resample(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out)
+
+
+def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[str | PathLike]) -> np.ndarray:
+    """Label map resampled (nearest neighbour) onto the source series: uint8 array
+    ``[instance, row, column]`` in the sorted order of :func:`read_source_series`.
+
+    The series geometry is read with SimpleITK's ImageSeriesReader; each
+    instance is matched to a slice of that grid by its ImagePositionPatient.
+    Instances off the regular grid (uneven spacing, gaps) are resampled on
+    their own plane, so every frame is exactly on its source instance.
+    """
+    series = _as_series(source)
+    labels = _check_labels(labels)
+    n, rows, cols = series.shape
+    out = np.zeros((n, rows, cols), dtype=np.uint8)
+
+    grid = None
+    if n > 1:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in series.paths])
+        try:
+            grid = reader.Execute()
+        except RuntimeError as exc:  # unreadable by ITK: fall back to per-instance planes
+            log.warning("ImageSeriesReader could not read the source series (%s); resampling per instance", exc)
+    volume = _resample(labels, grid) if grid is not None else None
+
+    for i, ds in enumerate(series.datasets):
+        k = None
+        if volume is not None and grid.GetSize()[:2] == (cols, rows):
+            ci = grid.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
+            kr = int(round(ci[2]))
+            if (abs(ci[0]) < _GRID_TOLERANCE and abs(ci[1]) < _GRID_TOLERANCE
+                    and abs(ci[2] - kr) < _GRID_TOLERANCE and 0 <= kr < volume.shape[0]):
+                k = kr
+        out[i] = volume[k] if k is not None else _resample(labels, _instance_plane(ds))[0]
+    return out
+
+
+# -------------------------------------------------------------------------- SEG
+
+
+def algorithm_identification(algorithm: AlgorithmInfo, manufacturer: str) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=ALGORITHM_FAMILY,
+        version=algorithm.version,
+        source=manufacturer,
+        parameters=algorithm.algorithm_parameters(),
+    )
+
+
+def build_seg(
+    source_files: Sequence[str | PathLike] | SourceSeries,
+    labels: sitk.Image,
+    algorithm: AlgorithmInfo,
+    *,
+    uid_root: str | None = None,
+    series_number: int = 300,
+    instance_number: int = 1,
+    manufacturer: str = "BrainLine",
+    series_description: str = "BrainLine tumor segmentation",
+    content_label: str = "BRAINLINE_TUMOR",
+    omit_empty_frames: bool = True,
+) -> hd.seg.Segmentation:
+    """BINARY DICOM SEG with one segment per label present, on the source grid.
+
+    Segments are numbered 1..N in label order (so label 3 is segment 2 when
+    label 1 is absent); :func:`segment_label_values` maps them back. Patient
+    and study attributes are copied from the source by highdicom. Raises
+    :class:`EmptySegmentationError` when no label is present.
+    """
+    series = _as_series(source_files)
+    frames = labels_on_source_grid(labels, series)
+    present = [v for v in sorted(LABELS) if np.any(frames == v)]
+    if not present:
+        raise EmptySegmentationError(
+            f"no tumour labels on the grid of series {series.series_instance_uid}; no SEG written")
+    algo_id = algorithm_identification(algorithm, manufacturer)
+    descriptions = []
+    for number, value in enumerate(present, start=1):
+        concept = label_concept(value)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=concept.segment_label,
+            segmented_property_category=concept.category,
+            segmented_property_type=concept.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo_id,
+            tracking_uid=new_uid(uid_root),
+            tracking_id=f"BrainLine {concept.key}",
+            anatomic_regions=[BRAIN],
+            display_color=concept.cielab,
+        ))
+    pixel_array = np.stack([frames == v for v in present], axis=-1).astype(np.uint8)
+    return hd.seg.Segmentation(
+        source_images=series.datasets,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=new_uid(uid_root),
+        series_number=series_number,
+        sop_instance_uid=new_uid(uid_root),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=algorithm.name,
+        software_versions=list(algorithm.software_versions),
+        device_serial_number=algorithm.device_serial_number,
+        content_description=f"{algorithm.name} {algorithm.version} tumor segmentation ({algorithm.model_label})"[:64],
+        content_label=content_label,
+        series_description=series_description,
+        omit_empty_frames=omit_empty_frames,
+    )
+
+
+def segment_label_values(seg: Dataset) -> dict[int, int]:
+    """SEG segment number -> BraTS label value, by segmented property type (then label)."""
+    mapping: dict[int, int] = {}
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        ptype = item.SegmentedPropertyTypeCodeSequence[0]
+        for concept in LABELS.values():
+            if (ptype.CodeValue, ptype.CodingSchemeDesignator) == (
+                    concept.property_type.value, concept.property_type.scheme_designator):
+                mapping[number] = concept.value
+                break
+        else:
+            for concept in LABELS.values():
+                if str(item.get("SegmentLabel", "")).lower() == concept.segment_label.lower():
+                    mapping[number] = concept.value
+                    break
+            else:
+                raise ValueError(f"SEG segment {number} ({item.get('SegmentLabel', '?')}) is not a BrainLine label")
+    return mapping
+
+
+def read_seg_labels(
+    seg_path: str | PathLike | hd.seg.Segmentation,
+    source_files: Sequence[str | PathLike] | SourceSeries,
+) -> np.ndarray:
+    """Read a BrainLine SEG back into a uint8 label map ``[instance, row, column]``
+    on the source grid (same order as :func:`labels_on_source_grid`)."""
+    seg = seg_path if isinstance(seg_path, hd.seg.Segmentation) else hd.seg.segread(seg_path)
+    series = _as_series(source_files)
+    mapping = segment_label_values(seg)
+    numbers = sorted(mapping)
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=series.sop_instance_uids,
+        segment_numbers=numbers,
+        combine_segments=False,
+        assert_missing_frames_are_empty=True,
+    )
+    out = np.zeros(series.shape, dtype=np.uint8)
+    for index, number in enumerate(numbers):
+        out[masks[..., index] > 0] = mapping[number]
+    return out

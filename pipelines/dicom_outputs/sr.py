@@ -1,0 +1,249 @@
+"""DICOM Structured Report (TID 1500 Measurement Report) of the tumour volumes.
+
+Content tree (all coded concepts from :mod:`.codes`)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer context: device = BrainLine (TID 1004: UID, name,
+        manufacturer, model name = backend/model), Procedure reported
+      Imaging Measurements
+        Measurement Group (TID 1411) per SEG segment:
+          tracking id/UID (the segment's), Referenced Segment (SEG SOP instance
+          + segment number) with Source Series for Segmentation, finding
+          category/type = the segment's, finding site Brain, algorithm id,
+          Volume [ml]
+        Measurement Group (TID 1501) for each label absent from the SEG that the
+          summary reports (volume 0), for tumour core and whole tumour
+          (Neoplasm + private method code) and for total intracranial volume
+        Measurement Group (TID 1501) "BrainLine quality control": one
+          qualitative evaluation per QC finding (check concept = status code)
+
+Software versions of BrainLine and the model are in SoftwareVersions (General
+Equipment) and in every group's Algorithm Identification (TID 4019).
+"""
+
+from __future__ import annotations
+
+import logging
+from os import PathLike
+from typing import Any, Mapping, Sequence
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+from .codes import (
+    BRAIN, CATEGORY_ANATOMY, COMPOSITES, INTRACRANIAL, LABELS, PROCEDURE_REPORTED,
+    REPORT_TITLE, TIV, UNIT_ML, VOLUME, AlgorithmInfo, QCFinding, label_concept,
+    private_coding_scheme,
+)
+from .seg import SourceSeries, _as_series, new_uid, segment_label_values
+
+__all__ = ["build_sr", "volume_summary", "SR_CLASSES"]
+
+log = logging.getLogger(__name__)
+
+SR_CLASSES = {
+    "comprehensive3d": hd.sr.Comprehensive3DSR,
+    "comprehensive": hd.sr.ComprehensiveSR,
+    "enhanced": hd.sr.EnhancedSR,
+}
+
+
+def volume_summary(labels: sitk.Image | np.ndarray, voxel_volume_mm3: float | None = None) -> dict[str, Any]:
+    """``{"volumes_ml": {"1", "2", "3", "tumor_core", "whole_tumor"}}`` from a label map.
+
+    ``labels`` is a SimpleITK image (voxel volume from its spacing) or an array
+    with ``voxel_volume_mm3`` given. TIV is not computed here (it needs the brain
+    mask); add ``"tiv_ml"`` yourself.
+    """
+    if isinstance(labels, sitk.Image):
+        voxel_volume_mm3 = float(np.prod(labels.GetSpacing()))
+        arr = sitk.GetArrayViewFromImage(labels)
+    else:
+        if voxel_volume_mm3 is None:
+            raise ValueError("voxel_volume_mm3 is required for an array label map")
+        arr = np.asarray(labels)
+    ml = voxel_volume_mm3 / 1000.0
+    counts = {v: int(np.count_nonzero(arr == v)) for v in LABELS}
+    volumes: dict[str, float] = {str(v): counts[v] * ml for v in LABELS}
+    for key, comp in COMPOSITES.items():
+        volumes[key] = sum(counts[v] for v in comp.labels) * ml
+    return {"volumes_ml": volumes}
+
+
+def _volume(volumes: Mapping[Any, Any], key: str | int) -> float | None:
+    for k in (key, str(key)) + ((int(key),) if str(key).isdigit() else ()):
+        if k in volumes and volumes[k] is not None:
+            return float(volumes[k])
+    return None
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"{k}={v}"[:64] for k, v in algorithm.algorithm_parameters().items()],
+    )
+
+
+def _volume_measurement(value_ml: float) -> hd.sr.Measurement:
+    if not np.isfinite(value_ml) or value_ml < 0:
+        raise ValueError(f"invalid volume {value_ml!r} mL")
+    return hd.sr.Measurement(name=VOLUME, value=float(value_ml), unit=UNIT_ML)
+
+
+def build_sr(
+    seg: Dataset | None,
+    source_files: Sequence[str | PathLike] | SourceSeries,
+    summary: Mapping[str, Any],
+    qc_findings: Sequence[QCFinding],
+    algorithm: AlgorithmInfo,
+    *,
+    uid_root: str | None = None,
+    series_number: int = 301,
+    instance_number: int = 1,
+    manufacturer: str = "BrainLine",
+    series_description: str = "BrainLine tumor volumes",
+    sr_class: str = "comprehensive3d",
+    is_final: bool = False,
+) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
+    """TID 1500 measurement report of the volumes in ``summary`` and the QC findings.
+
+    ``seg`` is the SEG built by :func:`~.seg.build_seg` (or None when nothing was
+    segmented: label groups then carry no segment reference). ``summary`` is
+    ``{"volumes_ml": {"1": .., "2": .., "3": .., "tumor_core": .., "whole_tumor": ..},
+    "tiv_ml": ..}``; every SEG segment needs a volume. The document is complete,
+    unverified and preliminary unless ``is_final`` (set it only after review).
+    """
+    if sr_class not in SR_CLASSES:
+        raise ValueError(f"sr_class must be one of {sorted(SR_CLASSES)}")
+    series = _as_series(source_files)
+    volumes = summary.get("volumes_ml", {}) or {}
+    algo_id = _algorithm_id(algorithm)
+    groups: list[Any] = []
+
+    # --- one TID 1411 group per SEG segment
+    segmented: set[int] = set()
+    if seg is not None:
+        if str(seg.StudyInstanceUID) != str(series.first.StudyInstanceUID):
+            raise ValueError("SEG and source series belong to different studies")
+        mapping = segment_label_values(seg)
+        descriptions = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+        for number in sorted(mapping):
+            value = mapping[number]
+            concept = label_concept(value)
+            volume = _volume(volumes, value)
+            if volume is None:
+                raise ValueError(f"summary has no volume for label {value} (SEG segment {number})")
+            item = descriptions[number]
+            tracking = hd.sr.TrackingIdentifier(
+                uid=str(item.get("TrackingUID", "")) or new_uid(uid_root),
+                identifier=str(item.get("TrackingID", "")) or f"BrainLine {concept.key}",
+            )
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(seg.SOPInstanceUID),
+                    segment_number=number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
+                ),
+                finding_type=concept.property_type,
+                finding_category=concept.category,
+                finding_sites=[hd.sr.FindingSite(BRAIN)],
+                algorithm_id=algo_id,
+                measurements=[_volume_measurement(volume)],
+            ))
+            segmented.add(value)
+
+    # --- labels the summary reports but the SEG does not hold (normally volume 0)
+    for value, concept in LABELS.items():
+        volume = _volume(volumes, value)
+        if value in segmented or volume is None:
+            continue
+        if volume > 0 and seg is not None:
+            log.warning("label %d has %.3f mL in the summary but no SEG segment", value, volume)
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier=f"BrainLine {concept.key}"),
+            finding_type=concept.property_type,
+            finding_category=concept.category,
+            finding_sites=[hd.sr.FindingSite(BRAIN)],
+            algorithm_id=algo_id,
+            measurements=[_volume_measurement(volume)],
+        ))
+
+    # --- tumour core and whole tumour
+    for key, comp in COMPOSITES.items():
+        volume = _volume(volumes, key)
+        if volume is None:
+            continue
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier=comp.name),
+            finding_type=comp.finding_type,
+            finding_category=LABELS[comp.labels[0]].category,
+            method=comp.method,
+            finding_sites=[hd.sr.FindingSite(BRAIN)],
+            algorithm_id=algo_id,
+            measurements=[_volume_measurement(volume)],
+        ))
+
+    # --- total intracranial volume
+    tiv = summary.get("tiv_ml")
+    if tiv is not None:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier="Total intracranial volume"),
+            finding_type=INTRACRANIAL,
+            finding_category=CATEGORY_ANATOMY,
+            method=TIV,
+            algorithm_id=algo_id,
+            measurements=[_volume_measurement(float(tiv))],
+        ))
+
+    # --- QC findings
+    if qc_findings:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier="BrainLine quality control"),
+            algorithm_id=algo_id,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(f.concept, f.value) for f in qc_findings],
+        ))
+
+    if not groups:
+        raise ValueError("nothing to report: no SEG segments, volumes or QC findings")
+
+    observer = hd.sr.ObserverContext(
+        observer_type=dcm_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.device_uid,
+            name=algorithm.name,
+            manufacturer_name=manufacturer,
+            model_name=algorithm.model_label[:64],
+            serial_number=algorithm.device_serial_number,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=groups,
+        title=REPORT_TITLE,
+    )
+    evidence = ([seg] if seg is not None else []) + list(series.datasets)
+    cls = SR_CLASSES[sr_class]
+    return cls(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=new_uid(uid_root),
+        series_number=series_number,
+        sop_instance_uid=new_uid(uid_root),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=is_final,
+        is_verified=False,
+        series_description=series_description,
+        manufacturer_model_name=algorithm.name,
+        software_versions=list(algorithm.software_versions),
+        device_serial_number=algorithm.device_serial_number,
+        coding_schemes=[private_coding_scheme()],
+    )

@@ -1,0 +1,261 @@
+"""The image pipeline after conversion, as file-based, idempotent steps.
+
+Every step reads and writes files in one working folder (a job workspace, or
+the OUT folder of ``brainline process``) and returns a small JSON-serializable
+result that it also writes to ``<step>.json``; a step whose result file exists
+returns it without redoing the work, so an interrupted run resumes.
+
+Layout (all images NIfTI, physical space LPS in mm as SimpleITK reads them):
+
+    nifti/<role>.nii.gz            dcm2niix output, native grid of each series
+    registered/<role>.nii.gz       every sequence on the reference grid (with skull)
+    brain_mask.nii.gz              brain mask on the reference grid
+    preprocessed/<role>.nii.gz     skull-stripped, N4-corrected, reference grid
+    segmentation.nii.gz            BraTS 2023 labels on the reference series' native grid
+    summary.json                   volumes, components, TIV, QC, versions, timings
+
+The reference grid is the native grid of the reference series (T1c by
+default), so the segmentation lies on the grid of that DICOM series.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from brainline.models.base import ED, ET, LABEL_NAMES, NCR, ROLES, SegmentationInput
+from brainline.models.registry import load_backend
+
+from .bias_correction import N4Config, n4_correct
+from .registration import RegistrationConfig, register, resample_to
+from .skull_strip import SkullStripBackend, apply_mask, get_backend, skull_strip
+
+ROLE_LABELS = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
+
+
+class PipelineError(RuntimeError):
+    """A step cannot go on; the message names the series and the reason."""
+
+
+@dataclass
+class PipelineConfig:
+    reference: str = "t1c"                  # role whose grid everything is resampled to
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    skull_strip_backend: str = "deepbet"
+    skull_strip_on: tuple[str, ...] = ("t1", "t1c")  # first available role is used
+    device: str = "cpu"                     # "cpu" or "cuda" for the neural networks
+    # A coarse B-spline mesh (200 mm knots, 3 levels -> 50 mm) models scanner
+    # bias without absorbing a tumour's own hyperintensity: with 100 mm knots
+    # N4 flattened the FLAIR signal of tcga-du-7294 and the baseline's
+    # whole-tumour Dice fell from 0.92 to 0.73. 20/20/10 iterations: 2.5x faster,
+    # same result.
+    n4: N4Config = field(default_factory=lambda: N4Config(spline_distance_mm=200.0,
+                                                          iterations=(20, 20, 10)))
+    model: dict | str | None = None         # segmentation backend spec (None = baseline)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        return json.loads(json.dumps(out, default=str))
+
+
+def _read(path: Path) -> sitk.Image:
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+    tmp.replace(path)
+
+
+def _cached(work: Path, name: str, fn: Callable[[], dict]) -> dict:
+    """Run ``fn`` unless ``<name>.json`` exists; record its wall time."""
+    result_file = work / f"{name}.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    t0 = time.monotonic()
+    result = fn()
+    result["elapsed_s"] = round(time.monotonic() - t0, 3)
+    tmp = result_file.with_name(".tmp-" + result_file.name)
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(result_file)
+    return result
+
+
+def available_roles(work: Path) -> list[str]:
+    return [r for r in ROLES if (work / "nifti" / f"{r}.nii.gz").exists()]
+
+
+# ---------------------------------------------------------------------------
+def step_register(work: Path, cfg: PipelineConfig) -> dict:
+    """Rigid (optionally affine) registration of every sequence to the reference."""
+
+    def run() -> dict:
+        roles = available_roles(work)
+        if cfg.reference not in roles:
+            raise PipelineError(f"the reference sequence {ROLE_LABELS.get(cfg.reference, cfg.reference)} "
+                                "is missing, so nothing can be co-registered")
+        fixed = _read(work / "nifti" / f"{cfg.reference}.nii.gz")
+        _write(fixed, work / "registered" / f"{cfg.reference}.nii.gz")
+        results = {cfg.reference: {"reference": True}}
+        for role in roles:
+            if role == cfg.reference:
+                continue
+            moving = _read(work / "nifti" / f"{role}.nii.gz")
+            reg = register(fixed, moving, cfg.registration, moving_name=ROLE_LABELS[role],
+                           fixed_name=ROLE_LABELS[cfg.reference])
+            _write(resample_to(moving, fixed, reg.transform), work / "registered" / f"{role}.nii.gz")
+            sitk.WriteTransform(reg.transform, str(work / "registered" / f"{role}_to_{cfg.reference}.tfm"))
+            results[role] = reg.to_dict()
+        flags = [f"{ROLE_LABELS[r]}: {flag}" for r, res in results.items() for flag in res.get("flags", [])]
+        return {"reference": cfg.reference, "sequences": results, "flags": flags}
+
+    return _cached(work, "registration", run)
+
+
+class _LazyBackend(SkullStripBackend):
+    """Loads the skull-stripping network only if the input needs it (inputs
+    that are already skull-stripped never load it)."""
+
+    def __init__(self, name: str, device: str):
+        self._args = (name, device)
+        self._backend = None
+
+    def _get(self) -> SkullStripBackend:
+        if self._backend is None:
+            self._backend = get_backend(*self._args)
+        return self._backend
+
+    name = property(lambda self: self._get().name)
+    version = property(lambda self: self._get().version)
+
+    def brain_mask(self, image: sitk.Image) -> sitk.Image:
+        return self._get().brain_mask(image)
+
+    def describe(self) -> dict:
+        return self._get().describe()
+
+
+def step_skull_strip(work: Path, cfg: PipelineConfig) -> dict:
+    """Brain mask on the reference grid, from T1 (or the reference) sequence."""
+
+    def run() -> dict:
+        roles = [r for r in cfg.skull_strip_on if (work / "registered" / f"{r}.nii.gz").exists()]
+        source = roles[0] if roles else cfg.reference
+        image = _read(work / "registered" / f"{source}.nii.gz")
+        backend = _LazyBackend(cfg.skull_strip_backend, cfg.device)
+        result = skull_strip(image, backend=backend, detect_stripped=True,
+                             label=ROLE_LABELS.get(source, source))
+        _write(sitk.Cast(result.mask, sitk.sitkUInt8), work / "brain_mask.nii.gz")
+        out = result.to_dict()
+        out["sequence"] = source
+        return out
+
+    return _cached(work, "skull_strip", run)
+
+
+def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
+    """N4 inside the brain mask, per sequence; writes the masked, corrected images."""
+
+    def run() -> dict:
+        mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
+        out = {}
+        for role in ROLES:
+            path = work / "registered" / f"{role}.nii.gz"
+            if not path.exists():
+                continue
+            n4 = n4_correct(_read(path), mask, cfg.n4, name=ROLE_LABELS[role])
+            _write(apply_mask(n4.corrected, mask), work / "preprocessed" / f"{role}.nii.gz")
+            out[role] = {"elapsed_s": round(n4.elapsed_s, 3)}
+        return {"sequences": out}
+
+    return _cached(work, "bias_correction", run)
+
+
+def step_segment(work: Path, cfg: PipelineConfig) -> dict:
+    """Tumour segmentation with the configured backend (baseline by default)."""
+
+    def run() -> dict:
+        backend = load_backend(cfg.model)
+        paths = {r: work / "preprocessed" / f"{r}.nii.gz" for r in ROLES
+                 if (work / "preprocessed" / f"{r}.nii.gz").exists()}
+        inputs = SegmentationInput(paths=paths, brain_mask_path=work / "brain_mask.nii.gz")
+        output = backend.segment(inputs)
+        labels = output.to_image(inputs.reference)
+        _write(labels, work / "segmentation.nii.gz")
+        return {"backend": output.backend, "model_name": output.model_name,
+                "model_version": output.model_version, "details": output.details}
+
+    return _cached(work, "segment", run)
+
+
+def components(mask: np.ndarray, image: sitk.Image) -> list[dict]:
+    """26-connected components of a (z, y, x) mask with volume (mL) and
+    centroid (LPS physical coordinates, mm), largest first."""
+    if not mask.any():
+        return []
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+    cc.CopyInformation(image)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(cc)
+    out = [{"volume_ml": round(stats.GetPhysicalSize(lab) / 1000.0, 3),
+            "centroid_lps_mm": [round(c, 1) for c in stats.GetCentroid(lab)],
+            "voxels": int(stats.GetNumberOfPixels(lab))} for lab in stats.GetLabels()]
+    return sorted(out, key=lambda c: -c["volume_ml"])
+
+
+def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
+    """summary.json: volumes (mL), components, TIV, QC figures, versions, timings."""
+
+    def run() -> dict:
+        seg = sitk.ReadImage(str(work / "segmentation.nii.gz"))
+        labels = sitk.GetArrayFromImage(seg)
+        voxel_ml = float(np.prod(seg.GetSpacing())) / 1000.0
+        mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"))
+        volumes = {str(k): round(float((labels == k).sum()) * voxel_ml, 3) for k in (NCR, ED, ET)}
+        volumes["tumor_core"] = round(float(np.isin(labels, (NCR, ET)).sum()) * voxel_ml, 3)
+        volumes["whole_tumor"] = round(float((labels > 0).sum()) * voxel_ml, 3)
+        steps = {name: json.loads((work / f"{name}.json").read_text())
+                 for name in ("registration", "skull_strip", "bias_correction", "segment")
+                 if (work / f"{name}.json").exists()}
+        tiv = float((sitk.GetArrayFromImage(mask) > 0).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
+        registration = steps.get("registration", {})
+        return {
+            "label_convention": "BraTS 2023",
+            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+            "volumes_ml": volumes,
+            "whole_tumor_components": components(labels > 0, seg),
+            "tiv_ml": round(tiv, 1),
+            "reference": registration.get("reference", cfg.reference),
+            "registration": {r: {k: v for k, v in res.items() if k in ("quality", "flags", "final_metric",
+                                                                      "converged", "parameters")}
+                             for r, res in registration.get("sequences", {}).items()},
+            "qc_flags": registration.get("flags", []) + steps.get("skull_strip", {}).get("flags", []),
+            "backends": {
+                "registration": "SimpleITK " + sitk.Version.VersionString(),
+                "skull_strip": {k: steps.get("skull_strip", {}).get(k)
+                                for k in ("backend", "backend_version", "already_stripped")},
+                "bias_correction": "SimpleITK N4 " + sitk.Version.VersionString(),
+                "segmentation": {k: steps.get("segment", {}).get(k)
+                                 for k in ("backend", "model_name", "model_version")},
+            },
+            "timings_s": {name: res.get("elapsed_s") for name, res in steps.items()},
+        }
+
+    return _cached(work, "summary", run)
+
+
+STEPS: list[tuple[str, Callable[[Path, PipelineConfig], dict]]] = [
+    ("register", step_register),
+    ("skull_strip", step_skull_strip),
+    ("bias_correct", step_bias_correct),
+    ("segment", step_segment),
+    ("summarize", step_summarize),
+]

@@ -1,0 +1,134 @@
+"""End to end: storescu pushes a study to `brainline serve`, the whole
+pipeline runs, and SEG, SR, overlay series and PDF arrive in a real Orthanc
+under the original patient and study, validated by dciodvfy; the outbox
+survives an unreachable PACS and a kill -9."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import pydicom
+import pytest
+
+from tests.peers import OrthancServer, storescu
+
+pytestmark = pytest.mark.integration
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def wait_outbox(svc, timeout=180, states=("sent",)) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        box = svc.api("GET", "/api/v1/outbox").json()
+        if box["items"] and all(i["state"] in states for i in box["items"]):
+            return box
+        time.sleep(0.5)
+    raise AssertionError(f"outbox not delivered: {svc.api('GET', '/api/v1/outbox').json()}")
+
+
+def orthanc_instance(orthanc: OrthancServer, sop_uid: str) -> pydicom.Dataset:
+    found = httpx.post(orthanc.http_url + "/tools/lookup", content=sop_uid, timeout=30).json()
+    assert found, f"{sop_uid} not stored in Orthanc"
+    raw = httpx.get(f"{orthanc.http_url}/instances/{found[0]['ID']}/file", timeout=60).content
+    return pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
+
+
+def dciodvfy_errors(path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
+
+
+def check_delivered(svc, orthanc, study, tmp_path) -> dict:
+    [job] = svc.wait_jobs(1, timeout=300)
+    assert job["state"] == "done", job
+    box = wait_outbox(svc)
+    kinds = sorted({i["kind"] for i in box["items"]})
+    assert kinds == ["overlay", "pdf", "seg", "sr"]
+    t1c_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                for p in study.series["t1c"].paths}
+    by_kind = {}
+    for item in box["items"]:
+        ds = orthanc_instance(orthanc, item["sop_instance_uid"])
+        by_kind.setdefault(item["kind"], ds)
+        assert ds.StudyInstanceUID == study.study_uid
+        assert ds.PatientID == "PID-4711-XYZ" and str(ds.PatientName) == "DOE^JANE"
+        assert ds.AccessionNumber == "ACC-98765"
+        assert "PatientIdentityRemoved" not in ds
+    seg = by_kind["seg"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series["t1c"].series_uid
+    sources = {src.ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence
+               for d in f.DerivationImageSequence for src in d.SourceImageSequence}
+    assert sources and sources <= t1c_uids
+    for kind, ds in by_kind.items():
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path)
+        assert dciodvfy_errors(path) == [], kind
+    pdf = by_kind["pdf"].EncapsulatedDocument
+    assert pdf.startswith(b"%PDF")
+    (tmp_path / "report.pdf").write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-png", "-r", "40", "-f", "1", "-l", "1", str(tmp_path / "report.pdf"),
+                    str(tmp_path / "page")], check=True, timeout=60)
+    return box
+
+
+def test_results_arrive_in_orthanc_over_cstore(service_factory, orthanc, small_study, tmp_path):
+    svc = service_factory(BRAINLINE_DEST_DICOM=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+    assert storescu(small_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
+    box = check_delivered(svc, orthanc, small_study, tmp_path)
+    assert box["depth"] == 0
+    assert svc.metric("brainline_outbox_depth") == 0
+
+
+def test_results_arrive_over_stowrs_and_a_refusing_destination_does_not_block(
+        service_factory, orthanc, small_study, tmp_path):
+    svc = service_factory(
+        BRAINLINE_DEST_STOWRS=f"{orthanc.dicomweb_url},{orthanc.http_url}/no-such-dicomweb")
+    assert storescu(small_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
+    [job] = svc.wait_jobs(1, timeout=300)
+    assert job["state"] == "done", job
+    box = wait_outbox(svc, states=("sent", "rejected"))
+    good = [i for i in box["items"] if i["destination"] == f"stowrs:{orthanc.dicomweb_url}"]
+    bad = [i for i in box["items"] if i not in good]
+    assert good and all(i["state"] == "sent" for i in good)
+    assert bad and all(i["state"] == "rejected" and "HTTP 404" in i["last_error"] for i in bad)
+    for item in good:
+        assert orthanc_instance(orthanc, item["sop_instance_uid"]).PatientID == "PID-4711-XYZ"
+
+
+def test_outbox_waits_for_pacs_and_survives_kill9(service_factory, small_study):
+    with OrthancServer() as pacs:
+        pacs.stop()
+        svc = service_factory(BRAINLINE_DEST_DICOM=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
+                              BRAINLINE_OUTBOX_RETRY_BASE_SECONDS="0.5",
+                              BRAINLINE_OUTBOX_RETRY_MAX_SECONDS="2",
+                              BRAINLINE_DEST_UNREACHABLE_SECONDS="1")
+        assert storescu(small_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
+        [job] = svc.wait_jobs(1, timeout=300)
+        assert job["state"] == "done", job
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            box = svc.api("GET", "/api/v1/outbox").json()
+            if box["items"] and all(i["attempts"] >= 2 for i in box["items"]):
+                break
+            time.sleep(0.3)
+        n_objects = len(box["items"])
+        assert n_objects > 3 and all(i["state"] == "pending" for i in box["items"])
+        assert "cannot be reached" in box["items"][0]["last_error"]
+        assert svc.metric("brainline_outbox_depth") == n_objects
+        assert svc.metric("brainline_outbox_oldest_age_seconds") > 0
+        ready = svc.api("GET", "/readyz")
+        assert ready.status_code == 503 and any("unreachable" in r for r in ready.json()["reasons"])
+        listing = subprocess.run([*svc.cli, "outbox"], env=svc.env, capture_output=True, text=True,
+                                 timeout=60)
+        assert listing.returncode == 0 and "pending" in listing.stdout
+        # kill -9 between building and sending, then the PACS comes back.
+        svc.kill9()
+        pacs.start()
+        svc.start()
+        box = wait_outbox(svc)
+        assert len(box["items"]) == n_objects
+        assert pacs.count_instances() == n_objects  # each object stored exactly once
