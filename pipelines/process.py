@@ -10,6 +10,7 @@ from typing import Callable
 
 from .conversion import convert_series
 from .image_pipeline import STEPS, PipelineConfig
+from .results import build_results
 from .series_selection import load_rules, scan_series, select_series
 
 
@@ -28,10 +29,11 @@ def select_and_convert(input_dir: Path, out: Path, rules_path: Path | None = Non
 
 
 def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
-                  rules_path: Path | None = None,
+                  rules_path: Path | None = None, uid_root: str | None = None,
                   on_step: Callable[[str], None] | None = None) -> dict:
     """Run everything; returns summary.json's content. ``on_step(name)`` is
-    called after each step (for progress bars)."""
+    called after each step (for progress bars). The DICOM results (SEG, SR,
+    overlay, PDF) reference the input instances and go to ``out/dicom``."""
     cfg = cfg or PipelineConfig()
     out.mkdir(parents=True, exist_ok=True)
     select_and_convert(input_dir, out, rules_path)
@@ -42,7 +44,12 @@ def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
         result = step(out, cfg)
         if on_step:
             on_step(name)
+    selection = json.loads((out / "selection.json").read_text())
+    build_results(out, [Path(f) for f in selection["files"][cfg.reference]], uid_root=uid_root,
+                  subdir="dicom")
+    if on_step:
+        on_step("dicom_results")
     return result
 
 
-STEP_NAMES = ["select_and_convert"] + [name for name, _ in STEPS]
+STEP_NAMES = ["select_and_convert"] + [name for name, _ in STEPS] + ["dicom_results"]

@@ -90,11 +90,12 @@ def identity_of(ds: pydicom.Dataset) -> dict:
             "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
 
 
-def build_results(work: Path, source_files: list[Path], uid_root: str | None = None) -> dict:
-    """Write SEG, SR, overlay series and PDF report to ``work/results``.
+def build_results(work: Path, source_files: list[Path], uid_root: str | None = None,
+                  subdir: str = RESULTS_DIR) -> dict:
+    """Write SEG, SR, overlay series and PDF report to ``work/<subdir>``.
     Idempotent: returns the recorded result when ``results.json`` exists
     (rebuilding would mint new UIDs)."""
-    out = work / RESULTS_DIR
+    out = work / subdir
     record_file = work / "results.json"
     if record_file.exists():
         return json.loads(record_file.read_text())
@@ -108,7 +109,7 @@ def build_results(work: Path, source_files: list[Path], uid_root: str | None = N
     def save(kind: str, ds, name: str) -> None:
         path = out / name
         ds.save_as(path, enforce_file_format=True)
-        files.append({"kind": kind, "file": f"{RESULTS_DIR}/{name}",
+        files.append({"kind": kind, "file": f"{subdir}/{name}",
                       "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID)})
 
     try:

@@ -142,7 +142,7 @@ def cmd_process(args, settings) -> int:
 
     try:
         summary = process_study(source, out, cfg, rules_path=_opt_path(settings.series_rules),
-                                on_step=on_step)
+                                uid_root=settings.uid_root or None, on_step=on_step)
     except PIPELINE_ERRORS as exc:
         bar.close()
         return _fail(str(exc), 1)
@@ -153,7 +153,7 @@ def cmd_process(args, settings) -> int:
           f"intracranial volume {summary['tiv_ml']:.0f} mL")
     for flag in summary.get("qc_flags", []):
         print(f"QC: {flag}")
-    print(f"results in {out}")
+    print(f"results in {out} (DICOM SEG, SR, overlay and PDF report in {out / 'dicom'})")
     return 0
 
 

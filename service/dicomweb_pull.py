@@ -1,6 +1,6 @@
-"""Pull a study from a PACS over DICOMweb (QIDO-RS to list, WADO-RS to
-retrieve) into the spool; the completion monitor then creates the job as for
-a pushed study."""
+"""Pull a study from a PACS over DICOMweb (QIDO-RS to list the series,
+WADO-RS to retrieve the MR series) into the spool; the completion monitor
+then creates the job as for a pushed study."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from .spool import Spool, is_valid_uid
 
 log = logging.getLogger("brainline.pull")
 
+# Only the series the pipeline can use are retrieved; derived objects already
+# in the study (SEG, SR, PDF, overlays of earlier runs) are left at the PACS.
+PULLED_MODALITIES = {"MR"}
+
 
 class PullError(RuntimeError):
     """The pull could not be done; ``status`` is the matching HTTP status."""
@@ -34,6 +38,7 @@ class PullResult:
     series: int
     instances: int
     new_instances: int
+    skipped_series: int = 0   # series of other modalities (e.g. earlier SEG/SR results)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -73,20 +78,31 @@ def pull_study(settings, spool: Spool, study_key_fn, study_uid: str, metrics=Non
         raise PullError(f"{study_uid!r} is not a valid Study Instance UID", status=400)
     client = make_client(settings)
     try:
-        found = client.search_for_instances(study_instance_uid=study_uid,
-                                            fields=["SeriesInstanceUID"])
+        series_found = client.search_for_series(study_instance_uid=study_uid,
+                                                fields=["Modality", "NumberOfSeriesRelatedInstances"])
     except HTTPError as exc:
         if exc.response is not None and exc.response.status_code == 404:
-            found = []
+            series_found = []
         else:
             raise PullError(f"QIDO-RS search at the PACS failed: {exc}") from None
     except RequestException as exc:
         raise PullError(f"the PACS at {settings.dicomweb_url} cannot be reached: {type(exc).__name__}") from None
-    if not found:
+    if not series_found:
         raise PullError(f"study {study_uid} was not found at the PACS ({settings.dicomweb_url})", status=404)
-    series_uids = sorted({item["0020000E"]["Value"][0] for item in found if "0020000E" in item})
+    wanted = {}
+    skipped = 0
+    for item in series_found:
+        modality = item.get("00080060", {}).get("Value", [""])[0]
+        if modality in PULLED_MODALITIES:
+            count = item.get("00201209", {}).get("Value", [0])[0]
+            wanted[item["0020000E"]["Value"][0]] = int(count or 0)
+        else:
+            skipped += 1
+    if not wanted:
+        raise PullError(f"study {study_uid} has no MR series at the PACS", status=404)
+    series_uids = sorted(wanted)
     study_key = study_key_fn(study_uid)
-    total, new, done = len(found), 0, 0
+    total, new, done = sum(wanted.values()), 0, 0
     try:
         for series_uid in series_uids:
             for ds in client.iter_series(study_uid, series_uid):
@@ -102,4 +118,5 @@ def pull_study(settings, spool: Spool, study_key_fn, study_uid: str, metrics=Non
         raise PullError(f"WADO-RS retrieval failed after {done} of {total} instances: "
                         f"{type(exc).__name__}") from None
     log.info("study pulled", extra={"study_key": study_key, "instances": done, "new": new})
-    return PullResult(study_uid=study_uid, series=len(series_uids), instances=done, new_instances=new)
+    return PullResult(study_uid=study_uid, series=len(series_uids), instances=done, new_instances=new,
+                      skipped_series=skipped)
