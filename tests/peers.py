@@ -262,3 +262,49 @@ def storescu(
     except subprocess.TimeoutExpired as exc:
         output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
         return subprocess.CompletedProcess(command, 124, output or "", f"timed out after {timeout} s")
+
+
+def _postgres_bin(name: str) -> str:
+    """Path of a PostgreSQL server binary (Debian keeps them off the PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not candidates:
+        raise RuntimeError(f"PostgreSQL {name} not found: install the Debian package postgresql")
+    return str(candidates[-1])
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster on a loopback port (trust auth), run as
+    the ``postgres`` system user when started as root (initdb refuses root)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="pg-"))
+        self.datadir = self.workdir / "data"
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres")
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run([*self._as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/brainline"
+
+    def __enter__(self) -> "PostgresServer":
+        self._run(_postgres_bin("initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust")
+        self._run(_postgres_bin("pg_ctl"), "-D", str(self.datadir), "-l", str(self.workdir / "pg.log"), "-w",
+                  "-o", f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1", "start")
+        self._run(_postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                  "brainline")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._run(_postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)

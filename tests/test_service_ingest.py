@@ -45,7 +45,9 @@ def test_push_study_runs_job_and_leaks_no_phi(service, small_study):
     [job] = service.wait_jobs(1)
     assert job["state"] == "done", job
     assert job["instance_count"] == 124
-    assert [s["name"] for s in job["stages"]] == ["pseudonymize", "select_series", "convert"]
+    assert [s["name"] for s in job["stages"]] == [
+        "pseudonymize", "select_series", "convert", "register", "skull_strip", "bias_correct",
+        "segment", "summarize", "build_outputs", "deliver"]
     assert all(s["state"] == "done" and s["duration_s"] is not None for s in job["stages"])
     selection = job["stages"][1]["result"]
     assert set(selection["roles"]) == {"t1", "t1c", "t2", "flair"}
@@ -53,6 +55,9 @@ def test_push_study_runs_job_and_leaks_no_phi(service, small_study):
     for role in ("t1", "t1c", "t2", "flair"):
         assert (ws / "nifti" / f"{role}.nii.gz").stat().st_size > 10_000
         assert (ws / "nifti" / f"{role}.json").exists()
+        assert (ws / "preprocessed" / f"{role}.nii.gz").exists()
+    assert (ws / "summary.json").exists() and (ws / "results" / "seg.dcm").exists()
+    assert "no destination configured" in job["stages"][-1]["result"]["note"]
     assert service.metric("brainline_instances_received_total") == 124
     assert service.metric("brainline_jobs", 'state="done"') == 1
     assert service.metric("brainline_stage_duration_seconds_count", 'stage="convert"') == 1

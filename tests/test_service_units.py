@@ -112,7 +112,8 @@ def test_job_store_recover_and_retry_rules(sessions):
         job.stages[1].state = State.RUNNING.value
     assert store.recover() == [job_id]
     job = store.get(job_id)
-    assert job.state == "queued" and [s.state for s in job.stages] == ["done", "queued", "queued"]
+    assert job.state == "queued"
+    assert [s.state for s in job.stages] == ["done"] + ["queued"] * (len(job.stages) - 1)
     with pytest.raises(JobConflict):
         store.reset_for_retry(job_id)
     with sessions.begin() as s:

@@ -1,0 +1,31 @@
+"""The job store and vault on a real PostgreSQL (BRAINLINE_DATABASE_URL)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.peers import PostgresServer, storescu
+
+pytestmark = pytest.mark.integration
+
+
+def test_service_on_postgresql(service_factory, small_study):
+    with PostgresServer() as pg:
+        svc = service_factory(BRAINLINE_DATABASE_URL=pg.url)
+        assert storescu(small_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
+        [job] = svc.wait_jobs(1, timeout=300)
+        assert job["state"] == "done", job
+        assert job["instance_count"] == 124
+        assert svc.metric("brainline_jobs", 'state="done"') == 1
+        svc.stop()
+        engine = create_engine(pg.url)
+        with engine.connect() as conn:
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            stages = conn.execute(text("SELECT count(*) FROM stages WHERE state = 'done'")).scalar()
+            blobs = [row[0] for row in conn.execute(text("SELECT ciphertext FROM vault_entries"))]
+        engine.dispose()
+        assert version == "0002"
+        assert stages == len(job["stages"])
+        assert len(blobs) == 2  # one patient, one study
+        assert all(b"DOE" not in bytes(b) and b"PID-4711" not in bytes(b) for b in blobs)
