@@ -179,11 +179,21 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
     return _cached(work, "bias_correction", run)
 
 
+def model_spec(cfg: PipelineConfig) -> dict | None:
+    """The registry spec of the configured model, with the pipeline's device
+    for model folders (the weight-free baseline has no device)."""
+    if cfg.model is None or (isinstance(cfg.model, str) and cfg.model.strip().lower() in ("", "baseline")):
+        return None
+    spec = {"path": cfg.model} if isinstance(cfg.model, (str, Path)) else dict(cfg.model)
+    spec.setdefault("device", cfg.device)
+    return spec
+
+
 def step_segment(work: Path, cfg: PipelineConfig) -> dict:
     """Tumour segmentation with the configured backend (baseline by default)."""
 
     def run() -> dict:
-        backend = load_backend(cfg.model)
+        backend = load_backend(model_spec(cfg))
         paths = {r: work / "preprocessed" / f"{r}.nii.gz" for r in ROLES
                  if (work / "preprocessed" / f"{r}.nii.gz").exists()}
         inputs = SegmentationInput(paths=paths, brain_mask_path=work / "brain_mask.nii.gz")

@@ -565,3 +565,23 @@ def test_registry(case, bundle, tmp_path):
         for spec in (None, "baseline", {"type": "baseline"}):
             backend = load_backend(spec)
             assert isinstance(backend, BaselineSegmenter) and backend.name == "baseline"
+
+
+def test_pipeline_segment_step_uses_a_configured_bundle(case, bundle, tmp_path):
+    """The image pipeline's segment step loads BRAINLINE_MODEL (a folder) with
+    the pipeline's device and writes the label map on the reference grid."""
+    import shutil
+
+    from brainline.pipelines.image_pipeline import PipelineConfig, step_segment
+
+    work = tmp_path / "work"
+    (work / "preprocessed").mkdir(parents=True)
+    for role, path in case["inputs"].paths.items():
+        shutil.copy(path, work / "preprocessed" / f"{role}.nii.gz")
+    shutil.copy(case["inputs"].brain_mask_path, work / "brain_mask.nii.gz")
+    result = step_segment(work, PipelineConfig(model=str(bundle), device="cpu"))
+    assert result["backend"] == "monai_bundle" and result["model_name"] == "tiny BraTS bundle"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "segmentation.nii.gz")))
+    assert_matches_rule(labels, case["expected"])
+    with pytest.raises(SegmentationError, match="cuda"):
+        step_segment(tmp_path / "other", PipelineConfig(model=str(bundle), device="cuda"))
