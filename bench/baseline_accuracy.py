@@ -38,50 +38,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from brainline.models.base import ED, ET, NCR, SegmentationInput  # noqa: E402
+from brainline.models.base import ED, ET, NCR  # noqa: E402
 from brainline.models.baseline import BaselineSegmenter  # noqa: E402
 from brainline.models.metrics import dice, volume_ml  # noqa: E402
+from tests.segmentation_cases import (  # noqa: E402
+    BRATS,
+    BRATS_FILES,
+    REFERENCES,
+    TCGA,
+    TCGA_FILES,
+    load_arrays,
+    make_input,
+    mirror_x,
+)
 
-DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
-TCGA = DATA / "tcga-du-7294"
-BRATS = DATA / "brats-gli-00001-000"
-TCGA_FILES = {"t1": "t1", "t1c": "t1c", "t2": "t2", "flair": "flair"}
-BRATS_FILES = {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f"}
-REFERENCES = ("fusion_simple", "fusion_mav", "hnfnetv1-20", "isen-20", "sanet0-20",
-              "scan-20", "yixinmpl-20")
 WT_DICE_REQUIRED = 0.85
-
-
-def _write_like(array, like, path):
-    img = sitk.GetImageFromArray(array)
-    img.CopyInformation(like)
-    sitk.WriteImage(img, str(path))
-    return Path(path)
-
-
-def make_input(out: Path, case: Path, files: dict, arrays: dict | None = None) -> SegmentationInput:
-    out.mkdir(parents=True, exist_ok=True)
-    like = sitk.ReadImage(str(case / f"{files['t1c']}.nii.gz"))
-    if arrays is None:
-        paths = {r: case / f"{n}.nii.gz" for r, n in files.items()}
-        t1c = sitk.GetArrayFromImage(like)
-    else:
-        paths = {r: _write_like(a.astype(np.float32), like, out / f"{r}.nii.gz") for r, a in arrays.items()}
-        t1c = arrays["t1c"]
-    mask = _write_like((t1c > 0).astype(np.uint8), like, out / "brain_mask.nii.gz")
-    return SegmentationInput(paths=paths, brain_mask_path=mask)
-
-
-def load_arrays(case: Path, files: dict) -> dict:
-    return {r: sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"{n}.nii.gz"))).astype(np.float32)
-            for r, n in files.items()}
-
-
-def mirror_x(arrays: dict, mask: np.ndarray, replace: np.ndarray) -> dict:
-    xs = np.flatnonzero(mask.any(axis=(0, 1)))
-    c = (xs[0] + xs[-1]) / 2.0
-    src = np.clip(np.round(2 * c - np.arange(mask.shape[2])).astype(int), 0, mask.shape[2] - 1)
-    return {k: np.where(replace, v[:, :, src], v) for k, v in arrays.items()}
 
 
 def n4(arrays: dict) -> dict:

@@ -3,9 +3,7 @@ spool, completion monitor, job runner resume."""
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 

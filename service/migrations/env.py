@@ -1,7 +1,6 @@
 """Alembic environment: runs migrations against the URL set by service.db.migrate."""
 
 from alembic import context
-from sqlalchemy import pool
 
 from brainline.service.db import Base, make_engine
 
