@@ -57,6 +57,7 @@ def check_delivered(svc, orthanc, study, tmp_path) -> dict:
         assert ds.StudyInstanceUID == study.study_uid
         assert ds.PatientID == "PID-4711-XYZ" and str(ds.PatientName) == "DOE^JANE"
         assert ds.AccessionNumber == "ACC-98765"
+        assert ds.PatientBirthDate == "19640229" and ds.StudyDate == "20240115"
         assert "PatientIdentityRemoved" not in ds
     seg = by_kind["seg"]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series["t1c"].series_uid
