@@ -58,7 +58,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_key: Mapped[str] = mapped_column(String(64), index=True)
     source: Mapped[str] = mapped_column(String(16), default="dicom")
-    pipeline: Mapped[str] = mapped_column(String(64), default="foundation")
+    pipeline: Mapped[str] = mapped_column(String(64), default="neuro_onco")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), index=True, default=State.RECEIVED.value)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
