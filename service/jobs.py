@@ -115,18 +115,12 @@ class JobStore:
         return ids
 
 
-def _set_stage(sessions, stage_id: int, **fields) -> None:
+def _update(sessions, model, row_id: int, **fields) -> None:
+    """Set ``fields`` on one row of ``model`` (Job or Stage) in its own transaction."""
     with sessions.begin() as s:
-        stage = s.get(Stage, stage_id)
+        row = s.get(model, row_id)
         for k, v in fields.items():
-            setattr(stage, k, v)
-
-
-def _set_job(sessions, job_id: int, **fields) -> None:
-    with sessions.begin() as s:
-        job = s.get(Job, job_id)
-        for k, v in fields.items():
-            setattr(job, k, v)
+            setattr(row, k, v)
 
 
 STAGE_LABELS = {"pseudonymize": "pseudonymization", "select_series": "series selection",
@@ -156,7 +150,7 @@ class JobRunner:
         job = self.store.get(job_id)
         if job is None or State(job.state) in FINAL_STATES:
             return job.state if job else "missing"
-        _set_job(sessions, job_id, state=State.RUNNING.value, attempts=job.attempts + 1,
+        _update(sessions, Job, job_id, state=State.RUNNING.value, attempts=job.attempts + 1,
                  started_at=job.started_at or utcnow())
         ws = self.workspace(job_id)
         ws.mkdir(parents=True, exist_ok=True)
@@ -171,14 +165,14 @@ class JobRunner:
             outcome = self._run_stage(ctx, stage, stage_fns[stage.name])
             if outcome != State.DONE:
                 return outcome.value
-        _set_job(sessions, job_id, state=State.DONE.value, finished_at=utcnow(), error=None)
+        _update(sessions, Job, job_id, state=State.DONE.value, finished_at=utcnow(), error=None)
         log.info("job done", extra={"job_id": job_id})
         return State.DONE.value
 
     def _run_stage(self, ctx: StageContext, stage: Stage, fn) -> State:
         sessions = self.store.sessions
         started = utcnow()
-        _set_stage(sessions, stage.id, state=State.RUNNING.value, started_at=started,
+        _update(sessions, Stage, stage.id, state=State.RUNNING.value, started_at=started,
                    attempts=stage.attempts + 1, error=None)
         t0 = time.monotonic()
         log.info("stage started", extra={"job_id": ctx.job_id, "stage": stage.name})
@@ -194,10 +188,10 @@ class JobRunner:
             reason = str(exc) or type(exc).__name__
             return self._finish_stage(ctx, stage, t0, State.FAILED, f"{label} failed: {reason}")
         duration = time.monotonic() - t0
-        _set_stage(sessions, stage.id, state=State.DONE.value, finished_at=utcnow(),
+        _update(sessions, Stage, stage.id, state=State.DONE.value, finished_at=utcnow(),
                    duration_s=duration, result_json=json.dumps(result, default=str))
         if stage.name == "pseudonymize":
-            _set_job(sessions, ctx.job_id, pseudo_study_uid=result.get("pseudo_study_uid"),
+            _update(sessions, Job, ctx.job_id, pseudo_study_uid=result.get("pseudo_study_uid"),
                      pseudo_patient_id=result.get("pseudo_patient_id"))
         self.metrics.stage_duration.labels(stage=stage.name).observe(duration)
         log.info("stage done", extra={"job_id": ctx.job_id, "stage": stage.name,
@@ -207,9 +201,9 @@ class JobRunner:
     def _finish_stage(self, ctx, stage, t0, state: State, reason: str) -> State:
         sessions = self.store.sessions
         duration = time.monotonic() - t0
-        _set_stage(sessions, stage.id, state=state.value, finished_at=utcnow(),
+        _update(sessions, Stage, stage.id, state=state.value, finished_at=utcnow(),
                    duration_s=duration, error=reason)
-        _set_job(sessions, ctx.job_id, state=state.value, finished_at=utcnow(),
+        _update(sessions, Job, ctx.job_id, state=state.value, finished_at=utcnow(),
                  error=f"stage {stage.name}: {reason}")
         log.warning("job stopped", extra={"job_id": ctx.job_id, "stage": stage.name,
                                           "state": state.value, "reason": reason})
