@@ -80,6 +80,13 @@ class SegmentationBackend(abc.ABC):
     SegmentationError with a readable message on failure."""
 
     name: str = "abstract"
+    #: Roles (keys of ROLES) the backend cannot run without. Series selection
+    #: asks a study for these plus the reference role, and a study that lacks
+    #: one ends in needs_input. Default: all four.
+    required_roles: tuple[str, ...] = ROLES
+    #: Roles the backend uses when a study has them and does without
+    #: otherwise; a missing one is recorded and reported (summary, SR, PDF).
+    optional_roles: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def segment(self, inputs: SegmentationInput) -> SegmentationOutput: ...
@@ -87,3 +94,17 @@ class SegmentationBackend(abc.ABC):
     def describe(self) -> dict:
         """Name and version for reports and DICOM algorithm identification."""
         return {"backend": self.name}
+
+
+@dataclass(frozen=True)
+class InputRoles:
+    """The MRI roles a segmentation backend needs (``required``) and can use
+    (``optional``), as keys of ROLES."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def usable(self) -> tuple[str, ...]:
+        """Every role the backend reads, in ROLES order."""
+        return tuple(r for r in ROLES if r in self.required or r in self.optional)

@@ -358,6 +358,15 @@ class MonaiBundleBackend(SegmentationBackend):
                 f"{what}: the weights in {path.name} do not fit network_def: {_short(exc, 400)}") from exc
 
     # ------------------------------------------------------------------
+    @property
+    def required_roles(self) -> tuple[str, ...]:
+        """Every role of ``input_order``: the network has one input channel each."""
+        return tuple(self.input_order)
+
+    @property
+    def optional_roles(self) -> tuple[str, ...]:
+        return ()
+
     def describe(self) -> dict:
         return {"backend": self.name, "model_name": self.model_name,
                 "model_version": self.model_version, "device": self.device}

@@ -267,6 +267,15 @@ class OnnxBackend(SegmentationBackend):
             return dev, [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
         raise SegmentationError(f"{what}: unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
+    @property
+    def required_roles(self) -> tuple[str, ...]:
+        """Every role of ``input_order``: the network has one input channel each."""
+        return tuple(self.input_order)
+
+    @property
+    def optional_roles(self) -> tuple[str, ...]:
+        return ()
+
     def describe(self) -> dict:
         return {"backend": self.name, "model_name": self.model_name,
                 "model_version": self.model_version, "device": self.device}

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .base import ED, ET, NCR, ROLES, SegmentationBackend, SegmentationError, SegmentationInput
+from .base import ED, ET, NCR, ROLES, InputRoles, SegmentationBackend, SegmentationError, SegmentationInput
 
 SUPPORTED_TYPES = ("baseline", "monai_bundle", "onnx")
 BUNDLE_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
@@ -115,6 +115,26 @@ def load_backend(spec: dict | str | Path | None = None) -> SegmentationBackend:
         return _construct(MonaiBundleBackend, kind, path, options)
     from .onnx_backend import OnnxBackend
     return _construct(OnnxBackend, kind, path, options)
+
+
+#: The baseline's inputs while models/baseline.py does not declare them on
+#: BaselineSegmenter itself: FLAIR for the whole tumour; T1, T1c and T2 refine
+#: it when present (enhancing tumour needs T1c and T1).
+_BASELINE_ROLES = InputRoles(required=("flair",), optional=("t1", "t1c", "t2"))
+
+
+def input_roles(backend: SegmentationBackend) -> InputRoles:
+    """The roles ``backend`` needs and can use, from its ``required_roles`` /
+    ``optional_roles`` declaration (see :class:`SegmentationBackend`)."""
+    if backend.name == "baseline" and "required_roles" not in vars(type(backend)):
+        return _BASELINE_ROLES
+    declared = list(backend.required_roles) + list(backend.optional_roles)
+    unknown = sorted({r for r in declared if r not in ROLES})
+    if unknown:
+        raise SegmentationError(f"the {backend.name} backend declares unknown input roles "
+                                f"{', '.join(unknown)}; known roles: {', '.join(ROLES)}")
+    required = tuple(r for r in ROLES if r in backend.required_roles)
+    return InputRoles(required, tuple(r for r in ROLES if r in backend.optional_roles and r not in required))
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Layout (all images NIfTI, physical space LPS in mm as SimpleITK reads them):
     brain_mask.nii.gz              brain mask on the reference grid
     preprocessed/<role>.nii.gz     skull-stripped, N4-corrected, reference grid
     segmentation.nii.gz            BraTS 2023 labels on the reference series' native grid
-    summary.json                   volumes, components, TIV, QC, versions, timings
+    summary.json                   volumes, components, TIV, QC, inputs, versions, timings
 
 The reference grid is the native grid of the reference series (T1c by
 default), so the segmentation lies on the grid of that DICOM series.
@@ -221,8 +221,16 @@ def components(mask: np.ndarray, image: sitk.Image) -> list[dict]:
     return sorted(out, key=lambda c: -c["volume_ml"])
 
 
+def _inputs_of(work: Path) -> dict:
+    """The ``inputs`` record of selection.json (roles the model needs, used and
+    missing, and the sentence for the report); empty without a selection."""
+    path = work / "selection.json"
+    return (json.loads(path.read_text()).get("inputs") or {}) if path.exists() else {}
+
+
 def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
-    """summary.json: volumes (mL), components, TIV, QC figures, versions, timings."""
+    """summary.json: volumes (mL), components, TIV, QC figures, inputs used and
+    missing, versions, timings."""
 
     def run() -> dict:
         seg = sitk.ReadImage(str(work / "segmentation.nii.gz"))
@@ -248,6 +256,7 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
                                                                       "converged", "parameters")}
                              for r, res in registration.get("sequences", {}).items()},
             "qc_flags": registration.get("flags", []) + steps.get("skull_strip", {}).get("flags", []),
+            "inputs": _inputs_of(work),
             "backends": {
                 "registration": "SimpleITK " + sitk.Version.VersionString(),
                 "skull_strip": {k: steps.get("skull_strip", {}).get(k)

@@ -453,7 +453,10 @@ class RoleRule:
 
     key: str
     label: str
-    required: bool
+    #: True: every study needs this role (site policy). None (the default) or
+    #: False: needed when the caller says so (``select_series``'s ``required``:
+    #: the segmentation backend's roles plus the reference role).
+    required: bool | None
     description_include: tuple[re.Pattern[str], ...]
     description_exclude: tuple[re.Pattern[str], ...]
     contrast: str
@@ -607,7 +610,7 @@ def _role_from_dict(key: str, data: Any, base: Mapping[str, Any], ctx: _Ctx) -> 
     return RoleRule(
         key=key,
         label=str(data.get("label") or ROLE_LABELS.get(key, key.upper())),
-        required=ctx.boolean(data.get("required", True), f"{where}.required"),
+        required=None if data.get("required") is None else ctx.boolean(data["required"], f"{where}.required"),
         description_include=include,
         description_exclude=ctx.patterns(data.get("description_exclude", []),
                                          f"{where}.description_exclude"),
@@ -872,12 +875,16 @@ class MissingSeriesError(Exception):
     """
 
     def __init__(self, missing_roles: Sequence[str], considered: Sequence[Mapping[str, Any]],
-                 rules_tried: Sequence[str] = (), labels: Mapping[str, str] | None = None):
-        super().__init__(list(missing_roles), list(considered), list(rules_tried), dict(labels or {}))
+                 rules_tried: Sequence[str] = (), labels: Mapping[str, str] | None = None,
+                 needed_because: Mapping[str, str] | None = None):
+        super().__init__(list(missing_roles), list(considered), list(rules_tried), dict(labels or {}),
+                         dict(needed_because or {}))
         self.missing_roles = list(missing_roles)
         self.considered = list(considered)
         self.rules_tried = list(rules_tried)
         self.labels = dict(labels or {})
+        #: role -> why the study needs it ("the segmentation model (baseline) needs it")
+        self.needed_because = dict(needed_because or {})
 
     def label(self, role: str) -> str:
         """Conventional label for a role key."""
@@ -885,7 +892,9 @@ class MissingSeriesError(Exception):
 
     def __str__(self) -> str:
         wanted = _join_or([self.label(r) for r in self.missing_roles])
-        message = f"no {wanted} series found; series considered: "
+        why = [f"{self.label(r)}: {self.needed_because[r]}" for r in self.missing_roles
+               if self.needed_because.get(r)]
+        message = f"no {wanted} series found" + (f" ({'; '.join(why)})" if why else "") + "; series considered: "
         if self.considered:
             message += ", ".join(self._describe_entry(e) for e in self.considered)
         else:
@@ -916,6 +925,7 @@ class MissingSeriesError(Exception):
         """JSON-serializable form for the job store."""
         return {"error": "missing_series", "message": str(self),
                 "missing_roles": [self.label(r) for r in self.missing_roles],
+                "needed_because": {self.label(r): w for r, w in self.needed_because.items()},
                 "considered": self.considered, "rules_tried": self.rules_tried}
 
 
@@ -926,14 +936,23 @@ def _join_or(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def select_series(series: list[SeriesHeader], rules: SelectionRules) -> SelectionResult:
+def select_series(series: list[SeriesHeader], rules: SelectionRules,
+                  required: Iterable[str] | None = None,
+                  needed_because: Mapping[str, str] | None = None) -> SelectionResult:
     """Pick one series per role following ``rules``.
 
     Matching series are ranked by :func:`preference_key`; a series fills at
     most one role. Roles with the fewest candidates are filled first (ties in
     rules order), so a series that fits two roles goes where it is needed.
-    Raises :class:`MissingSeriesError` when a required role stays empty.
+
+    A role is required when its rule says ``required: true`` or when it is in
+    ``required`` (the roles the segmentation backend needs plus the reference
+    role); with ``required`` None, every rule not marked ``required: false``
+    counts as required. Raises :class:`MissingSeriesError` when a
+    required role stays empty (``needed_because``: role -> why, for the
+    message); other missing roles are listed in ``missing_optional``.
     """
+    wanted = None if required is None else set(required)
     verdicts = {s.series_uid: {k: evaluate_role(s, r, rules) for k, r in rules.roles.items()}
                 for s in series}
     candidates = {
@@ -945,15 +964,22 @@ def select_series(series: list[SeriesHeader], rules: SelectionRules) -> Selectio
     considered = [_considered_entry(s, verdicts[s.series_uid], chosen, candidates, rules)
                   for s in series]
     missing = [k for k in rules.roles if k not in chosen]
-    missing_required = [k for k in missing if rules.roles[k].required]
+    missing_required = [k for k in missing if _is_required(rules.roles[k], wanted)]
     if missing_required:
         raise MissingSeriesError(
             missing_required, considered,
             rules_tried=[rules.roles[k].describe() for k in missing_required],
             labels={k: r.label for k, r in rules.roles.items()},
+            needed_because={k: w for k, w in (needed_because or {}).items() if k in missing_required},
         )
     roles = {k: chosen[k] for k in rules.roles if k in chosen}
     return SelectionResult(roles=roles, considered=considered, missing_optional=missing)
+
+
+def _is_required(rule: RoleRule, wanted: set[str] | None) -> bool:
+    if wanted is None:
+        return rule.required is not False
+    return bool(rule.required) or rule.key in wanted
 
 
 def _assign(candidates: Mapping[str, list[SeriesHeader]], order: list[str]) -> dict[str, SeriesHeader]:

@@ -3,6 +3,7 @@
 serve         run the service (DICOM listener, completion monitor, workers, REST API)
 pull          retrieve a study over DICOMweb into the spool (progress bar)
 process       run the whole pipeline offline on a folder of DICOM files
+validate      rerun a reference set, compare with the accepted run (exit 1 on a regression)
 jobs / job    list jobs / show one job (via the running service's REST API)
 retry         retry a failed or needs_input job (via the REST API)
 outbox        list pending/failed result deliveries, --retry them (via the REST API)
@@ -153,8 +154,74 @@ def cmd_process(args, settings) -> int:
           f"intracranial volume {summary['tiv_ml']:.0f} mL")
     for flag in summary.get("qc_flags", []):
         print(f"QC: {flag}")
-    print(f"results in {out} (DICOM SEG, SR, overlay and PDF report in {out / 'dicom'})")
+    outputs = summary.get("outputs", {}) if isinstance(summary, dict) else {}
+    for note in outputs.get("notes", []):
+        print(f"note: {note}")
+    built = ", ".join(sorted({o["kind"] for o in outputs.get("objects", [])})) or "nothing"
+    print(f"results in {out} (DICOM {built} in {out / 'dicom'})")
     return 0
+
+
+def cmd_validate(args, settings) -> int:
+    from pathlib import Path
+
+    from brainline.pipelines.validation import Thresholds
+
+    from .stages import pipeline_config
+    from .validate import ACCEPTED_NAME, ValidationUsageError, default_out, validate
+
+    overrides = {k: v for k, v in (("reference_role", args.reference), ("model", args.model),
+                                   ("device", args.device)) if v}
+    reference_dir = Path(args.reference_dir).expanduser()
+    if args.force and not args.accept:
+        return _fail("--force only goes with --accept")
+    for name in ("volume_tolerance", "volume_min_ml", "dice_tolerance"):
+        if getattr(args, name) < 0:
+            return _fail(f"--{name.replace('_', '-')} must not be negative")
+    thresholds = Thresholds(volume_relative=args.volume_tolerance, volume_absolute_ml=args.volume_min_ml,
+                            dice_drop=args.dice_tolerance)
+    accepted = Path(args.accepted_record).expanduser() if args.accepted_record else reference_dir / ACCEPTED_NAME
+    out = Path(args.out).expanduser() if args.out else default_out(settings.home)
+    try:
+        run = validate(reference_dir, cfg=pipeline_config(settings, **overrides), out=out.resolve(),
+                       accepted_path=accepted.resolve(), accept=args.accept, force=args.force,
+                       thresholds=thresholds, rules_path=_opt_path(settings.series_rules),
+                       uid_root=settings.uid_root or None, progress=not args.quiet)
+    except ValidationUsageError as exc:
+        return _fail(str(exc))
+    record = run.record
+    for name, case in record["cases"].items():
+        if case["status"] != "ok":
+            error = case["error"] if len(case["error"]) <= 300 else case["error"][:300] + " ... (see validation.json)"
+            print(f"{name}: FAILED ({error})")
+            continue
+        dice = case.get("dice") or {}
+        vol = case["volumes_ml"]
+        dice_text = ", ".join(f"{r} {dice[r]:.3f}" for r in ("WT", "TC", "ET") if dice.get(r) is not None)
+        print(f"{name}: WT {vol['WT']:.1f} mL, TC {vol['TC']:.1f} mL, ET {vol['ET']:.1f} mL; "
+              f"Dice {dice_text or 'not scored'}; {case['timings_s']['total']:.0f} s"
+              + (f"; QC: {'; '.join(case['qc_flags'])}" if case["qc_flags"] else ""))
+    comparison = record["comparison"]
+    if comparison["status"] != "compared":
+        print("no accepted record: nothing to compare")
+    else:
+        print(f"compared with the accepted record {comparison['accepted_record']} "
+              f"(accepted {comparison.get('accepted_at')})")
+    for note in comparison["notes"]:
+        if note != "no accepted record: nothing to compare":
+            print(f"note: {note}")
+    for reg in comparison["regressions"]:
+        text = reg["message"] if len(reg["message"]) <= 300 else reg["message"][:300] + " ..."
+        print(f"REGRESSION {text}")
+    summary = record["summary"]
+    print(f"{summary['cases']} cases, {summary['failed']} failed, {summary['regressions']} regression(s): "
+          f"{'PASS' if summary['result'] == 'pass' else 'REGRESSION'}")
+    for message in run.messages:
+        print(message)
+    print(f"validation record: {run.json_path}")
+    print(f"report: {run.html_path}")
+    print(f"pipeline outputs: {run.out / 'cases'}")
+    return run.exit_code
 
 
 def _opt_path(value: str):
@@ -224,6 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--device", choices=["cpu", "cuda"])
     proc.add_argument("--quiet", action="store_true", help="no progress bar")
     proc.set_defaults(fn=cmd_process)
+    val = sub.add_parser(
+        "validate", help="rerun a reference set and compare with the accepted run (exit 1 on a regression)",
+        description="Run the whole DICOM pipeline on every case of a reference set (REFERENCE_DIR/<case>/dicom/, "
+                    "optional <case>/reference_seg.nii.gz and <case>/case.json), score it, compare with the "
+                    "accepted record and write validation.json and report.html. Exit 0: no regression; "
+                    "1: regression (failed or missing case, volume or Dice change beyond the limits) or "
+                    "refused --accept; 2: usage error.")
+    val.add_argument("reference_dir", help="the reference set: one folder per case")
+    val.add_argument("--out", help="output folder (new or empty; default $BRAINLINE_HOME/validation/<UTC time>)")
+    val.add_argument("--accept", action="store_true", help="record this run as the new accepted reference")
+    val.add_argument("--force", action="store_true", help="with --accept: accept even when cases failed")
+    val.add_argument("--accepted-record", metavar="PATH",
+                     help="accepted record file (default REFERENCE_DIR/.brainline-accepted.json)")
+    val.add_argument("--reference", help="reference sequence: t1c (default), t1, t2 or flair")
+    val.add_argument("--model", help="segmentation model folder (MONAI bundle or ONNX); default BRAINLINE_MODEL")
+    val.add_argument("--device", choices=["cpu", "cuda"])
+    val.add_argument("--volume-tolerance", type=float, default=0.25, metavar="FRACTION",
+                     help="relative WT/TC/ET volume change that is a regression (default 0.25) ...")
+    val.add_argument("--volume-min-ml", type=float, default=0.5, metavar="ML",
+                     help="... when the change also exceeds this many mL (default 0.5)")
+    val.add_argument("--dice-tolerance", type=float, default=0.05, metavar="D",
+                     help="Dice drop that is a regression (default 0.05)")
+    val.add_argument("--quiet", action="store_true", help="no progress bar")
+    val.set_defaults(fn=cmd_validate)
     sub.add_parser("migrate", help="create or upgrade the database").set_defaults(fn=cmd_migrate)
     return p
 

@@ -25,19 +25,13 @@ import pydicom
 
 from brainline.models.base import SegmentationError
 from brainline.pipelines.bias_correction import N4Error
-from brainline.pipelines.conversion import ConversionError, convert_series
+from brainline.pipelines.conversion import ConversionError
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig, PipelineError
+from brainline.pipelines.inputs import convert_inputs, select_inputs, selected_files
 from brainline.pipelines.registration import RegistrationConfig, RegistrationError
+from brainline.pipelines.results import OBJECT_NAMES, build_results, rerender_pdf
+from brainline.pipelines.series_selection import MissingSeriesError, RulesError
 from brainline.pipelines.skull_strip import SkullStripError
-from brainline.pipelines.series_selection import (
-    MissingSeriesError,
-    RulesError,
-    load_rules,
-    scan_series,
-    select_series,
-)
-
-from brainline.pipelines.results import build_results, rerender_pdf
 
 from .deid import DeidContext, DeidProfile, identifying_strings_of, pseudonymize_dataset
 from .reidentify import reidentify_dataset
@@ -160,51 +154,54 @@ def pseudonymize(ctx: StageContext) -> dict:
 # --------------------------------------------------------------------------
 def select(ctx: StageContext) -> dict:
     """Assign roles T1, T1c, T2, FLAIR with the rules in config/series_rules.yaml;
-    writes ``selection.json``. A missing required role ends in needs_input."""
-    rules = load_rules(Path(ctx.settings.series_rules) if ctx.settings.series_rules else None)
-    series = scan_series(ctx.path("dicom"))
+    writes ``selection.json``. A study needs the roles the configured
+    segmentation model needs plus the reference role: one missing ends in
+    needs_input (the reason names it); other missing roles are recorded
+    (``inputs`` in the result) and reported."""
+    rules = Path(ctx.settings.series_rules) if ctx.settings.series_rules else None
     try:
-        selection = select_series(series, rules)
+        return select_inputs(ctx.path("dicom"), ctx.workspace, pipeline_config(ctx.settings), rules)
     except MissingSeriesError as exc:
         raise NeedsInput(str(exc)) from None
-    record = selection.to_dict()
-    record["files"] = {
-        role: [str(Path(f).relative_to(ctx.workspace)) for f in header.files]
-        for role, header in selection.roles.items()
-    }
-    ctx.path("selection.json").write_text(json.dumps(record, indent=2, default=str))
-    return selection.to_dict()
 
 
 def convert(ctx: StageContext) -> dict:
     """dcm2niix every selected series into ``nifti/<role>.nii.gz`` + JSON sidecar."""
-    selection = json.loads(ctx.path("selection.json").read_text())
-    results = {}
-    for role, rel_files in sorted(selection["files"].items()):
-        files = [ctx.workspace / f for f in rel_files]
-        results[role] = convert_series(files, ctx.path("nifti"), role).to_dict()
-    return {"series": results}
+    return {"series": convert_inputs(ctx.workspace)}
 
 
 # --------------------------------------------------------------------------
 # results: build (processing side), re-identify and queue (gateway side)
 # --------------------------------------------------------------------------
 def _reference_files(ctx: StageContext) -> list[Path]:
-    selection = json.loads(ctx.path("selection.json").read_text())
-    reference = pipeline_config(ctx.settings).reference
-    return [ctx.workspace / f for f in selection["files"][reference]]
+    return selected_files(ctx.workspace, pipeline_config(ctx.settings).reference)
 
 
 def build_outputs(ctx: StageContext) -> dict:
     """DICOM SEG, TID 1500 SR, overlay series and PDF report in ``results/``,
-    built on the pseudonymized reference series."""
+    built on the pseudonymized reference series, each on its own: an overlay
+    or PDF failure is recorded in the result (``failed``, ``notes``) and in
+    the SR; a SEG or SR failure fails the stage (OutputsError)."""
     return build_results(ctx.workspace, _reference_files(ctx), uid_root=ctx.settings.uid_root or None)
+
+
+def _reidentified(ctx: StageContext, obj: dict, study: dict, patient: dict) -> pydicom.Dataset:
+    ds = reidentify_dataset(pydicom.dcmread(ctx.workspace / obj["file"]), study, patient)
+    if obj["kind"] == "pdf":
+        identity = {"patient_id": patient["PatientID"], "patient_name": patient["PatientName"],
+                    "study_date": str(ds.get("StudyDate", "")),
+                    "accession_number": study.get("AccessionNumber", ""),
+                    "study_instance_uid": study["StudyInstanceUID"]}
+        rerender_pdf(ds, ctx.workspace, _reference_files(ctx), identity)
+    return ds
 
 
 def deliver(ctx: StageContext) -> dict:
     """Re-identify the results (original patient, study and UIDs, PDF
     re-rendered with the real identity) into the PHI outbox folder and queue
-    them for every configured destination."""
+    them for every configured destination. Sends whatever build_outputs
+    built; an overlay or PDF that cannot be re-identified is left out and
+    recorded (``not_delivered``), a SEG or SR that cannot fails the stage."""
     results = json.loads(ctx.path("results.json").read_text())
     if ctx.outbox is None or not ctx.outbox.destinations:
         return {"queued": 0, "note": "no destination configured (BRAINLINE_DEST_DICOM / "
@@ -217,22 +214,36 @@ def deliver(ctx: StageContext) -> dict:
     out_dir = ctx.settings.outbox_dir / f"job-{ctx.job_id:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     queued: list[tuple[str, Path]] = []
+    skipped: dict[str, str] = {}
     for obj in results["objects"]:
-        ds = reidentify_dataset(pydicom.dcmread(ctx.workspace / obj["file"]), study, patient)
-        if obj["kind"] == "pdf":
-            identity = {"patient_id": patient["PatientID"], "patient_name": patient["PatientName"],
-                        "study_date": str(ds.get("StudyDate", "")),
-                        "accession_number": study.get("AccessionNumber", ""),
-                        "study_instance_uid": study["StudyInstanceUID"]}
-            rerender_pdf(ds, ctx.workspace, _reference_files(ctx), identity)
+        if obj["kind"] in skipped:
+            continue  # one instance of an overlay series failed: leave the whole series out
+        try:
+            ds = _reidentified(ctx, obj, study, patient)
+        except Exception as exc:
+            if obj["kind"] in ("seg", "sr"):
+                raise
+            log.warning("result object not delivered", exc_info=True,
+                        extra={"job_id": ctx.job_id, "kind": obj["kind"]})
+            skipped[obj["kind"]] = (f"{OBJECT_NAMES[obj['kind']]} not delivered: re-identification "
+                                    f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            for kind, path in queued:
+                if kind == obj["kind"]:
+                    path.unlink(missing_ok=True)  # no partial series in the PHI outbox
+            continue
         target = out_dir / Path(obj["file"]).name
         tmp = target.with_name(".tmp-" + target.name)
         ds.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, target)
         queued.append((obj["kind"], target))
+    queued = [(kind, path) for kind, path in queued if kind not in skipped]
     added = ctx.outbox.enqueue(ctx.job_id, queued)
-    return {"objects": len(queued), "queued": added,
-            "destinations": sorted(ctx.outbox.destinations)}
+    result = {"objects": len(queued), "queued": added, "destinations": sorted(ctx.outbox.destinations)}
+    if skipped:
+        result["not_delivered"] = [{"kind": k, "error": e} for k, e in skipped.items()]
+    if results.get("failed"):
+        result["not_built"] = [f["error"] for f in results["failed"]]
+    return result
 
 
 # Errors whose message is meant for people (they name the series and reason).

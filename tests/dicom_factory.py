@@ -265,9 +265,14 @@ def study_level_dataset(
     return ds
 
 
-def add_series_attributes(ds: Dataset, role: str, series_uid: str, study_date: str, patient_name: str) -> None:
-    """Series-level acquisition headers of ``role`` plus the identifying private block."""
-    proto = ROLE_PROTOCOLS[role]
+def add_series_attributes(ds: Dataset, role: str, series_uid: str, study_date: str, patient_name: str,
+                          protocol: dict | None = None) -> None:
+    """Series-level acquisition headers of ``role`` plus the identifying private block.
+
+    ``protocol`` (same keys as :data:`ROLE_PROTOCOLS` values) replaces the role's default
+    protocol, e.g. for a 2D or sagittal acquisition (tests/corpus.py).
+    """
+    proto = protocol if protocol is not None else ROLE_PROTOCOLS[role]
     clock = _clock(proto["minutes_after_start"])
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = proto["SeriesNumber"]

@@ -446,7 +446,7 @@ def test_enhanced_flair_is_selected(tmp_path, rules):
 def test_default_rules(rules):
     assert list(rules.roles) == ["t1", "t1c", "t2", "flair"]
     assert [r.label for r in rules.roles.values()] == ["T1", "T1c", "T2", "FLAIR"]
-    assert all(r.required for r in rules.roles.values())
+    assert all(r.required is None for r in rules.roles.values())  # the model decides
     assert rules.roles["flair"].parameters["inversion_time"].min == 1500
     assert rules.roles["t1c"].contrast == "required" and rules.roles["t1"].contrast == "forbidden"
     assert rules.roles["t2"].inversion == "forbidden"

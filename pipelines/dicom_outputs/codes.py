@@ -29,6 +29,9 @@ Coding choices (all from DICOM PS3.16 context groups where one exists):
   value from (111237 / 111236 / 111235, DCM, "Usable - Meets the quality control
   standard" / "Usable - Does not meet the quality control standard" /
   "Unusable - Quality renders image unusable") or (261665006, SCT, "Unknown").
+  Their details in words (why a check was flagged, which inputs were missing,
+  which result object could not be built) are TEXT items, named by the check,
+  in the report's (C0034375, UMLS, "Qualitative Evaluations") container.
 
 Concepts without a standard code use the private coding scheme
 ``99BRAINLINE`` (PS3.16 section 8: designators starting with "99" are
@@ -56,7 +59,7 @@ __all__ = [
     "CATEGORY_ABNORMAL", "CATEGORY_ANATOMY", "BRAIN", "INTRACRANIAL", "NEOPLASM",
     "NECROSIS", "EDEMA", "ENHANCING_LESION", "NON_ENHANCING_LESION",
     "VOLUME", "UNIT_ML", "TIV", "PROCEDURE_REPORTED", "REPORT_TITLE",
-    "ALGORITHM_FAMILY", "PDF_CONCEPT_NAME", "DERIVATION_SEGMENTATION",
+    "ALGORITHM_FAMILY", "PDF_CONCEPT_NAME", "QUALITATIVE_EVALUATIONS", "DERIVATION_SEGMENTATION",
     "PURPOSE_SOURCE_IMAGE", "label_concept", "qc_concept", "qc_value",
     "private_coding_scheme",
 ]
@@ -99,6 +102,8 @@ PROCEDURE_REPORTED = Code("126020", "DCM", "Multiparametric MRI")
 REPORT_TITLE = Code("126000", "DCM", "Imaging Measurement Report")
 #: CID 7162 algorithm family.
 ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
+#: TID 1500 row "Qualitative Evaluations" container: QC findings in words (TEXT items).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 #: Encapsulated PDF concept name (CID 7000 "Diagnostic Imaging Report Document Titles").
 PDF_CONCEPT_NAME = Code("18748-4", "LN", "Diagnostic Imaging Report")
 #: Overlay images: derivation (CID 7203) and purpose of the source reference (CID 7202).
@@ -185,6 +190,7 @@ QC_CHECKS: Mapping[str, QCConcept] = MappingProxyType({
     "skull_strip_quality": QCConcept("skull_strip_quality", _private("QC-SKULL", "Skull stripping quality")),
     "segmentation_quality": QCConcept("segmentation_quality", _private("QC-SEG", "Segmentation quality")),
     "ensemble_agreement": QCConcept("ensemble_agreement", _private("QC-ENS", "Segmentation ensemble agreement")),
+    "result_objects": QCConcept("result_objects", _private("QC-OUTPUTS", "Result objects completeness")),
     "longitudinal_registration": QCConcept(
         "longitudinal_registration", _private("QC-LONG", "Prior study registration quality")),
 })
@@ -266,7 +272,8 @@ class AlgorithmInfo:
 @dataclass(frozen=True)
 class QCFinding:
     """One quality-control result: check name (see :data:`QC_CHECKS`), status word
-    (see :data:`QC_VALUES`) and optional detail text (PDF only)."""
+    (see :data:`QC_VALUES`) and optional detail text (PDF table, and a TEXT
+    item of the SR's Qualitative Evaluations container)."""
 
     name: str
     status: str

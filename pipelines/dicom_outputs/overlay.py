@@ -10,6 +10,9 @@ study, with:
 * the source geometry (Frame of Reference and Image Plane modules, both allowed
   in the SC Image IOD), so viewers can scroll, link and cross-reference it with
   the MR series;
+* PatientOrientation written by :func:`patient_orientation` with as many
+  letters per value as the plane needs (PS3.3 C.7.6.1.1.1): one for a plane
+  along the patient axes, up to three for a doubly oblique one ("RHP");
 * BurnedInAnnotation "NO" by default: only coloured outlines are burned in, no
   text that identifies the patient (PS3.3 C.7.6.1.1.9); pass
   ``burned_in_annotation="YES"`` to override.
@@ -81,17 +84,30 @@ def render_overlay(gray: np.ndarray, labels2d: np.ndarray, low: float, high: flo
     return rgb
 
 
-def patient_orientation(iop: Sequence[float]) -> tuple[str, str]:
-    """PatientOrientation (row direction, column direction) letters from ImageOrientationPatient."""
+def patient_orientation(iop: Sequence[float], tolerance: float = 1e-3) -> tuple[str, str]:
+    """PatientOrientation (0020,0020) of an image plane, PS3.3 C.7.6.1.1.1.
+
+    ``iop`` is ImageOrientationPatient: the row then the column direction
+    cosines in LPS. Each returned value names the patient direction of
+    increasing column index (first value) and of increasing row index
+    (second): one letter per patient axis whose cosine exceeds ``tolerance``
+    in magnitude, principal (largest) direction first, so an axial plane tilted
+    16 degrees about the left-right axis gives ``("L", "PH")``, and a doubly
+    oblique one three letters (``"RHP"``): legal DICOM, one to three letters
+    from L/R, A/P, H/F.
+    """
     def letters(vec: np.ndarray) -> str:
         names = (("L", "R"), ("P", "A"), ("H", "F"))
-        order = np.argsort(-np.abs(vec))
         out = ""
-        for axis in order:
-            if abs(vec[axis]) > 1e-3 and len(out) < 3:
+        for axis in np.argsort(-np.abs(vec), kind="stable"):
+            if abs(vec[axis]) > tolerance:
                 out += names[axis][0] if vec[axis] > 0 else names[axis][1]
-        return out or "L"
+        if not out:
+            raise ValueError(f"ImageOrientationPatient {list(iop)} has a zero direction vector")
+        return out
     v = np.asarray(iop, dtype=float)
+    if v.shape != (6,):
+        raise ValueError(f"ImageOrientationPatient must hold 6 values, not {v.size}")
     return letters(v[:3]), letters(v[3:])
 
 
@@ -120,6 +136,7 @@ def build_overlay_series(
     out: list[Dataset] = []
     for index, (ds, gray, lab) in enumerate(zip(series.datasets, volume, frames), start=1):
         rgb = render_overlay(gray, lab, low, high, line_width)
+        orientation = patient_orientation(ds.ImageOrientationPatient)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ds,
             pixel_array=rgb,
@@ -132,13 +149,18 @@ def build_overlay_series(
             instance_number=index,
             manufacturer=manufacturer,
             pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
-            patient_orientation=patient_orientation(ds.ImageOrientationPatient),
+            # highdicom validates each value against a one-letter enum
+            # (PatientOrientationValuesBiped), which rejects the multi-letter
+            # values oblique planes need: give it the principal letters and
+            # write the full values below.
+            patient_orientation=(orientation[0][0], orientation[1][0]),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=series_description,
             manufacturer_model_name=algorithm.name,
             software_versions=list(algorithm.software_versions),
             device_serial_number=algorithm.device_serial_number,
         )
+        sc.PatientOrientation = list(orientation)  # PS3.3 C.7.6.1.1.1, oblique-safe
         if "SpecificCharacterSet" in ds and "SpecificCharacterSet" not in sc:
             sc.SpecificCharacterSet = ds.SpecificCharacterSet
         # General Image

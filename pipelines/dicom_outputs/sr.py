@@ -16,6 +16,10 @@ Content tree (all coded concepts from :mod:`.codes`)::
           (Neoplasm + private method code) and for total intracranial volume
         Measurement Group (TID 1501) "BrainLine quality control": one
           qualitative evaluation per QC finding (check concept = status code)
+      Qualitative Evaluations (TID 1500 row: C0034375, UMLS): one TEXT item per
+        QC finding with a detail, named by the check ("Result objects
+        completeness" = "overlay series not built: ...", "Series selection
+        quality" = "T1 and T2 not found; ...")
 
 Software versions of BrainLine and the model are in SoftwareVersions (General
 Equipment) and in every group's Algorithm Identification (TID 4019).
@@ -35,7 +39,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from .codes import (
     BRAIN, CATEGORY_ANATOMY, COMPOSITES, INTRACRANIAL, LABELS, PROCEDURE_REPORTED,
-    REPORT_TITLE, TIV, UNIT_ML, VOLUME, AlgorithmInfo, QCFinding, label_concept,
+    QUALITATIVE_EVALUATIONS, REPORT_TITLE, TIV, UNIT_ML, VOLUME, AlgorithmInfo, QCFinding, label_concept,
     private_coding_scheme,
 )
 from .seg import SourceSeries, _as_series, new_uid, segment_label_values
@@ -92,6 +96,20 @@ def _volume_measurement(value_ml: float) -> hd.sr.Measurement:
     if not np.isfinite(value_ml) or value_ml < 0:
         raise ValueError(f"invalid volume {value_ml!r} mL")
     return hd.sr.Measurement(name=VOLUME, value=float(value_ml), unit=UNIT_ML)
+
+
+def _qc_texts(qc_findings: Sequence[QCFinding]) -> hd.sr.ContainerContentItem | None:
+    """The QC findings' details in words: a Qualitative Evaluations container
+    of TEXT items (concept = the check), or None when no finding has a detail."""
+    items = [hd.sr.TextContentItem(name=f.concept, value=f.detail,
+                                   relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+             for f in qc_findings if f.detail]
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
 
 
 def build_sr(
@@ -228,6 +246,9 @@ def build_sr(
         imaging_measurements=groups,
         title=REPORT_TITLE,
     )
+    texts = _qc_texts(qc_findings)
+    if texts is not None:
+        report[0].ContentSequence.append(texts)
     evidence = ([seg] if seg is not None else []) + list(series.datasets)
     cls = SR_CLASSES[sr_class]
     return cls(

@@ -1,0 +1,249 @@
+"""Result objects built and delivered each on its own, on an oblique study.
+
+The source series is the T1c of tcga-du-7294 resliced as a clinical 2D
+acquisition: 5.5 mm slices, tilted 16 degrees (pitch) and 5 degrees (yaw), so
+every image plane is doubly oblique and PatientOrientation needs several
+letters per value ('LP', 'PHR'), which highdicom's one-letter enum rejected
+('RHP' is not a valid PatientOrientationValuesBiped). The labels are the real
+BraTS 2020 reference (4 -> 3) resampled onto that series. Every object goes
+through dciodvfy; the SEG is read back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from brainline.pipelines import results as results_module
+from brainline.pipelines.dicom_outputs import labels_on_source_grid, read_seg_labels, volume_summary
+from brainline.pipelines.dicom_outputs.codes import QC_CHECKS, QUALITATIVE_EVALUATIONS
+from brainline.pipelines.dicom_outputs.overlay import patient_orientation
+from brainline.pipelines.results import OutputsError, build_results
+from brainline.service import stages
+from tests.conftest import PHI, TCGA
+from tests.dicom_factory import write_study
+from tests.reslice import reslice
+from tests.test_dicom_outputs import dciodvfy, load_brats2020, walk
+
+INPUTS_NOTE = "T1 and T2 not found; segmentation used T1c and FLAIR only"
+OVERLAY_ERROR = "'RHP' is not a valid PatientOrientationValuesBiped"
+
+
+@pytest.fixture(scope="module")
+def oblique(tmp_path_factory):
+    """An oblique 2D T1c series and a working folder (labels, summary, selection)."""
+    root = tmp_path_factory.mktemp("oblique")
+    t1c = reslice(sitk.ReadImage(str(TCGA / "t1c.nii.gz")), spacing=(0.9, 0.9, 5.5),
+                  fov_mm=(230.0, 230.0, 160.0), tilt_x_deg=16.0, tilt_z_deg=5.0)
+    (root / "case").mkdir()
+    sitk.WriteImage(t1c, str(root / "case" / "t1c.nii.gz"))
+    study = write_study(root / "dicom", root / "case", roles=("t1c",), **PHI)
+    files = study.series["t1c"].paths
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(p) for p in files])
+    grid = reader.Execute()
+    labels = sitk.Resample(load_brats2020("fusion_simple"), grid, sitk.Transform(),
+                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    work = root / "work"
+    work.mkdir()
+    sitk.WriteImage(labels, str(work / "segmentation.nii.gz"))
+    summary = {**volume_summary(labels), "tiv_ml": 1450.0, "registration": {}, "qc_flags": [],
+               "backends": {"segmentation": {"backend": "baseline", "model_name": "brainline-baseline",
+                                             "model_version": "1"}},
+               "inputs": {"missing": ["t1", "t2"], "used": ["t1c", "flair"], "note": INPUTS_NOTE}}
+    (work / "summary.json").write_text(json.dumps(summary))
+    (work / "selection.json").write_text(json.dumps({
+        "roles": {"t1c": {"description": study.series["t1c"].description}},
+        "inputs": summary["inputs"], "files": {"t1c": [str(p) for p in files]}}))
+    return SimpleNamespace(study=study, files=files, labels=labels, work=work)
+
+
+def fresh_work(oblique, tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(oblique.work, work)
+    return work
+
+
+def kinds(record: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for obj in record["objects"]:
+        out[obj["kind"]] = out.get(obj["kind"], 0) + 1
+    return out
+
+
+def sr_texts(path: Path) -> dict[str, list[str]]:
+    """TEXT items of the SR's Qualitative Evaluations container, by concept meaning."""
+    sr = pydicom.dcmread(path)
+    out: dict[str, list[str]] = {}
+    for item in walk(sr.ContentSequence):
+        name = item.get("ConceptNameCodeSequence")
+        if item.ValueType == "CONTAINER" and name and name[0].CodeValue == QUALITATIVE_EVALUATIONS.value:
+            for child in item.ContentSequence:
+                out.setdefault(child.ConceptNameCodeSequence[0].CodeMeaning, []).append(child.TextValue)
+    return out
+
+
+def sr_evaluations(path: Path) -> dict[str, str]:
+    """Coded QC evaluations of the SR: concept value -> coded value."""
+    sr = pydicom.dcmread(path)
+    return {item.ConceptNameCodeSequence[0].CodeValue: item.ConceptCodeSequence[0].CodeValue
+            for item in walk(sr.ContentSequence) if item.ValueType == "CODE"}
+
+
+def pdf_text(path: Path) -> str:
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    pdf = path.with_suffix(".pdf")
+    pdf.write_bytes(pydicom.dcmread(path).EncapsulatedDocument)
+    return subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True,
+                          timeout=120).stdout
+
+
+def test_patient_orientation_of_oblique_planes():
+    assert patient_orientation([1, 0, 0, 0, 1, 0]) == ("L", "P")
+    c, s = np.cos(np.radians(16)), np.sin(np.radians(16))
+    assert patient_orientation([1, 0, 0, 0, c, s]) == ("L", "PH")
+    assert patient_orientation([-0.9, 0.1, 0.42, 0.0, 0.2, -0.98]) == ("RHP", "FP")
+    assert patient_orientation([0, 1, 0, 0, 0, -1]) == ("P", "F")  # sagittal
+
+
+def test_all_objects_on_an_oblique_series_are_valid_dicom(oblique, tmp_path):
+    work = fresh_work(oblique, tmp_path)
+    record = build_results(work, oblique.files)
+    assert record["failed"] == [] and record["complete"] and record["segmented"]
+    assert kinds(record) == {"seg": 1, "overlay": len(oblique.files), "sr": 1, "pdf": 1}
+    assert json.loads((work / "results.json").read_text()) == record
+    files = {o["kind"]: work / o["file"] for o in record["objects"]}
+    for kind, path in files.items():
+        errors, _ = dciodvfy(path)
+        assert errors == [], f"{kind}: {errors}"
+    # overlay: the multi-letter orientation of the oblique source plane
+    for obj in record["objects"][1:4]:
+        sc = pydicom.dcmread(work / obj["file"], stop_before_pixels=True)
+        src = pydicom.dcmread(oblique.files[0], stop_before_pixels=True)
+        assert list(sc.PatientOrientation) == list(patient_orientation(src.ImageOrientationPatient))
+        assert len(sc.PatientOrientation[1]) >= 2
+    # SEG read back: exactly the labels on the source grid
+    back = read_seg_labels(files["seg"], oblique.files)
+    expected = labels_on_source_grid(oblique.labels, oblique.files)
+    assert expected.any() and np.array_equal(back, expected)
+    # the missing inputs in words: SR and PDF
+    assert sr_texts(files["sr"])["Series selection quality"] == [INPUTS_NOTE]
+    text = pdf_text(files["pdf"])
+    assert "T1 and T2 not found" in " ".join(text.split())
+    assert "not found in the study" in text
+
+
+def test_failing_overlay_costs_only_the_overlay(oblique, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError(OVERLAY_ERROR)
+
+    monkeypatch.setattr(results_module, "build_overlay_series", broken)
+    work = fresh_work(oblique, tmp_path)
+    record = build_results(work, oblique.files)
+    assert kinds(record) == {"seg": 1, "sr": 1, "pdf": 1}
+    assert record["complete"]
+    words = f"overlay series not built: ValueError: {OVERLAY_ERROR}"
+    assert record["failed"] == [{"kind": "overlay", "error": words}]
+    assert words in record["notes"] and INPUTS_NOTE in record["notes"]
+    assert json.loads((work / "results.json").read_text())["failed"] == record["failed"]
+    files = {o["kind"]: work / o["file"] for o in record["objects"]}
+    assert sorted(p.name for p in (work / "results").iterdir()) == ["report.dcm", "seg.dcm", "sr.dcm"]
+    # a QC finding of the SR: coded (flagged) and in words
+    result_objects = QC_CHECKS["result_objects"].concept.value
+    assert sr_evaluations(files["sr"])[result_objects] == "111236"
+    assert sr_texts(files["sr"])["Result objects completeness"] == [words]
+    assert dciodvfy(files["sr"])[0] == []
+    assert "overlay series not built" in " ".join(pdf_text(files["pdf"]).split())
+    # the record is final: a re-run returns it unchanged
+    assert build_results(work, oblique.files) == record
+
+
+def test_failing_seg_fails_loudly_but_keeps_the_sr(oblique, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(results_module, "build_seg", broken)
+    work = fresh_work(oblique, tmp_path)
+    with pytest.raises(OutputsError, match=r"DICOM SEG not built: RuntimeError: disk on fire \(built: "):
+        build_results(work, oblique.files)
+    record = json.loads((work / "results.json").read_text())
+    assert not record["complete"] and {"sr", "pdf", "overlay"} <= set(kinds(record))
+    assert "DICOM SEG not built" in sr_texts(work / "results" / "sr.dcm")["Result objects completeness"][0]
+    monkeypatch.undo()
+    rebuilt = build_results(work, oblique.files)  # an incomplete record is rebuilt
+    assert rebuilt["complete"] and "seg" in kinds(rebuilt)
+
+
+# ----------------------------------------------------------------- service side
+
+
+class FakeOutbox:
+    destinations = {"pacs": object()}
+
+    def __init__(self):
+        self.queued: list[tuple[str, Path]] = []
+
+    def enqueue(self, job_id, objects):
+        self.queued.extend(objects)
+        return len(objects)
+
+
+class FakeVault:
+    def __init__(self, study_uid: str):
+        self.records = {("study", "pseudo-study"): {"StudyInstanceUID": study_uid, "uid_map": {},
+                                                    "AccessionNumber": PHI["accession"], "StudyID": "1",
+                                                    "date_shift_days": 0},
+                        ("patient", "pseudo-patient"): {"PatientID": PHI["patient_id"],
+                                                        "PatientName": PHI["patient_name"]}}
+
+    def get(self, kind, key):
+        return self.records.get((kind, key))
+
+
+def stage_context(oblique, tmp_path) -> stages.StageContext:
+    work = fresh_work(oblique, tmp_path)
+    (work / "pseudonymize.json").write_text(json.dumps({"pseudo_study_uid": "pseudo-study",
+                                                        "pseudo_patient_id": "pseudo-patient"}))
+    settings = SimpleNamespace(uid_root="", reference_role="t1c", model="", device="cpu",
+                               registration_transform="rigid", skull_strip_backend="deepbet",
+                               outbox_dir=tmp_path / "outbox", series_rules="")
+    return stages.StageContext(job_id=7, study_key="k", workspace=work, spool=None,
+                               vault=FakeVault(oblique.study.study_uid), settings=settings,
+                               outbox=FakeOutbox())
+
+
+def test_service_delivers_seg_and_sr_when_the_overlay_fails(oblique, tmp_path, monkeypatch):
+    monkeypatch.setattr(results_module, "build_overlay_series",
+                        lambda *a, **k: (_ for _ in ()).throw(ValueError(OVERLAY_ERROR)))
+    ctx = stage_context(oblique, tmp_path)
+    built = stages.build_outputs(ctx)  # the stage result stored in the job store
+    assert built["failed"][0]["error"].startswith("overlay series not built: ValueError")
+    delivered = stages.deliver(ctx)
+    assert sorted(kind for kind, _ in ctx.outbox.queued) == ["pdf", "seg", "sr"]
+    assert delivered["queued"] == 3 and delivered["not_built"] == [built["failed"][0]["error"]]
+    seg = pydicom.dcmread(dict(ctx.outbox.queued)["seg"], stop_before_pixels=True)
+    assert seg.PatientID == PHI["patient_id"] and seg.StudyInstanceUID == oblique.study.study_uid
+
+
+def test_failing_pdf_rerender_does_not_sink_delivery(oblique, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("font missing")
+
+    monkeypatch.setattr(stages, "rerender_pdf", broken)
+    ctx = stage_context(oblique, tmp_path)
+    stages.build_outputs(ctx)
+    delivered = stages.deliver(ctx)
+    queued = [kind for kind, _ in ctx.outbox.queued]
+    assert "pdf" not in queued and {"seg", "sr", "overlay"} <= set(queued)
+    assert delivered["not_delivered"] == [{"kind": "pdf", "error": "PDF report not delivered: "
+                                           "re-identification failed: RuntimeError: font missing"}]
+    assert not (ctx.settings.outbox_dir / "job-000007" / "report.dcm").exists()
