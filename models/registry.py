@@ -117,17 +117,9 @@ def load_backend(spec: dict | str | Path | None = None) -> SegmentationBackend:
     return _construct(OnnxBackend, kind, path, options)
 
 
-#: The baseline's inputs while models/baseline.py does not declare them on
-#: BaselineSegmenter itself: FLAIR for the whole tumour; T1, T1c and T2 refine
-#: it when present (enhancing tumour needs T1c and T1).
-_BASELINE_ROLES = InputRoles(required=("flair",), optional=("t1", "t1c", "t2"))
-
-
 def input_roles(backend: SegmentationBackend) -> InputRoles:
     """The roles ``backend`` needs and can use, from its ``required_roles`` /
     ``optional_roles`` declaration (see :class:`SegmentationBackend`)."""
-    if backend.name == "baseline" and "required_roles" not in vars(type(backend)):
-        return _BASELINE_ROLES
     declared = list(backend.required_roles) + list(backend.optional_roles)
     unknown = sorted({r for r in declared if r not in ROLES})
     if unknown:

@@ -176,7 +176,7 @@ def _default_mask(image: sitk.Image) -> sitk.Image:
 
 
 def n4_correct(image: sitk.Image, mask: sitk.Image | None = None, config: N4Config | None = None, *,
-               name: str = "image") -> N4Result:
+               name: str = "image", threads: int | None = None) -> N4Result:
     """N4-correct ``image`` (2D or 3D scalar) inside ``mask``.
 
     mask: non-zero voxels are fitted (any integer/float image; resampled
@@ -184,6 +184,8 @@ def n4_correct(image: sitk.Image, mask: sitk.Image | None = None, config: N4Conf
         the foreground (non-background voxels of skull-stripped/zero-padded
         data, else Otsu's threshold; largest component, holes filled).
     name: the sequence name used in error messages.
+    threads: ITK threads for the N4 fit (default: SimpleITK's global
+        default); 1 when several sequences are corrected concurrently.
 
     Raises :class:`N4Error` for constant/empty images, empty masks and ITK
     failures.
@@ -260,6 +262,8 @@ def n4_correct(image: sitk.Image, mask: sitk.Image | None = None, config: N4Conf
     corrector.SetWienerFilterNoise(float(cfg.wiener_filter_noise))
     corrector.SetNumberOfHistogramBins(int(cfg.histogram_bins))
     corrector.SetMaskLabel(1)
+    if threads is not None:
+        corrector.SetNumberOfThreads(max(1, int(threads)))
     per_level = [0] * len(cfg.iterations)
 
     def _tick() -> None:

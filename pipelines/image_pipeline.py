@@ -21,7 +21,9 @@ default), so the segmentation lies on the grid of that DICOM series.
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,9 +56,12 @@ class PipelineConfig:
     # bias without absorbing a tumour's own hyperintensity: with 100 mm knots
     # N4 flattened the FLAIR signal of tcga-du-7294 and the baseline's
     # whole-tumour Dice fell from 0.92 to 0.73. 20/20/10 iterations: 2.5x faster,
-    # same result.
+    # same result. Fitted on 5 mm voxels (shrink 5 at 1 mm; the finest knot
+    # spacing is 50 mm): 0.6x the CPU of shrink 4, bias fields correlate
+    # >= 0.997 with shrink 4 on 16 corpus sequences (patterns a and b).
     n4: N4Config = field(default_factory=lambda: N4Config(spline_distance_mm=200.0,
-                                                          iterations=(20, 20, 10)))
+                                                          iterations=(20, 20, 10),
+                                                          shrink_factor=5))
     model: dict | str | None = None         # segmentation backend spec (None = baseline)
 
     def to_dict(self) -> dict:
@@ -166,15 +171,23 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
 
     def run() -> dict:
         mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
-        out = {}
-        for role in ROLES:
-            path = work / "registered" / f"{role}.nii.gz"
-            if not path.exists():
-                continue
-            n4 = n4_correct(_read(path), mask, cfg.n4, name=ROLE_LABELS[role])
+        roles = [r for r in ROLES if (work / "registered" / f"{r}.nii.gz").exists()]
+        # One sequence per core, each N4 single-threaded: the fit runs on a
+        # small grid, where ITK's per-iteration thread synchronisation costs
+        # more than it gains (and far more on a loaded machine).
+        workers = max(1, min(len(roles), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
+                             os.cpu_count() or 1))
+        threads = max(1, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() // workers)
+
+        def one(role: str) -> dict:
+            n4 = n4_correct(_read(work / "registered" / f"{role}.nii.gz"), mask, cfg.n4,
+                            name=ROLE_LABELS[role], threads=threads)
             _write(apply_mask(n4.corrected, mask), work / "preprocessed" / f"{role}.nii.gz")
-            out[role] = {"elapsed_s": round(n4.elapsed_s, 3)}
-        return {"sequences": out}
+            return {"elapsed_s": round(n4.elapsed_s, 3)}
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="n4") as pool:
+            results = list(pool.map(one, roles))  # re-raises the first N4Error
+        return {"sequences": dict(zip(roles, results))}
 
     return _cached(work, "bias_correction", run)
 

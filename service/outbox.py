@@ -26,7 +26,7 @@ from .destinations import Destination, DestinationUnavailable
 
 log = logging.getLogger("brainline.outbox")
 
-BATCH = 64
+BATCH = 256  # items per pass; a destination gets one association per pass
 
 
 class Outbox:
@@ -136,7 +136,7 @@ class Outbox:
             due = list(s.scalars(
                 select(OutboxItem).where(OutboxItem.state == OutboxState.PENDING.value,
                                          OutboxItem.next_attempt_at <= utcnow())
-                .order_by(OutboxItem.id).limit(BATCH * 4)))
+                .order_by(OutboxItem.id).limit(BATCH)))
         by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in due:
             by_dest[item.destination].append(item)
@@ -146,8 +146,7 @@ class Outbox:
             if dest is None:
                 self._record(items, error="destination no longer configured", transient=True)
                 continue
-            for start in range(0, len(items), BATCH):
-                stored += self._send_batch(dest, items[start:start + BATCH])
+            stored += self._send_batch(dest, items)  # one association for all due items
         return stored
 
     def _send_batch(self, dest: Destination, items: list[OutboxItem]) -> int:

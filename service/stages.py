@@ -196,6 +196,10 @@ def _reidentified(ctx: StageContext, obj: dict, study: dict, patient: dict) -> p
     return ds
 
 
+CORE_KINDS = ("seg", "sr")
+DELIVERY_ORDER = {"seg": 0, "sr": 1, "pdf": 2, "overlay": 3}
+
+
 def deliver(ctx: StageContext) -> dict:
     """Re-identify the results (original patient, study and UIDs, PDF
     re-rendered with the real identity) into the PHI outbox folder and queue
@@ -215,13 +219,21 @@ def deliver(ctx: StageContext) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     queued: list[tuple[str, Path]] = []
     skipped: dict[str, str] = {}
-    for obj in results["objects"]:
+    # SEG and SR first, queued as soon as they are re-identified: the sender
+    # stores them while the overlay series (one instance per slice) and the
+    # PDF are still being re-identified.
+    objects = sorted(results["objects"], key=lambda o: DELIVERY_ORDER.get(o["kind"], len(DELIVERY_ORDER)))
+    added, core_queued = 0, False
+    for obj in objects:
+        if not core_queued and obj["kind"] not in CORE_KINDS:
+            added += ctx.outbox.enqueue(ctx.job_id, queued)
+            core_queued = True
         if obj["kind"] in skipped:
             continue  # one instance of an overlay series failed: leave the whole series out
         try:
             ds = _reidentified(ctx, obj, study, patient)
         except Exception as exc:
-            if obj["kind"] in ("seg", "sr"):
+            if obj["kind"] in CORE_KINDS:
                 raise
             log.warning("result object not delivered", exc_info=True,
                         extra={"job_id": ctx.job_id, "kind": obj["kind"]})
@@ -237,7 +249,8 @@ def deliver(ctx: StageContext) -> dict:
         os.replace(tmp, target)
         queued.append((obj["kind"], target))
     queued = [(kind, path) for kind, path in queued if kind not in skipped]
-    added = ctx.outbox.enqueue(ctx.job_id, queued)
+    added += ctx.outbox.enqueue(ctx.job_id, [(k, p) for k, p in queued
+                                             if not (core_queued and k in CORE_KINDS)])
     result = {"objects": len(queued), "queued": added, "destinations": sorted(ctx.outbox.destinations)}
     if skipped:
         result["not_delivered"] = [{"kind": k, "error": e} for k, e in skipped.items()]

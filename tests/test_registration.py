@@ -21,6 +21,7 @@ from brainline.pipelines.registration import (
     RegistrationError,
     foreground_mask,
     register,
+    registration_quality,
     resample_to,
 )
 
@@ -175,6 +176,66 @@ def test_oblique_thick_slices_registration(t1c, flair, brain_points):
     mean_b, worst_b = _errors(back.transform.GetInverse(), motion.GetInverse(), brain_points)
     print(f"thick as fixed: mean {mean_b:.3f} max {worst_b:.3f} mm, {back.elapsed_s} s, flags {back.flags}")
     assert back.swapped and mean_b < 2.0 and back.flags == []
+
+
+@pytest.fixture(scope="module")
+def clinical_pair(t1c, flair, brain_points):
+    """The clinical case of issue 7: T1c 3D 1 mm, FLAIR 2D axial 5.5 mm
+    (slice profile) tilted 16 deg, yaw 3 deg, roll -2 deg, in-plane 0.9 mm,
+    FOV 230 mm, vertex cut by 15 mm, bias field and scanner scaling; both
+    with a crude skull and scalp and a noisy (non-zero) background. Physical
+    space is kept, so the true transform is the identity. Returns (fixed,
+    moving, register() result)."""
+    from bench.registration_qc import acquire, add_skull
+    rng = np.random.default_rng(7)
+    vols = add_skull({"t1c": sitk.Cast(t1c, sitk.sitkFloat32), "flair": sitk.Cast(flair, sitk.sitkFloat32)}, rng)
+    fixed = acquire(vols["t1c"], brain_points, rng, slice_mm=1.0, inplane_mm=1.0, pitch_deg=4.0, fov_mm=256,
+                    profile=False, noise=0.03, scale=2.0)
+    moving = acquire(vols["flair"], brain_points, rng, slice_mm=5.5, inplane_mm=0.9, pitch_deg=16.0, yaw_deg=3.0,
+                     roll_deg=-2.0, fov_mm=230, vertex_cut_mm=15.0, bias=0.25, scale=0.4, offset=30,
+                     noise=0.03)
+    return fixed, moving, register(fixed, moving, moving_name="FLAIR", fixed_name="T1c")
+
+
+def test_clinical_tilted_thick_partial_coverage_is_not_flagged(clinical_pair, brain_points):
+    """Issue 7: a correct registration of a tilted 5.5 mm FLAIR that covers
+    less of the head than the T1c (with skull) carries no flag: the figures
+    are computed on the region both fields of view cover."""
+    fixed, moving, res = clinical_pair
+    assert moving.GetSpacing()[2] == 5.5 and moving.GetSize()[2] < 40
+    mean, worst = _errors(res.transform, sitk.Euler3DTransform(), brain_points)
+    q = res.quality
+    print(f"\nclinical: error {mean:.2f}/{worst:.2f} mm, {res.elapsed_s} s, dice {q['foreground_dice']}, "
+          f"coverage {q['coverage']}, nmi {q['nmi']}, gain {q['similarity_gain']} ({q['best_perturbation']}), "
+          f"qc {q['elapsed_s']} s, flags {res.flags}")
+    assert worst < 1.5
+    assert res.flags == []
+    assert q["foreground_dice"] > 0.85 and q["coverage"] < 0.97  # the vertex is cut
+    assert q["similarity_gain"] < 0 and q["elapsed_s"] < 3.0
+    json.dumps(res.to_dict())
+
+
+@pytest.mark.parametrize("error", [{"deg": 5.0, "axis": (0.3, -0.8, 0.5)}, {"mm": 5.0, "axis": (-0.6, 0.2, 0.77)}],
+                         ids=["5deg", "5mm"])
+def test_wrong_transform_is_flagged_in_words(clinical_pair, brain_points, error):
+    """The correct result composed with a 5 deg rotation (about an oblique
+    axis through the brain centre) or a 5 mm shift (oblique direction) is
+    flagged as a misregistration, with the improving move in words."""
+    fixed, moving, res = clinical_pair
+    axis = np.asarray(error["axis"]) / np.linalg.norm(error["axis"])
+    err = sitk.VersorRigid3DTransform()
+    err.SetCenter(tuple(brain_points.mean(axis=0)))
+    if "deg" in error:
+        err.SetRotation(tuple(axis), np.radians(error["deg"]))
+    else:
+        err.SetTranslation(tuple(axis * error["mm"]))
+    wrong = sitk.CompositeTransform([res.transform, err])  # x -> res(err(x))
+    quality, flags = registration_quality(fixed, moving, wrong, fixed_name="T1c", moving_name="FLAIR")
+    print(f"\nwrong {error}: gain {quality['similarity_gain']} ({quality['best_perturbation']}), flags {flags}")
+    assert any(f.startswith("misregistration: FLAIR to T1c: registration likely off: similarity") for f in flags)
+    assert quality["similarity_gain"] > RegistrationConfig().max_similarity_gain
+    # the correct transform itself, through the same function: no flag
+    assert registration_quality(fixed, moving, res.transform, fixed_name="T1c", moving_name="FLAIR")[1] == []
 
 
 def test_already_aligned_series_stay_put(brain_points):
