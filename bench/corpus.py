@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from tests.corpus import (  # noqa: E402
     study_name,
     write_corpus_study,
 )
-from tests.peers import OrthancServer, free_port, storescu  # noqa: E402
+from tests.peers import OrthancServer, ServiceProcess, storescu  # noqa: E402
 
 BUDGET_S = 60.0
 FINAL_STATES = {"done", "failed", "needs_input", "rejected"}
@@ -64,71 +63,20 @@ FINAL_STATES = {"done", "failed", "needs_input", "rejected"}
 # --------------------------------------------------------------------------- service
 
 
-class Service:
-    """A `brainline serve` subprocess on loopback ports with its own home."""
+class Service(ServiceProcess):
+    """A `brainline serve` subprocess on loopback ports with its own home
+    (tests.peers.ServiceProcess with the benchmark's vault key and log)."""
 
     def __init__(self, home: Path, env: dict[str, str]):
-        self.home = home
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.env = {
-            **os.environ,
-            "BRAINLINE_HOME": str(home),
-            "BRAINLINE_DICOM_PORT": str(self.dicom_port),
-            "BRAINLINE_HTTP_PORT": str(self.http_port),
-            "BRAINLINE_DICOM_BIND": "127.0.0.1",
-            "BRAINLINE_HTTP_BIND": "127.0.0.1",
-            "BRAINLINE_AE_TITLE": "BRAINLINE",
-            "BRAINLINE_VAULT_KEY": "bench-corpus-vault-key-0123456789",
-            "BRAINLINE_MIN_FREE_MB": "100",
-            **env,
-        }
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log_path = home / "serve.log"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(home, BRAINLINE_VAULT_KEY="bench-corpus-vault-key-0123456789", **env)
+        self.log_path = self.stdout_path
 
     def start(self, timeout: float = 120.0) -> "Service":
-        self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "brainline.service.cli", "serve"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"brainline serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"brainline serve not ready in {timeout:.0f} s:\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().start(wait_ready=True, timeout=timeout)
+        return self
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def jobs(self) -> list[dict]:
-        return httpx.get(self.url + "/api/v1/jobs", params={"limit": 1000}, timeout=30).json()["jobs"]
-
-    def job(self, job_id: int) -> dict:
-        return httpx.get(f"{self.url}/api/v1/jobs/{job_id}", timeout=30).json()
-
-    def workspace(self, job_id: int) -> Path:
-        return self.home / "workspaces" / f"job-{job_id:06d}"
+        return self.output()[-n:]
 
 
 # --------------------------------------------------------------------------- Orthanc

@@ -96,6 +96,21 @@ class SegmentationBackend(abc.ABC):
         return {"backend": self.name}
 
 
+class ChannelInputBackend(SegmentationBackend):
+    """A network with one input channel per role of ``self.input_order``:
+    it needs every one of them and has no optional input."""
+
+    input_order: tuple[str, ...] = ROLES
+
+    @property
+    def required_roles(self) -> tuple[str, ...]:
+        return tuple(self.input_order)
+
+    @property
+    def optional_roles(self) -> tuple[str, ...]:
+        return ()
+
+
 @dataclass(frozen=True)
 class InputRoles:
     """The MRI roles a segmentation backend needs (``required``) and can use

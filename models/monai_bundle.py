@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .base import SegmentationBackend, SegmentationError, SegmentationInput, SegmentationOutput
+from .base import ChannelInputBackend, SegmentationError, SegmentationInput, SegmentationOutput
 from .registry import (
     BUNDLE_CONFIG_NAMES,
     DEFAULT_INPUT_ORDER,
@@ -121,7 +121,7 @@ def _channel_names(meta: dict, section: str) -> tuple[str | None, list[str] | No
     return key, names, (int(n) if isinstance(n, int) else None)
 
 
-class MonaiBundleBackend(SegmentationBackend):
+class MonaiBundleBackend(ChannelInputBackend):
     """Segmentation with a MONAI bundle folder (see module doc)."""
 
     name = "monai_bundle"
@@ -358,15 +358,6 @@ class MonaiBundleBackend(SegmentationBackend):
                 f"{what}: the weights in {path.name} do not fit network_def: {_short(exc, 400)}") from exc
 
     # ------------------------------------------------------------------
-    @property
-    def required_roles(self) -> tuple[str, ...]:
-        """Every role of ``input_order``: the network has one input channel each."""
-        return tuple(self.input_order)
-
-    @property
-    def optional_roles(self) -> tuple[str, ...]:
-        return ()
-
     def describe(self) -> dict:
         return {"backend": self.name, "model_name": self.model_name,
                 "model_version": self.model_version, "device": self.device}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SegmentationBackend, SegmentationError, SegmentationInput, SegmentationOutput
+from .base import ChannelInputBackend, SegmentationError, SegmentationInput, SegmentationOutput
 from .registry import (
     DEFAULT_INPUT_ORDER,
     DEFAULT_LABEL_MAP,
@@ -90,7 +90,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
-class OnnxBackend(SegmentationBackend):
+class OnnxBackend(ChannelInputBackend):
     """Segmentation with an ONNX model folder (see module doc)."""
 
     name = "onnx"
@@ -266,15 +266,6 @@ class OnnxBackend(SegmentationBackend):
             idx = int(dev.split(":", 1)[1]) if ":" in dev else 0
             return dev, [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
         raise SegmentationError(f"{what}: unknown device {device!r}; use cpu, cuda, cuda:N or auto")
-
-    @property
-    def required_roles(self) -> tuple[str, ...]:
-        """Every role of ``input_order``: the network has one input channel each."""
-        return tuple(self.input_order)
-
-    @property
-    def optional_roles(self) -> tuple[str, ...]:
-        return ()
 
     def describe(self) -> dict:
         return {"backend": self.name, "model_name": self.model_name,

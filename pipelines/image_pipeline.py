@@ -110,15 +110,22 @@ def step_register(work: Path, cfg: PipelineConfig) -> dict:
         fixed = _read(work / "nifti" / f"{cfg.reference}.nii.gz")
         _write(fixed, work / "registered" / f"{cfg.reference}.nii.gz")
         results = {cfg.reference: {"reference": True}}
-        for role in roles:
-            if role == cfg.reference:
-                continue
+        moving_roles = [r for r in roles if r != cfg.reference]
+
+        def one(role: str) -> dict:
             moving = _read(work / "nifti" / f"{role}.nii.gz")
             reg = register(fixed, moving, cfg.registration, moving_name=ROLE_LABELS[role],
                            fixed_name=ROLE_LABELS[cfg.reference])
             _write(resample_to(moving, fixed, reg.transform), work / "registered" / f"{role}.nii.gz")
             sitk.WriteTransform(reg.transform, str(work / "registered" / f"{role}_to_{cfg.reference}.tfm"))
-            results[role] = reg.to_dict()
+            return reg.to_dict()
+
+        # Sequences are independent: two at a time (ITK releases the GIL; the
+        # per-registration thread count, hence the result, is unchanged).
+        workers = max(1, min(len(moving_roles), 2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="register") as pool:
+            for role, res in zip(moving_roles, pool.map(one, moving_roles)):  # re-raises the first error
+                results[role] = res
         flags = [f"{ROLE_LABELS[r]}: {flag}" for r, res in results.items() for flag in res.get("flags", [])]
         return {"reference": cfg.reference, "sequences": results, "flags": flags}
 

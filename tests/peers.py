@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -308,3 +310,110 @@ class PostgresServer:
             self._run(_postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class ServiceProcess:
+    """A `brainline serve` subprocess with its own home, ports and log."""
+
+    def __init__(self, home: Path, **env):
+        self.home = home
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.env = {
+            **os.environ,
+            "BRAINLINE_HOME": str(home),
+            "BRAINLINE_DICOM_PORT": str(self.dicom_port),
+            "BRAINLINE_HTTP_PORT": str(self.http_port),
+            "BRAINLINE_DICOM_BIND": "127.0.0.1",
+            "BRAINLINE_HTTP_BIND": "127.0.0.1",
+            "BRAINLINE_AE_TITLE": "BRAINLINE",
+            "BRAINLINE_STABLE_SECONDS": "2",
+            "BRAINLINE_VAULT_KEY": "test-vault-key-0123456789abcdef",
+            "BRAINLINE_MIN_FREE_MB": "100",
+        }
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.proc: subprocess.Popen | None = None
+        self.stdout_path = home / "serve.out"
+
+    @property
+    def cli(self) -> list[str]:
+        return [sys.executable, "-m", "brainline.service.cli"]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, wait_ready: bool = True, timeout: float = 60.0) -> "ServiceProcess":
+        self.home.mkdir(parents=True, exist_ok=True)
+        out = open(self.stdout_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "brainline.service.cli", "serve"],
+                                     env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        path = "/readyz" if wait_ready else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"brainline serve exited: {self.output()[-3000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"brainline serve not ready in {timeout:.0f} s: {self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    # -- API helpers -------------------------------------------------------
+    def api(self, method: str, path: str, **kw) -> httpx.Response:
+        headers = kw.pop("headers", {})
+        token = self.env.get("BRAINLINE_API_TOKEN")
+        if token:
+            headers.setdefault("Authorization", f"Bearer {token}")
+        return httpx.request(method, self.url + path, headers=headers, timeout=120, **kw)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def workspace(self, job_id: int) -> Path:
+        return self.home / "workspaces" / f"job-{job_id:06d}"
+
+    def jobs(self) -> list[dict]:
+        return self.api("GET", "/api/v1/jobs", params={"limit": 1000}).json()["jobs"]
+
+    def job(self, job_id: int) -> dict:
+        return self.api("GET", f"/api/v1/jobs/{job_id}").json()
+
+    def wait_jobs(self, n: int, timeout: float = 120) -> list[dict]:
+        """Wait until at least n jobs exist and all of them are finished."""
+        final = {"done", "failed", "needs_input", "rejected"}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.jobs()
+            if len(jobs) >= n and all(j["state"] in final for j in jobs):
+                return [self.job(j["id"]) for j in sorted(jobs, key=lambda j: j["id"])]
+            time.sleep(0.3)
+        raise AssertionError(f"jobs not finished in {timeout} s: {self.jobs()}")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and (labels in line) and not line.startswith("#"):
+                head, value = line.rsplit(" ", 1)
+                if head.split("{")[0] == name:
+                    total += float(value)
+        return total
