@@ -22,8 +22,10 @@ Method (baseline-2)
    with evidence > ``seed_evidence_z`` that are clearly FLAIR-bright
    (``seed_flair_min_z``) and not T2-dark (``seed_t2_min_z``); without T2,
    zFLAIR > ``seed_flair_z`` or enhancing, not FLAIR-dark tissue
-   (``seed_t1c_z``, ``seed_t1c_flair_min_z``). Seed components below ``seed_min_ml`` are
-   ignored: no seed, no tumour (a tumour-free brain gives an empty map).
+   (``seed_t1c_z``, ``seed_t1c_flair_min_z``). Seed components below
+   ``seed_min_ml`` are ignored, and so are those below ``seed_keep_fraction``
+   of the largest unless they lie within ``roi_mm`` of a larger one: no seed,
+   no tumour (a tumour-free brain gives an empty map).
    The sum lets either sequence carry a scan whose other contrast is weak
    (one real study's edema was z 1.0 on FLAIR and 5 on T2, another's the
    reverse), which an AND of two thresholds missed entirely.
@@ -96,7 +98,14 @@ were only measured. The same case without T2 (minimal protocol, T1c + FLAIR)
 still had no seed, so without T2 enhancing tissue that is not FLAIR-dark
 (``zT1c > seed_t1c_z`` = 3, ``zFLAIR > seed_t1c_flair_min_z`` = 1, opened
 like ET) also seeds: 2013_20 T1c+FLAIR WT 0 -> 0.70, tuning cases with
-T1c+FLAIR unchanged (0.877 -> 0.878), tumour-free brains still empty. The held-out cases (``tests.corpus.HOLDOUT_CASES``) were not used to
+T1c+FLAIR unchanged (0.877 -> 0.878), tumour-free brains still empty.
+``seed_keep_fraction`` = 0.2 came from the ``brainline validate`` test
+(tcga-du-7294 point-subsampled to 2 mm pixels and 4 mm slices): a 1.3 mL
+hypothalamic seed, 8 % of the tumour's, grew through the thick slices into
+the lesion (WT 102 mL vs 24 mL, Dice 0.35). Small seeds are now kept only
+within ``roi_mm`` of a seed at least 20 % of the largest: Dice 0.89 there,
+tuning cases unchanged (0.900; dropping small seeds outright cost 2013_11
+0.07). The held-out cases (``tests.corpus.HOLDOUT_CASES``) were not used to
 choose values; ``bench/baseline_accuracy.py`` and ``bench/corpus.py`` report
 both halves. Two of the twelve BraTS 2013/TCIA cases have unusual contrast
 (2013_11: T1c shows no enhancement in robust z; TCIA13_623: no enhancement
@@ -142,7 +151,8 @@ class BaselineParams:
     seed_flair_z: float = 3.5           # seed threshold on FLAIR alone when there is no T2
     seed_t1c_z: float = 3.0             # no T2: enhancing (zT1c above this) ... (0: off; see doc)
     seed_t1c_flair_min_z: float = 1.0   # ... and not FLAIR-dark tissue seeds too
-    seed_min_ml: float = 1.0            # smallest seed component that counts as a lesion
+    seed_min_ml: float = 1.0            # smallest seed component that counts as a lesion ...
+    seed_keep_fraction: float = 0.2     # ... and at least this fraction of the largest seed, or near one (see doc)
     # --- whole tumour: delineation
     roi_mm: float = 15.0                # the two centroids are estimated this close to the seeds
     t2_cap_z: float = 4.0               # T2 feature saturates here (fluid is not more tumour)
@@ -447,6 +457,15 @@ class BaselineSegmenter(SegmentationBackend):
         lab, n, sizes = _label(seed_cand)
         keep = sizes >= p.seed_min_ml / voxel_ml
         keep[0] = False
+        if keep.any() and p.seed_keep_fraction > 0:
+            # a small seed away from the main ones is far more often a normal
+            # bright spot (hypothalamus, septum) than a second lesion; near
+            # them (within roi_mm) it is part of the same lesion
+            big = keep & (sizes >= p.seed_keep_fraction * sizes[keep].max())
+            near_big = _near(big[lab], p.roi_mm, spacing_zyx)
+            touching = np.zeros_like(keep)
+            touching[np.unique(lab[near_big])] = True
+            keep &= big | touching
         seeds, n_seeds = keep[lab], int(keep.sum())
         wt_info: dict = {"seed_components": n_seeds,
                          "seed_ml": round(float(seeds.sum()) * voxel_ml, 3),
