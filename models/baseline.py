@@ -598,7 +598,7 @@ class BaselineSegmenter(SegmentationBackend):
         details["runtime_s"] = round(time.perf_counter() - t0, 3)
         return labels, details
 
-    def _filter_components(self, wt: np.ndarray, zf: np.ndarray, voxel_ml: float):
+    def _filter_components(self, wt: np.ndarray, evidence: np.ndarray, voxel_ml: float):
         p = self.params
         lab, n, sizes = _label(wt)
         if n == 0:
@@ -609,7 +609,7 @@ class BaselineSegmenter(SegmentationBackend):
             objs = ndi.find_objects(lab)
             for i in np.flatnonzero(ok):
                 sl = objs[i - 1]
-                ok[i] = float(np.median(zf[sl][lab[sl] == i])) >= p.min_component_evidence_z
+                ok[i] = float(np.median(evidence[sl][lab[sl] == i])) >= p.min_component_evidence_z
         if ok.any():
             ok &= sizes >= p.keep_fraction * sizes[ok].max()
         ok[0] = False

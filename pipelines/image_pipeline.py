@@ -98,6 +98,17 @@ def available_roles(work: Path) -> list[str]:
     return [r for r in ROLES if (work / "nifti" / f"{r}.nii.gz").exists()]
 
 
+def _workers(roles: list[str], max_workers: int) -> int:
+    return max(1, min(len(roles), max_workers, os.cpu_count() or 1))
+
+
+def _per_sequence(fn: Callable[[str], dict], roles: list[str], max_workers: int) -> dict[str, dict]:
+    """``{role: fn(role)}``, up to ``max_workers`` sequences at a time (at most
+    one per core); the first exception raised by ``fn`` is re-raised."""
+    with ThreadPoolExecutor(max_workers=_workers(roles, max_workers)) as pool:
+        return dict(zip(roles, pool.map(fn, roles)))
+
+
 # ---------------------------------------------------------------------------
 def step_register(work: Path, cfg: PipelineConfig) -> dict:
     """Rigid (optionally affine) registration of every sequence to the reference."""
@@ -122,10 +133,7 @@ def step_register(work: Path, cfg: PipelineConfig) -> dict:
 
         # Sequences are independent: two at a time (ITK releases the GIL; the
         # per-registration thread count, hence the result, is unchanged).
-        workers = max(1, min(len(moving_roles), 2, os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="register") as pool:
-            for role, res in zip(moving_roles, pool.map(one, moving_roles)):  # re-raises the first error
-                results[role] = res
+        results.update(_per_sequence(one, moving_roles, max_workers=2))
         flags = [f"{ROLE_LABELS[r]}: {flag}" for r, res in results.items() for flag in res.get("flags", [])]
         return {"reference": cfg.reference, "sequences": results, "flags": flags}
 
@@ -182,9 +190,8 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
         # One sequence per core, each N4 single-threaded: the fit runs on a
         # small grid, where ITK's per-iteration thread synchronisation costs
         # more than it gains (and far more on a loaded machine).
-        workers = max(1, min(len(roles), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
-                             os.cpu_count() or 1))
-        threads = max(1, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() // workers)
+        itk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        threads = max(1, itk_threads // _workers(roles, itk_threads))
 
         def one(role: str) -> dict:
             n4 = n4_correct(_read(work / "registered" / f"{role}.nii.gz"), mask, cfg.n4,
@@ -192,9 +199,7 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
             _write(apply_mask(n4.corrected, mask), work / "preprocessed" / f"{role}.nii.gz")
             return {"elapsed_s": round(n4.elapsed_s, 3)}
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="n4") as pool:
-            results = list(pool.map(one, roles))  # re-raises the first N4Error
-        return {"sequences": dict(zip(roles, results))}
+        return {"sequences": _per_sequence(one, roles, max_workers=itk_threads)}
 
     return _cached(work, "bias_correction", run)
 

@@ -29,7 +29,7 @@ from brainline.pipelines.conversion import ConversionError
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig, PipelineError
 from brainline.pipelines.inputs import convert_inputs, select_inputs, selected_files
 from brainline.pipelines.registration import RegistrationConfig, RegistrationError
-from brainline.pipelines.results import OBJECT_NAMES, build_results, rerender_pdf
+from brainline.pipelines.results import CORE_OBJECTS, OBJECT_NAMES, build_results, rerender_pdf
 from brainline.pipelines.series_selection import MissingSeriesError, RulesError
 from brainline.pipelines.skull_strip import SkullStripError
 
@@ -196,7 +196,6 @@ def _reidentified(ctx: StageContext, obj: dict, study: dict, patient: dict) -> p
     return ds
 
 
-CORE_KINDS = ("seg", "sr")
 DELIVERY_ORDER = {"seg": 0, "sr": 1, "pdf": 2, "overlay": 3}
 
 
@@ -225,7 +224,7 @@ def deliver(ctx: StageContext) -> dict:
     objects = sorted(results["objects"], key=lambda o: DELIVERY_ORDER.get(o["kind"], len(DELIVERY_ORDER)))
     added, core_queued = 0, False
     for obj in objects:
-        if not core_queued and obj["kind"] not in CORE_KINDS:
+        if not core_queued and obj["kind"] not in CORE_OBJECTS:
             added += ctx.outbox.enqueue(ctx.job_id, queued)
             core_queued = True
         if obj["kind"] in skipped:
@@ -233,7 +232,7 @@ def deliver(ctx: StageContext) -> dict:
         try:
             ds = _reidentified(ctx, obj, study, patient)
         except Exception as exc:
-            if obj["kind"] in CORE_KINDS:
+            if obj["kind"] in CORE_OBJECTS:
                 raise
             log.warning("result object not delivered", exc_info=True,
                         extra={"job_id": ctx.job_id, "kind": obj["kind"]})
@@ -250,7 +249,7 @@ def deliver(ctx: StageContext) -> dict:
         queued.append((obj["kind"], target))
     queued = [(kind, path) for kind, path in queued if kind not in skipped]
     added += ctx.outbox.enqueue(ctx.job_id, [(k, p) for k, p in queued
-                                             if not (core_queued and k in CORE_KINDS)])
+                                             if not (core_queued and k in CORE_OBJECTS)])
     result = {"objects": len(queued), "queued": added, "destinations": sorted(ctx.outbox.destinations)}
     if skipped:
         result["not_delivered"] = [{"kind": k, "error": e} for k, e in skipped.items()]
