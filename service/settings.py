@@ -40,6 +40,16 @@ class Settings:
     max_associations: int
     dimse_timeout: float
     network_timeout: float
+    acse_timeout: float
+    max_pdu_size: int
+    max_associations_per_peer: int
+    max_instance_mb: float
+    accepted_sop_classes: str
+    burned_in_annotation: str
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    dicom_tls_port: int
     log_level: str
     series_rules: str
     deid_profile: str
@@ -129,6 +139,10 @@ def load_settings(env: dict | None = None) -> Settings:
         raise SettingsError(f"BRAINLINE_DICOM_PORT={values['dicom_port']} is not a TCP port")
     if not values["ae_title"] or len(values["ae_title"]) > 16:
         raise SettingsError("BRAINLINE_AE_TITLE must be 1 to 16 characters")
+    if values["burned_in_annotation"] not in ("reject", "flag"):
+        raise SettingsError("BRAINLINE_BURNED_IN_ANNOTATION must be 'reject' or 'flag'")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise SettingsError("BRAINLINE_TLS_CERT and BRAINLINE_TLS_KEY must be set together")
     known = {f.name for f in dataclasses.fields(Settings)}
     extra = {k: v for k, v in values.items() if k not in known}
     return Settings(**{k: v for k, v in values.items() if k in known}, extra=extra)
