@@ -8,6 +8,11 @@ jobs / job    list jobs / show one job (via the running service's REST API)
 retry         retry a failed or needs_input job (via the REST API)
 outbox        list pending/failed result deliveries, --retry them (via the REST API)
 migrate       create or upgrade the database schema
+vault         check BRAINLINE_VAULT_KEY against the database, or rotate it (vault rotate)
+
+Files and folders the service creates under BRAINLINE_HOME are readable by
+the owner only (umask 077; the home folder 0700, the database, logs and vault
+key 0600).
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -31,25 +39,99 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+# Umask of every brainline process: files 0600, folders 0700.
+UMASK = 0o077
+# Entries of BRAINLINE_HOME made private at start (older installs made them 0644/0755).
+HOME_ENTRIES = ("brainline.db", "brainline.db-wal", "brainline.db-shm", "brainline.db-journal",
+                "vault.key", "logs", "spool", "workspaces", "outbox", "validation")
+
+
+def secure_home(settings) -> None:
+    """Create BRAINLINE_HOME 0700 and take group/other permissions away from it,
+    its known entries and the log files. Deeper, older files stay as they
+    are but cannot be reached through the 0700 home folder."""
+    home = settings.home
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    targets = [home, *(home / name for name in HOME_ENTRIES)]
+    if settings.log_dir.is_dir():
+        targets += [p for p in settings.log_dir.iterdir() if p.is_file()]
+    for path in targets:
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode) or not (mode & 0o077):
+            continue
+        try:
+            os.chmod(path, stat.S_IMODE(mode) & 0o700)
+        except OSError as exc:  # e.g. a home folder owned by someone else
+            log.warning("cannot make %s private: %s", path, exc.strerror)
+
+
+def _check_vault_key(ctx) -> None:
+    """Refuse a BRAINLINE_VAULT_KEY other than the one the database was set
+    up with (raises VaultKeyMismatch, answered in words by main)."""
+    from .vault import VaultKeyMismatch
+
+    try:
+        ctx.vault.verify_key()
+    except VaultKeyMismatch:
+        log.error("refusing to start: BRAINLINE_VAULT_KEY does not match the database's key check value")
+        ctx.engine.dispose()
+        raise
+    except Exception:
+        ctx.engine.dispose()
+        raise
+
+
+def _tls_problem(settings) -> str | None:
+    """Why the configured certificate cannot serve HTTPS, in words; None if it can."""
+    import ssl
+
+    if not settings.tls_cert:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert,
+                                                                             settings.tls_key)
+    except FileNotFoundError as exc:
+        return f"BRAINLINE_TLS_CERT/BRAINLINE_TLS_KEY: {exc.filename} does not exist"
+    except PermissionError as exc:
+        return f"BRAINLINE_TLS_CERT/BRAINLINE_TLS_KEY: {exc.filename} cannot be read"
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return (f"BRAINLINE_TLS_CERT={settings.tls_cert} and BRAINLINE_TLS_KEY={settings.tls_key} "
+                f"are not a PEM certificate with its private key ({getattr(exc, 'reason', None) or exc})")
+    return None
+
+
 def cmd_serve(args, settings) -> int:
+    import ssl
+
     import uvicorn
 
     from .api import create_app
     from .context import ServiceContext
     from .logs import configure_logging
 
+    problem = _tls_problem(settings)
+    if problem:
+        return _fail(problem)
     configure_logging(settings.log_level, settings.log_dir / "brainline.log")
     ctx = ServiceContext.build(settings)
+    _check_vault_key(ctx)
     try:
         ctx.start()
     except OSError as exc:
         ctx.stop()
         return _fail(f"cannot start the DICOM listener on port {settings.dicom_port}: {exc.strerror}")
+    tls = {}
+    if settings.tls_cert:
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key,
+               "ssl_version": ssl.PROTOCOL_TLS_SERVER, "ssl_ciphers": "HIGH:!aNULL:!MD5:!RC4"}
     config = uvicorn.Config(create_app(ctx), host=settings.http_bind, port=settings.http_port,
-                            log_config=None, access_log=False)
+                            log_config=None, access_log=False, **tls)
     server = uvicorn.Server(config)
     log.info("brainline serving", extra={"version": __version__, "http_port": settings.http_port,
-                                         "dicom_port": settings.dicom_port})
+                                         "https": bool(tls), "dicom_port": settings.dicom_port})
     try:
         server.run()
     finally:
@@ -66,6 +148,7 @@ def cmd_pull(args, settings) -> int:
 
     configure_logging("WARNING")
     ctx = ServiceContext.build(settings)
+    _check_vault_key(ctx)
     bar = tqdm(desc="retrieving", unit="inst", disable=args.quiet)
 
     def progress(done, total):
@@ -86,16 +169,48 @@ def cmd_pull(args, settings) -> int:
     return 0
 
 
+def _client_tls(settings, url: str, default: bool):
+    """httpx ``verify`` for the REST API client. The default URL (loopback)
+    trusts exactly the configured certificate (BRAINLINE_TLS_CERT, as a trust
+    anchor) without a host name check; an explicit https --url is verified as
+    usual (system CAs plus BRAINLINE_TLS_CERT), host name included."""
+    import ssl
+
+    if not url.startswith("https://"):
+        return True
+    if default:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context = ssl.create_default_context()
+    if settings.tls_cert:
+        try:
+            context.load_verify_locations(cafile=settings.tls_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(_fail(f"BRAINLINE_TLS_CERT={settings.tls_cert} cannot be loaded: "
+                                   f"{getattr(exc, 'strerror', None) or exc}"))
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
 def _api(settings, args, method: str, path: str):
-    url = args.url or f"http://127.0.0.1:{settings.http_port}"
+    default = not args.url
+    scheme = "https" if settings.tls_cert else "http"
+    url = (args.url or f"{scheme}://127.0.0.1:{settings.http_port}").rstrip("/")
     headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     try:
-        resp = httpx.request(method, url + path, headers=headers, timeout=30)
+        resp = httpx.request(method, url + path, headers=headers, timeout=30,
+                             verify=_client_tls(settings, url, default))
     except httpx.HTTPError as exc:
         raise SystemExit(_fail(f"the service at {url} cannot be reached ({type(exc).__name__}); "
                                "is `brainline serve` running?", 1))
     if resp.status_code >= 400:
-        raise SystemExit(_fail(f"{resp.status_code}: {resp.json().get('detail', resp.text)}", 1))
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text[:300]
+        raise SystemExit(_fail(f"{resp.status_code}: {detail}", 1))
     return resp.json()
 
 
@@ -257,6 +372,83 @@ def cmd_migrate(args, settings) -> int:
     return 0
 
 
+OLD_KEY_ENV = "BRAINLINE_VAULT_OLD_KEY"
+
+
+def _read_old_key(args) -> str:
+    """The old vault key from --old-key-file (or - for stdin), --old-key-env,
+    --old-key, BRAINLINE_VAULT_OLD_KEY or a prompt, in that order."""
+    if args.old_key_file:
+        try:
+            text = sys.stdin.read() if args.old_key_file == "-" else Path(args.old_key_file).expanduser().read_text()
+        except OSError as exc:
+            raise SystemExit(_fail(f"--old-key-file {args.old_key_file}: {exc.strerror}"))
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise SystemExit(_fail(f"--old-key-file {args.old_key_file} is empty"))
+        return lines[0]
+    if args.old_key_env:
+        value = os.environ.get(args.old_key_env, "").strip()
+        if not value:
+            raise SystemExit(_fail(f"--old-key-env: the environment variable {args.old_key_env} is not set"))
+        return value
+    if args.old_key:
+        return args.old_key.strip()
+    if os.environ.get(OLD_KEY_ENV, "").strip():
+        return os.environ[OLD_KEY_ENV].strip()
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("old vault key: ").strip()
+    raise SystemExit(_fail("give the old key with --old-key-file FILE (or -), --old-key-env NAME, "
+                           f"{OLD_KEY_ENV} or --old-key"))
+
+
+def _service_answers(settings) -> bool:
+    for scheme in ("https", "http") if settings.tls_cert else ("http",):
+        try:
+            resp = httpx.get(f"{scheme}://127.0.0.1:{settings.http_port}/healthz", timeout=1, verify=False)
+        except httpx.HTTPError:
+            continue
+        try:
+            return resp.status_code == 200 and resp.json().get("status") == "ok" and "version" in resp.json()
+        except ValueError:
+            return False
+    return False
+
+
+def cmd_vault(args, settings) -> int:
+    from .db import make_engine, make_sessionmaker, migrate
+    from .vault import VaultError, resolve_vault_key, rotate_key, Vault
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        if args.vault_command == "check":
+            key, _generated = resolve_vault_key(settings.vault_key, settings.dev_mode, settings.home)
+            outcome = Vault(key, sessions).verify_key()
+            print("BRAINLINE_VAULT_KEY matches this database"
+                  + (" (key check value recorded now)" if outcome == "recorded" else ""))
+            return 0
+        # rotate
+        if not args.force and _service_answers(settings):
+            return _fail(f"a BrainLine service answers on port {settings.http_port}: stop `brainline serve` "
+                         "(and `brainline pull`) before rotating the vault key, or pass --force", 1)
+        old_key = _read_old_key(args)
+        new_key, _generated = resolve_vault_key(settings.vault_key, settings.dev_mode, settings.home)
+        try:
+            result = rotate_key(old_key, new_key, sessions)
+        except VaultError as exc:
+            return _fail(str(exc), 1)
+        print(f"re-encrypted {result.rows} vault entries with the new BRAINLINE_VAULT_KEY; pseudonyms "
+              "are unchanged. Start the service with the new key; the old key is no longer accepted.")
+        return 0
+    finally:
+        engine.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brainline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,15 +508,45 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--quiet", action="store_true", help="no progress bar")
     val.set_defaults(fn=cmd_validate)
     sub.add_parser("migrate", help="create or upgrade the database").set_defaults(fn=cmd_migrate)
+    vault = sub.add_parser(
+        "vault", help="check or rotate the vault key (BRAINLINE_VAULT_KEY)",
+        description="The database keeps a key check value of BRAINLINE_VAULT_KEY; the service refuses "
+                    "to start with another key. `vault check` compares the configured key; `vault rotate` "
+                    "re-encrypts every vault entry from the old key to the configured BRAINLINE_VAULT_KEY "
+                    "(stop the service first). Pseudonyms, study keys and date shifts stay the same.")
+    vsub = vault.add_subparsers(dest="vault_command", required=True)
+    vsub.add_parser("check", help="does BRAINLINE_VAULT_KEY match this database? (exit 2 if not)")
+    rot = vsub.add_parser(
+        "rotate", help="re-encrypt the vault from an old key to BRAINLINE_VAULT_KEY",
+        description="Re-encrypt every vault entry from the old key to BRAINLINE_VAULT_KEY in one "
+                    "transaction (nothing changes on any error) and record the new key check value. "
+                    "Give the old key with --old-key-file (or - for stdin), --old-key-env NAME or "
+                    f"{OLD_KEY_ENV}, so that it stays out of the shell history and process list.")
+    src = rot.add_mutually_exclusive_group()
+    src.add_argument("--old-key-file", metavar="FILE", help="file whose first line is the old key; - reads stdin")
+    src.add_argument("--old-key-env", metavar="NAME", help="environment variable that holds the old key")
+    src.add_argument("--old-key", metavar="KEY", help="the old key itself (visible in shell history and ps)")
+    rot.add_argument("--force", action="store_true", help="rotate even though a service answers on the HTTP port")
+    vault.set_defaults(fn=cmd_vault)
     return p
 
 
+# Commands that create or use BRAINLINE_HOME.
+HOME_COMMANDS = {"serve", "pull", "migrate", "vault"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.umask(UMASK)  # everything this process creates: owner only
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except SettingsError as exc:
         return _fail(str(exc))
+    if args.command in HOME_COMMANDS:
+        try:
+            secure_home(settings)
+        except OSError as exc:
+            return _fail(f"BRAINLINE_HOME={settings.home} cannot be created: {exc.strerror}")
     try:
         return args.fn(args, settings)
     except Exception as exc:

@@ -10,6 +10,7 @@ All timestamps are naive UTC.
 from __future__ import annotations
 
 import enum
+import os
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -138,10 +139,27 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def secure_sqlite_files(database: str | None) -> None:
+    """Make a SQLite database file and its WAL/shared-memory/journal files
+    0600 (they hold the job store and the vault's ciphertext)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    for suffix in SQLITE_SUFFIXES:
+        try:
+            os.chmod(database + suffix, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and thread sharing."""
+    """Create an engine; SQLite gets WAL, a busy timeout, thread sharing and
+    files readable by the owner only (0600)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        database = engine.url.database
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -150,6 +168,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            secure_sqlite_files(database)
 
         return engine
     return create_engine(url, pool_pre_ping=True)

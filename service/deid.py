@@ -6,6 +6,21 @@ The gateway pseudonymizes every instance before a worker sees it
 Longitudinal Temporal Information with Modified Dates, Clean Descriptors and
 Retain Patient Characteristics options); this module only applies them.
 
+The profile is an **allowlist**: an attribute is kept only when the profile
+names it with an action other than X (keep, clean, dummy, empty or remap).
+Everything else is removed, at every nesting level (the items of a kept
+sequence are processed with the same allowlist): unknown public tags,
+private tags, overlays (60xx), curves and audio (50xx), and every non-image
+payload (encapsulated documents such as a referral PDF, SR content, waveforms,
+icon images, graphic and text annotations).  Those payloads can never be
+allowed: a profile that tries is refused when it is loaded.  An attribute
+whose VR is not the one the DICOM dictionary gives its tag is removed too.
+
+Instances with BurnedInAnnotation = YES are handled by policy
+(``burned_in_annotation``): ``reject`` raises :class:`BurnedInAnnotation`
+before anything is de-identified, so the caller can quarantine that instance;
+``flag`` de-identifies it (pixels untouched) and returns a flag in words.
+
 Typical use::
 
     profile = DeidProfile.load()
@@ -14,10 +29,12 @@ Typical use::
         date_shift_days=-1234, uid_map=vault.uid_for,
         identifying_strings=identifying_strings_of(first_instance),
     )
-    clean = pseudonymize_dataset(ds, profile, ctx)
+    result = deidentify(ds, profile, ctx, burned_in_annotation=settings.burned_in_annotation)
+    result.dataset   # the de-identified copy
+    result.flags     # e.g. the burned-in annotation flag, in words, for the job record
 
-Errors are raised as :class:`DeidError`, whose messages name tags, keywords
-and VRs but never a value of the dataset.
+Errors are raised as :class:`DeidError` (``BurnedInAnnotation`` is one),
+whose messages name tags, keywords and VRs but never a value of the dataset.
 """
 
 from __future__ import annotations
@@ -26,7 +43,7 @@ import copy
 import datetime as _dt
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -34,7 +51,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pydicom
 import yaml
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -42,10 +59,15 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 __all__ = [
+    "BURNED_IN_POLICIES",
+    "BurnedInAnnotation",
     "DeidContext",
     "DeidError",
     "DeidProfile",
+    "DeidResult",
     "MethodCode",
+    "NON_IMAGE_PAYLOADS",
+    "deidentify",
     "identifying_strings_of",
     "pseudonymize_dataset",
 ]
@@ -56,17 +78,61 @@ DATE_VRS = frozenset({"DA", "DT"})
 WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 DEFAULT_PROFILE_RESOURCE = "deid_profile.yaml"
 MAX_LO_LENGTH = 64
+BURNED_IN_POLICIES = ("reject", "flag")
 
 PATIENT_NAME = 0x00100010
 PATIENT_ID = 0x00100020
 SOP_INSTANCE_UID = 0x00080018
 MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
+BURNED_IN_ANNOTATION = 0x00280301
+
+#: Non-image payloads: never allowed by a profile, always removed.  Keyword ->
+#: what it is, in words (used in ``DeidResult.removed_payloads``).
+NON_IMAGE_PAYLOADS: Mapping[str, str] = MappingProxyType({
+    "EncapsulatedDocument": "encapsulated document (e.g. a PDF)",
+    "EncapsulatedDocumentLength": "encapsulated document",
+    "MIMETypeOfEncapsulatedDocument": "encapsulated document",
+    "ListOfMIMETypes": "encapsulated document",
+    "DocumentTitle": "encapsulated document",
+    "HL7InstanceIdentifier": "encapsulated document",
+    "SourceInstanceSequence": "encapsulated document",
+    "ContentSequence": "structured report content",
+    "TextValue": "structured report content",
+    "ConceptNameCodeSequence": "structured report content",
+    "ContentTemplateSequence": "structured report content",
+    "VerifyingObserverSequence": "structured report content",
+    "WaveformSequence": "waveform",
+    "WaveformData": "waveform",
+    "IconImageSequence": "icon image",
+    "GraphicAnnotationSequence": "graphic annotation",
+    "TextObjectSequence": "graphic annotation",
+    "UnformattedTextValue": "graphic annotation",
+    "GraphicLayerSequence": "graphic annotation",
+    "TextString": "text annotation",
+    "Arbitrary": "free text",
+    "TextComments": "free text",
+    "ReferencedPatientPhotoSequence": "patient photo",
+    "OriginalAttributesSequence": "original (identifying) attribute values",
+    "ModifiedAttributesSequence": "original (identifying) attribute values",
+    "DigitalSignaturesSequence": "digital signature",
+    "DataSetTrailingPadding": "trailing padding",
+})
+_PAYLOAD_TAGS: Mapping[int, str] = MappingProxyType(
+    {tag_for_keyword(k): v for k, v in NON_IMAGE_PAYLOADS.items()})
 
 
 class DeidError(ValueError):
     """A dataset or profile cannot be de-identified.
 
     The message never contains a value from the dataset (no patient data).
+    """
+
+
+class BurnedInAnnotation(DeidError):
+    """The instance has BurnedInAnnotation = YES and the policy is ``reject``.
+
+    Nothing of the instance was de-identified or written: quarantine this
+    instance (the rest of the study can go on).
     """
 
 
@@ -82,7 +148,7 @@ class DeidContext:
     ``uid_map`` must be deterministic (same original UID, same result) so
     that instances of a study, and studies of a patient, stay linked.
     ``identifying_strings`` (original name parts, IDs, accession number, ...)
-    are removed from every cleaned or kept text value, case-insensitively.
+    are removed from every cleaned text value, case-insensitively.
     """
 
     pseudo_patient_id: str
@@ -128,25 +194,18 @@ class MethodCode:
     meaning: str
 
 
-@dataclass(frozen=True)
-class UnlistedRules:
-    """Actions for data elements the attribute list does not name."""
-
-    default: str = "K"
-    text_scrub: bool = True
-    person_name: str = "D"
-    uid: str = "U"
-    dates: str = "C"
-    uri: str = "X"
-    private: str = "X"
-    repeating_groups: str = "X"
-    unknown_un: str = "X"
-    group_length: str = "X"
+_TOP_LEVEL_KEYS = frozenset({"profile", "options", "method_codes", "dummy_values", "keep_uids", "file_meta",
+                             "attributes"})
 
 
 @dataclass(frozen=True, eq=False)
 class DeidProfile:
-    """The de-identification rules, loaded from YAML (see ``load``)."""
+    """The de-identification rules, loaded from YAML (see ``load``).
+
+    ``actions`` maps every tag the profile names to its action; ``allowed``
+    is the allowlist: the tags whose action is not X (``keep_uids`` are
+    allowed with action K).  Anything not in ``allowed`` is removed.
+    """
 
     name: str
     method_text: str
@@ -155,8 +214,17 @@ class DeidProfile:
     file_meta_actions: Mapping[int, str]
     keep_uid_tags: frozenset[int]
     dummy_values: Mapping[str, str]
-    unlisted: UnlistedRules = field(default_factory=UnlistedRules)
     options_applied: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        allowed = {t: a for t, a in self.actions.items() if a != "X"}
+        for tag in self.keep_uid_tags:
+            allowed.setdefault(tag, "K")
+        object.__setattr__(self, "allowed", MappingProxyType(allowed))
+        object.__setattr__(self, "allowed_file_meta", MappingProxyType(
+            {t: a for t, a in self.file_meta_actions.items() if a != "X"}))
+        object.__setattr__(self, "_vrs", MappingProxyType(
+            {t: _dictionary_vrs(t) for t in (*allowed, *self.file_meta_actions)}))
 
     @classmethod
     def load(cls, path: Path | None = None) -> "DeidProfile":
@@ -177,58 +245,73 @@ class DeidProfile:
         """Build and validate a profile from the parsed YAML document."""
         if not isinstance(data, dict):
             raise DeidError(f"de-identification profile {source}: top level must be a mapping")
+        if "unlisted" in data:
+            raise DeidError(f"{source}: 'unlisted' is not supported: the profile is an allowlist and every "
+                            "attribute it does not allow is removed")
+        unknown = set(data) - _TOP_LEVEL_KEYS
+        if unknown:
+            raise DeidError(f"{source}: unknown top-level keys {sorted(map(str, unknown))}")
         meta = data.get("profile") or {}
         method_text = str(meta.get("method_text", "PS3.15 Annex E basic profile"))
         if len(method_text) > MAX_LO_LENGTH:
             raise DeidError(f"{source}: profile.method_text is longer than {MAX_LO_LENGTH} characters")
+        actions = _parse_attribute_list(data.get("attributes") or [], source)
+        file_meta = _parse_attribute_list(data.get("file_meta") or [], source)
+        keep_uids = frozenset(_tag_of_keyword(k, source) for k in data.get("keep_uids") or [])
+        for tag in keep_uids:
+            if dictionary_VR(tag) != "UI":
+                raise DeidError(f"{source}: keep_uids: {keyword_for_tag(tag)} is not a UI attribute")
+        for tag, action in [*actions.items(), *file_meta.items(), *((t, "K") for t in keep_uids)]:
+            if action != "X":
+                _check_allowable(tag, source)
+        for tag in file_meta:
+            if tag >> 16 != 0x0002:
+                raise DeidError(f"{source}: file_meta: {Tag(tag)} is not in group 0002")
         return cls(
             name=str(meta.get("name", source)),
             method_text=method_text,
             method_codes=_parse_method_codes(data.get("method_codes") or [], source),
-            actions=MappingProxyType(_parse_attribute_list(data.get("attributes") or [], source)),
-            file_meta_actions=MappingProxyType(_parse_attribute_list(data.get("file_meta") or [], source)),
-            keep_uid_tags=frozenset(_tag_of_keyword(k, source) for k in data.get("keep_uids") or []),
+            actions=MappingProxyType(actions),
+            file_meta_actions=MappingProxyType(file_meta),
+            keep_uid_tags=keep_uids,
             dummy_values=MappingProxyType({str(k): str(v) for k, v in (data.get("dummy_values") or {}).items()}),
-            unlisted=_parse_unlisted(data.get("unlisted") or {}, source),
             options_applied=tuple(
                 str(o["name"]) for o in data.get("options") or [] if isinstance(o, dict) and o.get("applied")
             ),
         )
 
-    def listed_action(self, tag: int) -> str | None:
-        """Action for ``tag`` decided from the tag alone, or None if it depends on the VR."""
-        action = self.actions.get(tag)
-        if action is not None:
-            return action
-        group = tag >> 16
-        if group & 1:
-            return self.unlisted.private
-        if (group & 0xFF00) in (0x5000, 0x6000):
-            return self.unlisted.repeating_groups
-        if tag & 0xFFFF == 0:
-            return self.unlisted.group_length
-        return None
+    def action_for(self, tag: int) -> str | None:
+        """The action for ``tag`` if the profile allows it, else None (remove)."""
+        return self.allowed.get(tag)
 
-    def unlisted_action(self, elem: DataElement) -> str:
-        """Action for an element that the attribute list does not name."""
-        vr = elem.VR
-        if vr == "SQ":
-            return "K"
-        if vr == "PN":
-            return self.unlisted.person_name
-        if vr == "UI":
-            if elem.tag in self.keep_uid_tags or _all_well_known(elem):
-                return "K"
-            return self.unlisted.uid
-        if vr in DATE_VRS:
-            return self.unlisted.dates
-        if vr == "UR":
-            return self.unlisted.uri
-        if vr == "UN":
-            return self.unlisted.unknown_un
-        if vr in TEXT_VRS and self.unlisted.text_scrub:
-            return "C"
-        return self.unlisted.default
+    def vr_allowed(self, tag: int, vr: str | None) -> bool:
+        """Whether ``vr`` is the VR the DICOM dictionary gives the allowed ``tag``."""
+        return vr in self._vrs.get(tag, ())
+
+
+def _dictionary_vrs(tag: int) -> frozenset[str]:
+    """The VRs the dictionary allows for ``tag``: 'US or SS' gives US, SS and 'US or SS'."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return frozenset()
+    return frozenset({vr, *vr.split(" or ")})
+
+
+def _check_allowable(tag: int, source: str) -> None:
+    """Refuse to allow what can never be allowed: payloads, private, repeating groups."""
+    name = keyword_for_tag(tag) or str(Tag(tag))
+    group = tag >> 16
+    if tag in _PAYLOAD_TAGS:
+        raise DeidError(f"{source}: {name} is a non-image payload ({_PAYLOAD_TAGS[tag]}) and cannot be allowed")
+    if group & 1:
+        raise DeidError(f"{source}: {name} is a private tag and cannot be allowed")
+    if (group & 0xFF00) in (0x5000, 0x6000):
+        raise DeidError(f"{source}: {name} is an overlay or curve (repeating group) and cannot be allowed")
+    if tag & 0xFFFF == 0:
+        raise DeidError(f"{source}: {name} is a group length and cannot be allowed")
+    if not dictionary_has_tag(tag):
+        raise DeidError(f"{source}: {name} is not in the DICOM dictionary and cannot be allowed")
 
 
 def _tag_of_keyword(keyword: Any, source: str) -> int:
@@ -259,6 +342,8 @@ def _parse_attribute_list(entries: Iterable[Any], source: str) -> dict[int, str]
             raise DeidError(f"{source}: each attribute needs a keyword or tag and an action")
         keyword, where = entry.get("keyword"), f"{source}: {entry.get('keyword') or entry.get('tag')}"
         tag = tag_for_keyword(str(keyword)) if keyword else None
+        if keyword and tag is None:
+            raise DeidError(f"{where}: unknown DICOM keyword")
         if "tag" in entry:
             listed = _parse_tag(entry["tag"], source)
             if tag is not None and listed != tag:
@@ -280,18 +365,6 @@ def _parse_method_codes(entries: Iterable[Any], source: str) -> tuple[MethodCode
         except (TypeError, KeyError):
             raise DeidError(f"{source}: method_codes entries need value, scheme and meaning") from None
     return tuple(codes)
-
-
-def _parse_unlisted(data: Mapping[str, Any], source: str) -> UnlistedRules:
-    known = UnlistedRules.__dataclass_fields__
-    unknown = set(data) - set(known)
-    if unknown:
-        raise DeidError(f"{source}: unknown keys in unlisted: {sorted(unknown)}")
-    values = dict(data)
-    for key, value in values.items():
-        if key != "text_scrub":
-            _check_action(value, f"{source}: unlisted.{key}")
-    return UnlistedRules(**values)
 
 
 # --------------------------------------------------------------------------
@@ -361,11 +434,6 @@ def _set_values(elem: DataElement, values: list[Any]) -> None:
         elem.value = values[0]
     else:
         elem.value = values
-
-
-def _all_well_known(elem: DataElement) -> bool:
-    values = _values(elem)
-    return bool(values) and all(str(v).startswith(WELL_KNOWN_UID_ROOT) for v in values)
 
 
 @functools.lru_cache(maxsize=256)
@@ -471,16 +539,23 @@ class _Engine:
     # -- walking -----------------------------------------------------------
 
     def process(self, ds: Dataset, path: tuple[BaseTag, ...] = ()) -> None:
-        """Apply the profile to every element of ``ds`` (and its sequences)."""
+        """Apply the allowlist to every element of ``ds`` (and its sequences).
+
+        An element is removed unless the profile allows its tag with the VR
+        the dictionary gives it; raw (undecoded) elements that are removed
+        are never decoded.
+        """
+        profile = self.profile
         for tag in list(ds.keys()):
             try:
-                action = self.profile.listed_action(tag)
-                if action == "X":
+                action = profile.action_for(tag)
+                if action is None:
                     del ds[tag]
                     continue
                 elem = ds[tag]
-                if action is None:
-                    action = self.profile.unlisted_action(elem)
+                if not profile.vr_allowed(tag, elem.VR):
+                    del ds[tag]  # e.g. an allowed keyword sent as UN or OB: its value cannot be checked
+                    continue
                 self.apply(ds, elem, action, path + (tag,))
             except DeidError:
                 raise
@@ -506,6 +581,8 @@ class _Engine:
                 self.process_items(elem, path)
             elif elem.VR == "UI":
                 _set_values(elem, [self.map_uid(str(v)) for v in _values(elem)])
+            else:
+                elem.value = elem.empty_value  # U on anything else: nothing to remap, nothing kept
         elif action == "C":
             self.clean(elem, path)
         elif elem.VR == "SQ":  # K on a sequence: keep it, but process its items
@@ -525,7 +602,7 @@ class _Engine:
             elem.value = elem.empty_value
 
     def clean(self, elem: DataElement, path: tuple[BaseTag, ...]) -> None:
-        """Shift dates, scrub text, dummy person names, walk sequences."""
+        """Shift dates, scrub text, dummy person names, walk sequences; empty anything else."""
         vr = elem.VR
         if vr == "DA":
             shifted = (_shift_date(_date_text(v), self.ctx.date_shift_days) for v in _values(elem))
@@ -543,11 +620,19 @@ class _Engine:
             self.dummy(elem)
         elif vr == "SQ":
             self.process_items(elem, path)
+        elif vr in ("CS", "IS", "DS", "TM", "AS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"):
+            pass  # coded strings and numbers: nothing to clean
+        else:
+            elem.value = elem.empty_value  # binary or unexpected VR: cannot be cleaned
 
     def map_uid(self, uid: str) -> str:
-        """Original UID -> pseudonymous UID, checked, cached for this dataset."""
+        """Original UID -> pseudonymous UID, checked, cached for this dataset.
+
+        DICOM well-known UIDs (1.2.840.10008.*: classes, syntaxes, coding
+        schemes) identify nothing and are kept.
+        """
         uid = uid.strip("\x00 ")
-        if not uid:
+        if not uid or uid.startswith(WELL_KNOWN_UID_ROOT):
             return uid
         mapped = self._uids.get(uid)
         if mapped is None:
@@ -562,14 +647,16 @@ class _Engine:
     # -- file meta and identity attributes ---------------------------------
 
     def process_file_meta(self, ds: Dataset) -> None:
-        """Remap MediaStorageSOPInstanceUID consistently, drop station names."""
+        """Keep only the allowed file meta elements; MediaStorageSOPInstanceUID follows SOPInstanceUID."""
         meta = getattr(ds, "file_meta", None)
         if meta is None:
             return
-        for tag, action in self.profile.file_meta_actions.items():
-            if tag not in meta:
-                continue
-            if tag == MEDIA_STORAGE_SOP_INSTANCE_UID and action == "U" and SOP_INSTANCE_UID in ds:
+        allowed = self.profile.allowed_file_meta
+        for tag in list(meta.keys()):
+            action = allowed.get(tag)
+            if action is None or not self.profile.vr_allowed(tag, meta[tag].VR):
+                del meta[tag]
+            elif tag == MEDIA_STORAGE_SOP_INSTANCE_UID and action == "U" and SOP_INSTANCE_UID in ds:
                 meta[tag].value = ds[SOP_INSTANCE_UID].value  # already remapped
             else:
                 self.apply(meta, meta[tag], action, (Tag(tag),))
@@ -599,23 +686,101 @@ def _describe_failure(path: tuple[BaseTag, ...], exc: Exception) -> str:
     return f"cannot de-identify element {where}: {type(exc).__name__}"
 
 
-def pseudonymize_dataset(ds: Dataset, profile: DeidProfile, ctx: DeidContext) -> Dataset:
-    """Return a de-identified deep copy of ``ds``; ``ds`` itself is not changed.
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
 
-    Applies the profile's actions recursively (sequences included), shifts
-    DA/DT values by ``ctx.date_shift_days`` (invalid or partial dates are
-    emptied), remaps instance UIDs with ``ctx.uid_map`` (file meta
-    MediaStorageSOPInstanceUID follows SOPInstanceUID), removes private
-    elements and overlay/curve groups, and sets PatientName/PatientID to the
-    pseudonyms, PatientIdentityRemoved, DeidentificationMethod and
-    DeidentificationMethodCodeSequence.  PixelData is never decoded.
+
+@dataclass(frozen=True)
+class DeidResult:
+    """What :func:`deidentify` returns.
+
+    ``dataset``: the de-identified copy.  ``flags``: findings in words for
+    the job record (no patient data), e.g. a burned-in annotation kept under
+    the ``flag`` policy.  ``removed_payloads``: the kinds of non-image
+    payload found in the instance and removed (e.g. "encapsulated document
+    (e.g. a PDF)", "overlay", "private data elements"), in words.
+    ``is_image``: whether pixel data is left (False for documents, SR, ...).
+    """
+
+    dataset: Dataset
+    flags: tuple[str, ...] = ()
+    removed_payloads: tuple[str, ...] = ()
+
+    @property
+    def is_image(self) -> bool:
+        return any(t in self.dataset for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+
+
+BURNED_IN_FLAG = ("burned-in annotation: the instance has BurnedInAnnotation = YES; its pixel data was kept "
+                  "unchanged and may show identifying text (policy burned_in_annotation = flag)")
+
+
+def _has_burned_in_annotation(ds: Dataset) -> bool:
+    if BURNED_IN_ANNOTATION not in ds:
+        return False
+    try:
+        value = ds[BURNED_IN_ANNOTATION].value
+    except Exception:  # noqa: BLE001 - undecodable: treat as present, be safe
+        return True
+    values = value if isinstance(value, (MultiValue, list, tuple)) else [value]
+    texts = [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values if v is not None]
+    return any(t.strip("\x00 ").upper() == "YES" for t in texts)
+
+
+def _payloads_in(ds: Dataset) -> tuple[str, ...]:
+    """The kinds of non-image payload at the top level of ``ds``, in words."""
+    found: dict[str, None] = {}
+    for tag in ds.keys():
+        group = tag >> 16
+        if tag in _PAYLOAD_TAGS:
+            found[_PAYLOAD_TAGS[tag]] = None
+        elif group & 1:
+            found["private data elements"] = None
+        elif (group & 0xFF00) == 0x6000:
+            found["overlay"] = None
+        elif (group & 0xFF00) == 0x5000:
+            found["curve or audio"] = None
+    return tuple(found)
+
+
+def deidentify(ds: Dataset, profile: DeidProfile, ctx: DeidContext, *,
+               burned_in_annotation: str = "reject") -> DeidResult:
+    """De-identify ``ds`` with the allowlist ``profile``; ``ds`` itself is not changed.
+
+    Keeps only the attributes the profile allows, at every nesting level,
+    applying their actions: DA/DT values shifted by ``ctx.date_shift_days``
+    (invalid or partial dates are emptied), instance UIDs remapped with
+    ``ctx.uid_map`` (file meta MediaStorageSOPInstanceUID follows
+    SOPInstanceUID), descriptors cleaned of ``ctx.identifying_strings`` and
+    the dataset's own identifying strings.  Everything else is removed:
+    unknown and private tags, overlays, curves, encapsulated documents, SR
+    content, waveforms, icons.  Sets PatientName/PatientID to the
+    pseudonyms, PatientIdentityRemoved, DeidentificationMethod(CodeSequence)
+    and LongitudinalTemporalInformationModified.  PixelData is never decoded.
+
+    ``burned_in_annotation`` ("reject" or "flag", the setting of the same
+    name): with BurnedInAnnotation = YES, "reject" raises
+    :class:`BurnedInAnnotation` (nothing de-identified; quarantine the
+    instance) and "flag" de-identifies it and adds a flag to the result.
 
     Raises DeidError (message without patient data) if ``ds`` cannot be processed.
     """
+    if burned_in_annotation not in BURNED_IN_POLICIES:
+        raise DeidError(f"burned_in_annotation must be one of {', '.join(BURNED_IN_POLICIES)}")
     if not isinstance(ds, Dataset):
         raise DeidError("pseudonymize_dataset needs a pydicom Dataset")
     try:
+        burned_in = _has_burned_in_annotation(ds)
+    except Exception as exc:  # noqa: BLE001 - re-raised without patient data
+        raise DeidError(f"cannot read BurnedInAnnotation: {type(exc).__name__}") from None
+    if burned_in and burned_in_annotation == "reject":
+        raise BurnedInAnnotation(
+            "the instance has burned-in annotation (BurnedInAnnotation = YES): its pixels may show identifying "
+            "text, so it is not de-identified (policy burned_in_annotation = reject); quarantine it")
+    try:
         own_strings = identifying_strings_of(ds)
+        payloads = _payloads_in(ds)
         out = copy.deepcopy(ds)
     except Exception as exc:  # noqa: BLE001 - re-raised without patient data
         raise DeidError(f"cannot read the dataset to de-identify it: {type(exc).__name__}") from None
@@ -630,4 +795,15 @@ def pseudonymize_dataset(ds: Dataset, profile: DeidProfile, ctx: DeidContext) ->
         raise DeidError(f"cannot finish de-identification (file meta / marks): {type(exc).__name__}") from None
     if isinstance(out, pydicom.FileDataset):
         out.filename = None  # the spool path may name the patient
-    return out
+    flags = (BURNED_IN_FLAG,) if burned_in else ()
+    return DeidResult(dataset=out, flags=flags, removed_payloads=payloads)
+
+
+def pseudonymize_dataset(ds: Dataset, profile: DeidProfile, ctx: DeidContext, *,
+                         burned_in_annotation: str = "reject") -> Dataset:
+    """``deidentify(...).dataset``: the de-identified copy only.
+
+    Kept for callers that do not record flags; with ``burned_in_annotation
+    = "flag"`` use :func:`deidentify` so the flag reaches the job record.
+    """
+    return deidentify(ds, profile, ctx, burned_in_annotation=burned_in_annotation).dataset

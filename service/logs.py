@@ -3,13 +3,19 @@
 Every record is one JSON object per line with ``ts`` (UTC ISO 8601), ``level``,
 ``logger``, ``msg`` and any ``extra=`` fields. Callers must only pass
 pseudonymous keys (job id, study key, pseudonymous UIDs), never patient data.
+
+A record with an exception carries ``exc_type`` and ``traceback``: the stack
+frames (file, line, function, source line) without the exception's message,
+which may quote data. The log folder is created 0700 and log files 0600.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +36,8 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            if record.exc_info[2] is not None:
+                payload["traceback"] = "".join(traceback.format_tb(record.exc_info[2]))
         return json.dumps(payload, default=str)
 
 
@@ -40,7 +48,14 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None
     root.setLevel(level.upper())
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        for path, private in ((log_file.parent, 0o700), (log_file, 0o600)):
+            try:
+                os.chmod(path, private)
+            except OSError:  # not ours (e.g. a shared log folder): leave it
+                pass
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(JsonFormatter())

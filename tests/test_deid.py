@@ -3,7 +3,10 @@
 Synthetic MR datasets are built in code with identifying values planted in
 every place the profile must handle (patient module, physicians, device,
 free text, nested sequences, private tags, overlays, curves), then the
-de-identified dataset is written to bytes and searched for the originals.
+de-identified dataset is written to bytes and searched for the originals in
+every spelling of tests.phi.spellings (UTF-8 / Latin-1, UTF-16, hex, any
+case).  Hostile payloads (PDF, SR, private blobs, ...) and the allowlist
+itself are tested in tests/test_deid_allowlist.py.
 One test builds a real slice from shared/data and checks it with dciodvfy.
 """
 
@@ -33,6 +36,7 @@ from brainline.service.deid import (
     identifying_strings_of,
     pseudonymize_dataset,
 )
+from tests.phi import find_phi
 
 SHIFT = -1234
 STUDY_UID = "1.2.826.0.1.3680043.8.498.11111111111111111111"
@@ -157,7 +161,7 @@ def make_mr(index: int = 0, rows: int = 16, cols: int = 16) -> Dataset:
     ds.StationName = PHI["station"]
     ds.DeviceSerialNumber = PHI["serial"]
     ds.Manufacturer, ds.ManufacturerModelName = "GE MEDICAL SYSTEMS", "Signa HDxt"
-    ds.EvaluatorName = f"{PHI['unlisted_pn']}^Eve"  # PN not in the profile: dummy
+    ds.EvaluatorName = f"{PHI['unlisted_pn']}^Eve"  # PN not in the profile: removed
 
     ds.Modality = "MR"
     ds.SeriesNumber, ds.InstanceNumber, ds.AcquisitionNumber = 5, index + 1, 1
@@ -184,7 +188,7 @@ def make_mr(index: int = 0, rows: int = 16, cols: int = 16) -> Dataset:
     req.ScheduledProcedureStepID = PHI["requested_proc_id"] + "-1"
     req.ReasonForTheRequestedProcedure = f"tumour follow-up {PHI['family']}"
     ds.ProcedureCodeSequence = Sequence([code_item("MRBRAIN", "99LOCAL", f"MR brain {PHI['family']}")])
-    # An unlisted sequence: kept, but its items are processed with the same rules.
+    # An allowed sequence: kept, its items processed with the same allowlist.
     ds.AnatomicRegionSequence = Sequence([code_item("12738006", "SCT", "Brain")])
     nested = ds.AnatomicRegionSequence[0]
     nested.EvaluatorName = f"{PHI['unlisted_pn']}^Nested"
@@ -280,9 +284,10 @@ def test_profile_rejects_unknown_action(tmp_path: Path):
 def test_no_identifying_value_survives_in_written_bytes(profile: DeidProfile):
     original = make_mr(0)
     out = pseudonymize_dataset(original, profile, make_context(original))
-    data = written_bytes(out).lower()
-    for label, value in PHI.items():
-        assert value.lower().encode() not in data, f"{label} survived"
+    assert set(find_phi(written_bytes(original), PHI)) == set(PHI), "sanity: the scan finds the input's PHI"
+    data = written_bytes(out)
+    assert find_phi(data, PHI) == []  # any case; UTF-8/Latin-1, UTF-16 LE/BE and hex spellings
+    data = data.lower()
     for uid in ORIGINAL_UIDS:
         assert uid.encode() not in data
     for spelling in ("1965-04-12", "12.04.1965"):
@@ -299,9 +304,7 @@ def test_dataset_read_from_file(profile: DeidProfile, syntax: str, tmp_path: Pat
     read = pydicom.dcmread(path)
     out = pseudonymize_dataset(read, profile, make_context(read))
     assert out.filename is None and read.filename == str(path)
-    data = written_bytes(out).lower()
-    for label, value in PHI.items():
-        assert value.lower().encode() not in data, f"{label} survived"
+    assert find_phi(written_bytes(out), PHI) == []
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == uid_map(SOP_UIDS[0])
     assert out.StudyDate == shifted("20190315")
     assert out.PixelData == original.PixelData
@@ -320,8 +323,9 @@ def test_structure_is_cleaned(profile: DeidProfile):
     assert out.PatientName == "BL-3F9A0C" and out.PatientID == "BL-3F9A0C"
     assert out.PatientBirthDate == "" and out.AccessionNumber == "" and out.StudyID == ""
     assert out.ReferringPhysicianName == ""
-    assert out.EvaluatorName == "ANONYMIZED"
-    assert out.AnatomicRegionSequence[0].EvaluatorName == "ANONYMIZED"
+    # allowlist: an attribute the profile does not name is removed, nested ones too
+    assert "EvaluatorName" not in out
+    assert "EvaluatorName" not in out.AnatomicRegionSequence[0]
     assert out.AnatomicRegionSequence[0].CodeValue == "12738006"
 
 
@@ -441,9 +445,11 @@ def test_multivalued_dates(profile: DeidProfile):
     ds = make_mr(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.add_new(0x00181202, "DA", ["20190101", "bad", "20190102"])  # unlisted DA (DateOfManufacture)
+        ds.add_new(0x00080012, "DA", ["20190101", "bad", "20190102"])  # allowed (C), more values than its VM
+        ds.add_new(0x00181202, "DT", ["20190101", "20190102"])  # DateTimeOfLastCalibration: not allowed
     out = pseudonymize_dataset(ds, profile, make_context(ds))
-    assert list(out[0x00181202].value) == [shifted("20190101"), shifted("20190102")]
+    assert list(out[0x00080012].value) == [shifted("20190101"), shifted("20190102")]
+    assert 0x00181202 not in out
 
 
 # --------------------------------------------------------------------------
