@@ -2,10 +2,18 @@
 
 The spool is the source of truth: a study folder whose modification time
 (changed by every file renamed into it) is older than BRAINLINE_STABLE_SECONDS
-counts as complete. A job is created when the folder holds a different number
-of instances than the newest job of that study was built from, so late
-instances re-open the study and re-trigger it after another quiet period,
-duplicates do not, and a restart picks up whatever arrived before it.
+counts as complete. A job is created when the study holds a different number
+of versions (``Spool.versions``: instances plus earlier versions kept after a
+conflicting re-send) than the newest job of that study was built from, so late
+instances and conflicting re-sends re-open the study and re-trigger it after
+another quiet period, duplicates do not, and a restart picks up whatever
+arrived before it.
+
+The quiet period restarts with the process: a study already in the spool at
+start-up (for example the first part of a push interrupted by a crash) is not
+turned into a job until BRAINLINE_STABLE_SECONDS after start-up (or after the
+last instance received since), however old its folder is; the sender gets the
+time to re-send.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ class CompletionMonitor:
         self._job_counts: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start_ns = time.time_ns()  # quiet periods count from here at the earliest
 
     def start(self) -> None:
+        self._start_ns = time.time_ns()
         self._job_counts = self.store.latest_counts()
         self._thread = threading.Thread(target=self._loop, name="brainline-completion", daemon=True)
         self._thread.start()
@@ -62,11 +72,11 @@ class CompletionMonitor:
         for study_key, mtime in self.spool.studies():
             if self._handled_mtime.get(study_key) == mtime:
                 continue
-            if now_ns - mtime < self.stable_ns:
+            if now_ns - max(mtime, self._start_ns) < self.stable_ns:
                 waiting += 1
                 continue
             self._handled_mtime[study_key] = mtime
-            count = self.spool.count(study_key)
+            count = self.spool.versions(study_key)
             if count == 0 or self._job_counts.get(study_key) == count:
                 continue
             job_id = self.store.create(study_key, count, source="spool")

@@ -112,6 +112,8 @@ def pull_study(settings, spool: Spool, study_key_fn, study_uid: str, metrics=Non
                     new += 1
                     if metrics is not None:
                         metrics.instances.labels(source="dicomweb").inc()
+                if getattr(outcome, "conflict", False) and metrics is not None:
+                    metrics.conflicts.inc()
                 if progress:
                     progress(done, total)
     except RequestException as exc:

@@ -1,20 +1,78 @@
-"""DICOM listener: C-ECHO and C-STORE SCP (pynetdicom).
+"""DICOM listener: C-ECHO and C-STORE SCP (pynetdicom), hardened for a
+hospital network.
 
 Every instance is fsync'ed into the spool before the success status is
-returned. Calling AE titles outside BRAINLINE_ALLOWED_AES are rejected at
-association. Status codes (PS3.4 Annex B / PS3.7):
-0x0000 success, 0xA700 out of resources (spool below free-space threshold),
-0xC000 cannot understand (dataset malformed or without the UIDs needed to
-file it), 0xC001 cannot file (unexpected I/O error).
+returned. Status codes (PS3.4 Annex B / PS3.7):
+0x0000 success (also for a duplicate, and for a different instance re-sent
+with a known SOP Instance UID: both versions are kept, see spool.py),
+0x0122 SOP class not supported (an accepted presentation context used for
+another SOP class), 0xA700 out of resources (spool below the free-space
+threshold, or the instance larger than BRAINLINE_MAX_INSTANCE_MB, also after
+inflating a deflated transfer syntax), 0xC000 cannot understand (data set
+malformed or without the UIDs needed to file it), 0xC001 cannot file
+(unexpected I/O error).
+
+Defences (each refusal is logged and counted in ``brainline_rejections_total``
+with its reason; log lines about one peer and reason are rate-limited):
+
+* Connection level, before any byte is read (``_Server.verify_request``):
+  at most BRAINLINE_MAX_ASSOCIATIONS_PER_PEER open connections per peer IP
+  (``too_many_associations_from_peer``), at most ``max_open_connections()``
+  in all (``too_many_connections``), and, when every BRAINLINE_ALLOWED_AES
+  entry names a host, only those hosts (``peer_not_allowed``).
+* Reads (``_GuardedSocket``, pynetdicom's AssociationSocket with bounded
+  reads): a PDU header announcing more than BRAINLINE_MAX_PDU_SIZE (P-DATA) or
+  64 KiB (association PDUs) is answered with an A-ABORT and the connection is
+  closed before anything is buffered (``pdu_too_large``); the association
+  request must arrive within BRAINLINE_ACSE_TIMEOUT of the connection, and
+  every later PDU within BRAINLINE_NETWORK_TIMEOUT of its first byte, however
+  slowly it trickles in (``timeout``). pynetdicom itself reads a PDU with a
+  blocking ``recv(length)``, so one peer could otherwise hold a thread and
+  its buffer forever.
+* Association level (EVT_REQUESTED): called AE (``called_ae_not_recognised``),
+  calling AE (``calling_ae_not_allowed``), AE@host pairs
+  (``peer_not_allowed``), and at most BRAINLINE_MAX_ASSOCIATIONS established
+  associations (``too_many_associations``; connections still negotiating do
+  not count, so idle or hostile connections cannot use up the limit).
+* DICOM TLS (a second listener on BRAINLINE_DICOM_TLS_PORT when
+  BRAINLINE_TLS_CERT is set): the handshake runs in the connection's thread
+  with the ACSE timeout (``tls_handshake_failed``); with
+  BRAINLINE_TLS_CLIENT_CA, a client certificate verified by that CA is
+  required.
+* Data sets are streamed to ``<spool>/.incoming`` while received (pynetdicom
+  STORE_RECV_CHUNKED_DATASET) and the writer stops past
+  BRAINLINE_MAX_INSTANCE_MB (``too_large``, 0xA700); deflated data sets are
+  inflated in bounded chunks to a file (``too_large`` past the limit) and
+  filed as Explicit VR Little Endian; only the header is parsed to route the
+  instance; presentation contexts are offered only for
+  BRAINLINE_ACCEPTED_SOP_CLASSES (others are rejected at negotiation).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import NamedTemporaryFile
 
-from pydicom.uid import UID
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt, sop_class
+from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from .metrics import Metrics
 from .spool import InvalidInstance, OutOfSpace, Spool, is_valid_uid
@@ -22,14 +80,369 @@ from .spool import InvalidInstance, OutOfSpace, Spool, is_valid_uid
 log = logging.getLogger("brainline.listener")
 
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_CANNOT_FILE = 0xC001
 
-# Enhanced MR and the other storage classes of a brain study are part of
-# pynetdicom's StoragePresentationContexts, each accepted with every
-# transfer syntax in ALL_TRANSFER_SYNTAXES (stored as received).
+# Storage SOP classes a brain MR study needs (BRAINLINE_ACCEPTED_SOP_CLASSES="").
+# No SR, PDF, secondary capture, presentation state or private classes: they
+# would carry payloads the de-identification cannot vouch for and never
+# feed the pipeline.
+BRAIN_MR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
 
+ASSOCIATION_PDU_LIMIT = 64 * 1024  # A-ASSOCIATE-RQ of 128 contexts x 13 syntaxes is ~50 KB
+SMALL_PDU_LIMIT = 64               # release and abort PDUs are 4 bytes long
+PDU_OVERHEAD = 6                   # tolerated above max_pdu_size: one PDV item header
+_ROUTING_TAGS = [0x00080016, 0x00080018, 0x0020000D, 0x0020000E]  # SOP class/instance, study, series
+_INFLATE_CHUNK = 1 << 20
+_LOG_EVERY_S = 10.0
+
+
+class ListenerConfigError(OSError):
+    """A listener setting cannot be used (reported by `brainline serve`)."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
+
+
+class InstanceTooLarge(ValueError):
+    """The instance (or its inflated data set) exceeds BRAINLINE_MAX_INSTANCE_MB."""
+
+
+# -- settings parsing ------------------------------------------------------
+
+def parse_sop_classes(setting: str) -> dict[str, str]:
+    """UID -> name of the accepted storage SOP classes. ``setting`` is a
+    comma-separated list of UIDs or pynetdicom keywords (``MRImageStorage``);
+    empty = BRAIN_MR_SOP_CLASSES."""
+    entries = [e.strip() for e in str(setting or "").split(",") if e.strip()]
+    if not entries:
+        return dict(BRAIN_MR_SOP_CLASSES)
+    out = {}
+    for entry in entries:
+        if is_valid_uid(entry):
+            out[entry] = UID(entry).name
+            continue
+        uid = getattr(sop_class, entry, None)
+        if not isinstance(uid, str) or not is_valid_uid(str(uid)):
+            raise ListenerConfigError(
+                f"BRAINLINE_ACCEPTED_SOP_CLASSES: {entry!r} is neither a UID nor a SOP class keyword")
+        out[str(uid)] = UID(uid).name
+    return out
+
+
+def _norm_ip(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(str(address).split("%")[0])
+    except ValueError:
+        return str(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _resolve(host: str) -> set[str]:
+    addresses = {_norm_ip(host)}
+    try:
+        for info in socket.getaddrinfo(host, None):
+            addresses.add(_norm_ip(info[4][0]))
+    except (OSError, UnicodeError):
+        log.warning("allowed peer host cannot be resolved; only the literal address matches",
+                    extra={"host": host})
+    return addresses
+
+
+@dataclass
+class PeerAllowlist:
+    """BRAINLINE_ALLOWED_AES: ``AE`` (that AE title from any host, as before)
+    or ``AE@host`` (that AE title only from that host name or IP address,
+    like Orthanc's DicomModalities). Empty = any calling AE from any host.
+    Host names are resolved once, at start-up."""
+
+    entries: tuple[str, ...] = ()
+    hosts_by_ae: dict[str, set[str] | None] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, entries) -> "PeerAllowlist":
+        hosts_by_ae: dict[str, set[str] | None] = {}
+        for raw in entries:
+            entry = str(raw).strip()
+            if not entry:
+                continue
+            ae, sep, host = entry.partition("@")
+            ae, host = ae.strip(), host.strip()
+            if not ae or len(ae) > 16 or (sep and not host):
+                raise ListenerConfigError(
+                    f"BRAINLINE_ALLOWED_AES: {entry!r} is not AE or AE@host (AE title of 1 to 16 characters)")
+            if not sep:
+                hosts_by_ae[ae] = None
+            elif ae not in hosts_by_ae:
+                hosts_by_ae[ae] = _resolve(host)
+            elif hosts_by_ae[ae] is not None:
+                hosts_by_ae[ae] |= _resolve(host)
+        return cls(tuple(entries), hosts_by_ae)
+
+    @property
+    def bare_aes(self) -> list[str]:
+        return sorted(ae for ae, hosts in self.hosts_by_ae.items() if hosts is None)
+
+    def host_allowed(self, ip: str) -> bool:
+        """False only when every entry names hosts and ``ip`` is none of them."""
+        if not self.hosts_by_ae or self.bare_aes:
+            return True
+        return any(ip in hosts for hosts in self.hosts_by_ae.values() if hosts)
+
+    def check(self, calling_ae: str, ip: str) -> str | None:
+        """None when allowed, else the rejection reason."""
+        if not self.hosts_by_ae:
+            return None
+        if calling_ae not in self.hosts_by_ae:
+            return "calling_ae_not_allowed"
+        hosts = self.hosts_by_ae[calling_ae]
+        if hosts is not None and ip not in hosts:
+            return "peer_not_allowed"
+        return None
+
+
+def max_open_connections(settings) -> int:
+    """Cap on all open connections (each costs two or three threads)."""
+    return max(256, 4 * int(settings.max_associations))
+
+
+# -- receiving data sets to disk -------------------------------------------
+
+_RECV = {"dir": None, "limit": None}  # set by DicomListener.start()
+
+
+class _BoundedTempFile:
+    """The file pynetdicom streams a received C-STORE data set into
+    (``STORE_RECV_CHUNKED_DATASET``), created in the spool's ``.incoming``
+    folder. Past the size limit it stops writing and sets ``overflow``, so an
+    oversize instance costs neither memory nor unbounded disk; the C-STORE
+    handler then answers 0xA700."""
+
+    def __init__(self, *args, **kwargs):
+        if _RECV["dir"] is not None:
+            kwargs["dir"] = _RECV["dir"]
+        self._file = NamedTemporaryFile(*args, **kwargs)
+        self.limit = _RECV["limit"]
+        self.written = 0
+        self.overflow = False
+
+    def write(self, data) -> int:
+        size = len(data)
+        if self.overflow or (self.limit is not None and self.written + size > self.limit):
+            self.overflow = True
+            return size
+        self.written += size
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _discard_partial(assoc) -> None:
+    """Remove the file of a data set whose reception was cut off."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        try:
+            partial.close()
+            os.unlink(partial.name)
+        except OSError:
+            pass
+
+
+# -- network guards ---------------------------------------------------------
+
+class _GuardedSocket(AssociationSocket):
+    """pynetdicom's AssociationSocket with bounded reads (installed on each
+    accepted connection by ``_Handler``). pynetdicom's DUL reads a PDU as
+    ``recv(6)`` (type, reserved, length) then ``recv(length)``; here the
+    header is checked against the limits before the body is read, and every
+    read has a deadline. A refusal sends an A-ABORT, shuts the socket down and
+    returns a short read, which pynetdicom treats as a closed connection."""
+
+    def _guard_setup(self, listener: "DicomListener", ip: str) -> None:
+        s = listener.settings
+        self._listener = listener
+        self._peer_ip = ip
+        self._acse_deadline = time.monotonic() + float(s.acse_timeout)
+        self._network_timeout = float(s.network_timeout)
+        self._pdata_limit = int(s.max_pdu_size) + PDU_OVERHEAD if s.max_pdu_size else None
+        self._want_header = True
+        self._body_deadline = 0.0
+        self.saw_data = False
+        self.saw_eof = False
+        self.refused: str | None = None
+        self._complete_pdus = 0
+
+    def _limit(self, pdu_type: int) -> int | None:
+        if pdu_type == 0x04:
+            return self._pdata_limit
+        if pdu_type in (0x01, 0x02, 0x03):
+            return ASSOCIATION_PDU_LIMIT
+        return SMALL_PDU_LIMIT
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self._want_header:
+            self._want_header = True
+            body = self._read(nr_bytes, self._body_deadline)
+            if len(body) == nr_bytes:
+                self._complete_pdus += 1
+            return body
+        if self.assoc.is_established:
+            deadline = time.monotonic() + self._network_timeout
+        else:
+            deadline = self._acse_deadline
+        header = self._read(nr_bytes, deadline)
+        if len(header) != 6 or nr_bytes != 6:
+            return header
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in range(1, 8):
+            return header  # pynetdicom aborts: unrecognised PDU
+        limit = self._limit(pdu_type)
+        if limit is not None and length > limit:
+            self._refuse("pdu_too_large", 0x06, f"PDU type 0x{pdu_type:02X} announces {length} bytes, "
+                                                f"limit {limit}")
+            return bytearray()
+        if length:
+            self._want_header = False
+            self._body_deadline = deadline
+        else:
+            self._complete_pdus += 1
+        return header
+
+    def _read(self, nr_bytes: int, deadline: float) -> bytearray:
+        data = bytearray()
+        sock = self.socket
+        if sock is None:
+            return data
+        try:
+            while len(data) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(nr_bytes - len(data), 65536))
+                if not chunk:
+                    self.saw_eof = True
+                    self._wake_acceptor()
+                    break
+                self.saw_data = True
+                data.extend(chunk)
+        except (TimeoutError, socket.timeout):
+            what = "association request" if not self.assoc.is_established else "PDU"
+            self._refuse("timeout", 0x00, f"{what} not received in time")
+            return bytearray()
+        except (OSError, ValueError):
+            self.saw_eof = True
+            self._wake_acceptor()
+        finally:
+            try:
+                if self.socket is not None:
+                    self.socket.settimeout(self._network_timeout)  # bounds sends too
+            except OSError:
+                pass
+        return data
+
+    def _wake_acceptor(self) -> None:
+        """The connection ended before any complete PDU: let the association
+        thread stop now instead of waiting the ACSE timeout for a request
+        that cannot come (it holds the peer's connection slot meanwhile)."""
+        if self._complete_pdus == 0 and not self.assoc.is_established:
+            self.assoc.dul.to_user_queue.put(None)
+
+    def _refuse(self, reason: str, abort_reason: int, detail: str) -> None:
+        if self.refused:
+            return
+        self.refused = reason
+        self._wake_acceptor()
+        self._listener._count_rejection(reason, self._peer_ip, detail)
+        sock = self.socket
+        if sock is None:
+            return
+        try:
+            abort = A_ABORT_RQ()
+            abort.source = 0x02
+            abort.reason_diagnostic = abort_reason
+            sock.settimeout(1.0)
+            sock.sendall(abort.encode())
+        except (OSError, ValueError):
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+
+class _Handler(RequestHandler):
+    """Runs one connection: TLS handshake (bounded), then the association,
+    in this connection's thread; releases the peer's connection slot when
+    the association has ended."""
+
+    def handle(self) -> None:
+        listener: DicomListener = self.server.listener
+        ip = _norm_ip(self.client_address[0])
+        assoc = None
+        try:
+            if isinstance(self.request, ssl.SSLSocket):
+                try:
+                    self.request.settimeout(float(listener.settings.acse_timeout))
+                    self.request.do_handshake()
+                except (OSError, ValueError) as exc:
+                    listener._count_rejection("tls_handshake_failed", ip, type(exc).__name__)
+                    return
+            assoc = self._create_association()
+            sock = assoc.dul.socket
+            sock.__class__ = _GuardedSocket  # same object, bounded reads (see _GuardedSocket)
+            sock._guard_setup(listener, ip)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+            if (assoc.requestor.primitive is None and not sock.refused and not sock.saw_data
+                    and not sock.saw_eof):
+                listener._count_rejection("timeout", ip, "no association request (idle connection)")
+        finally:
+            if assoc is not None:
+                _discard_partial(assoc)
+            listener._connection_closed(ip, assoc)
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with connection admission, a TLS
+    handshake moved out of the accept loop, and housekeeping."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args, listener: "DicomListener", **kwargs):
+        self.listener = listener
+        super().__init__(*args, request_handler=_Handler, **kwargs)
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            # pynetdicom handshakes here, in the accept loop: one silent
+            # client would block every other connection.
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request, client_address) -> bool:
+        return self.listener._admit(client_address)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.listener._housekeeping()
+
+
+# -- the listener -------------------------------------------------------------
 
 class DicomListener:
     def __init__(self, settings, spool: Spool, study_key_fn, metrics: Metrics):
@@ -38,73 +451,309 @@ class DicomListener:
         self.study_key_fn = study_key_fn
         self.metrics = metrics
         self.server = None
+        self.tls_server = None
+        self.accepted_sop_classes = parse_sop_classes(getattr(settings, "accepted_sop_classes", ""))
+        self.allowlist = PeerAllowlist.parse(settings.allowed_aes)
+        self.max_instance_bytes = int(float(settings.max_instance_mb) * 1024 * 1024)
+        self._lock = threading.Lock()
+        self._per_peer: dict[str, int] = {}
+        self._open = 0
+        self._associated = 0
+        self._last_log: dict[tuple[str, str], float] = {}
+        self._next_sweep = 0.0
 
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_pdu_size = 0  # unlimited: senders may use large PDUs
-        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = int(s.max_pdu_size)  # announced, and enforced by _GuardedSocket
+        # Established associations are limited in _on_requested; pynetdicom's
+        # own limit counts connections still negotiating, so keep it out of the way.
+        ae.maximum_associations = max_open_connections(s) + 1
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
-        ae.acse_timeout = s.network_timeout
-        ae.require_called_aet = True
-        if s.allowed_aes:
-            ae.require_calling_aet = list(s.allowed_aes)
-        for ctx in StoragePresentationContexts:
-            ae.add_supported_context(ctx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.acse_timeout = s.acse_timeout
+        ae.require_called_aet = False   # checked in _on_requested, with a reason
+        ae.require_calling_aet = []
+        for uid in self.accepted_sop_classes:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 
+    def _ssl_context(self) -> ssl.SSLContext:
+        s = self.settings
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+            if s.tls_client_ca:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=s.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ListenerConfigError(f"DICOM TLS certificate, key or client CA cannot be loaded: "
+                                      f"{getattr(exc, 'strerror', None) or exc}") from None
+        return context
+
+    def _serve(self, ae: AE, port: int, handlers, ssl_context=None):
+        server = ae.make_server((self.settings.dicom_bind, port), ssl_context=ssl_context,
+                                evt_handlers=handlers, server_class=_Server, listener=self)
+        thread = threading.Thread(target=server.serve_forever, name=f"brainline-dicom-{port}",
+                                  daemon=True)
+        thread.start()
+        ae._servers.append(server)
+        return server
+
     def start(self) -> None:
         s = self.settings
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _dimse_messages.NamedTemporaryFile = _BoundedTempFile
+        _RECV["dir"] = str(self.spool.incoming_dir)
+        _RECV["limit"] = self.max_instance_bytes + 64 * 1024  # + file meta
+        self.spool.clear_incoming()
+        for ae_title in self.allowlist.bare_aes:
+            log.warning("BRAINLINE_ALLOWED_AES entry without @host: a calling AE title is not an "
+                        "identity, any host sending it is accepted; use AE@host or DICOM TLS with "
+                        "client certificates", extra={"calling_ae": ae_title})
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, lambda event: _discard_partial(event.assoc)),
         ]
-        self.server = self._make_ae().start_server(
-            (s.dicom_bind, s.dicom_port), block=False, evt_handlers=handlers
-        )
+        ae = self._make_ae()
+        tls_context = self._ssl_context() if s.tls_cert and s.dicom_tls_port else None
+        self.server = self._serve(ae, s.dicom_port, handlers)
         log.info("dicom listener started", extra={"ae_title": s.ae_title, "port": s.dicom_port})
+        if tls_context is not None:
+            try:
+                self.tls_server = self._serve(ae, s.dicom_tls_port, handlers, tls_context)
+            except OSError:
+                self.stop()
+                raise
+            log.info("dicom TLS listener started",
+                     extra={"port": s.dicom_tls_port, "client_certificates": bool(s.tls_client_ca)})
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for attr in ("tls_server", "server"):
+            server = getattr(self, attr)
+            if server is not None:
+                server.shutdown()
+                setattr(self, attr, None)
 
     @property
     def bound(self) -> bool:
-        return self.server is not None and self.server.socket is not None
+        ok = self.server is not None and self.server.socket is not None
+        if self.settings.tls_cert and self.settings.dicom_tls_port:
+            ok = ok and self.tls_server is not None and self.tls_server.socket is not None
+        return ok
+
+    # -- connection accounting ------------------------------------------------
+    def _count_rejection(self, reason: str, ip: str, detail: str = "", **extra) -> None:
+        self.metrics.rejections.labels(reason=reason).inc()
+        now = time.monotonic()
+        key = (reason, ip)
+        with self._lock:
+            if now - self._last_log.get(key, -1e9) < _LOG_EVERY_S:
+                return
+            if len(self._last_log) > 10_000:
+                self._last_log.clear()
+            self._last_log[key] = now
+        log.warning("dicom connection or association refused",
+                    extra={"reason": reason, "peer": ip, "detail": detail, **extra})
+
+    def _admit(self, client_address) -> bool:
+        ip = _norm_ip(client_address[0])
+        if not self.allowlist.host_allowed(ip):
+            self._count_rejection("peer_not_allowed", ip, "host not in BRAINLINE_ALLOWED_AES")
+            return False
+        with self._lock:
+            if self._open >= max_open_connections(self.settings):
+                reason = "too_many_connections"
+            elif self._per_peer.get(ip, 0) >= int(self.settings.max_associations_per_peer):
+                reason = "too_many_associations_from_peer"
+            else:
+                reason = None
+                self._open += 1
+                self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+        if reason:
+            self._count_rejection(reason, ip)
+            return False
+        self.metrics.connections_open.inc()
+        return True
+
+    def _connection_closed(self, ip: str, assoc) -> None:
+        with self._lock:
+            self._open -= 1
+            left = self._per_peer.get(ip, 1) - 1
+            if left > 0:
+                self._per_peer[ip] = left
+            else:
+                self._per_peer.pop(ip, None)
+            if assoc is not None and getattr(assoc, "_brainline_admitted", False):
+                self._associated -= 1
+        self.metrics.connections_open.dec()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 60
+        # Receptions are flushed at every PDU; a file untouched this long belongs
+        # to an association that is gone.
+        self.spool.clear_incoming(older_than_s=2 * float(self.settings.network_timeout) + 60)
+
+    def open_connections(self, ip: str | None = None) -> int:
+        with self._lock:
+            return self._open if ip is None else self._per_peer.get(ip, 0)
 
     # -- handlers ----------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title or "").strip()
+        called = str(rq.called_ae_title or "").strip()
+        ip = _norm_ip(assoc.requestor.address)
+        rsd = None
+        reason = None
+        if called != self.settings.ae_title:
+            reason, rsd = "called_ae_not_recognised", (0x01, 0x01, 0x07)
+        else:
+            reason = self.allowlist.check(calling, ip)
+            if reason:
+                rsd = (0x01, 0x01, 0x03)
+        if reason is None:
+            with self._lock:
+                if self._associated >= int(self.settings.max_associations):
+                    reason, rsd = "too_many_associations", (0x02, 0x03, 0x02)
+                else:
+                    self._associated += 1
+                    assoc._brainline_admitted = True
+        if reason:
+            self._count_rejection(reason, ip, calling_ae=calling)
+            assoc.acse.send_reject(*rsd)
+            assoc.kill()
+
     def _on_accepted(self, event) -> None:
         self.metrics.associations.inc()
 
     def _on_rejected(self, event) -> None:
-        self.metrics.rejections.labels(reason="calling_ae_not_allowed").inc()
-        log.warning("association rejected: calling AE title not allowed",
-                    extra={"calling_ae": event.assoc.requestor.ae_title})
+        # Rejections decided by pynetdicom itself (ours are sent in _on_requested).
+        primitive = event.assoc.acceptor.primitive
+        diag = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+        reason = {(0x01, 0x03): "calling_ae_not_allowed", (0x01, 0x07): "called_ae_not_recognised",
+                  (0x03, 0x02): "too_many_associations"}.get(diag, "rejected")
+        self._count_rejection(reason, _norm_ip(event.assoc.requestor.address))
 
     def _on_store(self, event) -> int:
-        if not self.spool.has_space():
-            return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
+        created: list[Path] = []
         try:
-            sop_uid, study_uid = _checked_uids(event)
+            return self._store(event, created)
+        finally:
+            for path in created:
+                path.unlink(missing_ok=True)
+
+    def _store(self, event, created: list[Path]) -> int:
+        req = event.request
+        received = getattr(req, "_dataset_file", None)
+        if getattr(received, "overflow", False):
+            return self._refuse("too_large", STATUS_OUT_OF_RESOURCES,
+                                f"instance larger than BRAINLINE_MAX_INSTANCE_MB={self.settings.max_instance_mb:g}")
+        try:
+            path = Path(event.dataset_path)
+        except AttributeError:
+            return self._refuse("io_error", STATUS_CANNOT_FILE, "data set was not streamed to disk")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            return self._refuse("io_error", STATUS_CANNOT_FILE, exc.strerror or "I/O error")
+        if size > self.max_instance_bytes + 64 * 1024:
+            return self._refuse("too_large", STATUS_OUT_OF_RESOURCES,
+                                f"instance larger than BRAINLINE_MAX_INSTANCE_MB={self.settings.max_instance_mb:g}")
+        if not self.spool.has_space(size):
+            return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
+        if str(req.AffectedSOPClassUID or "") not in self.accepted_sop_classes:
+            return self._refuse("sop_class_not_accepted", STATUS_SOP_CLASS_NOT_SUPPORTED,
+                                "C-STORE SOP class not accepted")
+        try:
+            if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+                path = self._inflate(path)
+                created.append(path)
+            sop_uid, study_uid = _routing_uids(path, req, self.accepted_sop_classes)
+        except InstanceTooLarge as exc:
+            return self._refuse("too_large", STATUS_OUT_OF_RESOURCES, str(exc))
         except InvalidInstance as exc:
             return self._refuse("malformed", STATUS_CANNOT_UNDERSTAND, str(exc))
+        except OSError as exc:
+            if exc.errno in (28, 122):
+                return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
+            return self._refuse("io_error", STATUS_CANNOT_FILE, exc.strerror or "I/O error")
+        study_key = self.study_key_fn(study_uid)
         try:
-            outcome = self.spool.store(self.study_key_fn(study_uid), sop_uid,
-                                       event.encoded_dataset(include_meta=True))
+            outcome = self.spool.store_file(study_key, sop_uid, path)
         except OutOfSpace:
             return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
+        except InvalidInstance as exc:
+            return self._refuse("malformed", STATUS_CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:
             return self._refuse("io_error", STATUS_CANNOT_FILE, exc.strerror or "I/O error")
         if outcome.duplicate:
             self.metrics.duplicates.inc()
         else:
             self.metrics.instances.labels(source="dimse").inc()
+        if outcome.conflict:
+            self.metrics.conflicts.inc()
+            log.warning("instance re-sent with a known SOP Instance UID and different content: "
+                        "both versions kept, the new one is current, the study is re-opened",
+                        extra={"study_key": study_key, "kept_versions": self.spool.conflict_count(study_key)})
         return STATUS_SUCCESS
+
+    def _inflate(self, path: Path) -> Path:
+        """Inflate a Deflated Explicit VR Little Endian file in bounded chunks
+        into a new Explicit VR Little Endian file (the same data set, not
+        compressed); raise InstanceTooLarge past the limit, InvalidInstance
+        when the stream is not deflate."""
+        try:
+            meta, offset = split_dataset(path)
+        except Exception:
+            raise InvalidInstance("file meta information cannot be read") from None
+        file_meta = FileMetaDataset(meta)
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out = NamedTemporaryFile(dir=self.spool.incoming_dir, suffix=".dcm", delete=False)
+        out_path = Path(out.name)
+        total = 0
+        try:
+            with out, open(path, "rb") as src:
+                out.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(out, file_meta)
+                src.seek(offset)
+                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                while True:
+                    data = src.read(_INFLATE_CHUNK)
+                    if not data:
+                        break
+                    while data:
+                        chunk = inflater.decompress(data, _INFLATE_CHUNK)
+                        total += len(chunk)
+                        if total > self.max_instance_bytes:
+                            raise InstanceTooLarge(
+                                f"inflated data set larger than BRAINLINE_MAX_INSTANCE_MB="
+                                f"{self.settings.max_instance_mb:g}")
+                        out.write(chunk)
+                        data = inflater.unconsumed_tail
+                    if inflater.eof:
+                        break
+                tail = inflater.flush()
+                if total + len(tail) > self.max_instance_bytes:
+                    raise InstanceTooLarge("inflated data set larger than BRAINLINE_MAX_INSTANCE_MB")
+                out.write(tail)
+        except zlib.error:
+            out_path.unlink(missing_ok=True)
+            raise InvalidInstance("deflated data set cannot be inflated") from None
+        except BaseException:
+            out_path.unlink(missing_ok=True)
+            raise
+        return out_path
 
     def _refuse(self, reason: str, status: int, detail: str = "") -> int:
         self.metrics.rejections.labels(reason=reason).inc()
@@ -113,17 +762,17 @@ class DicomListener:
         return status
 
 
-def _checked_uids(event) -> tuple[str, str]:
-    """Decode the dataset fully enough to file it; raise InvalidInstance."""
-    sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+def _routing_uids(path: Path, req, accepted: dict[str, str]) -> tuple[str, str]:
+    """Read only the header elements needed to file the instance (nothing
+    past them is decoded, pixel data is never read); raise InvalidInstance."""
+    sop_uid = str(req.AffectedSOPInstanceUID or "")
     try:
-        ds = event.dataset
-        for _elem in ds:  # forces every top-level element to decode
-            pass
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_ROUTING_TAGS)
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         ds_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        ds_class = str(ds.get("SOPClassUID", "") or "")
         has_series = bool(ds.get("SeriesInstanceUID"))
-    except Exception as exc:  # pydicom raises many types on corrupt data
+    except Exception as exc:  # pydicom raises many types on corrupt data, RecursionError included
         raise InvalidInstance(f"dataset cannot be decoded ({type(exc).__name__})") from None
     if not is_valid_uid(study_uid):
         raise InvalidInstance("StudyInstanceUID missing or invalid")
@@ -131,6 +780,8 @@ def _checked_uids(event) -> tuple[str, str]:
         raise InvalidInstance("SeriesInstanceUID missing")
     if ds_sop_uid != sop_uid or not is_valid_uid(sop_uid):
         raise InvalidInstance("SOPInstanceUID missing or different from the C-STORE request")
+    if ds_class != str(req.AffectedSOPClassUID or "") or ds_class not in accepted:
+        raise InvalidInstance("SOPClassUID missing, not accepted or different from the C-STORE request")
     return sop_uid, study_uid
 
 
@@ -138,7 +789,7 @@ ALL_TRANSFER_SYNTAXES = [
     UID("1.2.840.10008.1.2.1"),      # Explicit VR Little Endian
     UID("1.2.840.10008.1.2"),        # Implicit VR Little Endian
     UID("1.2.840.10008.1.2.2"),      # Explicit VR Big Endian (retired, still sent)
-    UID("1.2.840.10008.1.2.1.99"),   # Deflated Explicit VR Little Endian
+    UID("1.2.840.10008.1.2.1.99"),   # Deflated Explicit VR Little Endian (inflated, bounded, on receipt)
     UID("1.2.840.10008.1.2.4.50"),   # JPEG Baseline
     UID("1.2.840.10008.1.2.4.51"),   # JPEG Extended
     UID("1.2.840.10008.1.2.4.57"),   # JPEG Lossless

@@ -20,10 +20,20 @@ class Metrics:
                                  ["source"], registry=r)
         self.duplicates = Counter("brainline_instances_duplicate",
                                   "Instances received again with identical content", registry=r)
+        self.conflicts = Counter("brainline_instances_conflict",
+                                 "Instances received with a known SOP Instance UID but different "
+                                 "content (both versions kept, study re-opened)", registry=r)
+        self.connections_open = Gauge("brainline_dicom_connections_open",
+                                      "Open DICOM connections (associated or not)", registry=r)
         self.associations = Counter("brainline_associations_received",
                                     "DICOM associations accepted", registry=r)
         self.rejections = Counter("brainline_rejections",
-                                  "Refused associations and instances, by reason", ["reason"], registry=r)
+                                  "Refused connections, associations and instances, by reason "
+                                     "(calling_ae_not_allowed, peer_not_allowed, called_ae_not_recognised, "
+                                     "too_many_associations, too_many_associations_from_peer, "
+                                     "too_many_connections, pdu_too_large, timeout, tls_handshake_failed, "
+                                     "sop_class_not_accepted, too_large, malformed, out_of_resources, "
+                                     "io_error)", ["reason"], registry=r)
         self.stage_duration = Histogram("brainline_stage_duration_seconds",
                                         "Wall-clock duration of finished pipeline stages",
                                         ["stage"], buckets=STAGE_BUCKETS, registry=r)

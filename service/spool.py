@@ -1,10 +1,25 @@
 """PHI spool: received instances as files, one folder per study.
 
-Layout: ``<home>/spool/<study_key>/<SOPInstanceUID>.dcm`` where ``study_key`` is
-a keyed hash of the Study Instance UID (see ``Vault.study_key``), so folder
-names carry no identity. Files are written atomically: a temporary file in the
-same folder, ``fsync``, ``rename``, then ``fsync`` of the folder, so that an
-instance acknowledged to the sender survives a crash or power loss.
+Layout::
+
+    <home>/spool/<study_key>/<SOPInstanceUID>.dcm      current version of each instance
+    <home>/spool/.conflicts/<study_key>/<SOPInstanceUID>.<ns>.dcm
+                                                      earlier versions replaced by a
+                                                      different instance with the same UID
+    <home>/spool.incoming/                            C-STORE data sets being received (PHI
+                                                      as well; next to the spool so that a
+                                                      finished one is renamed, not copied)
+
+``study_key`` is a keyed hash of the Study Instance UID (see ``Vault.study_key``),
+so folder names carry no identity. Files are written atomically: a temporary file
+in the same file system, ``fsync``, ``rename``, then ``fsync`` of the folder, so
+that an instance acknowledged to the sender survives a crash or power loss.
+
+A different instance received with an existing SOP Instance UID does not
+silently overwrite the stored one: the stored file is moved to ``.conflicts/``
+(kept, never processed), the new one takes its place, and ``versions()`` grows
+by one so that the completion monitor re-opens the study (a new job after the
+quiet period, also after a restart).
 """
 
 from __future__ import annotations
@@ -13,11 +28,15 @@ import os
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SUFFIX = ".dcm"
+CONFLICTS = ".conflicts"
+INCOMING_SUFFIX = ".incoming"
+_CHUNK = 1 << 20
 
 
 class OutOfSpace(OSError):
@@ -32,10 +51,13 @@ class InvalidInstance(ValueError):
 class StoreOutcome:
     path: Path
     duplicate: bool
+    conflict: bool = False  # a different version was stored before; it was kept in .conflicts/
 
 
 def is_valid_uid(uid: str | None) -> bool:
-    return bool(uid) and len(uid) <= 64 and bool(_UID_RE.match(uid))
+    """A DICOM UID: 1 to 64 characters, digits and dots, as a full match
+    (``$`` would also accept a trailing newline)."""
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
 
 
 class Spool:
@@ -47,6 +69,7 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp_seq = 0
         self._lock = threading.Lock()
+        self._uid_locks = [threading.Lock() for _ in range(64)]  # striped by SOP UID
 
     # -- space -----------------------------------------------------------
     def free_bytes(self) -> int:
@@ -59,27 +82,61 @@ class Spool:
     def study_dir(self, study_key: str) -> Path:
         return self.root / study_key
 
+    def conflicts_dir(self, study_key: str) -> Path:
+        return self.root / CONFLICTS / study_key
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Folder for data sets being received (same file system as the
+        spool, so that a finished one is renamed into place, not copied)."""
+        folder = self.root.with_name(self.root.name + INCOMING_SUFFIX)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
+
+    def clear_incoming(self, older_than_s: float = 0.0) -> int:
+        """Remove partial receptions (left by a crash or an aborted
+        association); return how many files were removed."""
+        folder = self.root.with_name(self.root.name + INCOMING_SUFFIX)
+        if not folder.is_dir():
+            return 0
+        limit = time.time() - older_than_s
+        removed = 0
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    if entry.is_file() and entry.stat().st_mtime <= limit:
+                        os.unlink(entry.path)
+                        removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def _new_tmp(self, folder: Path) -> Path:
+        with self._lock:
+            self._tmp_seq += 1
+            return folder / f".tmp-{os.getpid()}-{self._tmp_seq}"
+
+    def _uid_lock(self, key: str) -> threading.Lock:
+        return self._uid_locks[hash(key) % len(self._uid_locks)]
+
     def store(self, study_key: str, sop_instance_uid: str, data: bytes) -> StoreOutcome:
         """Write one instance (bytes of a DICOM Part 10 file) durably.
 
         Returns ``duplicate=True`` when an identical file was already there
-        (nothing written). Raises OutOfSpace or InvalidInstance; on any error
-        no partial file is left behind.
+        (nothing written), ``conflict=True`` when a different file with the
+        same SOP Instance UID was there (moved to ``.conflicts/``). Raises
+        OutOfSpace or InvalidInstance; on any error no partial file is left
+        behind.
         """
         if not is_valid_uid(sop_instance_uid):
             raise InvalidInstance("SOP Instance UID is missing or not a valid UID")
         if not self.has_space(len(data)):
             raise OutOfSpace("free space below threshold")
-        folder = self.study_dir(study_key)
-        final = folder / f"{sop_instance_uid}{SUFFIX}"
+        final = self.study_dir(study_key) / f"{sop_instance_uid}{SUFFIX}"
         if final.exists() and _same_content(final, data):
             return StoreOutcome(final, duplicate=True)
-        if not folder.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)
-        with self._lock:
-            self._tmp_seq += 1
-            tmp = folder / f".tmp-{os.getpid()}-{self._tmp_seq}"
+        folder = self._ensure_study(study_key)
+        tmp = self._new_tmp(folder)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -90,14 +147,81 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
-            _fsync_dir(folder)
+            return self._commit(study_key, sop_instance_uid, tmp)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfSpace(str(exc.strerror)) from None
             raise
-        return StoreOutcome(final, duplicate=False)
+
+    def store_file(self, study_key: str, sop_instance_uid: str, src: Path) -> StoreOutcome:
+        """Move a received file (DICOM Part 10, in ``incoming_dir`` or
+        elsewhere on the spool's file system) into the study durably: fsync,
+        rename, fsync of the folder. ``src`` is consumed (moved or removed)
+        on success and left alone on error. Same outcomes as ``store``."""
+        if not is_valid_uid(sop_instance_uid):
+            raise InvalidInstance("SOP Instance UID is missing or not a valid UID")
+        size = src.stat().st_size
+        if not self.has_space(size):
+            raise OutOfSpace("free space below threshold")
+        try:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                _fdatasync(fd)
+            finally:
+                os.close(fd)
+            folder = self._ensure_study(study_key)
+            if src.stat().st_dev == folder.stat().st_dev:
+                return self._commit(study_key, sop_instance_uid, src)
+            # incoming folder on another file system: copy, then rename
+            tmp = self._new_tmp(folder)
+            try:
+                shutil.copyfile(src, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                outcome = self._commit(study_key, sop_instance_uid, tmp)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            src.unlink(missing_ok=True)
+            return outcome
+        except OSError as exc:
+            if exc.errno in (28, 122):
+                raise OutOfSpace(str(exc.strerror)) from None
+            raise
+
+    def _ensure_study(self, study_key: str) -> Path:
+        folder = self.study_dir(study_key)
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _fsync_dir(self.root)
+        return folder
+
+    def _commit(self, study_key: str, sop_instance_uid: str, tmp: Path) -> StoreOutcome:
+        """Rename the fsync'ed ``tmp`` to the instance's final name; keep a
+        different earlier version in ``.conflicts/``."""
+        folder = self.study_dir(study_key)
+        final = folder / f"{sop_instance_uid}{SUFFIX}"
+        with self._uid_lock(f"{study_key}/{sop_instance_uid}"):
+            conflict = False
+            if final.exists():
+                if _same_file_content(final, tmp):
+                    tmp.unlink(missing_ok=True)
+                    return StoreOutcome(final, duplicate=True)
+                keep_dir = self.conflicts_dir(study_key)
+                if not keep_dir.is_dir():
+                    keep_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    _fsync_dir(keep_dir.parent)
+                kept = keep_dir / f"{sop_instance_uid}.{time.time_ns()}{SUFFIX}"
+                os.replace(final, kept)
+                _fsync_dir(keep_dir)
+                conflict = True
+            os.replace(tmp, final)
+            _fsync_dir(folder)  # the new name is durable; a stale entry in .incoming is swept
+        return StoreOutcome(final, duplicate=False, conflict=conflict)
 
     # -- reading ---------------------------------------------------------
     def studies(self) -> list[tuple[str, int]]:
@@ -116,11 +240,17 @@ class Spool:
         return sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIX))
 
     def count(self, study_key: str) -> int:
-        folder = self.study_dir(study_key)
-        if not folder.is_dir():
-            return 0
-        with os.scandir(folder) as it:
-            return sum(1 for e in it if e.name.endswith(SUFFIX))
+        """Number of instances (current versions) of the study."""
+        return _count_dcm(self.study_dir(study_key))
+
+    def conflict_count(self, study_key: str) -> int:
+        """Number of earlier versions kept in ``.conflicts/`` for the study."""
+        return _count_dcm(self.conflicts_dir(study_key))
+
+    def versions(self, study_key: str) -> int:
+        """Instances plus kept earlier versions: grows with every new
+        instance and with every conflicting re-send, never with a duplicate."""
+        return self.count(study_key) + self.conflict_count(study_key)
 
     def probe_writable(self) -> str | None:
         """Return None when the spool accepts a durable write, else why not."""
@@ -136,6 +266,13 @@ class Spool:
         return None
 
 
+def _count_dcm(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    with os.scandir(folder) as it:
+        return sum(1 for e in it if e.name.endswith(SUFFIX))
+
+
 def _same_content(path: Path, data: bytes) -> bool:
     try:
         if path.stat().st_size != len(data):
@@ -143,6 +280,26 @@ def _same_content(path: Path, data: bytes) -> bool:
         return path.read_bytes() == data
     except OSError:
         return False
+
+
+def _same_file_content(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                ca, cb = fa.read(_CHUNK), fb.read(_CHUNK)
+                if ca != cb:
+                    return False
+                if not ca:
+                    return True
+    except OSError:
+        return False
+
+
+def _fdatasync(fd: int) -> None:
+    """Data and size of a file on disk (what reading it back needs)."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def _fsync_dir(path: Path) -> None:
