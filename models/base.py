@@ -87,6 +87,12 @@ class SegmentationBackend(abc.ABC):
     #: Roles the backend uses when a study has them and does without
     #: otherwise; a missing one is recorded and reported (summary, SR, PDF).
     optional_roles: tuple[str, ...] = ()
+    #: The frame the backend's inputs must be in. None: the reference grid of
+    #: the study (co-registered, skull-stripped, N4-corrected). "brats": 1 mm
+    #: isotropic on the BraTS grid (SRI24 frame), skull-stripped, not
+    #: bias-corrected, as BraTS-trained networks were trained; the pipeline
+    #: maps the study there and the labels back (``pipelines/model_space.py``).
+    input_space: str | None = None
 
     @abc.abstractmethod
     def segment(self, inputs: SegmentationInput) -> SegmentationOutput: ...

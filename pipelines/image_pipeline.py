@@ -35,6 +35,7 @@ from brainline.models.base import ED, ET, LABEL_NAMES, NCR, ROLES, SegmentationI
 from brainline.models.registry import load_backend
 
 from .bias_correction import N4Config, n4_correct
+from .model_space import fit_model_space, labels_to_reference, map_to_model_space
 from .registration import RegistrationConfig, register, resample_to
 from .skull_strip import SkullStripBackend, apply_mask, get_backend, skull_strip
 
@@ -214,19 +215,47 @@ def model_spec(cfg: PipelineConfig) -> dict | None:
     return spec
 
 
+def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
+                            paths: dict[str, Path]) -> tuple[sitk.Image, object, dict]:
+    """Run a backend whose ``input_space`` is a model frame: register the
+    study to that frame's template, resample each sequence once from its
+    native grid into it, segment there and bring the labels back to the
+    reference grid. Returns (labels on the reference grid, output, record)."""
+    mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
+    ms = fit_model_space(paths, mask, backend.input_space)
+    native, to_native = {}, {}
+    for role in paths:
+        native[role] = _read(work / "nifti" / f"{role}.nii.gz")
+        tfm = work / "registered" / f"{role}_to_{cfg.reference}.tfm"
+        to_native[role] = sitk.ReadTransform(str(tfm)) if role != cfg.reference and tfm.exists() else None
+    model_paths = map_to_model_space(ms, native, to_native, mask, work / "model_space")
+    inputs = SegmentationInput(paths={r: p for r, p in model_paths.items() if r != "mask"},
+                               brain_mask_path=model_paths["mask"])
+    output = backend.segment(inputs)
+    labels = labels_to_reference(output.to_image(inputs.reference), ms, mask)
+    return labels, output, ms.record()
+
+
 def step_segment(work: Path, cfg: PipelineConfig) -> dict:
-    """Tumour segmentation with the configured backend (baseline by default)."""
+    """Tumour segmentation with the configured backend (baseline by default),
+    in the backend's input space (the reference grid, or a model frame such
+    as BraTS; the labels always end on the reference grid)."""
 
     def run() -> dict:
         backend = load_backend(model_spec(cfg))
         paths = {r: work / "preprocessed" / f"{r}.nii.gz" for r in ROLES
                  if (work / "preprocessed" / f"{r}.nii.gz").exists()}
-        inputs = SegmentationInput(paths=paths, brain_mask_path=work / "brain_mask.nii.gz")
-        output = backend.segment(inputs)
-        labels = output.to_image(inputs.reference)
+        result: dict = {}
+        if getattr(backend, "input_space", None):
+            labels, output, result["model_space"] = _segment_in_model_space(work, cfg, backend, paths)
+        else:
+            inputs = SegmentationInput(paths=paths, brain_mask_path=work / "brain_mask.nii.gz")
+            output = backend.segment(inputs)
+            labels = output.to_image(inputs.reference)
         _write(labels, work / "segmentation.nii.gz")
-        return {"backend": output.backend, "model_name": output.model_name,
-                "model_version": output.model_version, "details": output.details}
+        result.update({"backend": output.backend, "model_name": output.model_name,
+                       "model_version": output.model_version, "details": output.details})
+        return result
 
     return _cached(work, "segment", run)
 
@@ -280,7 +309,10 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
             "registration": {r: {k: v for k, v in res.items() if k in ("quality", "flags", "final_metric",
                                                                       "converged", "parameters")}
                              for r, res in registration.get("sequences", {}).items()},
-            "qc_flags": registration.get("flags", []) + steps.get("skull_strip", {}).get("flags", []),
+            "qc_flags": (registration.get("flags", []) + steps.get("skull_strip", {}).get("flags", [])
+                         + [f"model space: {f}" for f in steps.get("segment", {}).get("model_space", {})
+                            .get("flags", [])]),
+            "model_space": steps.get("segment", {}).get("model_space"),
             "inputs": _inputs_of(work),
             "backends": {
                 "registration": "SimpleITK " + sitk.Version.VersionString(),
