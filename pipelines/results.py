@@ -51,7 +51,7 @@ from .dicom_outputs.pdf_report import (
     key_image_from_series,
 )
 from .dicom_outputs.seg import EmptySegmentationError, build_seg, read_source_series
-from .dicom_outputs.sr import build_sr
+from .dicom_outputs.sr import build_rano_sr, build_sr
 from .image_pipeline import ROLE_LABELS, PipelineError
 
 log = logging.getLogger("brainline.results")
@@ -59,7 +59,7 @@ log = logging.getLogger("brainline.results")
 RESULTS_DIR = "results"
 #: Words for each result object, as they appear in messages.
 OBJECT_NAMES = {"seg": "DICOM SEG", "sr": "SR (TID 1500 volumes)", "overlay": "overlay series",
-                "pdf": "PDF report"}
+                "pdf": "PDF report", "rano": "SR (RANO measurements)"}
 #: Objects without which a job has failed.
 CORE_OBJECTS = ("seg", "sr")
 
@@ -224,6 +224,13 @@ def build_results(work: Path, source_files: list[Path], uid_root: str | None = N
     writer.attempt("overlay", lambda: writer.save("overlay", [
         (f"overlay_{i:04d}.dcm", ds) for i, ds in enumerate(
             build_overlay_series(source, labels, algorithm=algorithm, uid_root=uid_root), 1)]))
+    # RANO bidimensional measurements: an extra, like the overlay (a failure is
+    # recorded and reaches the SR's QC findings); a separate SR because OHIF
+    # cannot open one that mixes planar measurements with the volumes.
+    if seg is not None:
+        writer.attempt("rano", lambda: writer.save("rano", [
+            ("rano_sr.dcm", ds) for ds in [build_rano_sr(seg, source, algorithm, uid_root=uid_root)]
+            if ds is not None]))
     # The PDF is rendered before the SR so that a rendering failure reaches the
     # SR's QC findings; it is wrapped afterwards to reference the SR.
     pdf_bytes = writer.attempt("pdf", lambda: build_pdf_report(

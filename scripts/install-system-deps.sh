@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests need when missing: Orthanc with its
 # DICOMweb plugin (the PACS peer), dcmtk (storescu/echoscu: the scanner),
-# dicom3tools (dciodvfy), poppler-utils (pdftoppm), PostgreSQL (scaled-out job store).
+# dicom3tools (dciodvfy), poppler-utils (pdftoppm), PostgreSQL (scaled-out job store),
+# chromium and npm (the OHIF viewer test, tests/test_viewer.py).
+# Then caches the prebuilt OHIF viewer (npm package @ohif/app) under
+# ${XDG_CACHE_HOME:-~/.cache}/brainline/ohif-<version>/package/dist, where
+# tests/test_viewer.py looks for it.
 set -euo pipefail
+OHIF_VERSION="3.13.2"
 need=()
 command -v Orthanc   >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
@@ -10,14 +15,37 @@ command -v storescu  >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy  >/dev/null 2>&1 || need+=(dicom3tools)
 command -v pdftoppm  >/dev/null 2>&1 || need+=(poppler-utils)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
+command -v chromium  >/dev/null 2>&1 || need+=(chromium)
+command -v npm       >/dev/null 2>&1 || need+=(npm)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The Debian package starts a system Orthanc; the tests run their own.
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
+  $SUDO service postgresql stop >/dev/null 2>&1 || true
 fi
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "installing Debian packages: ${need[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# The Debian package starts a system Orthanc; the tests run their own.
-$SUDO service orthanc stop >/dev/null 2>&1 || true
-$SUDO service postgresql stop >/dev/null 2>&1 || true
+
+# The prebuilt OHIF viewer (about 50 MB), fetched once with the npm client.
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/brainline/ohif-${OHIF_VERSION}"
+if [ ! -f "$cache/package/dist/index.html" ] && command -v npm >/dev/null 2>&1; then
+  echo "caching @ohif/app@${OHIF_VERSION} in $cache"
+  mkdir -p "$cache"
+  (cd "$cache" && npm pack "@ohif/app@${OHIF_VERSION}" >/dev/null \
+     && tar xzf "ohif-app-${OHIF_VERSION}.tgz" && rm -f "ohif-app-${OHIF_VERSION}.tgz") \
+    || echo "warning: could not fetch @ohif/app; tests/test_viewer.py will try again" >&2
+fi
+
+# --- redis-server (issue 13: Celery broker for the scaled-out tests) -------
+if ! command -v redis-server >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing Debian package: redis-server"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # The Debian package may start a system redis; the tests run their own.
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi
+# --- end redis-server -------------------------------------------------------

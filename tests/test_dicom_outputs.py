@@ -21,11 +21,15 @@ import SimpleITK as sitk
 from matplotlib.image import imread
 
 from brainline.pipelines.dicom_outputs import (
-    LABELS, AlgorithmInfo, EmptySegmentationError, QCFinding, ReportContent, build_encapsulated_pdf,
-    build_overlay_series, build_pdf_report, build_seg, build_sr, key_image_from_series,
-    labels_on_source_grid, new_uid, read_seg_labels, read_source_series, volume_summary,
+    LABELS, AlgorithmInfo, EmptySegmentationError, QCFinding, ReportContent, bidimensional_measurements,
+    build_encapsulated_pdf, build_overlay_series, build_pdf_report, build_rano_sr, build_seg, build_sr,
+    key_image_from_series, labels_on_source_grid, new_uid, read_seg_labels, read_source_series, volume_summary,
 )
-from brainline.pipelines.dicom_outputs.codes import PRIVATE_SCHEME, qc_value
+from brainline.pipelines.dicom_outputs.codes import (
+    AI_FAMILY, MULTISPECTRAL_FAMILY, OHIF_BIDIRECTIONAL, PRIVATE_SCHEME, algorithm_family, default_device_serial,
+    qc_concept, qc_value,
+)
+from brainline.pipelines.dicom_outputs.seg import content_description, truncate_words
 from brainline.pipelines.dicom_outputs.pdf_report import NOT_REVIEWED_STATEMENT
 from tests.dicom_factory import write_study
 
@@ -110,6 +114,7 @@ def measurement_groups(sr: pydicom.Dataset) -> list[dict]:
                 g["source_series"] = child.UID
             elif code == MEASUREMENT_METHOD:
                 g["method"] = child.ConceptCodeSequence[0].CodeValue
+                g["method_relationship"] = child.RelationshipType
             elif child.ValueType == "CODE":
                 g["qualitative"][code] = child.ConceptCodeSequence[0].CodeValue
         groups.append(g)
@@ -146,6 +151,12 @@ def case(request, t1c, tmp_path_factory):
     sr = build_sr(seg, files, summary, QC, ALGORITHM, series_number=301)
     sr_path = out / "sr.dcm"
     sr.save_as(sr_path)
+    rano = build_rano_sr(seg, files, ALGORITHM)
+    rano_path = out / "rano_sr.dcm"
+    rano.save_as(rano_path)
+    combined = build_sr(seg, files, summary, QC, ALGORITHM, bidimensional=True)
+    combined_path = out / "combined_sr.dcm"
+    combined.save_as(combined_path)
     overlay = build_overlay_series(files, labels, algorithm=ALGORITHM)
     overlay_paths = []
     for ds in overlay:
@@ -169,6 +180,7 @@ def case(request, t1c, tmp_path_factory):
     epdf.save_as(epdf_path, enforce_file_format=True)
     return dict(name=request.param, labels=labels, expected=sitk.GetArrayFromImage(labels), gdcm_names=names,
                 files=files, out=out, summary=summary, seg=seg, seg_path=seg_path, sr_path=sr_path,
+                rano_path=rano_path, combined_path=combined_path,
                 overlay_paths=overlay_paths, pdf=pdf, pdf_path=pdf_path, epdf_path=epdf_path)
 
 
@@ -176,14 +188,16 @@ def case(request, t1c, tmp_path_factory):
 
 
 def test_every_object_passes_dciodvfy(case):
-    paths = [case["seg_path"], case["sr_path"], case["epdf_path"], *case["overlay_paths"]]
+    paths = [case["seg_path"], case["sr_path"], case["rano_path"], case["combined_path"], case["epdf_path"],
+             *case["overlay_paths"]]
     report = {}
     for path in paths:
         errors, warnings = dciodvfy(path)
         assert not errors, f"{path.name}: {errors}"
         report[path.name] = warnings
     # the only tolerated SR warning is the private coding scheme designator
-    assert all(PRIVATE_SCHEME in w for w in report["sr.dcm"]), report["sr.dcm"]
+    for name in ("sr.dcm", "rano_sr.dcm", "combined_sr.dcm"):
+        assert all(PRIVATE_SCHEME in w for w in report[name]), report[name]
     assert report["seg.dcm"] == [] and report["report.dcm"] == []
 
 
@@ -271,6 +285,7 @@ def test_sr_volumes_reference_seg_segments(case, t1c):
     # QC findings as coded qualitative evaluations
     qc = by_id["BrainLine quality control"]["qualitative"]
     assert qc["QC-REG"] == "111237" and qc["QC-ENS"] == "111236"
+    assert all(g.get("method_relationship", "HAS CONCEPT MOD") == "HAS CONCEPT MOD" for g in groups)
     # observer context names BrainLine as the device
     texts = {concept(i): i.get("TextValue") for i in walk(sr.ContentSequence) if i.ValueType == "TEXT"}
     assert texts["121013"] == "BrainLine"
@@ -283,6 +298,129 @@ def test_sr_volumes_reference_seg_segments(case, t1c):
     # highdicom can parse it back as a TID 1500 report
     parsed = hd.sr.srread(case["sr_path"])
     assert len(parsed.content.get_volumetric_roi_measurement_groups()) == len(seg.SegmentSequence)
+
+
+def test_sr_conformance_fixes(case):
+    """PixelMed-reported defects: Measurement Method is HAS CONCEPT MOD (TID 1501),
+    QC concepts have unique codes, the device observer has a real serial number."""
+    for path in (case["sr_path"], case["rano_path"], case["combined_path"]):
+        sr = pydicom.dcmread(path)
+        methods = [i for i in walk(sr.ContentSequence) if concept(i) == MEASUREMENT_METHOD]
+        assert methods and all(i.RelationshipType == "HAS CONCEPT MOD" for i in methods), path.name
+        texts = {concept(i): i.get("TextValue") for i in walk(sr.ContentSequence) if i.ValueType == "TEXT"}
+        serial = texts["121016"]  # Device Observer Serial Number
+        assert serial == default_device_serial() and serial != "1"
+        assert sr.DeviceSerialNumber == serial
+    groups = measurement_groups(pydicom.dcmread(case["sr_path"]))
+    assert {g["method_relationship"] for g in groups if "method" in g} == {"HAS CONCEPT MOD"}
+    # every QC check the pipeline reports has its own code (results.qc_findings_of names)
+    names = ["registration t1", "registration t1c", "registration t2", "registration flair", "skull stripping",
+             "series_selection", "result_objects", "registration_quality", "image quality",
+             "a long check name that is cut one", "a long check name that is cut two"]
+    codes = [qc_concept(n) for n in names]
+    assert len({c.value for c in codes}) == len(names), [c.value for c in codes]
+    assert all(len(c.value) <= 16 for c in codes)
+    assert qc_concept("registration t2").meaning == "Registration quality (T2)"
+    assert qc_concept("Registration T2") == qc_concept("registration_t2")
+
+
+def test_device_serial_number():
+    assert default_device_serial({"BRAINLINE_DEVICE_SERIAL": "SN-0042"}) == "SN-0042"
+    a = default_device_serial({"BRAINLINE_UID_ROOT": "1.2.826.0.1.3680043.10.999"})
+    assert a == default_device_serial({"BRAINLINE_UID_ROOT": "1.2.826.0.1.3680043.10.999"})
+    assert a != default_device_serial({"BRAINLINE_UID_ROOT": "1.2.826.0.1.3680043.10.998"})
+    assert a.startswith("BL-") and len(a) == 13
+    host = default_device_serial({})
+    assert host.startswith("BL-") and host != a
+    # the device UID follows the serial: stable per installation, distinct between sites
+    assert AlgorithmInfo(device_serial_number="X").device_uid == AlgorithmInfo(device_serial_number="X").device_uid
+    assert AlgorithmInfo(device_serial_number="X").device_uid != AlgorithmInfo(device_serial_number="Y").device_uid
+
+
+def test_seg_content_identification(case):
+    seg = pydicom.dcmread(case["seg_path"], stop_before_pixels=True)
+    # Content Creator's Name is type 2: present, empty (made by software, not a person)
+    assert "ContentCreatorName" in seg and str(seg.ContentCreatorName) == ""
+    assert seg.ContentDescription == "BrainLine 0.1.0 tumor segmentation (onnx/brats-ensemble 2024.1)"
+    assert seg.ContentLabel == "BRAINLINE_TUMOR"
+    family = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0]
+    assert (family.CodeValue, family.CodingSchemeDesignator) == (AI_FAMILY.value, "DCM")  # a trained model
+
+
+def test_content_description_never_cut_mid_word():
+    long_model = AlgorithmInfo(version="0.1.0", backend="monai_bundle",
+                               model_name="brats mri segmentation with a very long descriptive name", model_version="0.5.3")
+    for algo in (ALGORITHM, long_model, AlgorithmInfo(version="0.1.0", backend="baseline",
+                                                      model_name="brainline-baseline", model_version="2")):
+        text = content_description(algo)
+        assert len(text) <= 64 and text.startswith("BrainLine 0.1.0")
+        words = text.replace(":", " ").replace(",", " ").replace("(", " ").replace(")", " ").split()
+        full = f"{algo.name} {algo.version} tumor segmentation {algo.model_label}".replace(",", " ").split()
+        assert all(w in full for w in words), text
+    assert truncate_words("alpha beta gamma", 12) == "alpha beta"
+    assert truncate_words("alpha (beta gamma)", 14) == "alpha"
+
+
+def test_algorithm_family_by_backend():
+    assert algorithm_family("baseline") == MULTISPECTRAL_FAMILY
+    assert algorithm_family("onnx") == AI_FAMILY and algorithm_family("monai_bundle") == AI_FAMILY
+    assert algorithm_family("something-new") == AI_FAMILY
+    assert AlgorithmInfo(backend="baseline").algorithm_family == MULTISPECTRAL_FAMILY
+    assert AlgorithmInfo(backend="baseline", family=AI_FAMILY).algorithm_family == AI_FAMILY
+
+
+def test_rano_sr_planar_measurements(case, t1c):
+    """The RANO SR: per tumour-core lesion a Long Axis and a Short Axis NUM [mm],
+    each inferred from a 2-point SCOORD POLYLINE on the source image of the
+    lesion's largest slice, with the tracking identifier OHIF rehydrates."""
+    sr = pydicom.dcmread(case["rano_path"])
+    series = read_source_series(case["files"])
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
+    expected = bidimensional_measurements(case["seg"], series)
+    assert expected, "the reference segmentation has a tumour core"
+    assert sr.SeriesDescription == "BrainLine RANO measurements"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    groups = [i for i in walk(sr.ContentSequence) if i.ValueType == "CONTAINER" and concept(i) == MEASUREMENT_GROUP]
+    assert len(groups) == len(expected)
+    for group, (m, enhancing) in zip(groups, expected):
+        items = {concept(c): c for c in group.ContentSequence}
+        assert items[TRACKING_ID].TextValue.startswith(OHIF_BIDIRECTIONAL + ":BrainLine ")
+        assert items["121071"].ConceptCodeSequence[0].CodeValue == ("C113842" if enhancing else "C81175")
+        assert items[MEASUREMENT_METHOD].ConceptCodeSequence[0].CodeValue == "C114879"  # RANO
+        assert items[MEASUREMENT_METHOD].RelationshipType == "HAS CONCEPT MOD"
+        source = series.datasets[m.slice_index]
+        for code, meaning, value in (("103339001", "Long Axis", m.measurement.long_mm),
+                                     ("103340004", "Short Axis", m.measurement.short_mm)):
+            num = items[code]
+            assert num.ConceptNameCodeSequence[0].CodeMeaning == meaning  # OHIF matches the meaning
+            mv = num.MeasuredValueSequence[0]
+            assert mv.MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+            assert float(mv.NumericValue) == pytest.approx(value, abs=0.005)
+            scoord, = num.ContentSequence
+            assert (scoord.ValueType, scoord.RelationshipType, scoord.GraphicType) == (
+                "SCOORD", "INFERRED FROM", "POLYLINE")
+            image, = scoord.ContentSequence
+            ref = image.ReferencedSOPSequence[0]
+            assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert ref.ReferencedSOPClassUID == source.SOPClassUID and ref.ReferencedSOPInstanceUID in by_uid
+            # the polyline, in image pixel coordinates (column, row), is as long as the value says
+            pts = np.array(scoord.GraphicData, dtype=float).reshape(2, 2)
+            row_sp, col_sp = (float(v) for v in source.PixelSpacing)
+            length = np.hypot((pts[1, 0] - pts[0, 0]) * col_sp, (pts[1, 1] - pts[0, 1]) * row_sp)
+            assert length == pytest.approx(value, abs=0.01)
+            assert np.all((pts >= 0) & (pts <= [source.Columns, source.Rows]))
+        # the slice measured is the lesion's largest on the source grid
+        labels = read_seg_labels(case["seg_path"], case["files"])
+        assert np.count_nonzero(np.isin(labels[m.slice_index], (1, 3))) > 0
+    # the tracking UIDs are new (OHIF merges groups that share one)
+    uids = [next(c.UID for c in g.ContentSequence if concept(c) == "112040") for g in groups]
+    seg = pydicom.dcmread(case["seg_path"], stop_before_pixels=True)
+    assert len(set(uids)) == len(uids) and not set(uids) & {s.TrackingUID for s in seg.SegmentSequence}
+    # the volumes SR holds no planar measurement unless asked (OHIF 3.13 cannot mix them)
+    plain = pydicom.dcmread(case["sr_path"])
+    assert not any(i.ValueType == "SCOORD" for i in walk(plain.ContentSequence))
+    combined = pydicom.dcmread(case["combined_path"])
+    assert sum(i.ValueType == "SCOORD" for i in walk(combined.ContentSequence)) == 2 * len(expected)
 
 
 def test_overlay_series(case, t1c):

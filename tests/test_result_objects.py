@@ -24,7 +24,8 @@ import SimpleITK as sitk
 
 from brainline.pipelines import results as results_module
 from brainline.pipelines.dicom_outputs import labels_on_source_grid, read_seg_labels, volume_summary
-from brainline.pipelines.dicom_outputs.codes import QC_CHECKS, QUALITATIVE_EVALUATIONS
+from brainline.pipelines.dicom_outputs import build_rano_sr
+from brainline.pipelines.dicom_outputs.codes import MULTISPECTRAL_FAMILY, QC_CHECKS, QUALITATIVE_EVALUATIONS
 from brainline.pipelines.dicom_outputs.overlay import patient_orientation
 from brainline.pipelines.results import OutputsError, build_results
 from brainline.service import stages
@@ -34,6 +35,9 @@ from tests.reslice import reslice
 from tests.test_dicom_outputs import dciodvfy, load_brats2020, walk
 
 INPUTS_NOTE = "T1 and T2 not found; segmentation used T1c and FLAIR only"
+#: The RANO SR (build_rano_sr), once pipelines/results.py builds it as kind "rano".
+RANO = {"rano": 1} if "rano" in results_module.OBJECT_NAMES else {}
+RANO_FILES = ["rano_sr.dcm"] if RANO else []
 OVERLAY_ERROR = "'RHP' is not a valid PatientOrientationValuesBiped"
 
 
@@ -119,7 +123,7 @@ def test_all_objects_on_an_oblique_series_are_valid_dicom(oblique, tmp_path):
     work = fresh_work(oblique, tmp_path)
     record = build_results(work, oblique.files)
     assert record["failed"] == [] and record["complete"] and record["segmented"]
-    assert kinds(record) == {"seg": 1, "overlay": len(oblique.files), "sr": 1, "pdf": 1}
+    assert kinds(record) == {"seg": 1, "overlay": len(oblique.files), "sr": 1, "pdf": 1, **RANO}
     assert json.loads((work / "results.json").read_text()) == record
     files = {o["kind"]: work / o["file"] for o in record["objects"]}
     for kind, path in files.items():
@@ -142,6 +146,49 @@ def test_all_objects_on_an_oblique_series_are_valid_dicom(oblique, tmp_path):
     assert "not found in the study" in text
 
 
+def test_baseline_seg_identification_and_rano_sr_on_oblique_planes(oblique, tmp_path):
+    """The classical baseline is coded as such (not as AI), the SEG's content
+    identification is complete, and the RANO SR's polylines on a doubly
+    oblique series are valid DICOM."""
+    work = fresh_work(oblique, tmp_path)
+    record = build_results(work, oblique.files)
+    files = {o["kind"]: work / o["file"] for o in record["objects"]}
+    seg = pydicom.dcmread(files["seg"])
+    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    family = algo.AlgorithmFamilyCodeSequence[0]
+    assert (family.CodeValue, family.CodingSchemeDesignator, family.CodeMeaning) == (
+        MULTISPECTRAL_FAMILY.value, "DCM", "Multispectral Processing")
+    assert "ContentCreatorName" in seg and str(seg.ContentCreatorName) == ""
+    # too long with the words "tumor segmentation": shortened, not cut mid-word
+    assert seg.ContentDescription == f"BrainLine {results_module.__version__}: baseline/brainline-baseline 1"
+    summary = json.loads((work / "summary.json").read_text())
+    rano = build_rano_sr(seg, oblique.files, results_module.algorithm_of(summary))
+    assert rano is not None
+    rano.save_as(tmp_path / "rano.dcm")
+    errors, _ = dciodvfy(tmp_path / "rano.dcm")
+    assert errors == []
+    src = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in oblique.files}
+    scoords = [i for i in walk(rano.ContentSequence) if i.ValueType == "SCOORD"]
+    assert scoords and len(scoords) % 2 == 0
+    for item in scoords:
+        ref = item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        ds = pydicom.dcmread(src[ref], stop_before_pixels=True)
+        pts = np.array(item.GraphicData, dtype=float).reshape(-1, 2)
+        assert len(pts) == 2 and np.all((pts >= 0) & (pts <= [ds.Columns, ds.Rows]))
+
+
+def test_qc_findings_have_unique_codes(oblique, tmp_path):
+    """One QC concept per registered sequence (they shared QC-REGISTRATION_)."""
+    summary = {"registration": {r: {"flags": []} for r in ("t1", "t2", "flair")} | {"t1c": {"reference": True}},
+               "qc_flags": ["skull stripping: brain volume 820 mL is implausible"],
+               "inputs": {"note": INPUTS_NOTE}}
+    findings = results_module.qc_findings_of(summary, [{"kind": "overlay", "error": "overlay series not built"}])
+    codes = [f.concept.value for f in findings]
+    assert len(codes) == 6 and len(set(codes)) == len(codes), codes
+    assert {f.concept.meaning for f in findings} >= {"Registration quality (T1)", "Registration quality (T2)",
+                                                    "Registration quality (FLAIR)", "Skull stripping quality"}
+
+
 def test_failing_overlay_costs_only_the_overlay(oblique, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError(OVERLAY_ERROR)
@@ -149,14 +196,15 @@ def test_failing_overlay_costs_only_the_overlay(oblique, tmp_path, monkeypatch):
     monkeypatch.setattr(results_module, "build_overlay_series", broken)
     work = fresh_work(oblique, tmp_path)
     record = build_results(work, oblique.files)
-    assert kinds(record) == {"seg": 1, "sr": 1, "pdf": 1}
+    assert kinds(record) == {"seg": 1, "sr": 1, "pdf": 1, **RANO}
     assert record["complete"]
     words = f"overlay series not built: ValueError: {OVERLAY_ERROR}"
     assert record["failed"] == [{"kind": "overlay", "error": words}]
     assert words in record["notes"] and INPUTS_NOTE in record["notes"]
     assert json.loads((work / "results.json").read_text())["failed"] == record["failed"]
     files = {o["kind"]: work / o["file"] for o in record["objects"]}
-    assert sorted(p.name for p in (work / "results").iterdir()) == ["report.dcm", "seg.dcm", "sr.dcm"]
+    assert sorted(p.name for p in (work / "results").iterdir()) == sorted(
+        ["report.dcm", "seg.dcm", "sr.dcm", *RANO_FILES])
     # a QC finding of the SR: coded (flagged) and in words
     result_objects = QC_CHECKS["result_objects"].concept.value
     assert sr_evaluations(files["sr"])[result_objects] == "111236"
@@ -196,6 +244,12 @@ class FakeOutbox:
         self.queued.extend(objects)
         return len(objects)
 
+    def cancel_earlier(self, study_key, job_id):  # no earlier job of this study
+        return 0
+
+    def sent_earlier(self, study_key, job_id):
+        return []
+
 
 class FakeVault:
     def __init__(self, study_uid: str):
@@ -228,8 +282,8 @@ def test_service_delivers_seg_and_sr_when_the_overlay_fails(oblique, tmp_path, m
     built = stages.build_outputs(ctx)  # the stage result stored in the job store
     assert built["failed"][0]["error"].startswith("overlay series not built: ValueError")
     delivered = stages.deliver(ctx)
-    assert sorted(kind for kind, _ in ctx.outbox.queued) == ["pdf", "seg", "sr"]
-    assert delivered["queued"] == 3 and delivered["not_built"] == [built["failed"][0]["error"]]
+    assert sorted(kind for kind, _ in ctx.outbox.queued) == sorted(["pdf", "seg", "sr", *RANO])
+    assert delivered["queued"] == 3 + len(RANO) and delivered["not_built"] == [built["failed"][0]["error"]]
     seg = pydicom.dcmread(dict(ctx.outbox.queued)["seg"], stop_before_pixels=True)
     assert seg.PatientID == PHI["patient_id"] and seg.StudyInstanceUID == oblique.study.study_uid
 

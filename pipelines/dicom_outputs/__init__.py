@@ -9,6 +9,8 @@ New UIDs are UUID-derived (``2.25.…``) unless ``uid_root`` is given.
 :func:`build_seg`           BINARY Segmentation, one segment per label present
 :func:`read_seg_labels`     SEG -> label map on the source grid
 :func:`build_sr`            Comprehensive 3D SR, TID 1500 volumes + QC
+:func:`build_rano_sr`       Comprehensive 3D SR, TID 1500 RANO-style bidimensional
+                            measurements (SCOORD polylines, rehydrated by OHIF)
 :func:`build_overlay_series`  RGB Secondary Capture per slice, outlines burned in
 :func:`build_pdf_report`    PDF bytes (reportlab + matplotlib)
 :func:`build_encapsulated_pdf`  Encapsulated PDF Storage instance
@@ -28,13 +30,13 @@ from .seg import (
     EmptySegmentationError, SourceSeries, build_seg, labels_on_source_grid, new_uid,
     read_seg_labels, read_source_series, segment_label_values,
 )
-from .sr import build_sr, volume_summary
+from .sr import bidimensional_measurements, build_rano_sr, build_sr, volume_summary
 
 __all__ = [
     "AlgorithmInfo", "QCFinding", "LABELS", "COMPOSITES", "QC_CHECKS", "QC_VALUES",
     "EmptySegmentationError", "SourceSeries", "read_source_series", "labels_on_source_grid",
     "new_uid", "build_seg", "read_seg_labels", "segment_label_values",
-    "build_sr", "volume_summary",
+    "build_sr", "build_rano_sr", "bidimensional_measurements", "volume_summary",
     "build_overlay_series",
     "ReportContent", "KeyImage", "EncapsulatedPDF", "build_pdf_report", "build_encapsulated_pdf",
     "key_image_from_series", "select_key_slice",

@@ -33,6 +33,18 @@ Coding choices (all from DICOM PS3.16 context groups where one exists):
   which result object could not be built) are TEXT items, named by the check,
   in the report's (C0034375, UMLS, "Qualitative Evaluations") container.
 
+* QC concept codes are unique per check: fixed codes for the known checks,
+  ``QC-REG-<ROLE>`` "Registration quality (<role>)" per registered sequence,
+  and for any other name a code made from the whole name (hashed when it is
+  longer than a Code Value), never a truncation shared by two checks.
+* RANO-style bidimensional measurements: (103339001, SCT, "Long Axis") and
+  (103340004, SCT, "Short Axis") in (mm, UCUM, "millimeter"), method
+  (C114879, NCIt, "RANO") from CID 6147.
+* Algorithm family (CID 7162) by backend type: trained models (onnx,
+  monai_bundle) (123110, DCM, "Artificial Intelligence"); the classical
+  baseline (123108, DCM, "Multispectral Processing").
+* Device Serial Number of the installation: :func:`default_device_serial`.
+
 Concepts without a standard code use the private coding scheme
 ``99BRAINLINE`` (PS3.16 section 8: designators starting with "99" are
 private); it is declared in the SR's Coding Scheme Identification Sequence
@@ -59,7 +71,9 @@ __all__ = [
     "CATEGORY_ABNORMAL", "CATEGORY_ANATOMY", "BRAIN", "INTRACRANIAL", "NEOPLASM",
     "NECROSIS", "EDEMA", "ENHANCING_LESION", "NON_ENHANCING_LESION",
     "VOLUME", "UNIT_ML", "TIV", "PROCEDURE_REPORTED", "REPORT_TITLE",
-    "ALGORITHM_FAMILY", "PDF_CONCEPT_NAME", "QUALITATIVE_EVALUATIONS", "DERIVATION_SEGMENTATION",
+    "ALGORITHM_FAMILY", "AI_FAMILY", "MULTISPECTRAL_FAMILY", "BACKEND_FAMILIES", "algorithm_family",
+    "LONG_AXIS", "SHORT_AXIS", "UNIT_MM", "RANO_METHOD", "OHIF_BIDIRECTIONAL",
+    "default_device_serial", "PDF_CONCEPT_NAME", "QUALITATIVE_EVALUATIONS", "DERIVATION_SEGMENTATION",
     "PURPOSE_SOURCE_IMAGE", "label_concept", "qc_concept", "qc_value",
     "private_coding_scheme",
 ]
@@ -97,11 +111,35 @@ NON_ENHANCING_LESION = Code("C81175", "NCIt", "Non-Enhancing Lesion")
 VOLUME = Code("118565006", "SCT", "Volume")
 UNIT_ML = Code("ml", "UCUM", "milliliter")
 
+#: Bidimensional (RANO) measurement: long and short axis (CID 7470) in mm. The
+#: meanings are spelled "Long Axis"/"Short Axis" as dcmjs writes them, because
+#: OHIF's Bidirectional adapter finds the two NUM items by code meaning.
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")
+UNIT_MM = Code("mm", "UCUM", "millimeter")
+#: Measurement method of the bidimensional groups (CID 6147 "Response Criteria").
+RANO_METHOD = Code("C114879", "NCIt", "RANO")
+#: Tracking identifier prefix that OHIF (cornerstone3D adapters) rehydrates as a
+#: Bidirectional tool; a readable suffix follows it.
+OHIF_BIDIRECTIONAL = "Cornerstone3DTools@^0.1.0:Bidirectional"
+
 #: TID 1500 procedure reported (CID 100) and document title (CID 7021).
 PROCEDURE_REPORTED = Code("126020", "DCM", "Multiparametric MRI")
 REPORT_TITLE = Code("126000", "DCM", "Imaging Measurement Report")
-#: CID 7162 algorithm family.
-ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
+#: CID 7162 "Surface Processing Algorithm Families": trained models (AI) and
+#: the classical baseline (robust z-scores of FLAIR/T2/T1/T1c combined, 2-means
+#: clustering in that multichannel feature space, morphology).
+AI_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
+MULTISPECTRAL_FAMILY = Code("123108", "DCM", "Multispectral Processing")
+#: Default algorithm family of each segmentation backend type, used when the
+#: backend does not declare its own (``algorithm_family`` class attribute).
+BACKEND_FAMILIES: Mapping[str, Code] = MappingProxyType({
+    "baseline": MULTISPECTRAL_FAMILY,
+    "monai_bundle": AI_FAMILY,
+    "onnx": AI_FAMILY,
+})
+#: Family of backends that are neither declared nor known (a trained model is the norm).
+ALGORITHM_FAMILY = AI_FAMILY
 #: TID 1500 row "Qualitative Evaluations" container: QC findings in words (TEXT items).
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 #: Encapsulated PDF concept name (CID 7000 "Diagnostic Imaging Report Document Titles").
@@ -209,13 +247,46 @@ QC_VALUES: Mapping[str, Code] = MappingProxyType({
 })
 
 
+_QC_ALIASES = {"skull_stripping": "skull_strip_quality", "registration": "registration_quality",
+               "segmentation": "segmentation_quality", "ensemble": "ensemble_agreement"}
+_ROLE_WORDS = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
+_CODE_VALUE_MAX = 16  # Code Value is SH
+
+
+def _qc_key(name: str) -> str:
+    return "_".join(name.strip().lower().replace("-", " ").replace("_", " ").split())
+
+
+def _unique_value(prefix: str, key: str) -> str:
+    """``prefix + KEY`` when it fits in a Code Value, else a shortened form with a
+    hash of the full key, so that two names never share a code."""
+    import hashlib
+    text = "".join(c for c in key.upper() if c.isalnum() or c in "_-")
+    value = prefix + text
+    if len(value) <= _CODE_VALUE_MAX:
+        return value
+    digest = hashlib.sha256(key.encode()).hexdigest()[:4].upper()
+    return f"{prefix}{text[:_CODE_VALUE_MAX - len(prefix) - 5]}-{digest}"
+
+
 def qc_concept(name: str) -> Code:
-    """Concept name of a QC check; unknown checks get a private code made from the name."""
-    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    """Concept name of a QC check.
+
+    Known checks (:data:`QC_CHECKS`, and aliases such as "skull stripping") have
+    fixed codes; "registration <role>" gets one code per sequence
+    (``QC-REG-T1C`` "Registration quality (T1c)"); any other name gets a
+    private code made from the whole name (hashed when longer than a Code Value
+    allows), so distinct checks never share a code.
+    """
+    key = _qc_key(name)
+    key = _QC_ALIASES.get(key, key)
     if key in QC_CHECKS:
         return QC_CHECKS[key].concept
-    value = "QC-" + "".join(c for c in key.upper() if c.isalnum() or c == "_")[:13]
-    return _private(value, name.replace("_", " ").strip().capitalize()[:64])
+    if key.startswith("registration_"):
+        role = key[len("registration_"):]
+        return _private(_unique_value("QC-REG-", role),
+                        f"Registration quality ({_ROLE_WORDS.get(role, role.replace('_', ' '))})"[:64])
+    return _private(_unique_value("QC-", key), name.replace("_", " ").strip().capitalize()[:64])
 
 
 def qc_value(status: str) -> Code:
@@ -226,6 +297,35 @@ def qc_value(status: str) -> Code:
 
 
 # ---------------------------------------------------------------- shared records
+
+
+def algorithm_family(backend: str) -> Code:
+    """CID 7162 family of a segmentation backend type (:data:`BACKEND_FAMILIES`;
+    Artificial Intelligence for a type not listed). A backend that knows better
+    passes its own code as :attr:`AlgorithmInfo.family`."""
+    return BACKEND_FAMILIES.get(str(backend), ALGORITHM_FAMILY)
+
+
+def default_device_serial(env: Mapping[str, str] | None = None) -> str:
+    """Device Serial Number of this BrainLine installation (SR device observer,
+    General Equipment). In order:
+
+    1. ``BRAINLINE_DEVICE_SERIAL`` (the site's asset tag or registration number);
+    2. ``BL-`` + 10 hex digits of a hash of ``BRAINLINE_UID_ROOT``, the site's
+       registered UID root, which is stable for the lifetime of an installation;
+    3. ``BL-`` + 10 hex digits of a hash of the host name
+       (stable only as long as the host keeps its name: set 1 or 2 in production).
+    """
+    import hashlib
+    import os
+    import socket
+    env = os.environ if env is None else env
+    explicit = str(env.get("BRAINLINE_DEVICE_SERIAL", "")).strip()
+    if explicit:
+        return explicit[:64]
+    basis = str(env.get("BRAINLINE_UID_ROOT", "")).strip()
+    basis = f"uid-root:{basis}" if basis else f"host:{socket.gethostname()}"
+    return "BL-" + hashlib.sha256(basis.encode()).hexdigest()[:10].upper()
 
 
 @dataclass(frozen=True)
@@ -242,7 +342,13 @@ class AlgorithmInfo:
     model_name: str = "unknown"
     model_version: str | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
-    device_serial_number: str = "1"
+    device_serial_number: str = field(default_factory=lambda: default_device_serial())
+    #: CID 7162 algorithm family; None = by backend type (:func:`algorithm_family`).
+    family: Code | None = None
+
+    @property
+    def algorithm_family(self) -> Code:
+        return self.family if self.family is not None else algorithm_family(self.backend)
 
     @property
     def model_label(self) -> str:
@@ -257,9 +363,11 @@ class AlgorithmInfo:
 
     @property
     def device_uid(self) -> str:
-        """Stable UID of this BrainLine installation (derived from name and serial)."""
-        from pydicom.uid import generate_uid
-        return str(generate_uid(prefix=None, entropy_srcs=["BrainLine device", self.name, self.device_serial_number]))
+        """Stable UID of this BrainLine installation: ``2.25.`` + 128 bits of a hash
+        of the name and serial number (same installation, same UID)."""
+        import hashlib
+        digest = hashlib.sha256("\x00".join(["BrainLine device", self.name, self.device_serial_number]).encode())
+        return f"2.25.{int(digest.hexdigest()[:32], 16)}"
 
     def algorithm_parameters(self) -> dict[str, str]:
         params = {"backend": self.backend, "model": self.model_name}

@@ -32,12 +32,12 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from .codes import ALGORITHM_FAMILY, BRAIN, LABELS, AlgorithmInfo, label_concept
+from .codes import BRAIN, LABELS, AlgorithmInfo, label_concept
 
 __all__ = [
     "EmptySegmentationError", "SourceSeries", "new_uid", "read_source_series",
     "labels_on_source_grid", "build_seg", "read_seg_labels", "segment_label_values",
-    "algorithm_identification",
+    "algorithm_identification", "truncate_words", "content_description", "CONTENT_CREATOR_NAME",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,43 @@ def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[st
 
 # -------------------------------------------------------------------------- SEG
 
+#: Content Creator's Name (0070,0084), type 2: written present and empty. The
+#: content is made by software, not by a person; a name here would read as a
+#: human author in viewers ("created by") and in PACS audit views. The software
+#: is identified by Manufacturer, Manufacturer's Model Name, Software Versions,
+#: Device Serial Number and the Segmentation Algorithm Identification.
+CONTENT_CREATOR_NAME = ""
+
+
+def truncate_words(text: str, limit: int = 64) -> str:
+    """``text`` (whitespace normalised) cut to at most ``limit`` characters at a
+    word boundary; an unmatched opening bracket left at the end is dropped."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit + 1]
+    cut = cut[:cut.rfind(" ")] if " " in cut else text[:limit]
+    cut = cut.rstrip(" ,;:-")
+    if cut.count("(") > cut.count(")"):
+        cut = cut[:cut.rfind("(")].rstrip(" ,;:-")
+    return cut or text[:limit]
+
+
+def content_description(algorithm: AlgorithmInfo) -> str:
+    """Content Description (LO, 64): application, version and model, shortened
+    at word boundaries (never mid-word) when the model label is long."""
+    for text in (f"{algorithm.name} {algorithm.version} tumor segmentation ({algorithm.model_label})",
+                 f"{algorithm.name} {algorithm.version} tumor segmentation, {algorithm.model_label}",
+                 f"{algorithm.name} {algorithm.version}: {algorithm.model_label}"):
+        if len(text) <= 64:
+            return text
+    return truncate_words(f"{algorithm.name} {algorithm.version}: {algorithm.model_label}")
+
 
 def algorithm_identification(algorithm: AlgorithmInfo, manufacturer: str) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
-        family=ALGORITHM_FAMILY,
+        family=algorithm.algorithm_family,
         version=algorithm.version,
         source=manufacturer,
         parameters=algorithm.algorithm_parameters(),
@@ -257,7 +289,7 @@ def build_seg(
             display_color=concept.cielab,
         ))
     pixel_array = np.stack([frames == v for v in present], axis=-1).astype(np.uint8)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=series.datasets,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -270,11 +302,14 @@ def build_seg(
         manufacturer_model_name=algorithm.name,
         software_versions=list(algorithm.software_versions),
         device_serial_number=algorithm.device_serial_number,
-        content_description=f"{algorithm.name} {algorithm.version} tumor segmentation ({algorithm.model_label})"[:64],
+        content_description=content_description(algorithm),
         content_label=content_label,
         series_description=series_description,
         omit_empty_frames=omit_empty_frames,
     )
+    if "ContentCreatorName" not in seg:  # highdicom omits this type 2 attribute when not given
+        seg.ContentCreatorName = CONTENT_CREATOR_NAME
+    return seg
 
 
 def segment_label_values(seg: Dataset) -> dict[int, int]:

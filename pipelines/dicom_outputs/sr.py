@@ -21,6 +21,20 @@ Content tree (all coded concepts from :mod:`.codes`)::
         completeness" = "overlay series not built: ...", "Series selection
         quality" = "T1 and T2 not found; ...")
 
+Measurement Method is written HAS CONCEPT MOD, as TID 1501 requires
+(:func:`fix_method_relationships`; highdicom 0.28 writes CONTAINS).
+
+:func:`build_rano_sr` writes a second TID 1500 document (same observer
+context) with one TID 1501 group per tumour-core lesion (3-D component of
+labels 1 + 3, largest first, at most 5): tracking identifier
+``Cornerstone3DTools@^0.1.0:Bidirectional:BrainLine <enhancing|non-enhancing>
+lesion <n>`` (the prefix makes OHIF rehydrate it as a Bidirectional tool) and
+a new tracking UID, finding Enhancing / Non-Enhancing Lesion, method RANO
+(C114879, NCIt), finding site Brain, algorithm id, and NUM Long Axis /
+Short Axis [mm], each INFERRED FROM a 2-point SCOORD POLYLINE SELECTED FROM
+the source image (reference series instance) of the lesion's largest slice.
+The diameters come from :mod:`brainline.pipelines.rano`.
+
 Software versions of BrainLine and the model are in SoftwareVersions (General
 Equipment) and in every group's Algorithm Identification (TID 4019).
 """
@@ -37,14 +51,24 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
+from ..rano import ComponentMeasurement, label_components, measure_components
 from .codes import (
-    BRAIN, CATEGORY_ANATOMY, COMPOSITES, INTRACRANIAL, LABELS, PROCEDURE_REPORTED,
-    QUALITATIVE_EVALUATIONS, REPORT_TITLE, TIV, UNIT_ML, VOLUME, AlgorithmInfo, QCFinding, label_concept,
-    private_coding_scheme,
+    BRAIN, CATEGORY_ABNORMAL, CATEGORY_ANATOMY, COMPOSITES, ENHANCING_LESION, INTRACRANIAL, LABELS, LONG_AXIS,
+    NON_ENHANCING_LESION, OHIF_BIDIRECTIONAL, PROCEDURE_REPORTED, QUALITATIVE_EVALUATIONS, RANO_METHOD, REPORT_TITLE,
+    SHORT_AXIS, TIV, UNIT_ML, UNIT_MM, VOLUME, AlgorithmInfo, QCFinding, label_concept, private_coding_scheme,
 )
-from .seg import SourceSeries, _as_series, new_uid, segment_label_values
+from .seg import SourceSeries, _as_series, new_uid, read_seg_labels, segment_label_values
 
-__all__ = ["build_sr", "volume_summary", "SR_CLASSES"]
+__all__ = ["build_sr", "build_rano_sr", "volume_summary", "SR_CLASSES", "bidimensional_measurements", "fix_method_relationships",
+           "MEASUREMENT_METHOD"]
+
+#: (370129005, SCT, "Measurement Method")
+MEASUREMENT_METHOD = "370129005"
+#: Labels whose union is measured bidimensionally: the tumour core (enhancing
+#: tumour and the necrotic / non-enhancing core it encloses), one lesion per
+#: 3-D connected component.
+CORE_LABELS = (1, 3)
+ENHANCING_LABEL = 3
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +136,69 @@ def _qc_texts(qc_findings: Sequence[QCFinding]) -> hd.sr.ContainerContentItem | 
     return container
 
 
+def fix_method_relationships(group: Any) -> Any:
+    """Write the Measurement Method of a TID 1501 measurement group with
+    relationship HAS CONCEPT MOD, as the template requires (highdicom 0.28's
+    ``MeasurementsAndQualitativeEvaluations`` writes CONTAINS). Only the group's
+    own children are touched (TID 300 methods are already HAS CONCEPT MOD)."""
+    for item in group[0].ContentSequence:
+        name = item.get("ConceptNameCodeSequence")
+        if (item.ValueType == "CODE" and name and name[0].CodeValue == MEASUREMENT_METHOD
+                and name[0].CodingSchemeDesignator in ("SCT", "SRT")):
+            item.RelationshipType = hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD.value
+    return group
+
+
+def bidimensional_measurements(seg: Dataset, series: SourceSeries, *, max_lesions: int = 5
+                               ) -> list[tuple[ComponentMeasurement, bool]]:
+    """RANO-style measurements of the tumour-core components of ``seg`` on the
+    source grid: ``(measurement, enhancing)`` per lesion, largest first."""
+    if not isinstance(seg, hd.seg.Segmentation):
+        seg = hd.seg.Segmentation.from_dataset(seg, copy=True)
+    labels = read_seg_labels(seg, series)
+    core = np.isin(labels, CORE_LABELS)
+    if not core.any():
+        return []
+    spacing = [float(v) for v in series.first.PixelSpacing]
+    found = measure_components(core, spacing, max_components=max_lesions)
+    comps, _ = label_components(core)
+    return [(m, bool(np.any(labels[comps == m.label_id] == ENHANCING_LABEL))) for m in found]
+
+
+def _bidimensional_group(m: ComponentMeasurement, enhancing: bool, series: SourceSeries,
+                         algo_id: hd.sr.AlgorithmIdentification, uid_root: str | None
+                         ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one lesion: Long Axis and Short Axis NUM items [mm], each
+    INFERRED FROM a 2-point SCOORD POLYLINE on the source image of its slice.
+    The tracking identifier starts with the one OHIF rehydrates as a
+    Bidirectional measurement."""
+    ds = series.datasets[m.slice_index]
+    source = hd.sr.SourceImageForRegion(referenced_sop_class_uid=str(ds.SOPClassUID),
+                                        referenced_sop_instance_uid=str(ds.SOPInstanceUID))
+
+    def axis(name, value, points_rc):
+        # SCOORD pixel coordinates are (column, row) with the centre of the first pixel at (0.5, 0.5)
+        graphic = np.array([[c + 0.5, r + 0.5] for r, c in points_rc], dtype=float)
+        return hd.sr.Measurement(
+            name=name, value=round(float(value), 2), unit=UNIT_MM,
+            referenced_coordinates=[hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=graphic, source_image=source)])
+
+    kind = "enhancing lesion" if enhancing else "non-enhancing lesion"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=new_uid(uid_root), identifier=f"{OHIF_BIDIRECTIONAL}:BrainLine {kind} {m.component}"),
+        finding_type=ENHANCING_LESION if enhancing else NON_ENHANCING_LESION,
+        finding_category=CATEGORY_ABNORMAL,
+        method=RANO_METHOD,
+        finding_sites=[hd.sr.FindingSite(BRAIN)],
+        algorithm_id=algo_id,
+        measurements=[axis(LONG_AXIS, m.measurement.long_mm, m.measurement.long_points),
+                      axis(SHORT_AXIS, m.measurement.short_mm, m.measurement.short_points)],
+    )
+    return fix_method_relationships(group)
+
+
 def build_sr(
     seg: Dataset | None,
     source_files: Sequence[str | PathLike] | SourceSeries,
@@ -126,6 +213,8 @@ def build_sr(
     series_description: str = "BrainLine tumor volumes",
     sr_class: str = "comprehensive3d",
     is_final: bool = False,
+    bidimensional: bool = False,
+    max_lesions: int = 5,
 ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
     """TID 1500 measurement report of the volumes in ``summary`` and the QC findings.
 
@@ -197,7 +286,7 @@ def build_sr(
         volume = _volume(volumes, key)
         if volume is None:
             continue
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        groups.append(fix_method_relationships(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier=comp.name),
             finding_type=comp.finding_type,
             finding_category=LABELS[comp.labels[0]].category,
@@ -205,19 +294,25 @@ def build_sr(
             finding_sites=[hd.sr.FindingSite(BRAIN)],
             algorithm_id=algo_id,
             measurements=[_volume_measurement(volume)],
-        ))
+        )))
 
     # --- total intracranial volume
     tiv = summary.get("tiv_ml")
     if tiv is not None:
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        groups.append(fix_method_relationships(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier="Total intracranial volume"),
             finding_type=INTRACRANIAL,
             finding_category=CATEGORY_ANATOMY,
             method=TIV,
             algorithm_id=algo_id,
             measurements=[_volume_measurement(float(tiv))],
-        ))
+        )))
+
+    # --- RANO-style bidimensional measurement of each tumour-core lesion (opt-in:
+    # normally they go into their own document, see build_rano_sr)
+    if bidimensional and seg is not None and max_lesions > 0:
+        for m, enhancing in bidimensional_measurements(seg, series, max_lesions=max_lesions):
+            groups.append(_bidimensional_group(m, enhancing, series, algo_id, uid_root))
 
     # --- QC findings
     if qc_findings:
@@ -230,6 +325,16 @@ def build_sr(
     if not groups:
         raise ValueError("nothing to report: no SEG segments, volumes or QC findings")
 
+    return _document(groups, _qc_texts(qc_findings), seg, series, algorithm, uid_root=uid_root,
+                     series_number=series_number, instance_number=instance_number, manufacturer=manufacturer,
+                     series_description=series_description, sr_class=sr_class, is_final=is_final)
+
+
+def _document(groups: list[Any], texts: hd.sr.ContainerContentItem | None, seg: Dataset | None,
+              series: SourceSeries, algorithm: AlgorithmInfo, *, uid_root: str | None, series_number: int,
+              instance_number: int, manufacturer: str, series_description: str, sr_class: str,
+              is_final: bool) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
+    """TID 1500 document around measurement groups, observed by the BrainLine device."""
     observer = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -246,7 +351,6 @@ def build_sr(
         imaging_measurements=groups,
         title=REPORT_TITLE,
     )
-    texts = _qc_texts(qc_findings)
     if texts is not None:
         report[0].ContentSequence.append(texts)
     evidence = ([seg] if seg is not None else []) + list(series.datasets)
@@ -268,3 +372,43 @@ def build_sr(
         device_serial_number=algorithm.device_serial_number,
         coding_schemes=[private_coding_scheme()],
     )
+
+
+def build_rano_sr(
+    seg: Dataset,
+    source_files: Sequence[str | PathLike] | SourceSeries,
+    algorithm: AlgorithmInfo,
+    *,
+    uid_root: str | None = None,
+    series_number: int = 304,
+    instance_number: int = 1,
+    manufacturer: str = "BrainLine",
+    series_description: str = "BrainLine RANO measurements",
+    sr_class: str = "comprehensive3d",
+    is_final: bool = False,
+    max_lesions: int = 5,
+) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR | None:
+    """TID 1500 report of the RANO-style bidimensional measurements only: one
+    group per tumour-core lesion (see :func:`bidimensional_measurements`), long
+    and short axis as 2-point SCOORD polylines on the source image of the
+    lesion's largest slice. None when the SEG holds no tumour core.
+
+    A separate document from :func:`build_sr` because OHIF 3.13 cannot open an
+    SR whose Imaging Measurements hold any group without image coordinates (the
+    volumes): it dereferences the missing coordinates and shows a black
+    viewport. This one holds planar measurements only, which OHIF rehydrates as
+    Bidirectional measurements.
+    """
+    if sr_class not in SR_CLASSES:
+        raise ValueError(f"sr_class must be one of {sorted(SR_CLASSES)}")
+    series = _as_series(source_files)
+    if str(seg.StudyInstanceUID) != str(series.first.StudyInstanceUID):
+        raise ValueError("SEG and source series belong to different studies")
+    algo_id = _algorithm_id(algorithm)
+    groups = [_bidimensional_group(m, enhancing, series, algo_id, uid_root)
+              for m, enhancing in bidimensional_measurements(seg, series, max_lesions=max_lesions)]
+    if not groups:
+        return None
+    return _document(groups, None, seg, series, algorithm, uid_root=uid_root, series_number=series_number,
+                     instance_number=instance_number, manufacturer=manufacturer,
+                     series_description=series_description, sr_class=sr_class, is_final=is_final)
