@@ -301,7 +301,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="per study: push to finished job (s)")
     parser.add_argument("--delivery-timeout", type=float, default=60.0,
                         help="after a done job: wait this long for SEG+SR in Orthanc (s)")
-    parser.add_argument("--model", default=None, help="BRAINLINE_MODEL for the service (default: built-in baseline)")
+    parser.add_argument("--model", default="baseline",
+                        help="BRAINLINE_MODEL for the service (default: baseline, the weight-free method "
+                             "issue 7 measures; 'auto' or 'brats17-wang' for the shipped trained model)")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the service home (workspaces) after the run")
     args = parser.parse_args(argv)
@@ -319,8 +321,7 @@ def main(argv=None) -> int:
     studies = generate(args, cases, patterns)
 
     env = {"BRAINLINE_STABLE_SECONDS": str(args.stable_seconds), "BRAINLINE_WORKERS": "1"}
-    if args.model:
-        env["BRAINLINE_MODEL"] = args.model
+    env["BRAINLINE_MODEL"] = args.model
     rows: list[dict] = []
     started = time.monotonic()
     with OrthancServer() as orthanc:
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "benchmark": "bench/corpus.py (issue 7)",
             "config": {"cases": [c.case_id for c in cases], "patterns": patterns, "seed": args.seed,
-                       "stable_seconds": args.stable_seconds, "workers": 1, "model": args.model or "baseline",
+                       "stable_seconds": args.stable_seconds, "workers": 1, "model": args.model,
                        "cpus": os.cpu_count(), "platform": platform.platform(), "corpus": str(args.out)},
             "elapsed_s": round(time.monotonic() - started, 1),
             "totals": t, "studies": rows}, indent=1, default=str))

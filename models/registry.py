@@ -5,6 +5,9 @@ outputs into BraTS 2023 labels).
 ``load_backend(spec)`` accepts:
 
 * ``None`` or ``"baseline"``: the built-in :class:`BaselineSegmenter`;
+* ``"auto"``: :class:`AutoSegmenter`, the shipped trained model (Wang et al.,
+  BraTS 2017) when a study has T1, T1c, T2 and FLAIR, the baseline otherwise;
+* ``"brats17-wang"``: :class:`WangCascadeBackend` (needs all four sequences);
 * ``{"type": "monai_bundle", "path": "/models/brats_mri_segmentation", ...}``:
   a MONAI bundle folder (other keys are constructor options of
   :class:`MonaiBundleBackend`);
@@ -29,7 +32,7 @@ import SimpleITK as sitk
 
 from .base import ED, ET, NCR, ROLES, InputRoles, SegmentationBackend, SegmentationError, SegmentationInput
 
-SUPPORTED_TYPES = ("baseline", "monai_bundle", "onnx")
+SUPPORTED_TYPES = ("baseline", "auto", "brats17-wang", "monai_bundle", "onnx")
 BUNDLE_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
 
@@ -108,6 +111,14 @@ def load_backend(spec: dict | str | Path | None = None) -> SegmentationBackend:
     if kind not in SUPPORTED_TYPES:
         raise SegmentationError(
             f"unknown model type {kind!r}; supported types: {', '.join(SUPPORTED_TYPES)}")
+    if kind == "auto":
+        from .wang_backend import AutoSegmenter
+        return _construct(AutoSegmenter, kind, None, options)
+    if kind == "brats17-wang":
+        from .wang_backend import WangCascadeBackend
+        if path is not None:
+            options["weights"] = path
+        return _construct(WangCascadeBackend, kind, None, options)
     if path is None:
         raise SegmentationError(f"a {kind} model needs a 'path' to its folder")
     if kind == "monai_bundle":

@@ -63,7 +63,7 @@ class PipelineConfig:
     n4: N4Config = field(default_factory=lambda: N4Config(spline_distance_mm=200.0,
                                                           iterations=(20, 20, 10),
                                                           shrink_factor=5))
-    model: dict | str | None = None         # segmentation backend spec (None = baseline)
+    model: dict | str | None = None         # segmentation backend spec (None = "auto", see model_spec)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -205,12 +205,22 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
     return _cached(work, "bias_correction", run)
 
 
-def model_spec(cfg: PipelineConfig) -> dict | None:
-    """The registry spec of the configured model, with the pipeline's device
-    for model folders (the weight-free baseline has no device)."""
-    if cfg.model is None or (isinstance(cfg.model, str) and cfg.model.strip().lower() in ("", "baseline")):
-        return None
-    spec = {"path": cfg.model} if isinstance(cfg.model, (str, Path)) else dict(cfg.model)
+def model_spec(cfg: PipelineConfig) -> dict:
+    """The registry spec of the configured model, with the pipeline's device.
+
+    None or "" is the default, "auto": the shipped trained model (Wang et al.,
+    BraTS 2017) when the study has T1, T1c, T2 and FLAIR, the classical
+    baseline otherwise; "baseline" forces the baseline (no device); a type
+    name ("brats17-wang") or a model folder selects that backend."""
+    model = cfg.model
+    if model is None or (isinstance(model, str) and model.strip() == ""):
+        model = "auto"
+    if isinstance(model, str) and model.strip().lower() == "baseline":
+        return {"type": "baseline"}
+    if isinstance(model, str) and model.strip().lower() in ("auto", "brats17-wang"):
+        spec = {"type": model.strip().lower()}
+    else:
+        spec = {"path": model} if isinstance(model, (str, Path)) else dict(model)
     spec.setdefault("device", cfg.device)
     return spec
 
@@ -246,6 +256,8 @@ def step_segment(work: Path, cfg: PipelineConfig) -> dict:
         paths = {r: work / "preprocessed" / f"{r}.nii.gz" for r in ROLES
                  if (work / "preprocessed" / f"{r}.nii.gz").exists()}
         result: dict = {}
+        if hasattr(backend, "for_roles"):  # the default: trained model or baseline by the roles found
+            backend, result["model_choice"] = backend.for_roles(paths)
         if getattr(backend, "input_space", None):
             labels, output, result["model_space"] = _segment_in_model_space(work, cfg, backend, paths)
         else:

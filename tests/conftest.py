@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.dicom_factory import write_study
 from tests.peers import OrthancServer, ServiceProcess
+
+# The suite pins the classical baseline (seconds per job) for every service
+# and `brainline process` run unless a test asks for a model itself: the
+# default, "auto", runs the nine CNNs of the shipped BraTS 2017 model on every
+# 4-sequence study (minutes on 2 CPU cores). tests/test_wang_*.py run the
+# default and the trained model end to end.
+os.environ.setdefault("BRAINLINE_MODEL", "baseline")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data").resolve()

@@ -47,7 +47,7 @@ def check_delivered(svc, orthanc, study, tmp_path) -> dict:
     assert job["state"] == "done", job
     box = wait_outbox(svc)
     kinds = sorted({i["kind"] for i in box["items"]})
-    assert kinds == ["overlay", "pdf", "seg", "sr"]
+    assert kinds == ["overlay", "pdf", "rano", "seg", "sr"]
     t1c_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
                 for p in study.series["t1c"].paths}
     by_kind = {}
@@ -121,8 +121,18 @@ def test_outbox_waits_for_pacs_and_survives_kill9(service_factory, small_study):
         assert "cannot be reached" in box["items"][0]["last_error"]
         assert svc.metric("brainline_outbox_depth") == n_objects
         assert svc.metric("brainline_outbox_oldest_age_seconds") > 0
+        # Readiness means "can accept studies": a PACS that is down must not take
+        # the gateway out of its Service. Delivery health has its own endpoint.
         ready = svc.api("GET", "/readyz")
-        assert ready.status_code == 503 and any("unreachable" in r for r in ready.json()["reasons"])
+        assert ready.status_code == 200, ready.json()
+        delivery = svc.api("GET", "/delivery-health")
+        assert delivery.status_code == 503 and any("unreachable" in r for r in delivery.json()["reasons"])
+        [dest] = delivery.json()["destinations"]
+        assert dest["reachable"] is False and dest["unreachable"] is True and dest["failing_for_s"] > 1
+        assert delivery.json()["outbox_depth"] == n_objects
+        assert svc.metric("brainline_destination_up") == 0
+        assert svc.metric("brainline_destination_failing_seconds") > 1
+        assert svc.metric("brainline_spool_free_bytes") > 0
         listing = subprocess.run([*svc.cli, "outbox"], env=svc.env, capture_output=True, text=True,
                                  timeout=60)
         assert listing.returncode == 0 and "pending" in listing.stdout
@@ -133,3 +143,5 @@ def test_outbox_waits_for_pacs_and_survives_kill9(service_factory, small_study):
         box = wait_outbox(svc)
         assert len(box["items"]) == n_objects
         assert pacs.count_instances() == n_objects  # each object stored exactly once
+        assert svc.api("GET", "/delivery-health").status_code == 200
+        assert svc.metric("brainline_destination_up") == 1
