@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import nibabel as nib
 
-__all__ = ["ConversionError", "ConversionResult", "convert_series", "find_dcm2niix"]
+__all__ = ["ConversionError", "UnequalSpacingError", "ConversionResult", "convert_series",
+           "find_dcm2niix"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ _NIFTI_SUFFIX = ".nii.gz"
 
 class ConversionError(RuntimeError):
     """dcm2niix failed or produced nothing; the message names the series."""
+
+
+class UnequalSpacingError(ConversionError):
+    """dcm2niix found unequally spaced slices and interpolated them (an ``_Eq``
+    output): slices are missing or irregular, so the volume would be partly
+    invented. No output is kept."""
 
 
 @dataclass
@@ -115,6 +122,7 @@ def convert_series(files: Sequence[Path], out_dir: Path, name: str, *,
         _link_inputs(inputs, src)
         dst.mkdir()
         _run_dcm2niix(src, dst, name, timeout_s)
+        _refuse_interpolated(sorted(dst.glob(f"*{_NIFTI_SUFFIX}")), name)
         main, extras = _choose_main(sorted(dst.glob(f"*{_NIFTI_SUFFIX}")), name)
         nifti, sidecar, extra_files = _move_outputs(main, extras, out_dir, name)
     result = _result_from_files(name, nifti, sidecar, extra_files, len(inputs), input_hash)
@@ -248,6 +256,17 @@ def _run_dcm2niix(src: Path, dst: Path, name: str, timeout_s: float) -> None:
             f"dcm2niix produced no NIfTI for series '{name}'{_tail(stderr, stdout)}")
 
 
+def _refuse_interpolated(niftis: list[Path], name: str) -> None:
+    """Raise UnequalSpacingError when dcm2niix wrote an equalized (``_Eq``) volume:
+    it does so only when the slices of the series are unequally spaced, i.e.
+    slices are missing or the acquisition is irregular."""
+    eq = [p.name for p in niftis if re.search(r"_Eq(_\d+)?\.nii\.gz$", p.name)]
+    if eq:
+        raise UnequalSpacingError(
+            f"series '{name}' has unequally spaced slices (slices missing or irregular): dcm2niix "
+            f"would interpolate them ({', '.join(eq)}), so the series is not used")
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Kill dcm2niix and its children (the PyPI launcher runs the binary as a child)."""
     try:
@@ -267,7 +286,8 @@ def _tail(stderr: str, stdout: str, n_lines: int = 5) -> str:
 # --- outputs --------------------------------------------------------------------
 
 #: Suffix patterns after ``<name>``, best first. Geometry-corrected volumes
-#: (_Eq: equalized slice spacing, _Tilt: gantry tilt) beat the raw one; split
+#: (_Eq: equalized slice spacing -- refused before this ranking by
+#: _refuse_interpolated --, _Tilt: gantry tilt) beat the raw one; split
 #: single images (_i00001), ROIs, phase/real/imaginary parts come last.
 _SUFFIX_RANKS: tuple[tuple[str, int], ...] = (
     (r"_(Eq|Tilt)(_\d+)?", 0),

@@ -12,6 +12,18 @@ needed. A missing role the backend could have used is recorded, and the
 summary, SR and PDF say so ("T1 and T2 not found; segmentation used T1c and
 FLAIR only").
 
+Every selected series is checked for completeness first
+(:mod:`.series_completeness`: instance-number and slice-position gaps,
+ImagesInAcquisition) and, for the reference role, for being classic
+single-frame images (the DICOM results are built on it). A series that fails
+is left out and selection runs again without it, so a complete duplicate
+takes its place. A needed role left without a usable series raises
+:class:`IncompleteSeriesError` (a MissingSeriesError) naming the series and
+what is missing ("FLAIR series 5 'AX T2 FLAIR 3D' is incomplete: 35 of 155
+slices received; instance numbers 36–155 missing"); an optional role is
+dropped and the note says why. Conversion refuses a series dcm2niix would
+interpolate (``_Eq`` output, :class:`UnequalSpacingError`) the same way.
+
 ``selection.json`` in the working folder holds the selection record
 (:meth:`SelectionResult.to_dict`), ``files`` (role -> instance files,
 relative to the working folder when inside it, absolute otherwise: ``brainline
@@ -28,12 +40,15 @@ from typing import Iterable, Sequence
 from brainline.models.base import ROLES, InputRoles
 from brainline.models.registry import input_roles, load_backend
 
-from .conversion import convert_series
+from .conversion import UnequalSpacingError, convert_series
 from .image_pipeline import ROLE_LABELS, PipelineConfig, model_spec
-from .series_selection import RulesError, load_rules, scan_series, select_series
+from .series_completeness import IncompleteSeriesError, check_series_files
+from .series_selection import (
+    MissingSeriesError, RulesError, SeriesHeader, load_rules, scan_series, select_series,
+)
 
 __all__ = ["backend_roles", "inputs_record", "select_inputs", "convert_inputs", "selected_files",
-           "join_and"]
+           "join_and", "series_problem", "IncompleteSeriesError"]
 
 
 def join_and(words: Sequence[str]) -> str:
@@ -57,21 +72,27 @@ def backend_roles(cfg: PipelineConfig) -> tuple[str, InputRoles]:
 
 
 def inputs_record(selected: Iterable[str], rule_roles: Iterable[str], backend: str,
-                  roles: InputRoles, reference: str) -> dict:
+                  roles: InputRoles, reference: str, dropped: dict[str, str] | None = None) -> dict:
     """What the segmentation gets: ``{"backend", "required", "optional", "used",
-    "missing", "note"}`` (role keys). ``missing``: roles of the rules with no
-    series; ``note``: a sentence when a role the backend could use is missing,
-    else None."""
+    "missing", "dropped", "note"}`` (role keys). ``missing``: roles of the rules
+    with no series used; ``dropped``: role -> why its series was left out
+    (incomplete); ``note``: a sentence when a role the backend could use is
+    missing or dropped, else None."""
     selected = set(selected)
+    dropped = {r: why for r, why in (dropped or {}).items() if r not in selected}
     missing = [r for r in rule_roles if r not in selected]
     used = [r for r in roles.usable if r in selected]
-    could_use = [r for r in missing if r in roles.usable]
+    not_found = [r for r in missing if r in roles.usable and r not in dropped]
+    parts = []
+    if not_found:
+        parts.append(f"{join_and(_labels(not_found))} not found")
+    parts += [dropped[r] for r in roles.usable if r in dropped]
     note = None
-    if could_use:
-        note = (f"{join_and(_labels(could_use))} not found; segmentation used "
-                f"{join_and(_labels(used)) or 'no sequence'} only")
+    if parts:
+        note = "; ".join(parts) + f"; segmentation used {join_and(_labels(used)) or 'no sequence'} only"
     return {"backend": backend, "reference": reference, "required": list(roles.required),
-            "optional": list(roles.optional), "used": used, "missing": missing, "note": note}
+            "optional": list(roles.optional), "used": used, "missing": missing, "dropped": dropped,
+            "note": note}
 
 
 def _needed_because(role: str, backend: str, roles: InputRoles, reference: str) -> str:
@@ -90,13 +111,36 @@ def _stored_path(path: Path, work: Path) -> str:
         return str(Path(path).resolve())
 
 
+def series_name(role: str, header: SeriesHeader) -> str:
+    """'FLAIR series 5 'AX T2 FLAIR 3D''."""
+    number = "?" if header.series_number is None else header.series_number
+    text = header.description or header.protocol_name
+    return f"{ROLE_LABELS.get(role, role)} series {number}" + (f" '{text}'" if text else "")
+
+
+def series_problem(role: str, header: SeriesHeader, reference: str) -> tuple[str, dict] | None:
+    """Why the series selected for ``role`` cannot be used (words), with the
+    completeness record; None when it can."""
+    if role == reference and (header.is_enhanced or header.n_frames > header.n_instances):
+        return (f"{series_name(role, header)} is an enhanced (multi-frame) MR image, and the results "
+                f"are built on the reference series as classic single-frame images: send it as "
+                f"classic MR images (most scanners can export them)", {"multi_frame": True})
+    report = check_series_files(header.files)
+    if report.complete:
+        return None
+    return f"{series_name(role, header)} is incomplete: {report.describe()}", report.to_dict()
+
+
 def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: Path | None = None) -> dict:
     """Pick the series of each role in ``dicom_dir``; writes ``work/selection.json``.
 
-    Returns the selection record without file lists (for the job store).
-    Raises MissingSeriesError (names the missing role, why it is needed and
-    every series considered), RulesError or SegmentationError (model cannot
-    be loaded)."""
+    Every selected series must be complete (and the reference series
+    single-frame); one that is not is left out and the selection runs again
+    without it. Returns the selection record without file lists (for the job
+    store). Raises MissingSeriesError (names the missing role, why it is
+    needed and every series considered), IncompleteSeriesError (a needed role
+    has only incomplete series: names the series and what is missing),
+    RulesError or SegmentationError (model cannot be loaded)."""
     rules = load_rules(rules_path)
     backend, roles = backend_roles(cfg)
     needed = [r for r in ROLES if r in roles.required or r == cfg.reference]
@@ -104,17 +148,51 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
     if unknown:
         raise RulesError(f"the series rules have no rule for {join_and(_labels(unknown))}, which "
                          f"the pipeline needs (model {backend}, reference {ROLE_LABELS.get(cfg.reference)})")
-    selection = select_series(
-        scan_series(dicom_dir), rules, required=needed,
-        needed_because={r: _needed_because(r, backend, roles, cfg.reference) for r in needed})
+    needed_because = {r: _needed_because(r, backend, roles, cfg.reference) for r in needed}
+    series = scan_series(dicom_dir)
+    left_out: dict[str, tuple[str, str, dict]] = {}  # series uid -> (role, why, record)
+    checked: dict[tuple[str, bool], tuple[str, dict] | None] = {}  # (uid, as reference) -> problem
+    while True:
+        pool = [s for s in series if s.series_uid not in left_out]
+        try:
+            selection = select_series(pool, rules, required=needed, needed_because=needed_because)
+        except MissingSeriesError as exc:
+            reasons = [why for role, why, _ in left_out.values() if role in exc.missing_roles]
+            if reasons:
+                raise IncompleteSeriesError(
+                    exc.missing_roles, reasons, labels=exc.labels,
+                    needed_because={r: needed_because[r] for r in exc.missing_roles
+                                    if r in needed_because}) from None
+            raise
+        bad = {}
+        for role, header in selection.roles.items():
+            key = (header.series_uid, role == cfg.reference)
+            if key not in checked:
+                checked[key] = series_problem(role, header, cfg.reference)
+            problem = checked[key]
+            if problem is not None:
+                bad[header.series_uid] = (role, *problem)
+        if not bad:
+            break
+        left_out.update(bad)
+    dropped = {}
+    for role, why, _ in left_out.values():
+        if role not in selection.roles and role not in dropped:
+            dropped[role] = why + "; it was left out"
     record = selection.to_dict()
-    record["inputs"] = inputs_record(selection.roles, rules.roles, backend, roles, cfg.reference)
+    record["left_out"] = [{"role": role, "reason": why, "completeness": rec}
+                          for role, why, rec in left_out.values()]
+    record["inputs"] = inputs_record(selection.roles, rules.roles, backend, roles, cfg.reference, dropped)
     files = {role: [_stored_path(f, work) for f in header.files] for role, header in selection.roles.items()}
+    _write_selection(work, {**record, "files": files})
+    return record
+
+
+def _write_selection(work: Path, selection: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tmp = work / ".tmp-selection.json"
-    tmp.write_text(json.dumps({**record, "files": files}, indent=2, default=str))
+    tmp.write_text(json.dumps(selection, indent=2, default=str))
     os.replace(tmp, work / "selection.json")
-    return record
 
 
 def selected_files(work: Path, role: str) -> list[Path]:
@@ -125,7 +203,48 @@ def selected_files(work: Path, role: str) -> list[Path]:
 
 def convert_inputs(work: Path) -> dict:
     """dcm2niix every selected series into ``work/nifti/<role>.nii.gz`` + JSON
-    sidecar; returns the conversion record per role. Raises ConversionError."""
+    sidecar; returns the conversion record per role. A series dcm2niix would
+    interpolate (unequal slice spacing) is refused: a needed role raises
+    IncompleteSeriesError, an optional role is dropped from selection.json
+    with a note. Raises ConversionError for other failures."""
     selection = json.loads((work / "selection.json").read_text())
-    return {role: convert_series([work / f for f in files], work / "nifti", role).to_dict()
-            for role, files in sorted(selection["files"].items())}
+    inputs = selection.get("inputs") or {}
+    needed = set(inputs.get("required", [])) | ({inputs["reference"]} if inputs.get("reference") else set())
+    out: dict = {}
+    dropped: dict[str, str] = {}
+    for role, files in sorted(selection["files"].items()):
+        try:
+            out[role] = convert_series([work / f for f in files], work / "nifti", role).to_dict()
+        except UnequalSpacingError:
+            header = selection["roles"][role]
+            number = "?" if header.get("series_number") is None else header["series_number"]
+            why = (f"{ROLE_LABELS.get(role, role)} series {number} '{header.get('description', '')}' has "
+                   f"unequally spaced slices (missing or irregular); dcm2niix would interpolate them")
+            if role in needed or not inputs:
+                because = "the pipeline needs it"
+                if inputs:
+                    because = _needed_because(role, inputs["backend"], InputRoles(
+                        required=tuple(inputs["required"]), optional=tuple(inputs["optional"])),
+                        inputs["reference"])
+                raise IncompleteSeriesError([role], [why], needed_because={role: because}) from None
+            dropped[role] = why + "; it was left out"
+    if dropped:
+        _drop_roles(work, selection, dropped)
+    return out
+
+
+def _drop_roles(work: Path, selection: dict, dropped: dict[str, str]) -> None:
+    """Remove optional roles from selection.json and say so in its inputs note."""
+    inputs = selection["inputs"]
+    for role in dropped:
+        selection["files"].pop(role, None)
+        selection["roles"].pop(role, None)
+        for name in (f"{role}.nii.gz", f"{role}.json", f"{role}.conversion.json"):
+            (work / "nifti" / name).unlink(missing_ok=True)
+    rule_roles = list(dict.fromkeys(list(inputs.get("missing", [])) + list(selection["roles"]) + list(dropped)))
+    roles = InputRoles(required=tuple(inputs["required"]), optional=tuple(inputs["optional"]))
+    selection["inputs"] = inputs_record(selection["roles"], [r for r in ROLES if r in rule_roles] or rule_roles,
+                                        inputs["backend"], roles, inputs["reference"],
+                                        {**inputs.get("dropped", {}), **dropped})
+    selection.setdefault("left_out", []).extend({"role": r, "reason": why} for r, why in dropped.items())
+    _write_selection(work, selection)

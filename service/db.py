@@ -44,9 +44,10 @@ class State(str, enum.Enum):
     FAILED = "failed"
     NEEDS_INPUT = "needs_input"
     REJECTED = "rejected"
+    SUPERSEDED = "superseded"  # a newer job of the same study replaced it
 
 
-FINAL_STATES = {State.DONE, State.FAILED, State.NEEDS_INPUT, State.REJECTED}
+FINAL_STATES = {State.DONE, State.FAILED, State.NEEDS_INPUT, State.REJECTED, State.SUPERSEDED}
 
 
 class Base(DeclarativeBase):
@@ -115,6 +116,7 @@ class OutboxState(str, enum.Enum):
     SENT = "sent"            # stored by the destination
     FAILED = "failed"        # gave up after outbox_max_attempts transient failures
     REJECTED = "rejected"    # the destination refused the object (C-STORE failure, HTTP 4xx)
+    CANCELLED = "cancelled"  # its job was superseded before it was sent
 
 
 class OutboxItem(Base):

@@ -3,12 +3,21 @@
 The runner (``JobRunner.run``) is what every executor calls, locally or from
 a Celery worker: it loads the job, skips stages already done, runs the rest in
 order and records state, timings, results and errors in the job store.
+
+A new job of a study supersedes the study's earlier jobs (error
+"superseded by job N ..."): an earlier job still queued or running, or done,
+turns ``superseded``; one still running stops before its next stage and
+never delivers, its outbox rows not yet sent are cancelled. One that ended
+without results (needs_input, failed, rejected) keeps its state. None of
+them can be retried. A job's
+``error`` is in words; tracebacks go to the log only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -18,7 +27,11 @@ from sqlalchemy.orm import sessionmaker
 from .db import FINAL_STATES, Job, Stage, State, utcnow
 from .metrics import Metrics
 from .spool import Spool
-from .stages import DEFAULT_PIPELINE, PIPELINES, NeedsInput, Rejected, StageContext
+from .outbox import cancel_pending
+from .stages import (
+    DEFAULT_PIPELINE, PIPELINE_ERRORS, PIPELINES, SUPERSEDED, NeedsInput, Rejected, StageContext,
+    Superseded,
+)
 from .vault import Vault
 
 log = logging.getLogger("brainline.jobs")
@@ -26,6 +39,24 @@ log = logging.getLogger("brainline.jobs")
 
 class JobConflict(Exception):
     """The job is in a state that does not allow the requested change."""
+
+
+#: States after which a job does nothing more (superseded has no db.State member yet).
+FINAL = {state.value for state in FINAL_STATES} | {SUPERSEDED}
+LIVE = {State.RECEIVED.value, State.QUEUED.value, State.RUNNING.value}
+SUPERSEDED_PREFIX = "superseded by job "
+
+
+def _supersede_reason(old: Job, new_id: int, new_count: int, cancelled: int) -> str:
+    what = ("it had not finished" if old.state in LIVE else
+            "its results were built" if old.state == State.DONE.value else f"it had ended {old.state}")
+    text = (f"superseded by job {new_id}: the study was received again ({new_count} instances; this job "
+            f"had {old.instance_count}) while {what}")
+    if cancelled:
+        text += f"; {cancelled} result object{'s' if cancelled != 1 else ''} not yet sent were cancelled"
+    if old.error:
+        text += f" (earlier: {old.error})"
+    return text
 
 
 class JobStore:
@@ -41,7 +72,29 @@ class JobStore:
                           for i, (name, _fn) in enumerate(PIPELINES[pipeline])]
             s.add(job)
             s.flush()
+            earlier = list(s.scalars(select(Job).where(Job.study_key == study_key, Job.id < job.id,
+                                                        Job.state != SUPERSEDED).with_for_update()))
+            for old in earlier:
+                if (old.error or "").startswith(SUPERSEDED_PREFIX):
+                    continue  # ended without results and already marked
+                cancelled = cancel_pending(s, [old.id], f"cancelled: job {old.id} was superseded by job {job.id}")
+                old.error = _supersede_reason(old, job.id, instance_count, cancelled)
+                if old.state in LIVE or old.state == State.DONE.value:
+                    old.state = SUPERSEDED  # it could deliver, or did: its results are replaced
+                # a job that ended without results (needs_input, failed, rejected) keeps
+                # its state, and the words say it was superseded; it cannot be retried
+                old.finished_at = old.finished_at or utcnow()
+                log.info("job superseded", extra={"job_id": old.id, "superseded_by": job.id,
+                                                  "outbox_cancelled": cancelled})
             return job.id
+
+    def superseded(self, job_id: int) -> str | None:
+        """None, or the words saying which job superseded ``job_id``."""
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is not None and job.state == SUPERSEDED:
+                return job.error or f"job {job_id} was superseded"
+            return None
 
     def mark_queued(self, job_id: int) -> None:
         with self.sessions.begin() as s:
@@ -89,7 +142,12 @@ class JobStore:
             job = s.get(Job, job_id)
             if job is None:
                 raise KeyError(job_id)
-            if not force and State(job.state) not in FINAL_STATES - {State.DONE}:
+            newer = s.scalar(select(func.min(Job.id)).where(Job.study_key == job.study_key, Job.id > job_id))
+            if job.state == SUPERSEDED or newer is not None:
+                raise JobConflict(f"job {job_id} is superseded by job {newer} and cannot be retried; "
+                                  f"retry job {newer} instead" if newer else
+                                  f"job {job_id} is superseded and cannot be retried")
+            if not force and job.state not in FINAL - {State.DONE.value}:
                 raise JobConflict(f"job {job_id} is {job.state}; only failed, needs_input or "
                                   "rejected jobs can be retried")
             for stage in job.stages:
@@ -116,11 +174,43 @@ class JobStore:
 
 
 def _update(sessions, model, row_id: int, **fields) -> None:
-    """Set ``fields`` on one row of ``model`` (Job or Stage) in its own transaction."""
+    """Set ``fields`` on one row of ``model`` (Job or Stage) in its own
+    transaction; a superseded job keeps its state and error."""
     with sessions.begin() as s:
         row = s.get(model, row_id)
+        if model is Job and row.state == SUPERSEDED:
+            fields = {k: v for k, v in fields.items() if k not in ("state", "error")}
         for k, v in fields.items():
             setattr(row, k, v)
+
+
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.S)
+_FRAME = re.compile(r'\s*File "[^"]*", line \d+.*')
+_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+([\w.+-]+)")
+
+
+def _last_line(match: re.Match) -> str:
+    """A traceback in a message (e.g. a child process's stderr) becomes its
+    last line, the exception in words."""
+    lines = [line for line in match.group(0).splitlines()[1:]
+             if line.strip() and not line[:1].isspace() and not line.startswith(("During handling", "The above"))]
+    return lines[-1] if lines else ""
+
+
+def in_words(exc: BaseException, job_id: int) -> str:
+    """A stage failure for people: the message of a pipeline error (which
+    names the series and reason) without any traceback or install path; for
+    anything else the kind of error and where the details are."""
+    if isinstance(exc, PIPELINE_ERRORS):
+        text = _TRACEBACK.sub(_last_line, str(exc))
+        text = " ".join(line for line in text.splitlines() if not _FRAME.fullmatch(line))
+        text = _PATH.sub(lambda m: m.group(1), " ".join(text.split()))
+        return (text[:1500] + " …") if len(text) > 1500 else (text or type(exc).__name__)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({type(exc).__name__}; details in the service log, job {job_id})"
+    if isinstance(exc, MemoryError):
+        return f"out of memory (details in the service log, job {job_id})"
+    return f"internal error ({type(exc).__name__}; details in the service log, job {job_id})"
 
 
 STAGE_LABELS = {"pseudonymize": "pseudonymization", "select_series": "series selection",
@@ -148,7 +238,7 @@ class JobRunner:
     def run(self, job_id: int) -> str:
         sessions = self.store.sessions
         job = self.store.get(job_id)
-        if job is None or State(job.state) in FINAL_STATES:
+        if job is None or job.state in FINAL:
             return job.state if job else "missing"
         _update(sessions, Job, job_id, state=State.RUNNING.value, attempts=job.attempts + 1,
                  started_at=job.started_at or utcnow())
@@ -156,20 +246,25 @@ class JobRunner:
         ws.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
                            spool=self.spool, vault=self.vault, settings=self.settings,
-                           outbox=self.outbox)
+                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id))
         stage_fns = dict(PIPELINES[job.pipeline])
         log.info("job started", extra={"job_id": job_id, "study_key": job.study_key})
         for stage in job.stages:
             if stage.state == State.DONE.value:
                 continue
+            if self.store.superseded(job_id):
+                log.info("job stopped: superseded", extra={"job_id": job_id, "stage": stage.name})
+                return SUPERSEDED
             outcome = self._run_stage(ctx, stage, stage_fns[stage.name])
             if outcome != State.DONE:
-                return outcome.value
+                return outcome.value if isinstance(outcome, State) else outcome
         _update(sessions, Job, job_id, state=State.DONE.value, finished_at=utcnow(), error=None)
+        if self.store.superseded(job_id):
+            return SUPERSEDED
         log.info("job done", extra={"job_id": job_id})
         return State.DONE.value
 
-    def _run_stage(self, ctx: StageContext, stage: Stage, fn) -> State:
+    def _run_stage(self, ctx: StageContext, stage: Stage, fn) -> State | str:
         sessions = self.store.sessions
         started = utcnow()
         _update(sessions, Stage, stage.id, state=State.RUNNING.value, started_at=started,
@@ -183,10 +278,15 @@ class JobRunner:
             return self._finish_stage(ctx, stage, t0, State.NEEDS_INPUT, str(exc))
         except Rejected as exc:
             return self._finish_stage(ctx, stage, t0, State.REJECTED, f"{label} refused the study: {exc}")
+        except Superseded as exc:
+            _update(sessions, Stage, stage.id, state=SUPERSEDED, finished_at=utcnow(),
+                    duration_s=time.monotonic() - t0, error=str(exc))
+            log.info("job stopped: superseded", extra={"job_id": ctx.job_id, "stage": stage.name})
+            return SUPERSEDED
         except Exception as exc:  # a stage failure must be recorded, never lost
             log.exception("stage failed", extra={"job_id": ctx.job_id, "stage": stage.name})
-            reason = str(exc) or type(exc).__name__
-            return self._finish_stage(ctx, stage, t0, State.FAILED, f"{label} failed: {reason}")
+            return self._finish_stage(ctx, stage, t0, State.FAILED,
+                                      f"{label} failed: {in_words(exc, ctx.job_id)}")
         duration = time.monotonic() - t0
         _update(sessions, Stage, stage.id, state=State.DONE.value, finished_at=utcnow(),
                    duration_s=duration, result_json=json.dumps(result, default=str))

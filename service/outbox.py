@@ -6,6 +6,11 @@ failures back off exponentially (``outbox_retry_base_seconds`` doubling up to
 ``outbox_retry_max_seconds``) and turn ``failed`` after
 ``outbox_max_attempts``; a destination that refuses an object marks that row
 ``rejected`` with the reason and does not block other rows or destinations.
+
+A job superseded by a newer job of the same study queues nothing more
+(:meth:`Outbox.enqueue` raises Superseded), and its rows not yet sent turn
+``cancelled`` (:func:`cancel_pending`, state string until db.OutboxState
+has it); ``retry`` never re-queues them.
 """
 
 from __future__ import annotations
@@ -18,15 +23,30 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from .db import OutboxItem, OutboxState, utcnow
+from .db import Job, OutboxItem, OutboxState, utcnow
 from .destinations import Destination, DestinationUnavailable
+from .stages import SUPERSEDED, Superseded
 
 log = logging.getLogger("brainline.outbox")
 
 BATCH = 256  # items per pass; a destination gets one association per pass
+CANCELLED = "cancelled"  # outbox row of a superseded job, never sent
+SUPERSEDED_PREFIX = "superseded by job "  # error of a job that ended before a newer one came
+
+
+def cancel_pending(session, job_ids: list[int], reason: str) -> int:
+    """In ``session``: turn the pending rows of ``job_ids`` into ``cancelled``
+    with ``reason``; returns how many."""
+    if not job_ids:
+        return 0
+    rows = list(session.scalars(select(OutboxItem).where(
+        OutboxItem.job_id.in_(job_ids), OutboxItem.state == OutboxState.PENDING.value)))
+    for row in rows:
+        row.state, row.last_error = CANCELLED, reason
+    return len(rows)
 
 
 class Outbox:
@@ -46,7 +66,8 @@ class Outbox:
     # -- queueing ------------------------------------------------------------
     def enqueue(self, job_id: int, objects: list[tuple[str, Path]]) -> int:
         """Add (kind, file) pairs for every destination; idempotent per
-        (destination, SOP Instance UID). Returns the number of new rows."""
+        (destination, SOP Instance UID). Returns the number of new rows.
+        Raises Superseded (nothing added) once the job has been superseded."""
         added = 0
         for kind, path in objects:
             ds = pydicom.dcmread(path, stop_before_pixels=True,
@@ -54,6 +75,9 @@ class Outbox:
             for name in self.destinations:
                 try:
                     with self.sessions.begin() as s:
+                        job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+                        if job is not None and job.state == SUPERSEDED:
+                            raise Superseded(job.error or f"job {job_id} was superseded")
                         s.add(OutboxItem(job_id=job_id, destination=name, kind=kind, path=str(path),
                                          sop_class_uid=str(ds.SOPClassUID),
                                          sop_instance_uid=str(ds.SOPInstanceUID),
@@ -92,11 +116,32 @@ class Outbox:
                 f"{self.last_error.get(name, '')}"
                 for name, since in self.failing_since.items() if now - since > limit]
 
-    def retry(self, item_ids: list[int] | None = None) -> int:
-        """Make failed/rejected items (all, or the given ids) pending again."""
+    def cancel_earlier(self, study_key: str, job_id: int) -> int:
+        """Cancel the rows not yet sent of earlier jobs of ``study_key`` (a job
+        about to deliver replaces them); returns how many."""
         with self.sessions.begin() as s:
-            q = select(OutboxItem).where(OutboxItem.state.in_(
-                [OutboxState.FAILED.value, OutboxState.REJECTED.value]))
+            earlier = list(s.scalars(select(Job.id).where(Job.study_key == study_key, Job.id < job_id)))
+            return cancel_pending(s, earlier, f"cancelled: job {job_id} replaces these results")
+
+    def sent_earlier(self, study_key: str, job_id: int) -> list[dict]:
+        """Objects of earlier jobs of ``study_key`` already stored at a destination."""
+        with self.sessions() as s:
+            rows = s.execute(select(OutboxItem.job_id, OutboxItem.kind, OutboxItem.destination,
+                                    OutboxItem.sop_instance_uid)
+                             .join(Job, Job.id == OutboxItem.job_id)
+                             .where(Job.study_key == study_key, Job.id < job_id,
+                                    OutboxItem.state == OutboxState.SENT.value)
+                             .order_by(OutboxItem.id))
+            return [{"job_id": j, "kind": k, "destination": d, "sop_instance_uid": u} for j, k, d, u in rows]
+
+    def retry(self, item_ids: list[int] | None = None) -> int:
+        """Make failed/rejected items (all, or the given ids) pending again;
+        never those of a superseded job."""
+        with self.sessions.begin() as s:
+            q = select(OutboxItem).join(Job, Job.id == OutboxItem.job_id).where(
+                OutboxItem.state.in_([OutboxState.FAILED.value, OutboxState.REJECTED.value]),
+                Job.state != SUPERSEDED,
+                or_(Job.error.is_(None), ~Job.error.startswith(SUPERSEDED_PREFIX)))
             if item_ids:
                 q = q.where(OutboxItem.id.in_(item_ids))
             items = list(s.scalars(q))

@@ -9,6 +9,15 @@ so a job resumes at its first unfinished stage after a crash.
 ``pseudonymize`` is the only stage that reads the PHI spool; it runs on the
 gateway side and writes nothing identifying into the workspace. The other
 stages are thin wrappers around the pure functions in ``brainline.pipelines``.
+
+One bad instance does not fail the study: ``pseudonymize`` quarantines an
+instance that cannot be read, whose PatientID differs from the study's,
+whose pixel data does not fit its transfer syntax or matrix size, or whose
+matrix size differs from the rest of its series (a hard link in
+``<spool>/.quarantine/<study_key>/``, the spool's file stays so the study
+does not re-open), records "1 instance quarantined: <reason>" without PHI,
+and processes the rest; series selection then refuses any series that the
+quarantine left incomplete.
 """
 
 from __future__ import annotations
@@ -17,17 +26,20 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pydicom
+from pydicom import uid as dicom_uid
 
 from brainline.models.base import SegmentationError
 from brainline.pipelines.bias_correction import N4Error
 from brainline.pipelines.conversion import ConversionError
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig, PipelineError
 from brainline.pipelines.inputs import convert_inputs, select_inputs, selected_files
+from brainline.pipelines.series_completeness import IncompleteSeriesError
 from brainline.pipelines.registration import RegistrationConfig, RegistrationError
 from brainline.pipelines.results import CORE_OBJECTS, OBJECT_NAMES, build_results, rerender_pdf
 from brainline.pipelines.series_selection import MissingSeriesError, RulesError
@@ -49,6 +61,15 @@ class Rejected(Exception):
     """The study must not be processed; the message says why."""
 
 
+#: State of a job (and of its stage that noticed) replaced by a newer job of
+#: the same study; db.State has no member for it yet.
+SUPERSEDED = "superseded"
+
+
+class Superseded(Exception):
+    """A newer job of the same study replaced this one; the message says which."""
+
+
 @dataclass
 class StageContext:
     job_id: int
@@ -58,6 +79,14 @@ class StageContext:
     vault: Vault
     settings: object
     outbox: object = None  # service.outbox.Outbox, None when no destination is configured
+    #: () -> None, or the words "superseded by job N ..." once a newer job replaced this one
+    superseded: Callable[[], str | None] | None = None
+
+    def check_superseded(self) -> None:
+        """Raise Superseded when a newer job of this study replaced this one."""
+        why = self.superseded() if self.superseded else None
+        if why:
+            raise Superseded(why)
 
     def path(self, *parts: str) -> Path:
         return self.workspace.joinpath(*parts)
@@ -76,10 +105,150 @@ def _identity_of(ds: pydicom.Dataset) -> dict:
     }
 
 
+#: Transfer syntaxes whose pixel data dcm2niix decodes (native, deflate, JPEG
+#: baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE).
+NATIVE_SYNTAXES = {dicom_uid.ImplicitVRLittleEndian, dicom_uid.ExplicitVRLittleEndian,
+                   dicom_uid.DeflatedExplicitVRLittleEndian, dicom_uid.ExplicitVRBigEndian}
+ENCAPSULATED_SYNTAXES = {dicom_uid.JPEGBaseline8Bit, dicom_uid.JPEGExtended12Bit, dicom_uid.JPEGLossless,
+                         dicom_uid.JPEGLosslessSV1, dicom_uid.JPEGLSLossless, dicom_uid.JPEGLSNearLossless,
+                         dicom_uid.JPEG2000Lossless, dicom_uid.JPEG2000, dicom_uid.RLELossless}
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _pixel_problem(ds: pydicom.Dataset) -> str | None:
+    """Why the pixel data of ``ds`` cannot be decoded as announced (words, no
+    values), or None; objects without pixel data are not judged here."""
+    if PIXEL_DATA not in ds:
+        return None
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    element = ds.get_item(PIXEL_DATA)
+    length = getattr(element, "length", None)
+    if length is None:
+        value = ds.PixelData
+        length = UNDEFINED_LENGTH if getattr(ds["PixelData"], "is_undefined_length", False) else len(value)
+    if syntax in ENCAPSULATED_SYNTAXES:
+        if length != UNDEFINED_LENGTH:
+            return "pixel data not encoded as its transfer syntax says (not encapsulated)"
+        return None
+    if syntax and syntax not in NATIVE_SYNTAXES:
+        return "transfer syntax not one BrainLine can decode"
+    if length == UNDEFINED_LENGTH:
+        return "pixel data not encoded as its transfer syntax says (encapsulated)"
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "image attributes (rows, columns, bits allocated) missing or invalid"
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if length not in (expected, expected + 1):
+        return "pixel data size does not match rows, columns and bits allocated"
+    return None
+
+
+def _plane_key(ds: pydicom.Dataset) -> tuple:
+    """Matrix size and pixel spacing (rounded to 1 µm) of an image."""
+    spacing = ds.get("PixelSpacing")
+    try:
+        spacing = tuple(round(float(v), 3) for v in spacing) if spacing else ()
+    except (TypeError, ValueError):
+        spacing = ("invalid",)
+    return (ds.get("Rows"), ds.get("Columns"), spacing)
+
+
+@dataclass
+class _Scanned:
+    path: Path
+    patient: tuple[str, str] | None = None
+    series: str = ""
+    plane: tuple | None = None
+    problem: str | None = None
+
+
+def _scan_instance(path: Path) -> _Scanned:
+    """Header of one spool file (pixel data deferred) and what is wrong with it."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if not str(ds.get(keyword, "") or ""):
+                return _Scanned(path, problem=f"no {keyword}")
+        identity = _identity_of(ds)
+        item = _Scanned(path, patient=(identity["PatientID"], identity["IssuerOfPatientID"]),
+                        series=str(ds.SeriesInstanceUID))
+        if PIXEL_DATA in ds:
+            item.plane = _plane_key(ds)
+            item.problem = _pixel_problem(ds)
+        return item
+    except RecursionError:
+        return _Scanned(path, problem="data sets nested too deeply to read")
+    except Exception as exc:  # any unreadable file: quarantine it, never fail the study
+        return _Scanned(path, problem=f"not readable as DICOM ({type(exc).__name__})")
+
+
+def _quarantine(ctx: StageContext, path: Path, reason: str) -> None:
+    """Keep a hard link (a copy across file systems) of the spool file in
+    ``<spool>/.quarantine/<study_key>/`` with the reason; the spool file stays
+    (removing it would change the study and re-open it)."""
+    folder = ctx.spool.root / ".quarantine" / ctx.study_key
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = folder / path.name
+    if not target.exists():
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+    (folder / (path.name + ".reason.txt")).write_text(reason + "\n")
+    log.warning("instance quarantined", extra={"job_id": ctx.job_id, "study_key": ctx.study_key,
+                                               "reason": reason})
+
+
+def _quarantine_notes(reasons: list[str]) -> list[dict]:
+    counts = Counter(reasons)
+    return [{"instances": n, "reason": r,
+             "note": f"{n} instance{'s' if n != 1 else ''} quarantined: {r}"} for r, n in counts.items()]
+
+
+def _find_bad_instances(scanned: list[_Scanned]) -> dict[Path, str]:
+    """path -> reason for every instance to quarantine. The study's patient
+    is the one holding more than half of the readable instances (Rejected
+    when none does); each series' matrix is the one most of its images have."""
+    bad = {s.path: s.problem for s in scanned if s.problem and s.patient is None}
+    readable = [s for s in scanned if s.patient is not None]
+    if not readable:
+        return bad
+    patients = Counter(s.patient for s in readable)
+    (study_patient, n), = patients.most_common(1)
+    if len(patients) > 1 and 2 * n <= len(readable):
+        raise Rejected("the study holds instances of more than one patient (different Patient IDs), "
+                       "none of them holding most of the study")
+    for s in readable:
+        if s.patient != study_patient:
+            same_id = s.patient[0] == study_patient[0]
+            bad[s.path] = ("Issuer of Patient ID differs from the study's" if same_id
+                           else "PatientID differs from the study's")
+        elif s.problem:
+            bad[s.path] = s.problem
+    by_series: dict[str, list[_Scanned]] = {}
+    for s in readable:
+        if s.path not in bad and s.plane is not None:
+            by_series.setdefault(s.series, []).append(s)
+    for members in by_series.values():
+        planes = Counter(s.plane for s in members)
+        plane, n = planes.most_common(1)[0]
+        if len(planes) > 1 and 2 * n > len(members):
+            for s in members:
+                if s.plane != plane:
+                    bad[s.path] = "matrix size or pixel spacing differs from the rest of its series"
+    return bad
+
+
 def pseudonymize(ctx: StageContext) -> dict:
     """Copy the study from the spool into ``workspace/dicom`` pseudonymized
     (PS3.15 Annex E profile in config/deid_profile.yaml) and record the
-    mapping in the vault. Output: ``dicom/<series>/<sop>.dcm``."""
+    mapping in the vault. Output: ``dicom/<series>/<sop>.dcm``. Bad instances
+    are quarantined (see the module's doc) and listed in ``quarantined``."""
     out_dir = ctx.path("dicom")
     summary_file = ctx.path("pseudonymize.json")
     if out_dir.is_dir() and summary_file.exists():
@@ -88,6 +257,7 @@ def pseudonymize(ctx: StageContext) -> dict:
     if not files:
         raise Rejected("the spool holds no instances for this study")
     profile = DeidProfile.load(Path(ctx.settings.deid_profile) if ctx.settings.deid_profile else None)
+    bad = _find_bad_instances([_scan_instance(p) for p in files])
     tmp_dir = ctx.path("dicom.partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
@@ -96,6 +266,7 @@ def pseudonymize(ctx: StageContext) -> dict:
     uid_map: dict[str, str] = {}
     series_seen: set[str] = set()
     deid_ctx = None
+    written = 0
 
     def mapped_uid(original: str) -> str:
         pseudo = ctx.vault.uid(original)
@@ -103,48 +274,64 @@ def pseudonymize(ctx: StageContext) -> dict:
         return pseudo
 
     for path in files:
-        ds = pydicom.dcmread(path)
-        this_identity = _identity_of(ds)
-        if identity is None:
-            identity = this_identity
-            patient = ctx.vault.patient(identity["PatientID"], identity["IssuerOfPatientID"])
-            deid_ctx = DeidContext(
-                pseudo_patient_id=patient.pseudo_id,
-                pseudo_patient_name=patient.pseudo_id,
-                date_shift_days=patient.date_shift_days,
-                uid_map=mapped_uid,
-                identifying_strings=identifying_strings_of(ds),
-            )
-            study_record = {
-                "StudyInstanceUID": str(ds.StudyInstanceUID),
-                "AccessionNumber": str(ds.get("AccessionNumber", "") or ""),
-                "StudyID": str(ds.get("StudyID", "") or ""),
-                "pseudo_patient_id": patient.pseudo_id,
-                "date_shift_days": patient.date_shift_days,
-            }
-        elif (this_identity["PatientID"], this_identity["IssuerOfPatientID"]) != (
-            identity["PatientID"], identity["IssuerOfPatientID"]
-        ):
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise Rejected("the study holds instances of more than one patient (different Patient IDs)")
-        clean = pseudonymize_dataset(ds, profile, deid_ctx)
+        if path in bad:
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+            if identity is None:
+                this_identity = _identity_of(ds)
+                patient = ctx.vault.patient(this_identity["PatientID"], this_identity["IssuerOfPatientID"])
+                deid_ctx = DeidContext(
+                    pseudo_patient_id=patient.pseudo_id,
+                    pseudo_patient_name=patient.pseudo_id,
+                    date_shift_days=patient.date_shift_days,
+                    uid_map=mapped_uid,
+                    identifying_strings=identifying_strings_of(ds),
+                )
+                identity = this_identity
+                study_record = {
+                    "StudyInstanceUID": str(ds.StudyInstanceUID),
+                    "AccessionNumber": str(ds.get("AccessionNumber", "") or ""),
+                    "StudyID": str(ds.get("StudyID", "") or ""),
+                    "pseudo_patient_id": patient.pseudo_id,
+                    "date_shift_days": patient.date_shift_days,
+                }
+            clean = pseudonymize_dataset(ds, profile, deid_ctx)
+        except RecursionError:
+            bad[path] = "data sets nested too deeply to de-identify"
+            continue
+        except Exception as exc:  # one instance must not fail the study
+            log.warning("instance not de-identified", exc_info=True, extra={"job_id": ctx.job_id})
+            bad[path] = f"not de-identifiable ({type(exc).__name__})"
+            continue
         series_dir = tmp_dir / str(clean.SeriesInstanceUID)
         if clean.SeriesInstanceUID not in series_seen:
             series_dir.mkdir(exist_ok=True)
             series_seen.add(clean.SeriesInstanceUID)
         clean.save_as(series_dir / f"{clean.SOPInstanceUID}.dcm", enforce_file_format=True)
+        written += 1
 
+    for path, reason in bad.items():
+        _quarantine(ctx, path, reason)
+    quarantined = _quarantine_notes(list(bad.values()))
+    if not written:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise Rejected("no instance of the study could be used: "
+                       + "; ".join(q["note"] for q in quarantined))
     pseudo_study_uid = ctx.vault.uid(study_record["StudyInstanceUID"])
     ctx.vault.put("patient", deid_ctx.pseudo_patient_id, identity)
     ctx.vault.put("study", pseudo_study_uid, {**study_record, "uid_map": uid_map})
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
     result = {
-        "instances": len(files),
+        "instances": written,
         "series": len(series_seen),
         "pseudo_study_uid": pseudo_study_uid,
         "pseudo_patient_id": deid_ctx.pseudo_patient_id,
     }
+    if quarantined:
+        result["quarantined"] = quarantined
+        result["note"] = "; ".join(q["note"] for q in quarantined)
     summary_file.write_text(json.dumps(result, indent=2))
     return result
 
@@ -161,13 +348,31 @@ def select(ctx: StageContext) -> dict:
     rules = Path(ctx.settings.series_rules) if ctx.settings.series_rules else None
     try:
         return select_inputs(ctx.path("dicom"), ctx.workspace, pipeline_config(ctx.settings), rules)
-    except MissingSeriesError as exc:
-        raise NeedsInput(str(exc)) from None
+    except MissingSeriesError as exc:  # IncompleteSeriesError too: names the series, what is missing
+        raise NeedsInput(str(exc) + _quarantine_hint(ctx)) from None
+
+
+def _quarantine_hint(ctx: StageContext) -> str:
+    """' Also: 1 instance quarantined: ...' when pseudonymize quarantined some."""
+    try:
+        note = json.loads(ctx.path("pseudonymize.json").read_text()).get("note")
+    except (OSError, ValueError):
+        return ""
+    return f" Also: {note}." if note else ""
 
 
 def convert(ctx: StageContext) -> dict:
-    """dcm2niix every selected series into ``nifti/<role>.nii.gz`` + JSON sidecar."""
-    return {"series": convert_inputs(ctx.workspace)}
+    """dcm2niix every selected series into ``nifti/<role>.nii.gz`` + JSON sidecar.
+    A needed series dcm2niix would interpolate (unequal slice spacing) ends in
+    needs_input; an optional one is dropped with a note."""
+    try:
+        result = {"series": convert_inputs(ctx.workspace)}
+    except IncompleteSeriesError as exc:
+        raise NeedsInput(str(exc) + _quarantine_hint(ctx)) from None
+    note = (json.loads(ctx.path("selection.json").read_text()).get("inputs") or {}).get("note")
+    if note:
+        result["note"] = note
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -204,7 +409,14 @@ def deliver(ctx: StageContext) -> dict:
     re-rendered with the real identity) into the PHI outbox folder and queue
     them for every configured destination. Sends whatever build_outputs
     built; an overlay or PDF that cannot be re-identified is left out and
-    recorded (``not_delivered``), a SEG or SR that cannot fails the stage."""
+    recorded (``not_delivered``), a SEG or SR that cannot fails the stage.
+
+    A job superseded by a newer job of the same study delivers nothing
+    (Superseded); objects of earlier jobs of the study still waiting in the
+    outbox are cancelled before this job queues its own, and the result
+    lists the earlier objects already stored (``replaces``): the new SEG/SR
+    are new objects (new UIDs) that replace them."""
+    ctx.check_superseded()
     results = json.loads(ctx.path("results.json").read_text())
     if ctx.outbox is None or not ctx.outbox.destinations:
         return {"queued": 0, "note": "no destination configured (BRAINLINE_DEST_DICOM / "
@@ -222,6 +434,8 @@ def deliver(ctx: StageContext) -> dict:
     # stores them while the overlay series (one instance per slice) and the
     # PDF are still being re-identified.
     objects = sorted(results["objects"], key=lambda o: DELIVERY_ORDER.get(o["kind"], len(DELIVERY_ORDER)))
+    cancelled = ctx.outbox.cancel_earlier(ctx.study_key, ctx.job_id)
+    replaces = ctx.outbox.sent_earlier(ctx.study_key, ctx.job_id)
     added, core_queued = 0, False
     for obj in objects:
         if not core_queued and obj["kind"] not in CORE_OBJECTS:
@@ -255,6 +469,15 @@ def deliver(ctx: StageContext) -> dict:
         result["not_delivered"] = [{"kind": k, "error": e} for k, e in skipped.items()]
     if results.get("failed"):
         result["not_built"] = [f["error"] for f in results["failed"]]
+    if cancelled:
+        result["cancelled_earlier"] = cancelled
+    if replaces:
+        jobs = sorted({r["job_id"] for r in replaces})
+        kinds = sorted({OBJECT_NAMES.get(r["kind"], r["kind"]) for r in replaces})
+        result["replaces"] = replaces
+        result["note"] = (f"these results replace those of job{'s' if len(jobs) > 1 else ''} "
+                          f"{', '.join(map(str, jobs))} ({', '.join(kinds)} already stored at the "
+                          f"destination); the new objects have new UIDs, the earlier ones stay there")
     return result
 
 

@@ -399,7 +399,7 @@ class ServiceProcess:
 
     def wait_jobs(self, n: int, timeout: float = 120) -> list[dict]:
         """Wait until at least n jobs exist and all of them are finished."""
-        final = {"done", "failed", "needs_input", "rejected"}
+        final = {"done", "failed", "needs_input", "rejected", "superseded"}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             jobs = self.jobs()
