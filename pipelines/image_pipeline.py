@@ -325,6 +325,8 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
                          + [f"model space: {f}" for f in steps.get("segment", {}).get("model_space", {})
                             .get("flags", [])]),
             "model_space": steps.get("segment", {}).get("model_space"),
+            "skull_strip": {"flags": list(steps.get("skull_strip", {}).get("flags", [])),
+                            "sequence": steps.get("skull_strip", {}).get("sequence")},
             "inputs": _inputs_of(work),
             "backends": {
                 "registration": "SimpleITK " + sitk.Version.VersionString(),

@@ -78,20 +78,34 @@ def algorithm_of(summary: dict) -> AlgorithmInfo:
 
 def qc_findings_of(summary: dict, failed: list[dict] | None = None) -> list[QCFinding]:
     """QC findings for the SR and the report: one per registered sequence, one
-    for skull stripping ('flagged' with the reason when a check fired), one
-    for series selection when inputs the model could use were missing, and one
-    for the result objects when some were not built (``failed``: the
-    ``results.json`` entries)."""
+    for skull stripping and one for the model-space registration ('flagged'
+    with the reasons when a check fired), one for series selection when inputs
+    the model could use were missing, and one for the result objects when some
+    were not built (``failed``: the ``results.json`` entries). Every flag in
+    ``summary["qc_flags"]`` reaches one of them: flags no stage claims are
+    reported as "other checks"."""
     findings = []
+    claimed: set[str] = set()
     for role, reg in sorted(summary.get("registration", {}).items()):
         if not reg or reg.get("reference"):
             continue
         flags = reg.get("flags") or []
+        claimed.update(f"{ROLE_LABELS.get(role, role)}: {f}" for f in flags)
         findings.append(QCFinding(f"registration {role}", "flagged" if flags else "acceptable",
                                   "; ".join(flags)))
-    strip_flags = [f for f in summary.get("qc_flags", []) if f.lower().startswith("skull")]
+    strip_flags = list((summary.get("skull_strip") or {}).get("flags") or [])
+    claimed.update(strip_flags)
     findings.append(QCFinding("skull stripping", "flagged" if strip_flags else "acceptable",
                               "; ".join(strip_flags)))
+    space = summary.get("model_space")
+    if space:
+        space_flags = list(space.get("flags") or [])
+        claimed.update(f"model space: {f}" for f in space_flags)
+        findings.append(QCFinding("model space registration", "flagged" if space_flags else "acceptable",
+                                  "; ".join(space_flags)))
+    other = [f for f in summary.get("qc_flags", []) if f not in claimed]
+    if other:
+        findings.append(QCFinding("other checks", "flagged", "; ".join(other)))
     note = (summary.get("inputs") or {}).get("note")
     if note:
         findings.append(QCFinding("series_selection", "flagged", note))

@@ -180,7 +180,8 @@ def test_baseline_seg_identification_and_rano_sr_on_oblique_planes(oblique, tmp_
 def test_qc_findings_have_unique_codes(oblique, tmp_path):
     """One QC concept per registered sequence (they shared QC-REGISTRATION_)."""
     summary = {"registration": {r: {"flags": []} for r in ("t1", "t2", "flair")} | {"t1c": {"reference": True}},
-               "qc_flags": ["skull stripping: brain volume 820 mL is implausible"],
+               "qc_flags": ["implausible brain volume 820 mL"],
+               "skull_strip": {"flags": ["implausible brain volume 820 mL"]},
                "inputs": {"note": INPUTS_NOTE}}
     findings = results_module.qc_findings_of(summary, [{"kind": "overlay", "error": "overlay series not built"}])
     codes = [f.concept.value for f in findings]
@@ -301,3 +302,35 @@ def test_failing_pdf_rerender_does_not_sink_delivery(oblique, tmp_path, monkeypa
     assert delivered["not_delivered"] == [{"kind": "pdf", "error": "PDF report not delivered: "
                                            "re-identification failed: RuntimeError: font missing"}]
     assert not (ctx.settings.outbox_dir / "job-000007" / "report.dcm").exists()
+
+
+# Flags worded as the stages word them (pipelines/skull_strip.py, registration.py,
+# model_space.py): the SR and the PDF once dropped every skull-stripping flag
+# because results.py kept only flags starting with "skull".
+STAGE_FLAGS = {
+    "registration": {"flair": ["misregistration: a 3 mm shift along S-I (z) matches better"]},
+    "skull_strip": ["implausible brain volume 2410 mL (expected 800-2000 mL)",
+                    "the brain mask of T1 touches the edge of the field of view (1892 voxels)"],
+    "model_space": ["low foreground Dice 0.62 on the common region"],
+    "other": ["a flag from a future stage"],
+}
+
+
+def test_every_stage_flag_reaches_the_sr_and_the_pdf(oblique, tmp_path):
+    work = fresh_work(oblique, tmp_path)
+    summary = json.loads((work / "summary.json").read_text())
+    reg_flags = STAGE_FLAGS["registration"]["flair"]
+    summary["registration"] = {"t1c": {"reference": True}, "flair": {"flags": reg_flags}}
+    summary["skull_strip"] = {"flags": STAGE_FLAGS["skull_strip"]}
+    summary["model_space"] = {"space": "brats", "flags": STAGE_FLAGS["model_space"]}
+    summary["qc_flags"] = ([f"FLAIR: {f}" for f in reg_flags] + STAGE_FLAGS["skull_strip"]
+                           + [f"model space: {f}" for f in STAGE_FLAGS["model_space"]] + STAGE_FLAGS["other"])
+    (work / "summary.json").write_text(json.dumps(summary))
+    record = build_results(work, oblique.files)
+    out = work / "results"
+    sr_words = " ".join(t for texts in sr_texts(out / "sr.dcm").values() for t in texts)
+    pdf_words = " ".join(pdf_text(out / "report.dcm").split())
+    for flag in reg_flags + STAGE_FLAGS["skull_strip"] + STAGE_FLAGS["model_space"] + STAGE_FLAGS["other"]:
+        assert flag in sr_words, f"{flag!r} missing from the SR"
+        assert " ".join(flag.split()) in pdf_words, f"{flag!r} missing from the PDF"
+    assert record["complete"]
