@@ -333,8 +333,13 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
                 "skull_strip": {k: steps.get("skull_strip", {}).get(k)
                                 for k in ("backend", "backend_version", "already_stripped")},
                 "bias_correction": "SimpleITK N4 " + sitk.Version.VersionString(),
-                "segmentation": {k: steps.get("segment", {}).get(k)
-                                 for k in ("backend", "model_name", "model_version")},
+                "segmentation": {
+                    **{k: steps.get("segment", {}).get(k) for k in ("backend", "model_name", "model_version")},
+                    # provenance of a shipped model, and why it was chosen (default "auto")
+                    **{k: v for k, v in ((k, (steps.get("segment", {}).get("details") or {}).get(k))
+                                         for k in ("licence", "citation", "intended_use")) if v},
+                    **({"model_choice": steps["segment"]["model_choice"]}
+                       if steps.get("segment", {}).get("model_choice") else {})},
             },
             "timings_s": {name: res.get("elapsed_s") for name, res in steps.items()},
         }

@@ -70,10 +70,11 @@ class OutputsError(PipelineError):
 
 def algorithm_of(summary: dict) -> AlgorithmInfo:
     seg = summary.get("backends", {}).get("segmentation", {}) or {}
+    provenance = {k: str(seg[k]) for k in ("licence", "citation", "intended_use", "model_choice") if seg.get(k)}
     return AlgorithmInfo(name="BrainLine", version=__version__,
                          backend=str(seg.get("backend") or "unknown"),
                          model_name=str(seg.get("model_name") or "unknown"),
-                         model_version=seg.get("model_version"))
+                         model_version=seg.get("model_version"), parameters=provenance)
 
 
 def qc_findings_of(summary: dict, failed: list[dict] | None = None) -> list[QCFinding]:

@@ -261,6 +261,9 @@ def build_pdf_report(report: ReportContent) -> bytes:
     story.append(p("Software", h2))
     sw_rows = [["Application", f"{algo.name} {algo.version}"], ["Segmentation backend", algo.backend],
                ["Model", algo.model_name + (f" {algo.model_version}" if algo.model_version else "")]]
+    labels = {"model_choice": "Model choice", "licence": "Licence", "citation": "Citation",
+              "intended_use": "Intended use"}
+    sw_rows += [[label, str(algo.parameters[key])] for key, label in labels.items() if algo.parameters.get(key)]
     story.append(_table([[a, p(b)] for a, b in sw_rows], [38 * mm, 132 * mm], header=False))
 
     story.append(p("Volumes", h2))
