@@ -135,7 +135,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .base import (ED, ET, NCR, SegmentationBackend, SegmentationError,
-                   SegmentationInput, SegmentationOutput)
+                   SegmentationInput, SegmentationOutput, segmentation_backend)
 
 VERSION = "baseline-2.1"
 MODEL_NAME = "baseline-classical"
@@ -361,6 +361,7 @@ def _enclosed_by(shell: np.ndarray, spacing_zyx, closing_mm: float, max_mm: floa
 
 # --------------------------------------------------------------------------- segmenter
 
+@segmentation_backend("baseline")
 class BaselineSegmenter(SegmentationBackend):
     """Classical, weight-free tumour segmentation (see the module docstring).
 

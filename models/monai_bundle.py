@@ -39,12 +39,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .base import ChannelInputBackend, SegmentationError, SegmentationInput, SegmentationOutput
-from .registry import (
+from .base import (
     BUNDLE_CONFIG_NAMES,
     DEFAULT_INPUT_ORDER,
     DEFAULT_LABEL_MAP,
     DEFAULT_REGIONS,
+    ChannelInputBackend,
+    SegmentationError,
+    SegmentationInput,
+    SegmentationOutput,
     check_inputs,
     image_from_ras_affine,
     map_label_values,
@@ -55,6 +58,7 @@ from .registry import (
     region_name,
     regions_to_labels,
     role_name,
+    segmentation_backend,
 )
 
 _SAVE_TARGETS = ("SaveImage", "SaveImaged")
@@ -121,6 +125,7 @@ def _channel_names(meta: dict, section: str) -> tuple[str | None, list[str] | No
     return key, names, (int(n) if isinstance(n, int) else None)
 
 
+@segmentation_backend("monai_bundle", "bundle", "monai")
 class MonaiBundleBackend(ChannelInputBackend):
     """Segmentation with a MONAI bundle folder (see module doc)."""
 

@@ -40,17 +40,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ChannelInputBackend, SegmentationError, SegmentationInput, SegmentationOutput
-from .registry import (
+from .base import (
     DEFAULT_INPUT_ORDER,
     DEFAULT_LABEL_MAP,
     DEFAULT_REGIONS,
+    ChannelInputBackend,
+    SegmentationError,
+    SegmentationInput,
+    SegmentationOutput,
     check_inputs,
     map_label_values,
     normalize_input_order,
     normalize_label_map,
     normalize_regions,
     regions_to_labels,
+    segmentation_backend,
 )
 
 _YAML_KEYS = {
@@ -90,6 +94,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
+@segmentation_backend("onnx")
 class OnnxBackend(ChannelInputBackend):
     """Segmentation with an ONNX model folder (see module doc)."""
 

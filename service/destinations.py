@@ -6,12 +6,22 @@ Configured as ``BRAINLINE_DEST_DICOM=AET@host:port[,...]`` and
 (permanent: a C-STORE failure status, an HTTP 4xx, a FailedSOPSequence).
 Transient problems (unreachable, timeouts, 5xx, association refused) raise
 ``DestinationUnavailable`` so that the outbox retries later.
+
+Destination kinds are plugins in ``DESTINATIONS`` (``models/plugins.py``),
+keyed by kind: a :class:`Destination` subclass registered with
+``@destination("kind", setting="dest_kind")`` whose ``from_setting(entry,
+settings)`` builds one destination from one comma-separated entry of that
+setting. Third-party kinds: entry points in the group "brainline.destinations";
+their setting is read from ``settings`` when it has that field, else from the
+environment variable ``BRAINLINE_<SETTING>`` (e.g. ``BRAINLINE_DEST_S3``).
 """
 
 from __future__ import annotations
 
+import abc
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -19,6 +29,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from brainline.models.plugins import Registry
 
 log = logging.getLogger("brainline.destinations")
 
@@ -34,28 +46,67 @@ class DestinationConfigError(ValueError):
     """A destination setting cannot be parsed; the message names it."""
 
 
+class Destination(abc.ABC):
+    """Somewhere results are sent. ``name`` identifies it in the outbox (keep
+    it stable: queued rows refer to it); ``send`` returns one outcome per
+    file: None when stored, else why it was refused (permanent), and raises
+    :class:`DestinationUnavailable` for transient problems."""
+
+    kind: str = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str: ...
+
+    @abc.abstractmethod
+    def send(self, files: list[Path]) -> list[str | None]: ...
+
+    @classmethod
+    @abc.abstractmethod
+    def from_setting(cls, entry: str, settings) -> Destination:
+        """One destination from one entry of its setting; DestinationConfigError
+        (naming the setting and the entry) when it cannot be parsed."""
+
+
+#: Destination kinds: kind -> Destination subclass; info ``setting`` is the
+#: settings field (comma-separated entries) that configures that kind.
+DESTINATIONS: Registry[type[Destination]] = Registry(
+    "destination kind", error=DestinationConfigError, entry_point_group="brainline.destinations")
+destination = DESTINATIONS.register
+
+
+@destination("dicom", setting="dest_dicom")
 @dataclass(frozen=True)
-class Destination:
-    kind: str                   # "dicom" or "stowrs"
-    ae_title: str = ""
-    host: str = ""
-    port: int = 0
-    url: str = ""
-    username: str = ""
-    password: str = ""
+class DicomDestination(Destination):
+    """C-STORE SCU to ``AET@host:port`` (BRAINLINE_DEST_DICOM)."""
+
+    ae_title: str
+    host: str
+    port: int
     calling_ae: str = "BRAINLINE"
     timeout_s: float = 60.0
+    kind = "dicom"
 
     @property
     def name(self) -> str:
-        if self.kind == "dicom":
-            return f"dicom:{self.ae_title}@{self.host}:{self.port}"
-        return f"stowrs:{self.url}"
+        return f"dicom:{self.ae_title}@{self.host}:{self.port}"
+
+    @classmethod
+    def from_setting(cls, entry: str, settings) -> DicomDestination:
+        try:
+            aet, hostport = entry.split("@", 1)
+            host, port = hostport.rsplit(":", 1)
+            dest = cls(ae_title=aet, host=host, port=int(port),
+                       calling_ae=settings.ae_title, timeout_s=settings.network_timeout)
+        except ValueError:
+            raise DestinationConfigError(
+                f"BRAINLINE_DEST_DICOM entry {entry!r} is not AET@host:port") from None
+        if not aet or len(aet) > 16:
+            raise DestinationConfigError(f"BRAINLINE_DEST_DICOM entry {entry!r}: AE title must be 1-16 chars")
+        return dest
 
     def send(self, files: list[Path]) -> list[str | None]:
-        if self.kind == "dicom":
-            return self._send_cstore(files)
-        return self._send_stowrs(files)
+        return self._send_cstore(files)
 
     # -- C-STORE -----------------------------------------------------------
     def _send_cstore(self, files: list[Path]) -> list[str | None]:
@@ -84,6 +135,34 @@ class Destination:
             if assoc.is_established:
                 assoc.release()
         return outcomes
+
+
+
+@destination("stowrs", setting="dest_stowrs")
+@dataclass(frozen=True)
+class StowRsDestination(Destination):
+    """DICOMweb STOW-RS to an http(s) URL (BRAINLINE_DEST_STOWRS), with the
+    optional basic-auth user of BRAINLINE_DEST_STOWRS_USERNAME/_PASSWORD."""
+
+    url: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+    timeout_s: float = 60.0
+    kind = "stowrs"
+
+    @property
+    def name(self) -> str:
+        return f"stowrs:{self.url}"
+
+    @classmethod
+    def from_setting(cls, entry: str, settings) -> StowRsDestination:
+        if not entry.startswith(("http://", "https://")):
+            raise DestinationConfigError(f"BRAINLINE_DEST_STOWRS entry {entry!r} is not an http(s) URL")
+        return cls(url=entry.rstrip("/"), username=settings.dest_stowrs_username,
+                   password=settings.dest_stowrs_password, timeout_s=settings.network_timeout)
+
+    def send(self, files: list[Path]) -> list[str | None]:
+        return self._send_stowrs(files)
 
     # -- STOW-RS -----------------------------------------------------------
     def _client(self) -> DICOMwebClient:
@@ -116,26 +195,28 @@ class Destination:
         return outcomes
 
 
+def _setting_value(settings, name: str) -> str:
+    value = getattr(settings, name, None)
+    if value is None:
+        value = os.environ.get(f"BRAINLINE_{name.upper()}", "")
+    return str(value or "")
+
+
 def parse_destinations(settings) -> list[Destination]:
-    """All destinations configured in BRAINLINE_DEST_DICOM / BRAINLINE_DEST_STOWRS."""
+    """All destinations configured in the settings of every destination kind
+    (BRAINLINE_DEST_DICOM, BRAINLINE_DEST_STOWRS, and those of plugins)."""
     out: list[Destination] = []
-    for item in filter(None, (x.strip() for x in settings.dest_dicom.split(","))):
+    for kind in DESTINATIONS.names():
         try:
-            aet, hostport = item.split("@", 1)
-            host, port = hostport.rsplit(":", 1)
-            dest = Destination(kind="dicom", ae_title=aet, host=host, port=int(port),
-                               calling_ae=settings.ae_title, timeout_s=settings.network_timeout)
-        except ValueError:
-            raise DestinationConfigError(
-                f"BRAINLINE_DEST_DICOM entry {item!r} is not AET@host:port") from None
-        if not aet or len(aet) > 16:
-            raise DestinationConfigError(f"BRAINLINE_DEST_DICOM entry {item!r}: AE title must be 1-16 chars")
-        out.append(dest)
-    for url in filter(None, (x.strip() for x in settings.dest_stowrs.split(","))):
-        if not url.startswith(("http://", "https://")):
-            raise DestinationConfigError(f"BRAINLINE_DEST_STOWRS entry {url!r} is not an http(s) URL")
-        out.append(Destination(kind="stowrs", url=url.rstrip("/"),
-                               username=settings.dest_stowrs_username,
-                               password=settings.dest_stowrs_password,
-                               timeout_s=settings.network_timeout))
+            name = DESTINATIONS.info(kind).get("setting") or f"dest_{kind}"
+        except ImportError as exc:  # a third-party kind whose package is broken
+            if _setting_value(settings, f"dest_{kind}").strip():
+                raise DestinationConfigError(f"destination kind {kind!r} cannot be imported: {exc}") from exc
+            log.warning("destination kind %r cannot be imported: %s", kind, exc)
+            continue
+        entries = [x.strip() for x in _setting_value(settings, name).split(",")]
+        if not any(entries):
+            continue
+        cls = DESTINATIONS.get(kind)
+        out.extend(cls.from_setting(entry, settings) for entry in entries if entry)
     return out
