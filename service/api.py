@@ -1,7 +1,7 @@
 """REST API (FastAPI): health, readiness, Prometheus metrics and the job API.
 
 ``/api/`` requires ``Authorization: Bearer <BRAINLINE_API_TOKEN>`` when a token
-is configured; ``/healthz``, ``/readyz`` and ``/metrics`` do not. Answers are
+is configured; ``/healthz``, ``/readyz``, ``/delivery-health`` and ``/metrics`` do not. Answers are
 pseudonymous: jobs show keyed-hash study keys and pseudonymous UIDs only.
 
 Errors are answered in words (``{"detail": "<sentence>"}``): out-of-range
@@ -179,11 +179,23 @@ def create_app(ctx) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz():
-        """Readiness: database, spool, listener, executor; 503 with reasons."""
+        """Readiness means "can accept studies": database, spool (writable, free
+        space), listener, executor, completion monitor and outbox sender;
+        503 with reasons. An unreachable destination PACS does not count
+        (results wait in the outbox): see /delivery-health."""
         reasons = ctx.readiness()
         if reasons:
             return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
         return {"ready": True, "reasons": []}
+
+    @app.get("/delivery-health", tags=["health"])
+    def delivery_health():
+        """Result delivery: per destination whether the last attempt failed and
+        for how long, outbox depth and oldest age; 503 when a destination has
+        been unreachable longer than BRAINLINE_DEST_UNREACHABLE_SECONDS. For
+        monitoring, not for a readiness probe."""
+        health = ctx.delivery_health()
+        return JSONResponse(health, status_code=200 if health["healthy"] else 503)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics():

@@ -7,6 +7,7 @@ validate      rerun a reference set, compare with the accepted run (exit 1 on a 
 jobs / job    list jobs / show one job (via the running service's REST API)
 retry         retry a failed or needs_input job (via the REST API)
 outbox        list pending/failed result deliveries, --retry them (via the REST API)
+worker        a compute worker of the scaled-out mode (Celery): `worker --queues compute,gpu`
 migrate       create or upgrade the database schema
 vault         check BRAINLINE_VAULT_KEY against the database, or rotate it (vault rotate)
 
@@ -137,6 +138,19 @@ def cmd_serve(args, settings) -> int:
     finally:
         ctx.stop()
     return 0
+
+
+def cmd_worker(args, settings) -> int:
+    from .logs import configure_logging
+    from .worker import Worker, WorkerError, worker_queues
+
+    configure_logging(settings.log_level, settings.log_dir / "worker.log")
+    try:
+        queues = worker_queues(args.queues or settings.worker_queues, settings.device)
+        worker = Worker(settings, queues, args.concurrency or settings.worker_concurrency)
+        return worker.run()
+    except WorkerError as exc:
+        return _fail(str(exc))
 
 
 def cmd_pull(args, settings) -> int:
@@ -479,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("input", help="folder with the DICOM files of one study")
     proc.add_argument("--out", required=True, help="output folder")
     proc.add_argument("--reference", help="reference sequence: t1c (default), t1, t2 or flair")
-    proc.add_argument("--model", help="segmentation model folder (MONAI bundle or ONNX); default baseline")
+    proc.add_argument("--model", help="auto (default: BRAINLINE_MODEL, else the trained model with all four sequences, the baseline otherwise), baseline, brats17-wang, or a MONAI bundle / ONNX folder")
     proc.add_argument("--device", choices=["cpu", "cuda"])
     proc.add_argument("--quiet", action="store_true", help="no progress bar")
     proc.set_defaults(fn=cmd_process)
@@ -507,6 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Dice drop that is a regression (default 0.05)")
     val.add_argument("--quiet", action="store_true", help="no progress bar")
     val.set_defaults(fn=cmd_validate)
+    wrk = sub.add_parser(
+        "worker", help="run a compute worker (BRAINLINE_EXECUTOR=celery mode)",
+        description="Consume image stages from the Celery broker (BRAINLINE_BROKER_URL) and run them on "
+                    "the shared job workspaces (BRAINLINE_WORKSPACES). Never give a worker "
+                    "BRAINLINE_VAULT_KEY: it refuses to start with one. HTTP on BRAINLINE_WORKER_HTTP_PORT: "
+                    "/healthz, /readyz, /metrics.")
+    wrk.add_argument("--queues", help="comma-separated: compute and/or gpu (default BRAINLINE_WORKER_QUEUES; "
+                                      "gpu only with BRAINLINE_DEVICE=cuda)")
+    wrk.add_argument("--concurrency", type=int, help="stages at once (default BRAINLINE_WORKER_CONCURRENCY=1)")
+    wrk.set_defaults(fn=cmd_worker)
     sub.add_parser("migrate", help="create or upgrade the database").set_defaults(fn=cmd_migrate)
     vault = sub.add_parser(
         "vault", help="check or rotate the vault key (BRAINLINE_VAULT_KEY)",
@@ -532,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that create or use BRAINLINE_HOME.
-HOME_COMMANDS = {"serve", "pull", "migrate", "vault"}
+HOME_COMMANDS = {"serve", "pull", "migrate", "vault", "worker"}
 
 
 def main(argv: list[str] | None = None) -> int:

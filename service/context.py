@@ -55,7 +55,16 @@ class ServiceContext:
         metrics.add_jobs_by_state(store.counts_by_state)
         outbox = Outbox(sessions, parse_destinations(settings), settings, metrics)
         runner = JobRunner(store, spool, vault, settings, metrics, outbox)
-        executor = LocalExecutor(runner.run, settings.workers)
+        if settings.executor == "celery":
+            from .executor import CeleryExecutor
+
+            executor = CeleryExecutor(settings, store, runner)
+        else:
+            executor = LocalExecutor(runner.run, settings.workers)
+        from .scaleout_metrics import add_gateway_metrics
+
+        add_gateway_metrics(metrics, spool, outbox,
+                            executor.queue_depths if settings.executor == "celery" else None)
         return cls(settings=settings, engine=engine, sessions=sessions, vault=vault, spool=spool,
                    metrics=metrics, store=store, runner=runner, executor=executor, outbox=outbox,
                    dev_key=generated)
@@ -120,5 +129,27 @@ class ServiceContext:
             reasons.append("study completion monitor is not running")
         if not self.outbox.alive():
             reasons.append("outbox sender is not running")
-        reasons.extend(self.outbox.unreachable())
+        # An unreachable destination does not stop the gateway from accepting
+        # studies (results wait in the outbox): see delivery_health().
         return reasons
+
+    def delivery_health(self) -> dict:
+        """Destinations and the outbox: for /delivery-health and the on-call,
+        never for readiness."""
+        import time
+
+        now = time.monotonic()
+        limit = self.settings.dest_unreachable_seconds
+        destinations = []
+        for name in sorted(self.outbox.destinations):
+            since = self.outbox.failing_since.get(name)
+            failing = 0.0 if since is None else now - since
+            destinations.append({"name": name, "reachable": since is None,
+                                 "failing_for_s": round(failing, 1),
+                                 "unreachable": since is not None and failing > limit,
+                                 "last_error": self.outbox.last_error.get(name) if since is not None else None})
+        reasons = self.outbox.unreachable()
+        return {"healthy": not reasons, "reasons": reasons, "destinations": destinations,
+                "outbox_depth": self.outbox.depth(),
+                "outbox_oldest_age_s": round(self.outbox.oldest_pending_age(), 1),
+                "unreachable_after_s": limit}

@@ -159,6 +159,16 @@ class JobStore:
             job.finished_at = None
             job.queued_at = utcnow()
 
+    def finish(self, job_id: int) -> bool:
+        """running -> done once, for executors that run a job stage by stage in
+        several processes: a conditional update, so a repeat changes nothing."""
+        from sqlalchemy import update
+
+        with self.sessions.begin() as s:
+            changed = s.execute(update(Job).where(Job.id == job_id, Job.state == State.RUNNING.value)
+                                .values(state=State.DONE.value, finished_at=utcnow(), error=None)).rowcount
+        return bool(changed)
+
     def recover(self) -> list[int]:
         """After a crash: stages left running go back to queued; return the
         unfinished jobs to re-submit."""
@@ -263,6 +273,41 @@ class JobRunner:
             return SUPERSEDED
         log.info("job done", extra={"job_id": job_id})
         return State.DONE.value
+
+    def next_stage(self, job_id: int) -> str | None:
+        """The job's first unfinished stage; None when every stage is done."""
+        job = self.store.get(job_id)
+        return next((s.name for s in job.stages if s.state != State.DONE.value), None) if job else None
+
+    def run_stage(self, job_id: int, stage_name: str) -> str:
+        """Run one stage of a job, when it is the job's first unfinished stage:
+        the entry point of executors that send each stage to another process
+        (service/celery_app.py). The caller makes sure no other process runs
+        the same stage at the same time. Returns "done", "failed",
+        "needs_input", "rejected", "superseded", "final" (the job has ended),
+        "duplicate" (the stage is done already) or "not-next" (an earlier stage
+        is not done). The job turns running (attempts + 1) when it was not."""
+        job = self.store.get(job_id)
+        if job is None or job.state in FINAL:
+            return "final"
+        stage = next((s for s in job.stages if s.name == stage_name), None)
+        if stage is None or stage.state == State.DONE.value:
+            return "duplicate"
+        first = next(s for s in job.stages if s.state != State.DONE.value)
+        if first.name != stage_name:
+            return "not-next"
+        if self.store.superseded(job_id):
+            return SUPERSEDED
+        if job.state != State.RUNNING.value:
+            _update(self.store.sessions, Job, job_id, state=State.RUNNING.value,
+                    attempts=job.attempts + 1, started_at=job.started_at or utcnow())
+        ws = self.workspace(job_id)
+        ws.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
+                           spool=self.spool, vault=self.vault, settings=self.settings,
+                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id))
+        outcome = self._run_stage(ctx, stage, dict(PIPELINES[job.pipeline])[stage_name])
+        return outcome.value if isinstance(outcome, State) else str(outcome)
 
     def _run_stage(self, ctx: StageContext, stage: Stage, fn) -> State | str:
         sessions = self.store.sessions

@@ -67,6 +67,14 @@ class Settings:
     skull_strip_backend: str
     model: str
     device: str
+    executor: str
+    broker_url: str
+    workspaces: str
+    worker_http_port: int
+    worker_queues: str
+    worker_concurrency: int
+    stage_lease_seconds: float
+    broker_visibility_timeout: float
     extra: dict = field(default_factory=dict)
 
     # Folders inside home -------------------------------------------------
@@ -77,8 +85,9 @@ class Settings:
 
     @property
     def workspace_dir(self) -> Path:
-        """Processing zone: pseudonymized data only, one folder per job."""
-        return self.home / "workspaces"
+        """Processing zone: pseudonymized data only, one folder per job;
+        BRAINLINE_WORKSPACES puts it on storage shared with the workers."""
+        return Path(self.workspaces) if self.workspaces else self.home / "workspaces"
 
     @property
     def outbox_dir(self) -> Path:
@@ -143,6 +152,18 @@ def load_settings(env: dict | None = None) -> Settings:
         raise SettingsError("BRAINLINE_BURNED_IN_ANNOTATION must be 'reject' or 'flag'")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise SettingsError("BRAINLINE_TLS_CERT and BRAINLINE_TLS_KEY must be set together")
+    if values["executor"] not in ("local", "celery"):
+        raise SettingsError("BRAINLINE_EXECUTOR must be 'local' or 'celery'")
+    if values["executor"] == "celery" and not values["broker_url"]:
+        raise SettingsError("BRAINLINE_EXECUTOR=celery needs BRAINLINE_BROKER_URL "
+                            "(e.g. redis://redis:6379/0)")
+    if values["broker_url"] and not str(values["broker_url"]).startswith(("redis://", "rediss://")):
+        raise SettingsError("BRAINLINE_BROKER_URL must be a Redis URL (redis://host:6379/0); got scheme "
+                            f"{str(values['broker_url']).split(':', 1)[0]!r}")
+    if values["workspaces"]:
+        values["workspaces"] = str(Path(values["workspaces"]).expanduser().resolve())
+    if values["worker_concurrency"] < 1:
+        raise SettingsError("BRAINLINE_WORKER_CONCURRENCY must be at least 1")
     known = {f.name for f in dataclasses.fields(Settings)}
     extra = {k: v for k, v in values.items() if k not in known}
     return Settings(**{k: v for k, v in values.items() if k in known}, extra=extra)

@@ -79,7 +79,7 @@ def test_select_stage_without_flair_needs_input(tmp_path):
     with pytest.raises(stages.NeedsInput) as info:
         stages.select(ctx)
     message = str(info.value)
-    assert message.startswith("no FLAIR series found (FLAIR: the segmentation model (baseline) needs it); "
+    assert message.startswith("no FLAIR series found (FLAIR: the segmentation model (auto) needs it); "
                               "series considered: ")
     assert "AX T2 FSE" in message and "rules tried: FLAIR" in message
 

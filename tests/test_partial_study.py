@@ -127,7 +127,7 @@ def test_needed_series_with_a_run_missing_is_refused_in_words(study, tmp_path):
     assert isinstance(info.value, MissingSeriesError)  # every missing-series handler handles it
     assert message.startswith("FLAIR series 5 'AX T2 FLAIR 3D' is incomplete: instance numbers 11–25 missing; "
                               "15 slice positions missing along the slice normal")
-    assert "FLAIR is needed because the segmentation model (baseline) needs it" in message
+    assert "FLAIR is needed because the segmentation model (auto) needs it" in message
     assert "not segmented" in message
     assert not (tmp_path / "work" / "selection.json").exists()
 

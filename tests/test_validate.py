@@ -70,6 +70,7 @@ def assert_no_phi(*paths: Path) -> None:
 def run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRAINLINE_")}
     env["BRAINLINE_HOME"] = str(home)
+    env["BRAINLINE_MODEL"] = "baseline"  # the figures below are the baseline's (see conftest)
     return subprocess.run([str(BRAINLINE), "validate", "--quiet", *map(str, args)], capture_output=True,
                           text=True, timeout=600, env=env)
 
@@ -78,6 +79,7 @@ def run_main(args: list[str], home: Path, monkeypatch, capsys) -> tuple[int, str
     for name in [k for k in os.environ if k.startswith("BRAINLINE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("BRAINLINE_HOME", str(home))
+    monkeypatch.setenv("BRAINLINE_MODEL", "baseline")
     code = main(["validate", "--quiet", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
