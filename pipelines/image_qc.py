@@ -117,6 +117,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from .segmentation_qc import bounding_box
+
 __all__ = [
     "METRICS", "TISSUE_METRICS", "HIGHER_IS_BETTER", "ImageQCConfig", "ImageQCResult",
     "HistoryComparison", "image_quality", "head_mask_from_image", "tissue_classes",
@@ -277,7 +279,7 @@ def _brightest_patch(arr: np.ndarray, region: np.ndarray, shape,
         inside &= ndi.minimum_filter(r8, size=size, mode="constant", cval=1) > 0
     if not inside.any():
         return None, None
-    box = _bbox(inside, max(shape))
+    box = bounding_box(inside, max(shape))
     sub = np.where(region[box], arr[box], 0.0).astype(np.float32)
     means = ndi.uniform_filter(sub, size=shape, mode="constant")
     means[~inside[box]] = -np.inf
@@ -291,15 +293,6 @@ def _ratio(num: float, den: float) -> float | None:
     if not (np.isfinite(num) and np.isfinite(den)) or den == 0:
         return None
     return float(num / den)
-
-
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(max(0, int(nz[0]) - margin), min(mask.shape[axis], int(nz[-1]) + margin + 1)))
-    return tuple(out)
 
 
 def efc(arr: np.ndarray) -> float | None:
@@ -351,7 +344,7 @@ def image_quality(image: sitk.Image | np.ndarray, head_mask: np.ndarray | sitk.I
     m["CV"] = None if mean_f == 0 else 100.0 * std_f / mean_f
 
     # CPP: mean |in-plane 3x3 high-pass| over the head (computed in its bounding box)
-    box = _bbox(head, 2)
+    box = bounding_box(head, 2)
     step = max(1, int(cfg.slice_step))
     box = (slice(box[0].start, box[0].stop, step), *box[1:])
     sub = arr[box].astype(np.float32)

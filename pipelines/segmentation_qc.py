@@ -155,7 +155,7 @@ def _lps_x_of_voxels(shape, reference, spacing_zyx) -> Callable[[np.ndarray], np
     return lambda idx: ox + idx[:, 2] * row[0] + idx[:, 1] * row[1] + idx[:, 0] * row[2]
 
 
-def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
     """Bounding box of ``mask`` grown by ``margin`` voxels (None if empty)."""
     if not mask.any():
         return None
@@ -213,7 +213,7 @@ def tumour_components(labels, reference: sitk.Image | None = None, brain_mask=No
         return []
     voxel_ml = _voxel_ml(reference, spacing_zyx)
     mid = midline_x_mm(brain_mask, reference, spacing_zyx) if brain_mask is not None else None
-    box = _bbox(wt, 1)  # work in the tumour's bounding box
+    box = bounding_box(wt, 1)  # work in the tumour's bounding box
     offset = np.array([sl.start for sl in box], np.float64)
     lab, wt = lab[box], wt[box]
     cc, n = ndi.label(wt, structure=_CONN26)
@@ -420,7 +420,7 @@ def discord_alarms(candidates: Mapping[str, np.ndarray],
     for c in full:
         union |= c > 0
     fusion = np.zeros(full[0].shape, np.uint8)
-    box = _bbox(union, 1) or tuple(slice(0, 1) for _ in full[0].shape)  # all empty: any voxel will do
+    box = bounding_box(union, 1) or tuple(slice(0, 1) for _ in full[0].shape)  # all empty: any voxel will do
     masks = {n: region_masks(c[box]) for n, c in zip(names, full)}
     fusion[box] = fuse_labels([c[box] for c in full])
     fused = region_masks(fusion[box])
