@@ -28,7 +28,7 @@ run: install
 	BRAINLINE_DEV_MODE=$${BRAINLINE_DEV_MODE:-1} $(BIN)/brainline serve
 
 test: install system-deps
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --durations=30 $(PYTEST_ARGS)
 
 bench: install system-deps
 	$(BIN)/python bench/ingest.py

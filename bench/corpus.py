@@ -152,6 +152,7 @@ def run_study(study: Path, service: Service, orthanc: OrthancServer, args, scrat
         time.sleep(0.25)
     row["seg_in_orthanc"], row["sr_in_orthanc"] = bool(seg_ids), bool(sr_ids)
     row["wall_s"] = round(time.monotonic() - t0, 1)
+    row["load_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while this study ran
 
     work = service.workspace(job["id"])
     reference = study / "reference_seg.nii.gz"
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  {row['study']}: {row['state']}, SEG {'yes' if row['seg_in_orthanc'] else 'no'}, "
                       f"SR {'yes' if row['sr_in_orthanc'] else 'no'}, WT {_f(row['WT'])}, "
-                      f"floor {_f(row['floor_WT'])}, {_f(row['wall_s'], 1)} s", flush=True)
+                      f"floor {_f(row['floor_WT'])}, {_f(row['wall_s'], 1)} s, load {row.get('load_1min')}", flush=True)
         finally:
             service.stop()
     t = totals(rows)

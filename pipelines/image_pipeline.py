@@ -36,6 +36,7 @@ from brainline.models.registry import load_backend
 
 from .bias_correction import N4Config, n4_correct
 from .model_space import fit_model_space, labels_to_reference, map_to_model_space
+from .nifti_io import write_nifti
 from .registration import RegistrationConfig, register, resample_to
 from .skull_strip import SkullStripBackend, apply_mask, get_backend, skull_strip
 
@@ -74,11 +75,7 @@ def _read(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path), sitk.sitkFloat32)
 
 
-def _write(image: sitk.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    tmp.replace(path)
+_write = write_nifti
 
 
 def _cached(work: Path, name: str, fn: Callable[[], dict]) -> dict:

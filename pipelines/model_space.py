@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .nifti_io import write_nifti
 from .registration import RegistrationConfig, register, resample_to
 
 SPACES = ("brats",)
@@ -139,9 +140,9 @@ def map_to_model_space(ms: ModelSpace, native: dict[str, sitk.Image],
         out = sitk.GetImageFromArray(a.astype(np.float32))
         out.CopyInformation(ms.template)
         paths[role] = out_dir / f"{role}.nii.gz"
-        sitk.WriteImage(out, str(paths[role]), useCompression=True)
+        write_nifti(out, paths[role])
     paths["mask"] = out_dir / "brain_mask.nii.gz"
-    sitk.WriteImage(mask, str(paths["mask"]), useCompression=True)
+    write_nifti(mask, paths["mask"])
     (out_dir / "model_space.json").write_text(json.dumps(ms.record(), indent=2, default=str))
     return paths
 

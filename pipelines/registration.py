@@ -979,6 +979,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig |
                 and identity_metric < initial_metric):
             tx, init_name, initial_metric = ident, "identity", identity_metric
 
+        start_tx = type(tx)(tx)  # the optimiser changes tx in place
         iterations_per_level: list[int] = []
         final_metric, stop, converged = float("nan"), "", False
         for i, kind in enumerate(kinds):
@@ -989,6 +990,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig |
             final_metric, stop, converged = stage.run(tx)
             iterations_per_level += stage.level_iterations
         final_eval = stage.evaluate(tx)
+        kept_start = None
+        if final_eval > initial_metric + cfg.metric_tolerance:
+            # The optimiser ended worse than where it started (e.g. two scans
+            # already aligned in the scanner frame): keep the starting alignment;
+            # the quality checks below judge it like any other result.
+            kept_start = (final_eval, initial_metric)
+            tx, final_eval = start_tx, initial_metric
         if swap:
             tx = tx.GetInverse()
         tx = _euler_from(tx, center) if kinds[-1] == "rigid" else _affine_from(tx, center)
@@ -1018,6 +1026,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig |
     quality["nmi_explained"] = ("normalised mutual information (H(F)+H(M))/H(F,M) in the common field of view "
                                 "after resampling; 1 = unrelated, 2 = one-to-one intensity mapping")
     quality["metric_improvement"] = round(initial_metric - final_eval, 6)
+    if kept_start:
+        quality["kept_starting_alignment"] = (
+            f"the optimiser ended at Mattes MI {kept_start[0]:.4f}, worse than the starting alignment "
+            f"({init_name}, {kept_start[1]:.4f}; lower is better), so the starting alignment was kept")
     if params["rotation_deg"] > cfg.max_rotation_deg:
         flags.append(f"large_rotation: rotation {params['rotation_deg']:.1f} deg (> {cfg.max_rotation_deg:g} deg)")
     if params["translation_norm_mm"] > cfg.max_translation_mm:

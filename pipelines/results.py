@@ -26,6 +26,20 @@ object:
   readers with no quality information. A re-run rebuilds everything.
 
 An empty segmentation is not a failure: no SEG, and the SR and PDF say so.
+
+Follow-up (``longitudinal.json`` with ``"priors" > 0``, see
+pipelines/longitudinal.py): three more extras, each built on its own like the
+overlay, all in the current study on the current reference series:
+
+* ``subtraction``: one derived MR series per subtraction map (FLAIR, T1c);
+* ``lesion_seg``: a SEG of the new and growing lesions (none when there is none);
+* ``change_sr``: a TID 1500 SR of the change against the prior and nadir.
+
+The PDF gets a follow-up section. The subtraction series and the change SR
+reference the prior study by its (pseudonymous) UIDs: ``results.json`` lists
+them (``prior_studies``, and ``prior_study_uids`` on each such object) so the
+gateway can map them with the prior studies' UID maps. With dates shifted by
+de-identification, DICOM words name the prior by its interval in days.
 """
 
 from __future__ import annotations
@@ -33,25 +47,35 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pydicom
+import pydicom.errors
 import SimpleITK as sitk
 
 from brainline import __version__
 
-from .dicom_outputs.codes import AlgorithmInfo, QCFinding
+from .dicom_outputs.codes import FOLLOWUP_ASSESSMENT, LESION_KINDS, AlgorithmInfo, QCFinding, qc_concept
+from .dicom_outputs.lesion_seg import build_lesion_seg, lesions_on_source_grid
+from .dicom_outputs.longitudinal_sr import build_change_sr, prior_evidence
 from .dicom_outputs.overlay import build_overlay_series
 from .dicom_outputs.pdf_report import (
+    FollowUp,
+    KeyImage,
     ReportContent,
     build_encapsulated_pdf,
     build_pdf_report,
     key_image_from_series,
 )
-from .dicom_outputs.seg import EmptySegmentationError, build_seg, read_source_series
+from .dicom_outputs.seg import (
+    EmptySegmentationError, SourceSeries, build_seg, image_on_source_grid, read_source_series,
+)
 from .dicom_outputs.sr import build_rano_sr, build_sr
+from .dicom_outputs.subtraction import build_subtraction_series
 from .image_pipeline import ROLE_LABELS, PipelineError
 
 log = logging.getLogger("brainline.results")
@@ -59,7 +83,13 @@ log = logging.getLogger("brainline.results")
 RESULTS_DIR = "results"
 #: Words for each result object, as they appear in messages.
 OBJECT_NAMES = {"seg": "DICOM SEG", "sr": "SR (TID 1500 volumes)", "overlay": "overlay series",
-                "pdf": "PDF report", "rano": "SR (RANO measurements)"}
+                "pdf": "PDF report", "rano": "SR (RANO measurements)",
+                "subtraction": "subtraction series", "lesion_seg": "DICOM SEG (new and growing lesions)",
+                "change_sr": "SR (TID 1500 follow-up change)"}
+#: Objects of a follow-up (built only when longitudinal.json has priors).
+LONGITUDINAL_OBJECTS = ("subtraction", "lesion_seg", "change_sr")
+LONGITUDINAL_FILE = "longitudinal.json"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Objects without which a job has failed.
 CORE_OBJECTS = ("seg", "sr")
 
@@ -115,6 +145,302 @@ def qc_findings_of(summary: dict, failed: list[dict] | None = None) -> list[QCFi
     return findings
 
 
+# ------------------------------------------------------------------ follow-up
+
+
+def load_longitudinal(work: Path) -> dict | None:
+    """``longitudinal.json`` when it reports at least one prior, else None
+    (no file, or ``"priors": 0``: no follow-up object at all)."""
+    path = work / LONGITUDINAL_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if int(data.get("priors") or 0) > 0 else None
+
+
+def _prior_dir(work: Path, longitudinal: dict) -> Path:
+    return work / "priors" / str((longitudinal.get("comparison") or {}).get("prior_index", 0))
+
+
+def prior_record(work: Path, longitudinal: dict) -> dict:
+    """``priors/<k>/prior.json`` of the compared prior ({} when absent)."""
+    path = _prior_dir(work, longitudinal) / "prior.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def prior_study_uid(longitudinal: dict, prior: dict) -> str | None:
+    """The compared prior's (pseudonymous) Study Instance UID."""
+    return (longitudinal.get("comparison") or {}).get("prior_pseudo_study_uid") or prior.get("pseudo_study_uid") or None
+
+
+def _date(value: str | None) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value or "")[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _current_date(longitudinal: dict, source: SourceSeries) -> str:
+    for tp in reversed(longitudinal.get("timepoints") or []):
+        if tp.get("label") == "current" and tp.get("study_date"):
+            return str(tp["study_date"])
+    return str(source.first.get("StudyDate", ""))
+
+
+def _prior_date(longitudinal: dict, prior: dict) -> str:
+    return str((longitudinal.get("comparison") or {}).get("prior_study_date") or prior.get("study_date") or "")
+
+
+def interval_days(longitudinal: dict, prior: dict, source: SourceSeries) -> int | None:
+    """Days from the prior study to this one (both dates as seen in this workspace)."""
+    a, b = _date(_prior_date(longitudinal, prior)), _date(_current_date(longitudinal, source))
+    return (b - a).days if a and b else None
+
+
+def dates_shifted(ds: pydicom.Dataset) -> bool:
+    """True when de-identification shifted the dates (then words name intervals, not dates)."""
+    return str(ds.get("LongitudinalTemporalInformationModified", "")).upper() == "MODIFIED"
+
+
+def prior_words(longitudinal: dict, prior: dict, source: SourceSeries) -> str:
+    """How DICOM words name the prior: "prior 2024-01-15", or "prior 91 days
+    earlier" when the workspace dates are shifted (the gateway cannot fix dates in words)."""
+    date = _date(_prior_date(longitudinal, prior))
+    if date and not dates_shifted(source.first):
+        return f"prior {date.isoformat()}"
+    days = interval_days(longitudinal, prior, source)
+    return f"prior {days} days earlier" if days is not None else "prior study"
+
+
+def _workspace_dates(longitudinal: dict) -> set[str]:
+    comparison = longitudinal.get("comparison") or {}
+    dates = {str(tp.get("study_date") or "") for tp in longitudinal.get("timepoints") or []}
+    dates |= {str(comparison.get("prior_study_date") or ""),
+              str(((longitudinal.get("change") or {}).get("vs_nadir") or {}).get("study_date") or "")}
+    return {d for d in dates if _date(d)}
+
+
+def date_words(longitudinal: dict, source: SourceSeries, shift_days: int | None = None) -> Callable[[str], str]:
+    """A function that rewrites the study dates (YYYY-MM-DD) inside follow-up
+    words (notes, flags, reasons of longitudinal.json name the prior by its date).
+
+    ``shift_days`` None (DICOM words): unchanged when the workspace dates are
+    real; when de-identification shifted them (the gateway cannot fix words),
+    each date becomes "[91 days before this study]". ``shift_days`` given (the
+    PDF, re-rendered at the gateway): each date moves by that many days."""
+    table: dict[str, str] = {}
+    current = _date(_current_date(longitudinal, source))
+    for value in _workspace_dates(longitudinal):
+        d = _date(value)
+        if shift_days is not None:
+            table[d.isoformat()] = (d + dt.timedelta(days=shift_days)).isoformat()
+        elif dates_shifted(source.first) and current is not None:
+            days = (current - d).days
+            table[d.isoformat()] = "[this study]" if days == 0 else (
+                f"[{days} days before this study]" if days > 0 else f"[{-days} days after this study]")
+    if not table:
+        return lambda text: text
+    return lambda text: re.sub(r"\d{4}-\d{2}-\d{2}", lambda m: table.get(m.group(0), m.group(0)), str(text))
+
+
+def detection_ran(longitudinal: dict) -> bool:
+    """Whether subtraction (and so new-lesion detection) was possible."""
+    return bool((longitudinal.get("comparison") or {}).get("subtractions"))
+
+
+def longitudinal_findings(longitudinal: dict | None, words: Callable[[str], str] = str) -> list[QCFinding]:
+    """QC findings of a follow-up: registration of the prior ('flagged' with
+    the reasons, or with the note when no subtraction was possible) and the
+    other follow-up flags; ``words`` rewrites their dates (:func:`date_words`)."""
+    if not longitudinal:
+        return []
+    reg = (longitudinal.get("comparison") or {}).get("registration") or {}
+    reg_flags = [str(f) for f in reg.get("flags") or []]
+    if not detection_ran(longitudinal):
+        reasons = [longitudinal.get("note") or "no subtraction was possible"] + reg_flags
+        finding = QCFinding("longitudinal_registration", "flagged", "; ".join(w for w in reasons if w))
+    elif reg_flags:
+        finding = QCFinding("longitudinal_registration", "flagged", "; ".join(reg_flags))
+    else:
+        quality = ", ".join(f"{k} {v:.3g}" for k, v in (reg.get("quality") or {}).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and not any(w in k for w in ("elapsed", "samples", "time")))
+        finding = QCFinding("longitudinal_registration", "acceptable",
+                            f"{reg.get('transform', 'rigid')} registration of the prior"
+                            + (f" ({quality})" if quality else ""))
+    other = [str(f) for f in longitudinal.get("flags") or [] if str(f) not in reg_flags]
+    findings = [finding] + ([QCFinding("followup", "flagged", "; ".join(other))] if other else [])
+    return [QCFinding(f.name, f.status, words(f.detail)) for f in findings]
+
+
+def _role_header(work: Path, role: str) -> pydicom.Dataset | None:
+    """A header of the current study's series of ``role`` (MR acquisition attributes), if any."""
+    try:
+        files = _selection(work)["files"][role]
+        return pydicom.dcmread(work / files[0], stop_before_pixels=True)
+    except (KeyError, IndexError, OSError, ValueError, pydicom.errors.InvalidDicomError):
+        return None
+
+
+def prior_objects(work: Path, longitudinal: dict, prior: dict) -> list[pydicom.Dataset]:
+    """The compared prior's objects (minimal headers): its BrainLine SEG when
+    prior.json names one, and the instances of its reference series when its
+    DICOM files are in the prior's work folder."""
+    study = prior_study_uid(longitudinal, prior)
+    if not study:
+        return []
+    out = prior_evidence(study, prior.get("seg_series_uid"), SEG_STORAGE, [prior.get("seg_sop_instance_uid")])
+    pwork = _prior_dir(work, longitudinal)
+    try:
+        selection = json.loads((pwork / "selection.json").read_text())
+        files = selection["files"][selection["inputs"]["reference"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return out
+    tags = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+    for f in files:
+        try:
+            ds = pydicom.dcmread(pwork / f, stop_before_pixels=True, specific_tags=tags)
+        except (OSError, pydicom.errors.InvalidDicomError):
+            continue
+        if str(ds.get("StudyInstanceUID", "")) == study and "SOPInstanceUID" in ds:
+            out.append(ds)
+    return out
+
+
+def _shift(value: str, days: int) -> str:
+    d = _date(value)
+    return (d + dt.timedelta(days=days)).strftime("%Y%m%d") if d and days else str(value or "")
+
+
+def _subtraction_key_image(work: Path, source: SourceSeries, longitudinal: dict, caption_prior: str
+                           ) -> KeyImage | None:
+    """A subtraction slice with the new (magenta) and growing (cyan) lesion
+    outlines: the slice with the largest lesion area, else the middle one."""
+    subs = (longitudinal.get("comparison") or {}).get("subtractions") or {}
+    lesions = longitudinal.get("lesions") or []
+    order = [x.get("sequence") for x in sorted(lesions, key=lambda x: -float(x.get("volume_mm3") or 0))]
+    role = next((r for r in order + ["flair", "t1c"] + sorted(subs) if r in subs), None)
+    if role is None:
+        return None
+    values = image_on_source_grid(sitk.ReadImage(str(work / subs[role])), source)
+    kinds = np.zeros(values.shape, dtype=np.uint8)
+    lesion_file = work / "longitudinal" / "lesions.nii.gz"
+    if lesions and lesion_file.exists():
+        ids = lesions_on_source_grid(sitk.ReadImage(str(lesion_file)), source)
+        for x in lesions:
+            kinds[ids == int(x["id"])] = 1 if x.get("kind") == "new" else 2
+    areas = kinds.reshape(len(kinds), -1).astype(bool).sum(axis=1)
+    index = int(np.argmax(areas)) if areas.max(initial=0) > 0 else len(source) // 2
+    nz = np.abs(values[values != 0])
+    half = float(np.percentile(nz, 99.5)) if nz.size else 1.0
+    ds = source.datasets[index]
+    return KeyImage(values[index], kinds[index], tuple(float(v) for v in ds.PixelSpacing),
+                    (-max(half, 1e-6), max(half, 1e-6)),
+                    f"{role.upper() if role == 'flair' else 'T1c'} subtraction (current - {caption_prior}), "
+                    f"image {index + 1} of {len(source)}",
+                    colours={1: LESION_KINDS["new"].rgb, 2: LESION_KINDS["growing"].rgb},
+                    legend={1: "new lesion", 2: "growing lesion"})
+
+
+def identity_shift(identity: dict, source: SourceSeries) -> int:
+    """Days from the workspace dates to the dates of ``identity`` (0 offline or
+    on the processing side; the patient's date shift at the gateway)."""
+    a, b = _date(identity.get("study_date")), _date(source.first.get("StudyDate"))
+    return (a - b).days if a and b else 0
+
+
+def followup_content(work: Path, source: SourceSeries, longitudinal: dict, identity: dict) -> FollowUp:
+    """The PDF follow-up section. Dates are moved by the difference between
+    ``identity["study_date"]`` and the source's StudyDate, so the report
+    re-rendered at the gateway shows the real dates."""
+    shift = identity_shift(identity, source)
+    words = date_words(longitudinal, source, shift)
+    prior = prior_record(work, longitudinal)
+    change = longitudinal.get("change") or {}
+    assessment = longitudinal.get("assessment") or {}
+    prior_date = _shift(_prior_date(longitudinal, prior), shift)
+    notes = [words(n) for n in longitudinal.get("notes") or []]
+    try:
+        key = _subtraction_key_image(work, source, longitudinal,
+                                     f"prior {_date(prior_date).isoformat()}" if _date(prior_date) else "prior")
+    except Exception as exc:  # noqa: BLE001 - the picture is optional; say why it is missing
+        log.warning("no subtraction key image", exc_info=True)
+        key = None
+        notes.append(f"No subtraction key image: {type(exc).__name__}: {' '.join(str(exc).split())}")
+    return FollowUp(
+        timepoints=[{**tp, "study_date": _shift(tp.get("study_date", ""), shift)}
+                    for tp in longitudinal.get("timepoints") or []],
+        vs_prior=change.get("vs_prior") or {}, vs_nadir=change.get("vs_nadir"),
+        assessment=str(assessment.get("code") or "not assessable"), reason=words(assessment.get("reason") or ""),
+        prior_date=prior_date, interval_days=interval_days(longitudinal, prior, source),
+        lesions=list(longitudinal.get("lesions") or []), detection=detection_ran(longitudinal),
+        note=words(longitudinal.get("note") or ""), notes=notes, key_image=key,
+        nadir_date=_shift(str((change.get("vs_nadir") or {}).get("study_date") or ""), shift))
+
+
+def change_texts(longitudinal: dict, words: Callable[[str], str] = str) -> list[tuple[Any, str]]:
+    """Words of the change SR's Qualitative Evaluations: the assessment and
+    its reason, the follow-up note and notes, why no detection was possible
+    (dates rewritten by ``words``, see :func:`date_words`)."""
+    assessment = longitudinal.get("assessment") or {}
+    followup = qc_concept("followup")
+    texts: list[tuple[Any, str]] = [(FOLLOWUP_ASSESSMENT, f"{assessment.get('code') or 'not assessable'}"
+                                     + (f": {assessment['reason']}" if assessment.get("reason") else ""))]
+    note = str(longitudinal.get("note") or "")
+    if not detection_ran(longitudinal):
+        texts.append((followup, "No subtraction or new-lesion detection was possible"
+                      + (f": {note}" if note else "")))
+    elif note:
+        texts.append((followup, note))
+    texts += [(followup, str(n)) for n in longitudinal.get("notes") or []]
+    return [(concept, words(text)) for concept, text in texts]
+
+
+def _build_followup(work: Path, source: SourceSeries, longitudinal: dict, algorithm: AlgorithmInfo,
+                    writer: "_Writer", uid_root: str | None) -> tuple[list[pydicom.Dataset], list[str]]:
+    """Subtraction series, lesion SEG and change SR, each on its own. Returns
+    (objects the PDF should reference, prior study UIDs they reference)."""
+    prior = prior_record(work, longitudinal)
+    study = prior_study_uid(longitudinal, prior)
+    words = prior_words(longitudinal, prior, source)
+    comparison = longitudinal.get("comparison") or {}
+    reg = comparison.get("registration") or {}
+    method = ", ".join(w for w in (f"{reg.get('transform')} registration" if reg.get("transform") else "",
+                                   f"{comparison.get('intensity_match')} intensity matching"
+                                   if comparison.get("intensity_match") else "") if w)
+    mask_file = work / "brain_mask.nii.gz"
+    mask = sitk.ReadImage(str(mask_file)) if mask_file.exists() else None
+    for number, (role, rel) in enumerate(sorted((comparison.get("subtractions") or {}).items()), start=310):
+        label = "FLAIR" if role == "flair" else {"t1c": "T1c"}.get(role, role)
+        writer.attempt("subtraction", lambda role=role, rel=rel, number=number: writer.save("subtraction", [
+            (f"subtraction_{role}_{i:04d}.dcm", ds) for i, ds in enumerate(build_subtraction_series(
+                source, sitk.ReadImage(str(work / rel)), role, prior_words=words, prior_study_uid=study,
+                brain_mask=mask, role_header=_role_header(work, role), algorithm=algorithm, uid_root=uid_root,
+                series_number=number, method_words=method), 1)]), what=f"{label} subtraction series")
+    lesion_seg = None
+    lesions = longitudinal.get("lesions") or []
+    if lesions and detection_ran(longitudinal):
+        def lesion_items() -> list[pydicom.Dataset]:
+            ds = build_lesion_seg(source, sitk.ReadImage(str(work / "longitudinal" / "lesions.nii.gz")),
+                                  lesions, algorithm, uid_root=uid_root)
+            return writer.save("lesion_seg", [("lesion_seg.dcm", ds)]) if ds is not None else []
+        built = writer.attempt("lesion_seg", lesion_items)
+        lesion_seg = built[0] if built else None
+    failed = writer.failures(*LONGITUDINAL_OBJECTS)
+    words_of = date_words(longitudinal, source)
+    qc = longitudinal_findings(longitudinal, words_of) + (
+        [QCFinding("result_objects", "flagged", "; ".join(f["error"] for f in failed))] if failed else [])
+    srs = writer.attempt("change_sr", lambda: writer.save("change_sr", [("change_sr.dcm", build_change_sr(
+        source, longitudinal, algorithm, lesion_seg=lesion_seg, qc_findings=qc, texts=change_texts(longitudinal, words_of),
+        prior_study_uid=study, other_evidence=prior_objects(work, longitudinal, prior),
+        interval_days=interval_days(longitudinal, prior, source), detection=detection_ran(longitudinal),
+        uid_root=uid_root))]))
+    return [x for x in (lesion_seg, *(srs or ())) if x is not None], [study] if study else []
+
+
 def _selection(work: Path) -> dict:
     path = work / "selection.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -131,6 +457,7 @@ def report_content(work: Path, source, summary: dict, identity: dict,
                  for role, info in selection.get("roles", {}).items() if isinstance(info, dict)}
     for role in (selection.get("inputs") or {}).get("missing", []):
         sequences[ROLE_LABELS.get(role, role)] = "not found in the study"
+    longitudinal = load_longitudinal(work)
     return ReportContent(
         patient_id=identity.get("patient_id", ""),
         patient_name=identity.get("patient_name", ""),
@@ -141,12 +468,14 @@ def report_content(work: Path, source, summary: dict, identity: dict,
         algorithm=algorithm_of(summary),
         volumes_ml=summary.get("volumes_ml", {}),
         tiv_ml=summary.get("tiv_ml"),
-        qc_findings=qc_findings_of(summary, failed),
+        qc_findings=qc_findings_of(summary, failed) + (longitudinal_findings(
+            longitudinal, date_words(longitudinal, source, identity_shift(identity, source))) if longitudinal else []),
         reviewed=False,
         key_image=key_image_from_series(source, labels),
         notes=["A trained segmentation model should be configured for clinical use."]
         if summary.get("backends", {}).get("segmentation", {}).get("backend") == "baseline" else [],
         generated_at=dt.datetime.now(),
+        followup=followup_content(work, source, longitudinal, identity) if longitudinal else None,
     )
 
 
@@ -156,10 +485,11 @@ def identity_of(ds: pydicom.Dataset) -> dict:
             "study_instance_uid": str(ds.get("StudyInstanceUID", ""))}
 
 
-def failure_words(kind: str, exc: BaseException) -> str:
-    """``overlay series not built: ValueError: ...`` (one line)."""
+def failure_words(kind: str, exc: BaseException, what: str | None = None) -> str:
+    """``overlay series not built: ValueError: ...`` (one line); ``what``
+    names the object instead of :data:`OBJECT_NAMES` (e.g. "FLAIR subtraction series")."""
     reason = " ".join(str(exc).split()) or "no message"
-    return f"{OBJECT_NAMES.get(kind, kind)} not built: {type(exc).__name__}: {reason}"[:1000]
+    return f"{what or OBJECT_NAMES.get(kind, kind)} not built: {type(exc).__name__}: {reason}"[:1000]
 
 
 class _Writer:
@@ -172,12 +502,12 @@ class _Writer:
         self.objects: list[dict] = []
         self.failed: list[dict] = []
 
-    def attempt(self, kind: str, build: Callable[[], Any]) -> Any:
+    def attempt(self, kind: str, build: Callable[[], Any], what: str | None = None) -> Any:
         try:
             return build()
         except Exception as exc:  # noqa: BLE001 - each object fails on its own, in words
-            log.warning("%s", failure_words(kind, exc), exc_info=True)
-            self.failed.append({"kind": kind, "error": failure_words(kind, exc)})
+            log.warning("%s", failure_words(kind, exc, what), exc_info=True)
+            self.failed.append({"kind": kind, "error": failure_words(kind, exc, what)})
             return None
 
     def save(self, kind: str, items: list[tuple[str, pydicom.Dataset]]) -> list[pydicom.Dataset]:
@@ -204,11 +534,14 @@ class _Writer:
 
 def build_results(work: Path, source_files: list[Path], uid_root: str | None = None,
                   subdir: str = RESULTS_DIR) -> dict:
-    """Write SEG, SR, overlay series and PDF report to ``work/<subdir>``, each on its own.
+    """Write SEG, SR, overlay series and PDF report to ``work/<subdir>``, each
+    on its own; with a follow-up (``longitudinal.json``, priors > 0) also the
+    subtraction series, the lesion SEG and the change SR.
 
     Returns (and writes to ``results.json``) ``{"objects": [{kind, file,
-    sop_instance_uid, sop_class_uid}], "segmented": bool, "failed": [{kind,
-    error}], "notes": [sentences], "complete": bool}``. Raises
+    sop_instance_uid, sop_class_uid[, prior_study_uids]}], "segmented": bool,
+    "failed": [{kind, error}], "notes": [sentences], "complete": bool[,
+    "prior_studies": [pseudonymous Study Instance UIDs referenced]]}``. Raises
     :class:`OutputsError` when the SEG or the SR failed (see the module doc).
     Idempotent: a complete record is returned as it is (rebuilding would mint
     new UIDs); an incomplete one (core failure) is rebuilt from scratch.
@@ -246,16 +579,33 @@ def build_results(work: Path, source_files: list[Path], uid_root: str | None = N
         writer.attempt("rano", lambda: writer.save("rano", [
             ("rano_sr.dcm", ds) for ds in [build_rano_sr(seg, source, algorithm, uid_root=uid_root)]
             if ds is not None]))
+    # Follow-up objects (subtraction series, lesion SEG, change SR): extras,
+    # each on its own; built before the PDF and the SR so that their failures
+    # reach both.
+    longitudinal = load_longitudinal(work)
+    followup_refs: list[pydicom.Dataset] = []
+    prior_uids: list[str] = []
+    if longitudinal:
+        built = writer.attempt("change_sr", lambda: _build_followup(
+            work, source, longitudinal, algorithm, writer, uid_root), what="follow-up objects")
+        if built is not None:
+            followup_refs, prior_uids = built
     # The PDF is rendered before the SR so that a rendering failure reaches the
     # SR's QC findings; it is wrapped afterwards to reference the SR.
     pdf_bytes = writer.attempt("pdf", lambda: build_pdf_report(
         report_content(work, source, summary, identity_of(source.first), writer.failures())))
     srs = writer.attempt("sr", lambda: writer.save("sr", [("sr.dcm", build_sr(
-        seg, source, summary, qc_findings_of(summary, writer.failures()), algorithm, uid_root=uid_root))]))
+        seg, source, summary, qc_findings_of(summary, writer.failures()) + (
+            longitudinal_findings(longitudinal, date_words(longitudinal, source)) if longitudinal else []),
+        algorithm, uid_root=uid_root))]))
     if pdf_bytes is not None:
         writer.attempt("pdf", lambda: writer.save("pdf", [("report.dcm", build_encapsulated_pdf(
             pdf_bytes, source, algorithm=algorithm, uid_root=uid_root,
-            referenced_instances=[x for x in (seg, *(srs or ())) if x is not None]))]))
+            referenced_instances=[x for x in (seg, *(srs or ()), *followup_refs) if x is not None]))]))
+    if prior_uids:  # objects naming the prior study by its pseudonymous UIDs (the gateway maps them)
+        for obj in writer.objects:
+            if obj["kind"] in ("subtraction", "change_sr"):
+                obj["prior_study_uids"] = list(prior_uids)
 
     notes = [f["error"] for f in writer.failed]
     note = (summary.get("inputs") or {}).get("note")
@@ -264,6 +614,8 @@ def build_results(work: Path, source_files: list[Path], uid_root: str | None = N
     core_failures = writer.failures(*CORE_OBJECTS)
     record = {"objects": writer.objects, "segmented": seg is not None, "failed": writer.failed,
               "notes": notes, "complete": not core_failures}
+    if longitudinal:
+        record["prior_studies"] = prior_uids
     tmp = record_file.with_name(".tmp-results.json")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(record_file)

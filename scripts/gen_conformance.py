@@ -96,15 +96,20 @@ def _scu() -> dict:
             "stored": sorted(destinations.STORED_STATUSES)}
 
 
+def _priors() -> dict:
+    from brainline.service import priors
+    return {"find": priors.STUDY_ROOT_FIND, "get": priors.STUDY_ROOT_GET, "stored": list(priors.MR_STORAGE)}
+
+
 def _default(func, name: str):
     return inspect.signature(func).parameters[name].default
 
 
 def _objects() -> list[dict]:
     import highdicom as hd
-    from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage, SegmentationStorage
+    from pydicom.uid import EncapsulatedPDFStorage, MRImageStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
-    from brainline.pipelines.dicom_outputs import overlay, pdf_report, seg, sr
+    from brainline.pipelines.dicom_outputs import lesion_seg, longitudinal_sr, overlay, pdf_report, seg, sr, subtraction
     sr_classes = {key: cls for key, cls in sr.SR_CLASSES.items()}
     default_sr = _default(sr.build_sr, "sr_class")
 
@@ -132,6 +137,22 @@ def _objects() -> list[dict]:
          "series": _default(overlay.build_overlay_series, "series_number"),
          "description": _default(overlay.build_overlay_series, "series_description"),
          "notes": "RGB, one per reference instance, outlines burned in, ImageType DERIVED\\SECONDARY"},
+        {"what": "Follow-up subtraction images (with a prior)", "uid": str(MRImageStorage), "modality": "MR",
+         "series": _default(subtraction.build_subtraction_series, "series_number"),
+         "description": "BrainLine <sequence> minus prior <date> NOT FOR DIAGNOSIS",
+         "notes": "one series per subtraction (FLAIR, T1c; numbered from this one), one image per reference "
+                  "instance, ImageType DERIVED\\SECONDARY\\SUBTRACTION, signed 16-bit with rescale, "
+                  "references to the reference instances and the prior study"},
+        {"what": "New and growing lesions (with a prior)", "uid": str(SegmentationStorage), "modality": "SEG",
+         "series": _default(lesion_seg.build_lesion_seg, "series_number"),
+         "description": _default(lesion_seg.build_lesion_seg, "series_description"),
+         "notes": "BINARY, one segment per lesion (Lesion 52988006 SCT, modifier New finding / Increase in size); "
+                  "none when no lesion"},
+        {"what": "Follow-up change (TID 1500, with a prior)", "uid": sr_uid(sr_classes[default_sr]),
+         "modality": "SR", "series": _default(longitudinal_sr.build_change_sr, "series_number"),
+         "description": _default(longitudinal_sr.build_change_sr, "series_description"),
+         "notes": "volume change per component against the prior and the nadir, assessment, one group per "
+                  "lesion; the prior's objects in PertinentOtherEvidenceSequence"},
         {"what": "PDF report", "uid": str(EncapsulatedPDFStorage), "modality": "DOC",
          "series": _default(pdf_report.build_encapsulated_pdf, "series_number"),
          "description": _default(pdf_report.build_encapsulated_pdf, "series_description"),
@@ -181,6 +202,7 @@ def _codes() -> list[tuple[str, str, str, str]]:
 def render() -> str:
     from brainline import __version__
     lst, settings, scu, objects, deid = _listener(), _settings(), _scu(), _objects(), _deid()
+    priors = _priors()
     out: list[str] = []
     w = out.append
     w("# BrainLine DICOM Conformance Statement")
@@ -201,6 +223,10 @@ def render() -> str:
     for uid, name in lst["sop_classes"]:
         w(f"| {name} | {uid} | SCP (C-STORE) |")
     w("| Storage SOP classes of the result objects (section 3) | | SCU (C-STORE), or STOW-RS |")
+    w(f"| Study Root Query/Retrieve Information Model - FIND | {priors['find']} | SCU (prior studies, "
+      "section 1.4) |")
+    w(f"| Study Root Query/Retrieve Information Model - GET | {priors['get']} | SCU, with the storage SCP role "
+      "for " + ", ".join(_uid_name(u) for u in priors["stored"]) + " (prior studies, section 1.4) |")
     w("")
     w("### 1.1 Association acceptance (Storage SCP)")
     w("")
@@ -245,6 +271,15 @@ def render() -> str:
     w("Response statuses treated as stored: " + ", ".join(f"0x{s:04X}" for s in scu["stored"])
       + ". Any other status is a permanent refusal of that object (recorded in words); an unreachable "
         "destination, a rejected association or a timeout is retried later.")
+    w("")
+    w("### 1.4 Prior studies (C-FIND / C-GET SCU, QIDO-RS / WADO-RS)")
+    w("")
+    w("For the longitudinal comparison the gateway looks for earlier MR studies of the patient at "
+      "BRAINLINE_PRIOR_PACS_DICOMWEB (QIDO-RS with PatientID and ModalitiesInStudy=MR, then WADO-RS of the MR "
+      "series) or BRAINLINE_PRIOR_PACS_DICOM (AET@host:port: a Study Root C-FIND at STUDY level keyed on "
+      "PatientID, then a C-GET per study, BrainLine taking the SCP role of the storage classes listed in "
+      "section 1 on the same association). Only MR series are retrieved; the instances are pseudonymised "
+      "like a received study. C-MOVE is not used.")
     w("")
     w("## 2. De-identification before processing")
     w("")

@@ -51,8 +51,9 @@ log = logging.getLogger("brainline.celery")
 
 GATEWAY, COMPUTE, GPU = "gateway", "compute", "gpu"
 QUEUES = (GATEWAY, COMPUTE, GPU)
-#: Stages that read the spool, the vault or write the PHI outbox: gateway only.
-GATEWAY_STAGES = frozenset({"pseudonymize", "deliver"})
+#: Stages that read the spool, the vault (find_priors: the real patient ID
+#: for the PACS query) or write the PHI outbox: gateway only.
+GATEWAY_STAGES = frozenset({"pseudonymize", "find_priors", "deliver"})
 #: Stages that use a GPU when one is there.
 GPU_STAGES = frozenset({"segment"})
 TASK_NAME = "brainline.run_stage"

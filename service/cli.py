@@ -10,6 +10,7 @@ outbox        list pending/failed result deliveries, --retry them (via the REST 
 worker        a compute worker of the scaled-out mode (Celery): `worker --queues compute,gpu`
 migrate       create or upgrade the database schema
 vault         check BRAINLINE_VAULT_KEY against the database, or rotate it (vault rotate)
+purge         delete spool, workspace and outbox data (and vault records) past the retention period
 
 Files and folders the service creates under BRAINLINE_HOME are readable by
 the owner only (umask 077; the home folder 0700, the database, logs and vault
@@ -254,7 +255,7 @@ def cmd_process(args, settings) -> int:
 
     from tqdm import tqdm
 
-    from brainline.pipelines.process import STEP_NAMES, process_study
+    from brainline.pipelines.process import STEP_NAMES, PriorError, process_study
 
     from .stages import PIPELINE_ERRORS, pipeline_config
 
@@ -272,8 +273,9 @@ def cmd_process(args, settings) -> int:
 
     try:
         summary = process_study(source, out, cfg, rules_path=_opt_path(settings.series_rules),
-                                uid_root=settings.uid_root or None, on_step=on_step)
-    except PIPELINE_ERRORS as exc:
+                                uid_root=settings.uid_root or None, on_step=on_step,
+                                priors=[Path(p) for p in args.prior or ()])
+    except (*PIPELINE_ERRORS, PriorError) as exc:
         bar.close()
         return _fail(str(exc), 1)
     bar.close()
@@ -283,12 +285,36 @@ def cmd_process(args, settings) -> int:
           f"intracranial volume {summary['tiv_ml']:.0f} mL")
     for flag in summary.get("qc_flags", []):
         print(f"QC: {flag}")
+    _print_followup(summary.get("longitudinal") or {})
     outputs = summary.get("outputs", {}) if isinstance(summary, dict) else {}
     for note in outputs.get("notes", []):
         print(f"note: {note}")
     built = ", ".join(sorted({o["kind"] for o in outputs.get("objects", [])})) or "nothing"
     print(f"results in {out} (DICOM {built} in {out / 'dicom'})")
     return 0
+
+
+def _print_followup(record: dict) -> None:
+    """The follow-up comparison of ``brainline process --prior`` in a few lines."""
+    if not record.get("priors"):
+        return
+    assessment = record.get("assessment") or {}
+    if assessment:
+        print(f"follow-up: {assessment.get('code')}: {assessment.get('reason')}")
+    lesions = record.get("lesions") or []
+    kinds = {k: sum(1 for x in lesions if x.get("kind") == k) for k in ("new", "growing")}
+    print(f"follow-up: {kinds['new']} new and {kinds['growing']} growing lesion(s) against the prior")
+    for text in ([record["note"]] if record.get("note") else []) + list(record.get("notes") or []):
+        print(f"follow-up note: {text}")
+    for flag in record.get("flags") or []:
+        print(f"follow-up QC: {flag}")
+
+
+def cmd_purge(args, settings) -> int:
+    from .retention import run_purge_cli
+
+    return run_purge_cli(settings, dry_run=args.dry_run, days=args.days, vault_days=args.vault_days,
+                         as_json=args.json)
 
 
 def cmd_validate(args, settings) -> int:
@@ -489,12 +515,27 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--id", type=int, action="append", help="with --retry: only this item (repeatable)")
     box.add_argument("--url", help="service base URL (default http://127.0.0.1:BRAINLINE_HTTP_PORT)")
     box.set_defaults(fn=cmd_outbox)
+    prg = sub.add_parser("purge", help="delete data past BRAINLINE_RETENTION_DAYS (--dry-run: only list it)",
+                         description="Delete the spool study, workspace and outbox folder of finished jobs whose "
+                                     "results were all delivered, BRAINLINE_RETENTION_DAYS after they finished, and "
+                                     "vault records after BRAINLINE_VAULT_RETENTION_DAYS. Never anything not yet "
+                                     "delivered, not finished or under review. Safe while the service runs.")
+    prg.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+    prg.add_argument("--days", type=int, help="data retention for this run (default BRAINLINE_RETENTION_DAYS)")
+    prg.add_argument("--vault-days", type=int,
+                     help="vault retention for this run (default BRAINLINE_VAULT_RETENTION_DAYS)")
+    prg.add_argument("--json", action="store_true", help="the plan and the result as JSON")
+    prg.set_defaults(fn=cmd_purge)
     proc = sub.add_parser("process", help="run the whole pipeline offline on a DICOM folder")
     proc.add_argument("input", help="folder with the DICOM files of one study")
     proc.add_argument("--out", required=True, help="output folder")
     proc.add_argument("--reference", help="reference sequence: t1c (default), t1, t2 or flair")
     proc.add_argument("--model", help="auto (default: BRAINLINE_MODEL, else the trained model with all four sequences, the baseline otherwise), baseline, brats17-wang, or a MONAI bundle / ONNX folder")
     proc.add_argument("--device", choices=["cpu", "cuda"])
+    proc.add_argument("--prior", action="append", metavar="PRIOR",
+                      help="folder with the DICOM files of an earlier study of the same patient "
+                           "(repeatable): adds the follow-up comparison (subtraction, new and growing "
+                           "lesions, volume change)")
     proc.add_argument("--quiet", action="store_true", help="no progress bar")
     proc.set_defaults(fn=cmd_process)
     val = sub.add_parser(
@@ -556,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that create or use BRAINLINE_HOME.
-HOME_COMMANDS = {"serve", "pull", "migrate", "vault", "worker"}
+HOME_COMMANDS = {"serve", "pull", "migrate", "vault", "worker", "purge"}
 
 
 def main(argv: list[str] | None = None) -> int:

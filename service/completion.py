@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from .jobs import JobStore
 from .metrics import Metrics
@@ -31,7 +32,8 @@ log = logging.getLogger("brainline.completion")
 
 class CompletionMonitor:
     def __init__(self, spool: Spool, store: JobStore, submit, stable_seconds: float,
-                 metrics: Metrics, poll_seconds: float = 0.5):
+                 metrics: Metrics, poll_seconds: float = 0.5,
+                 purged_jobs: Callable[[], set[int]] | None = None):
         self.spool = spool
         self.store = store
         self.submit = submit
@@ -43,10 +45,13 @@ class CompletionMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_ns = time.time_ns()  # quiet periods count from here at the earliest
+        # () -> ids of jobs whose spool study was purged by retention since
+        self._purged_jobs = purged_jobs or (lambda: set())
 
     def start(self) -> None:
         self._start_ns = time.time_ns()
-        self._job_counts = self.store.latest_counts()
+        # a study purged by retention and received again is a new study, whatever its count
+        self._job_counts = self.store.latest_counts(exclude_jobs=self._purged_jobs())
         self._thread = threading.Thread(target=self._loop, name="brainline-completion", daemon=True)
         self._thread.start()
 
@@ -69,7 +74,13 @@ class CompletionMonitor:
         """Create jobs for studies that became stable; return their ids."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         created, waiting = [], 0
-        for study_key, mtime in self.spool.studies():
+        studies = list(self.spool.studies())
+        present = {key for key, _ in studies}
+        for gone in [key for key in self._job_counts if key not in present]:
+            # the folder went (retention purge): a later re-send is a new study
+            self._job_counts.pop(gone, None)
+            self._handled_mtime.pop(gone, None)
+        for study_key, mtime in studies:
             if self._handled_mtime.get(study_key) == mtime:
                 continue
             if now_ns - max(mtime, self._start_ns) < self.stable_ns:

@@ -37,6 +37,7 @@ class ServiceContext:
     monitor: CompletionMonitor | None = None
     dev_key: bool = False
     started: bool = field(default=False)
+    retention: object | None = None  # retention.RetentionScheduler: daily purge, bytes-held gauges
 
     @classmethod
     def build(cls, settings: Settings) -> "ServiceContext":
@@ -65,9 +66,12 @@ class ServiceContext:
 
         add_gateway_metrics(metrics, spool, outbox,
                             executor.queue_depths if settings.executor == "celery" else None)
+        from .retention import RetentionScheduler
+
+        retention = RetentionScheduler(settings, sessions, metrics, vault)
         return cls(settings=settings, engine=engine, sessions=sessions, vault=vault, spool=spool,
                    metrics=metrics, store=store, runner=runner, executor=executor, outbox=outbox,
-                   dev_key=generated)
+                   dev_key=generated, retention=retention)
 
     def start(self) -> None:
         """Start executor, re-queue unfinished jobs, then listener and monitor."""
@@ -90,12 +94,19 @@ class ServiceContext:
             self.executor.submit(job_id)
         self.listener = DicomListener(s, self.spool, self.vault.study_key, self.metrics)
         self.listener.start()
+        from .retention import purged_spool_jobs
+
         self.monitor = CompletionMonitor(self.spool, self.store, self.executor.submit,
-                                         s.stable_seconds, self.metrics)
+                                         s.stable_seconds, self.metrics,
+                                         purged_jobs=lambda: purged_spool_jobs(s.home))
         self.monitor.start()
+        if self.retention:
+            self.retention.start()
         self.started = True
 
     def stop(self) -> None:
+        if self.retention:
+            self.retention.stop()
         if self.listener:
             self.listener.stop()
         if self.monitor:

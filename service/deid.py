@@ -745,8 +745,10 @@ def _payloads_in(ds: Dataset) -> tuple[str, ...]:
 
 
 def deidentify(ds: Dataset, profile: DeidProfile, ctx: DeidContext, *,
-               burned_in_annotation: str = "reject") -> DeidResult:
-    """De-identify ``ds`` with the allowlist ``profile``; ``ds`` itself is not changed.
+               burned_in_annotation: str = "reject", in_place: bool = False) -> DeidResult:
+    """De-identify ``ds`` with the allowlist ``profile``; ``ds`` itself is not
+    changed unless ``in_place`` (for a caller that read ``ds`` only to write
+    its de-identified copy: saves a deep copy, a quarter of the time).
 
     Keeps only the attributes the profile allows, at every nesting level,
     applying their actions: DA/DT values shifted by ``ctx.date_shift_days``
@@ -781,7 +783,7 @@ def deidentify(ds: Dataset, profile: DeidProfile, ctx: DeidContext, *,
     try:
         own_strings = identifying_strings_of(ds)
         payloads = _payloads_in(ds)
-        out = copy.deepcopy(ds)
+        out = ds if in_place else copy.deepcopy(ds)
     except Exception as exc:  # noqa: BLE001 - re-raised without patient data
         raise DeidError(f"cannot read the dataset to de-identify it: {type(exc).__name__}") from None
     engine = _Engine(profile, ctx, ctx.identifying_strings + own_strings)
@@ -800,10 +802,10 @@ def deidentify(ds: Dataset, profile: DeidProfile, ctx: DeidContext, *,
 
 
 def pseudonymize_dataset(ds: Dataset, profile: DeidProfile, ctx: DeidContext, *,
-                         burned_in_annotation: str = "reject") -> Dataset:
+                         burned_in_annotation: str = "reject", in_place: bool = False) -> Dataset:
     """``deidentify(...).dataset``: the de-identified copy only.
 
     Kept for callers that do not record flags; with ``burned_in_annotation
     = "flag"`` use :func:`deidentify` so the flag reaches the job record.
     """
-    return deidentify(ds, profile, ctx, burned_in_annotation=burned_in_annotation).dataset
+    return deidentify(ds, profile, ctx, burned_in_annotation=burned_in_annotation, in_place=in_place).dataset

@@ -123,12 +123,13 @@ class JobStore:
         with self.sessions() as s:
             return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
 
-    def latest_counts(self) -> dict[str, int]:
-        """study_key -> instance_count of its newest job."""
+    def latest_counts(self, exclude_jobs: frozenset[int] | set[int] = frozenset()) -> dict[str, int]:
+        """study_key -> instance_count of its newest job; studies whose newest
+        job is in ``exclude_jobs`` (e.g. its spool data were purged since) are left out."""
         with self.sessions() as s:
             newest = select(Job.study_key, func.max(Job.id).label("id")).group_by(Job.study_key).subquery()
-            rows = s.execute(select(Job.study_key, Job.instance_count).join(newest, Job.id == newest.c.id))
-            return {key: count for key, count in rows}
+            rows = s.execute(select(Job.study_key, Job.instance_count, Job.id).join(newest, Job.id == newest.c.id))
+            return {key: count for key, count, job_id in rows if job_id not in exclude_jobs}
 
     def unfinished(self) -> list[int]:
         """Jobs that were received, queued or running (e.g. before a crash)."""
@@ -227,6 +228,7 @@ STAGE_LABELS = {"pseudonymize": "pseudonymization", "select_series": "series sel
                 "convert": "conversion", "register": "co-registration",
                 "skull_strip": "skull stripping", "bias_correct": "N4 bias correction",
                 "segment": "tumour segmentation", "summarize": "summary",
+                "find_priors": "prior-study search", "longitudinal": "longitudinal comparison",
                 "build_outputs": "building the DICOM results", "deliver": "delivery"}
 
 
@@ -256,7 +258,8 @@ class JobRunner:
         ws.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
                            spool=self.spool, vault=self.vault, settings=self.settings,
-                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id))
+                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id),
+                           sessions=self.store.sessions)
         stage_fns = dict(PIPELINES[job.pipeline])
         log.info("job started", extra={"job_id": job_id, "study_key": job.study_key})
         for stage in job.stages:
@@ -305,7 +308,8 @@ class JobRunner:
         ws.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
                            spool=self.spool, vault=self.vault, settings=self.settings,
-                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id))
+                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id),
+                           sessions=self.store.sessions)
         outcome = self._run_stage(ctx, stage, dict(PIPELINES[job.pipeline])[stage_name])
         return outcome.value if isinstance(outcome, State) else str(outcome)
 

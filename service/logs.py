@@ -63,6 +63,9 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None
     # pynetdicom logs dataset summaries (incl. patient fields) at DEBUG and
     # association details at INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # their DEBUG lines carry request URLs, and a QIDO-RS query for priors names the PatientID
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom quotes offending element values (names, dates) in its

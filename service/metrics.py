@@ -39,6 +39,22 @@ class Metrics:
                                         ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.studies_pending = Gauge("brainline_studies_receiving",
                                      "Studies in the spool waiting for their quiet period", registry=r)
+        # Retention (service/retention.py); area: spool, conflicts, quarantine, priors,
+        # incoming, workspace, outbox, leftover, vault (rows for vault).
+        self.retention_purged_files = Counter("brainline_retention_purged_files",
+                                              "Files (vault: rows) deleted by the retention purge, by area",
+                                              ["area"], registry=r)
+        self.retention_freed_bytes = Counter("brainline_retention_freed_bytes",
+                                             "Bytes (apparent size) deleted by the retention purge, by area",
+                                             ["area"], registry=r)
+        self.retention_runs = Counter("brainline_retention_runs",
+                                      "Retention purges run by the service, by outcome (ok, errors, failed)",
+                                      ["outcome"], registry=r)
+        self.retention_last_run = Gauge("brainline_retention_last_run_timestamp_seconds",
+                                        "Unix time the last retention purge ended", registry=r)
+        self.retention_kept = Gauge("brainline_retention_kept_items",
+                                    "Data older than the retention period kept at the last purge (not "
+                                    "delivered, not finished, under review)", registry=r)
 
     def add_outbox(self, depth_fn, oldest_age_fn) -> None:
         """Outbox depth and age of the oldest pending item, read at scrape time."""
@@ -61,3 +77,22 @@ class Metrics:
                 yield family
 
         self.registry.register(_JobsCollector())
+
+    def add_storage(self, measure_fn) -> None:
+        """Bytes and files held per area (spool, incoming, workspaces, outbox),
+        from ``measure_fn() -> {area: (bytes, files)}`` at scrape time
+        (retention.StorageUsage caches the folder walk)."""
+
+        class _StorageCollector:
+            def collect(self_inner):
+                size = GaugeMetricFamily("brainline_storage_bytes",
+                                         "Bytes held per area (apparent file sizes, hard links once)",
+                                         labels=["area"])
+                files = GaugeMetricFamily("brainline_storage_files", "Files held per area", labels=["area"])
+                for area, (n_bytes, n_files) in sorted(measure_fn().items()):
+                    size.add_metric([area], n_bytes)
+                    files.add_metric([area], n_files)
+                yield size
+                yield files
+
+        self.registry.register(_StorageCollector())

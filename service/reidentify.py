@@ -13,6 +13,7 @@ and are kept.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Iterable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -56,17 +57,26 @@ def _swap_uids(ds: Dataset, uid_map: dict[str, str]) -> int:
     return swapped
 
 
-def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | None = None) -> Dataset:
+def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | None = None,
+                       extra_uid_maps: Iterable[dict] = ()) -> Dataset:
     """Return a re-identified copy of ``ds``.
 
     ``study``: the vault's study record (original StudyInstanceUID,
     AccessionNumber, StudyID, date_shift_days, uid_map pseudo->original);
     ``patient``: the vault's patient record (PatientID, PatientName, ...).
+    ``extra_uid_maps``: UID maps of other studies of the same patient that the
+    object references (the prior studies of a longitudinal comparison); the
+    object must still belong to ``study``, whose map wins on a conflict.
+    Dates copied from a prior keep the (shared) patient date shift.
     """
     if "uid_map" not in study:
         raise ReidentificationError("the vault record of this study has no UID map")
+    uid_map: dict[str, str] = {}
+    for extra in extra_uid_maps:
+        uid_map.update(extra)
+    uid_map.update(study["uid_map"])
     out = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(ds)))
-    _swap_uids(out, study["uid_map"])
+    _swap_uids(out, uid_map)
     if out.get("StudyInstanceUID") != study["StudyInstanceUID"]:
         raise ReidentificationError("the object does not belong to the study of this job")
     out.PatientName = patient.get("PatientName", "")

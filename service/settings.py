@@ -67,6 +67,15 @@ class Settings:
     skull_strip_backend: str
     model: str
     device: str
+    prior_search: str
+    prior_pacs_dicomweb: str
+    prior_pacs_dicom: str
+    prior_keep: str
+    prior_max_age_days: int
+    prior_timeout_seconds: float
+    retention_days: int
+    vault_retention_days: int
+    retention_interval_hours: float
     executor: str
     broker_url: str
     workspaces: str
@@ -130,6 +139,45 @@ def _coerce(name: str, default, raw):
     return "" if raw is None else str(raw)
 
 
+PRIOR_SEARCH_MODES = ("off", "brainline", "pacs", "both")
+PRIOR_KEEP_WORDS = ("recent", "baseline", "nadir")
+
+
+def _check_prior_settings(values: dict) -> None:
+    """Validate and complete the prior-search settings in place:
+    ``prior_pacs_dicomweb`` defaults to ``dicomweb_url`` ("off" = none) and an
+    empty ``prior_search`` becomes "both" when a prior PACS is configured,
+    "brainline" otherwise."""
+    web = str(values.get("prior_pacs_dicomweb") or "").strip()
+    if web.lower() in ("off", "none", "no"):
+        web = ""
+    elif not web:
+        web = str(values.get("dicomweb_url") or "").strip()
+    values["prior_pacs_dicomweb"] = web
+    dicom = str(values.get("prior_pacs_dicom") or "").strip()
+    if dicom:
+        aet, _, hostport = dicom.partition("@")
+        host, _, port = hostport.rpartition(":")
+        if not (aet and len(aet) <= 16 and host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise SettingsError(f"BRAINLINE_PRIOR_PACS_DICOM={dicom!r} is not AET@host:port")
+    values["prior_pacs_dicom"] = dicom
+    mode = str(values.get("prior_search") or "").strip().lower()
+    if not mode:
+        mode = "both" if (web or dicom) else "brainline"
+    if mode not in PRIOR_SEARCH_MODES:
+        raise SettingsError(f"BRAINLINE_PRIOR_SEARCH must be one of {', '.join(PRIOR_SEARCH_MODES)}")
+    values["prior_search"] = mode
+    keep = [w.strip().lower() for w in str(values.get("prior_keep") or "").split(",") if w.strip()]
+    if not keep or any(w not in PRIOR_KEEP_WORDS for w in keep):
+        raise SettingsError("BRAINLINE_PRIOR_KEEP must list some of recent, baseline, nadir "
+                            "(e.g. recent,baseline)")
+    values["prior_keep"] = ",".join(dict.fromkeys(keep))
+    if values.get("prior_max_age_days", 0) < 0:
+        raise SettingsError("BRAINLINE_PRIOR_MAX_AGE_DAYS must be 0 (no limit) or more")
+    if values.get("prior_timeout_seconds", 1.0) <= 0:
+        raise SettingsError("BRAINLINE_PRIOR_TIMEOUT_SECONDS must be more than 0")
+
+
 def load_settings(env: dict | None = None) -> Settings:
     """Build Settings from the packaged defaults and the environment."""
     env = os.environ if env is None else env
@@ -164,6 +212,15 @@ def load_settings(env: dict | None = None) -> Settings:
         values["workspaces"] = str(Path(values["workspaces"]).expanduser().resolve())
     if values["worker_concurrency"] < 1:
         raise SettingsError("BRAINLINE_WORKER_CONCURRENCY must be at least 1")
+    if values["retention_days"] < 0 or values["vault_retention_days"] < 0:
+        raise SettingsError("BRAINLINE_RETENTION_DAYS and BRAINLINE_VAULT_RETENTION_DAYS must be 0 (keep forever) "
+                            "or more")
+    if values["retention_interval_hours"] <= 0:
+        raise SettingsError("BRAINLINE_RETENTION_INTERVAL_HOURS must be more than 0")
+    if values["vault_retention_days"] and not 0 < values["retention_days"] <= values["vault_retention_days"]:
+        raise SettingsError("BRAINLINE_VAULT_RETENTION_DAYS needs BRAINLINE_RETENTION_DAYS set and not longer: "
+                            "the vault records must not go before the data they re-identify")
+    _check_prior_settings(values)
     known = {f.name for f in dataclasses.fields(Settings)}
     extra = {k: v for k, v in values.items() if k not in known}
     return Settings(**{k: v for k, v in values.items() if k in known}, extra=extra)

@@ -7,7 +7,10 @@ stage that finds its outputs complete returns them without redoing the work,
 so a job resumes at its first unfinished stage after a crash.
 
 ``pseudonymize`` is the only stage that reads the PHI spool; it runs on the
-gateway side and writes nothing identifying into the workspace. The other
+gateway side and writes nothing identifying into the workspace.
+``find_priors`` (gateway side too, service/priors.py) reads the vault's
+identity of the study to find the patient's earlier studies, within
+BrainLine and at the PACS, and writes them pseudonymized into ``priors/``. The other
 stages are thin wrappers around the pure functions in ``brainline.pipelines``.
 
 One bad instance does not fail the study: ``pseudonymize`` quarantines an
@@ -39,6 +42,7 @@ from brainline.pipelines.bias_correction import N4Error
 from brainline.pipelines.conversion import ConversionError
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig, PipelineError
 from brainline.pipelines.inputs import convert_inputs, select_inputs, selected_files
+from brainline.pipelines.longitudinal import step_longitudinal
 from brainline.pipelines.series_completeness import IncompleteSeriesError
 from brainline.pipelines.registration import RegistrationConfig, RegistrationError
 from brainline.pipelines.results import CORE_OBJECTS, OBJECT_NAMES, build_results, rerender_pdf
@@ -81,6 +85,9 @@ class StageContext:
     outbox: object = None  # service.outbox.Outbox, None when no destination is configured
     #: () -> None, or the words "superseded by job N ..." once a newer job replaced this one
     superseded: Callable[[], str | None] | None = None
+    #: the job store's sessionmaker (find_priors reads earlier jobs of the patient);
+    #: None = the vault's, which lives in the same database
+    sessions: object = None
 
     def check_superseded(self) -> None:
         """Raise Superseded when a newer job of this study replaced this one."""
@@ -244,6 +251,86 @@ def _find_bad_instances(scanned: list[_Scanned]) -> dict[Path, str]:
     return bad
 
 
+class StudyPseudonymizer:
+    """Pseudonymizes the instances of one study, one at a time, with the vault
+    and the de-identification profile (PS3.15 Annex E, config/deid_profile.yaml):
+    the patient pseudonym and date shift come from the vault (the first
+    instance's PatientID and issuer, or ``patient`` when given, e.g. a prior
+    study found by the current study's patient), every UID is replaced by the
+    vault's pseudonymous UID and recorded in ``uid_map`` (pseudo -> original).
+    ``save()`` stores the study's vault record (with its UID map, so that
+    objects referencing these UIDs can be re-identified) and, unless
+    ``patient`` was given, the patient's identity. Used by ``pseudonymize``
+    and by the prior search (service/priors.py)."""
+
+    def __init__(self, vault: Vault, profile: DeidProfile, patient=None):
+        self.vault = vault
+        self.profile = profile
+        self.patient = patient          # vault.PatientPseudonym to use for every instance
+        self.identity: dict | None = None
+        self.study_record: dict = {}
+        self.uid_map: dict[str, str] = {}
+        self._deid: DeidContext | None = None
+
+    def _mapped_uid(self, original: str) -> str:
+        pseudo = self.vault.uid(original)
+        self.uid_map[pseudo] = original
+        return pseudo
+
+    def _start(self, ds: pydicom.Dataset) -> None:
+        identity = _identity_of(ds)
+        patient = self.patient or self.vault.patient(identity["PatientID"], identity["IssuerOfPatientID"])
+        self._deid = DeidContext(
+            pseudo_patient_id=patient.pseudo_id,
+            pseudo_patient_name=patient.pseudo_id,
+            date_shift_days=patient.date_shift_days,
+            uid_map=self._mapped_uid,
+            identifying_strings=identifying_strings_of(ds),
+        )
+        self.identity = identity
+        self.study_record = {
+            "StudyInstanceUID": str(ds.StudyInstanceUID),
+            "AccessionNumber": str(ds.get("AccessionNumber", "") or ""),
+            "StudyID": str(ds.get("StudyID", "") or ""),
+            "pseudo_patient_id": patient.pseudo_id,
+            "date_shift_days": patient.date_shift_days,
+        }
+
+    @property
+    def pseudo_patient_id(self) -> str | None:
+        return self._deid.pseudo_patient_id if self._deid else None
+
+    def __call__(self, ds: pydicom.Dataset) -> pydicom.Dataset:
+        """One instance pseudonymized in place (raises what the profile
+        raises): callers read each instance from its file only to write its
+        pseudonymized version, so no deep copy is made (a quarter of the time)."""
+        if self._deid is None:
+            self._start(ds)
+        return pseudonymize_dataset(ds, self.profile, self._deid, in_place=True)
+
+    def write(self, clean: pydicom.Dataset, out_dir: Path) -> Path:
+        """Save a pseudonymized instance as ``out_dir/<series>/<sop>.dcm``."""
+        series_dir = out_dir / str(clean.SeriesInstanceUID)
+        series_dir.mkdir(parents=True, exist_ok=True)
+        path = series_dir / f"{clean.SOPInstanceUID}.dcm"
+        clean.save_as(path, enforce_file_format=True)
+        return path
+
+    def save(self) -> str:
+        """Store the vault records; return the pseudonymous StudyInstanceUID."""
+        pseudo_study_uid = self.vault.uid(self.study_record["StudyInstanceUID"])
+        if self.patient is None:
+            self.vault.put("patient", self._deid.pseudo_patient_id, self.identity)
+        self.vault.put("study", pseudo_study_uid, {**self.study_record, "uid_map": self.uid_map})
+        return pseudo_study_uid
+
+
+def deid_profile(settings) -> DeidProfile:
+    """The de-identification profile of the service settings."""
+    path = getattr(settings, "deid_profile", "")
+    return DeidProfile.load(Path(path) if path else None)
+
+
 def pseudonymize(ctx: StageContext) -> dict:
     """Copy the study from the spool into ``workspace/dicom`` pseudonymized
     (PS3.15 Annex E profile in config/deid_profile.yaml) and record the
@@ -256,47 +343,18 @@ def pseudonymize(ctx: StageContext) -> dict:
     files = ctx.spool.instance_files(ctx.study_key)
     if not files:
         raise Rejected("the spool holds no instances for this study")
-    profile = DeidProfile.load(Path(ctx.settings.deid_profile) if ctx.settings.deid_profile else None)
+    deid = StudyPseudonymizer(ctx.vault, deid_profile(ctx.settings))
     bad = _find_bad_instances([_scan_instance(p) for p in files])
     tmp_dir = ctx.path("dicom.partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    identity = None
-    study_record: dict = {}
-    uid_map: dict[str, str] = {}
     series_seen: set[str] = set()
-    deid_ctx = None
     written = 0
-
-    def mapped_uid(original: str) -> str:
-        pseudo = ctx.vault.uid(original)
-        uid_map[pseudo] = original
-        return pseudo
-
     for path in files:
         if path in bad:
             continue
         try:
-            ds = pydicom.dcmread(path)
-            if identity is None:
-                this_identity = _identity_of(ds)
-                patient = ctx.vault.patient(this_identity["PatientID"], this_identity["IssuerOfPatientID"])
-                deid_ctx = DeidContext(
-                    pseudo_patient_id=patient.pseudo_id,
-                    pseudo_patient_name=patient.pseudo_id,
-                    date_shift_days=patient.date_shift_days,
-                    uid_map=mapped_uid,
-                    identifying_strings=identifying_strings_of(ds),
-                )
-                identity = this_identity
-                study_record = {
-                    "StudyInstanceUID": str(ds.StudyInstanceUID),
-                    "AccessionNumber": str(ds.get("AccessionNumber", "") or ""),
-                    "StudyID": str(ds.get("StudyID", "") or ""),
-                    "pseudo_patient_id": patient.pseudo_id,
-                    "date_shift_days": patient.date_shift_days,
-                }
-            clean = pseudonymize_dataset(ds, profile, deid_ctx)
+            clean = deid(pydicom.dcmread(path))
         except RecursionError:
             bad[path] = "data sets nested too deeply to de-identify"
             continue
@@ -304,11 +362,8 @@ def pseudonymize(ctx: StageContext) -> dict:
             log.warning("instance not de-identified", exc_info=True, extra={"job_id": ctx.job_id})
             bad[path] = f"not de-identifiable ({type(exc).__name__})"
             continue
-        series_dir = tmp_dir / str(clean.SeriesInstanceUID)
-        if clean.SeriesInstanceUID not in series_seen:
-            series_dir.mkdir(exist_ok=True)
-            series_seen.add(clean.SeriesInstanceUID)
-        clean.save_as(series_dir / f"{clean.SOPInstanceUID}.dcm", enforce_file_format=True)
+        deid.write(clean, tmp_dir)
+        series_seen.add(str(clean.SeriesInstanceUID))
         written += 1
 
     for path, reason in bad.items():
@@ -318,22 +373,28 @@ def pseudonymize(ctx: StageContext) -> dict:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise Rejected("no instance of the study could be used: "
                        + "; ".join(q["note"] for q in quarantined))
-    pseudo_study_uid = ctx.vault.uid(study_record["StudyInstanceUID"])
-    ctx.vault.put("patient", deid_ctx.pseudo_patient_id, identity)
-    ctx.vault.put("study", pseudo_study_uid, {**study_record, "uid_map": uid_map})
+    pseudo_study_uid = deid.save()
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
     result = {
         "instances": written,
         "series": len(series_seen),
         "pseudo_study_uid": pseudo_study_uid,
-        "pseudo_patient_id": deid_ctx.pseudo_patient_id,
+        "pseudo_patient_id": deid.pseudo_patient_id,
     }
     if quarantined:
         result["quarantined"] = quarantined
         result["note"] = "; ".join(q["note"] for q in quarantined)
     summary_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def find_priors(ctx: StageContext) -> dict:
+    """Earlier MR studies of the same patient (gateway side): see
+    service/priors.py. Writes ``priors.json`` and ``priors/<k>/``."""
+    from .priors import find_priors as run  # priors.py uses StudyPseudonymizer from here
+
+    return run(ctx)
 
 
 # --------------------------------------------------------------------------
@@ -390,8 +451,10 @@ def build_outputs(ctx: StageContext) -> dict:
     return build_results(ctx.workspace, _reference_files(ctx), uid_root=ctx.settings.uid_root or None)
 
 
-def _reidentified(ctx: StageContext, obj: dict, study: dict, patient: dict) -> pydicom.Dataset:
-    ds = reidentify_dataset(pydicom.dcmread(ctx.workspace / obj["file"]), study, patient)
+def _reidentified(ctx: StageContext, obj: dict, study: dict, patient: dict,
+                  prior_maps: list[dict] = ()) -> pydicom.Dataset:
+    ds = reidentify_dataset(pydicom.dcmread(ctx.workspace / obj["file"]), study, patient,
+                            extra_uid_maps=prior_maps)
     if obj["kind"] == "pdf":
         identity = {"patient_id": patient["PatientID"], "patient_name": patient["PatientName"],
                     "study_date": str(ds.get("StudyDate", "")),
@@ -401,13 +464,34 @@ def _reidentified(ctx: StageContext, obj: dict, study: dict, patient: dict) -> p
     return ds
 
 
-DELIVERY_ORDER = {"seg": 0, "sr": 1, "pdf": 2, "overlay": 3}
+#: Longitudinal objects (pipelines/longitudinal.py, built by build_outputs)
+#: come after the SR: they reference the prior studies as well.
+DELIVERY_ORDER = {"seg": 0, "sr": 1, "change_sr": 2, "lesion_seg": 3, "subtraction": 4, "pdf": 5, "overlay": 6}
+
+
+def prior_uid_maps(ctx: StageContext) -> list[dict]:
+    """UID maps (pseudo -> original) of the prior studies listed in
+    ``priors.json`` (vault "study" records): the longitudinal objects
+    reference the priors' pseudonymous UIDs. A prior without a vault record
+    adds nothing (its UIDs stay pseudonymous)."""
+    try:
+        priors = json.loads(ctx.path("priors.json").read_text()).get("priors") or []
+    except (OSError, ValueError):
+        return []
+    maps = []
+    for prior in priors:
+        record = ctx.vault.get("study", prior.get("pseudo_study_uid") or "") if prior.get("pseudo_study_uid") else None
+        if record and record.get("uid_map"):
+            maps.append(record["uid_map"])
+    return maps
 
 
 def deliver(ctx: StageContext) -> dict:
     """Re-identify the results (original patient, study and UIDs, PDF
     re-rendered with the real identity) into the PHI outbox folder and queue
-    them for every configured destination. Sends whatever build_outputs
+    them for every configured destination. UIDs of the prior studies that
+    the longitudinal objects reference are re-identified with the priors'
+    vault records (``prior_uid_maps``). Sends whatever build_outputs
     built; an overlay or PDF that cannot be re-identified is left out and
     recorded (``not_delivered``), a SEG or SR that cannot fails the stage.
 
@@ -426,6 +510,7 @@ def deliver(ctx: StageContext) -> dict:
     patient = ctx.vault.get("patient", pseudo["pseudo_patient_id"])
     if study is None or patient is None:
         raise Rejected("the vault has no identity for this study, so results cannot be re-identified")
+    prior_maps = prior_uid_maps(ctx)
     out_dir = ctx.settings.outbox_dir / f"job-{ctx.job_id:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     queued: list[tuple[str, Path]] = []
@@ -444,13 +529,13 @@ def deliver(ctx: StageContext) -> dict:
         if obj["kind"] in skipped:
             continue  # one instance of an overlay series failed: leave the whole series out
         try:
-            ds = _reidentified(ctx, obj, study, patient)
+            ds = _reidentified(ctx, obj, study, patient, prior_maps)
         except Exception as exc:
             if obj["kind"] in CORE_OBJECTS:
                 raise
             log.warning("result object not delivered", exc_info=True,
                         extra={"job_id": ctx.job_id, "kind": obj["kind"]})
-            skipped[obj["kind"]] = (f"{OBJECT_NAMES[obj['kind']]} not delivered: re-identification "
+            skipped[obj["kind"]] = (f"{OBJECT_NAMES.get(obj['kind'], obj['kind'])} not delivered: re-identification "
                                     f"failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
             for kind, path in queued:
                 if kind == obj["kind"]:
@@ -517,9 +602,11 @@ PIPELINES: dict[str, list[tuple[str, StageFn]]] = {
     ],
     "neuro_onco": [
         ("pseudonymize", pseudonymize),
+        ("find_priors", find_priors),
         ("select_series", select),
         ("convert", convert),
         *[(name, _image_step(step)) for name, step in STEPS],
+        ("longitudinal", _image_step(step_longitudinal)),
         ("build_outputs", build_outputs),
         ("deliver", deliver),
     ],

@@ -113,8 +113,8 @@ def test_four_studies_at_once_each_complete_once_and_workers_hold_no_phi(
         counts = Counter(gateway_runs + worker_runs)
         assert set(counts.values()) == {1}
         assert len(counts) == 4 * len(jobs[0]["stages"])
-        assert {stage for _, stage in gateway_runs} == {"pseudonymize", "deliver"}
-        assert not {"pseudonymize", "deliver"} & {stage for _, stage in worker_runs}
+        assert {stage for _, stage in gateway_runs} == {"pseudonymize", "find_priors", "deliver"}
+        assert not {"pseudonymize", "find_priors", "deliver"} & {stage for _, stage in worker_runs}
         # Both workers did image stages (single-threaded workers share the load).
         for w in cluster.workers:
             assert w.metric("brainline_worker_tasks_total", 'outcome="done"') > 0

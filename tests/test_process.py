@@ -89,3 +89,36 @@ def test_process_missing_series_is_named(tmp_path):
     assert result.returncode == 1
     assert "no FLAIR series found" in result.stderr
     assert "AX T2 FSE" in result.stderr
+
+
+def test_process_with_prior_no_change_pair(tmp_path):
+    """`brainline process CURRENT --prior PRIOR`: the same patient's tumour
+    (tcga-du-7294) acquired twice, the prior as the 1 mm 3D study (every 2nd
+    slice) and the current as oblique 5 mm 2D series in a head-sized field of
+    view. Nothing changed, so the comparison must say stable with at most one
+    new lesion, and the follow-up objects land in the current study."""
+    prior = write_study(tmp_path / "prior", TCGA, study_date="20231016", slice_step=2, **PHI)
+    current = write_study(tmp_path / "current", clinical_variant(TCGA, tmp_path / "case"), **PHI)
+    out = tmp_path / "out"
+    result = subprocess.run(CLI + [str(current.series["t1"].dir.parent), "--out", str(out),
+                                   "--prior", str(prior.series["t1"].dir.parent)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "follow-up:" in result.stdout
+    record = json.loads((out / "longitudinal.json").read_text())
+    assert record["priors"] == 1 and record["mode"] == "tumour"
+    assert record["comparison"]["registration"]["flags"] == []
+    assert record["assessment"]["code"] == "stable", record["assessment"]
+    assert sum(1 for x in record["lesions"] if x["kind"] == "new") <= 1, record["lesions"]
+    assert any("small-lesion detection is limited" in n for n in record["notes"]), record["notes"]
+    wt = record["change"]["vs_prior"]["whole_tumor"]
+    assert abs(wt["percent"]) < 25, wt
+    kinds = {}
+    for path in (out / "dicom").glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == current.study_uid
+        kinds.setdefault(ds.Modality, []).append(ds)
+    subtraction = [ds for ds in kinds.get("MR", []) if "SUBTRACTION" in list(ds.ImageType)]
+    assert subtraction, "no subtraction series"
+    titles = [ds.ConceptNameCodeSequence[0].CodeMeaning for ds in kinds["SR"]]
+    assert len(titles) >= 2, titles  # the volumes SR and the change SR

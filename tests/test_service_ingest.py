@@ -46,10 +46,10 @@ def test_push_study_runs_job_and_leaks_no_phi(service, small_study):
     assert job["state"] == "done", job
     assert job["instance_count"] == 124
     assert [s["name"] for s in job["stages"]] == [
-        "pseudonymize", "select_series", "convert", "register", "skull_strip", "bias_correct",
-        "segment", "summarize", "build_outputs", "deliver"]
+        "pseudonymize", "find_priors", "select_series", "convert", "register", "skull_strip", "bias_correct",
+        "segment", "summarize", "longitudinal", "build_outputs", "deliver"]
     assert all(s["state"] == "done" and s["duration_s"] is not None for s in job["stages"])
-    selection = job["stages"][1]["result"]
+    selection = next(s for s in job["stages"] if s["name"] == "select_series")["result"]
     assert set(selection["roles"]) == {"t1", "t1c", "t2", "flair"}
     ws = service.home / "workspaces" / f"job-{job['id']:06d}"
     for role in ("t1", "t1c", "t2", "flair"):
@@ -136,7 +136,7 @@ def test_missing_flair_then_late_instances(service, small_study):
     time.sleep(1)
     [first] = service.wait_jobs(1)
     assert first["state"] == "needs_input"
-    assert first["stages"][1]["attempts"] == 2
+    assert next(s for s in first["stages"] if s["name"] == "select_series")["attempts"] == 2
     # The FLAIR arrives late: the study re-opens and a new job covers all of it.
     assert storescu(small_study.series["flair"].dir, service.dicom_port).returncode == 0
     first, second = service.wait_jobs(2)

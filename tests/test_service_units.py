@@ -118,3 +118,33 @@ def test_job_store_recover_and_retry_rules(sessions):
         s.get(Job, job_id).state = State.FAILED.value
     store.reset_for_retry(job_id)
     assert store.get(job_id).state == "queued"
+
+
+def test_completion_monitor_treats_a_purged_then_resent_study_as_new(tmp_path, sessions):
+    """Retention deletes a study's spool folder; the same study sent again with
+    the same number of instances must become a new job (at run time and after
+    a restart), not be taken for the study already processed."""
+    import shutil
+
+    spool = Spool(tmp_path / "spool", min_free_mb=0)
+    store = JobStore(sessions)
+    submitted = []
+    mon = CompletionMonitor(spool, store, submitted.append, stable_seconds=60, metrics=Metrics())
+    spool.store("study", "1.1", b"a")
+    [first] = mon.check_once(time.time_ns() + 61 * 10**9)
+    shutil.rmtree(spool.study_dir("study"))  # what a retention purge does
+    assert mon.check_once(time.time_ns() + 62 * 10**9) == []
+    spool.store("study", "1.1", b"a")  # the scanner sends it again
+    [second] = mon.check_once(time.time_ns() + 130 * 10**9)
+    assert second != first and store.get(second).instance_count == 1
+    # After a restart: the purge log names the newest job whose spool data went.
+    shutil.rmtree(spool.study_dir("study"))
+    spool.store("study", "1.1", b"a")
+    unaware = CompletionMonitor(spool, store, submitted.append, stable_seconds=0, metrics=Metrics())
+    unaware._job_counts = store.latest_counts()
+    assert unaware.check_once(time.time_ns() + 10**9) == []  # without the purge record: same count, no job
+    aware = CompletionMonitor(spool, store, submitted.append, stable_seconds=0, metrics=Metrics(),
+                              purged_jobs=lambda: {second})
+    aware._job_counts = store.latest_counts(exclude_jobs=aware._purged_jobs())
+    [third] = aware.check_once(time.time_ns() + 10**9)
+    assert third not in (first, second)

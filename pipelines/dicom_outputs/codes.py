@@ -76,6 +76,13 @@ __all__ = [
     "default_device_serial", "PDF_CONCEPT_NAME", "QUALITATIVE_EVALUATIONS", "DERIVATION_SEGMENTATION",
     "PURPOSE_SOURCE_IMAGE", "label_concept", "qc_concept", "qc_value",
     "private_coding_scheme",
+    # longitudinal follow-up (issue 11)
+    "LESION", "NEW_FINDING", "INCREASE_IN_SIZE", "LESION_KINDS", "LesionKind", "lesion_kind",
+    "DERIVATION_SUBTRACTION", "UNIT_MM3", "UNIT_PERCENT", "UNIT_DAY", "UNIT_COUNT", "CERTAINTY_OF_FINDING",
+    "VOLUME_PRIOR", "VOLUME_NADIR", "VOLUME_CHANGE_PRIOR", "VOLUME_CHANGE_NADIR", "PERCENT_CHANGE_PRIOR",
+    "PERCENT_CHANGE_NADIR", "INTERVAL_SINCE_PRIOR", "NUMBER_NEW_LESIONS", "NUMBER_GROWING_LESIONS",
+    "FOLLOWUP_ASSESSMENT", "ASSESSMENTS", "assessment_code", "LESION_CHANGE", "PRIOR_STUDY_COMPARED",
+    "LOBES", "LATERALITY", "MIDLINE", "lesion_site",
 ]
 
 #: Private coding scheme for concepts with no standard code.
@@ -231,6 +238,7 @@ QC_CHECKS: Mapping[str, QCConcept] = MappingProxyType({
     "result_objects": QCConcept("result_objects", _private("QC-OUTPUTS", "Result objects completeness")),
     "longitudinal_registration": QCConcept(
         "longitudinal_registration", _private("QC-LONG", "Prior study registration quality")),
+    "followup": QCConcept("followup", _private("QC-FOLLOWUP", "Follow-up comparison")),
 })
 
 _ACCEPTABLE = Code("111237", "DCM", "Usable - Meets the quality control standard")
@@ -398,3 +406,115 @@ class QCFinding:
     @property
     def flagged(self) -> bool:
         return self.value != _ACCEPTABLE
+
+
+# ------------------------------------------------------- longitudinal follow-up
+#
+# Change against earlier studies (pipelines/longitudinal.py, issue 11):
+#
+# * new / growing lesions are SEG segments and SR findings of type (52988006,
+#   SCT, "Lesion"), category Morphologically abnormal structure, with the kind
+#   as a segmented property type modifier / SR qualitative evaluation:
+#   (129721008, SCT, "New finding") or (15454001, SCT, "Increase in size");
+# * subtraction images: derivation (113062, DCM, "Pixel by pixel subtraction"), CID 7203;
+# * volumes at earlier timepoints, volume changes (mL or mm3) and percent
+#   changes, the interval since the prior and the follow-up assessment have no
+#   standard concept: private codes, spelled out in their meanings;
+# * lesion location: lobe (SCT, CID 6210-like) with laterality Left/Right
+#   (CID 244) or the topographical modifier Midline;
+# * lesion confidence: (111012, DCM, "Certainty of Finding") in percent.
+
+LESION = Code("52988006", "SCT", "Lesion")
+NEW_FINDING = Code("129721008", "SCT", "New finding")
+INCREASE_IN_SIZE = Code("15454001", "SCT", "Increase in size")
+DERIVATION_SUBTRACTION = Code("113062", "DCM", "Pixel by pixel subtraction")
+UNIT_MM3 = Code("mm3", "UCUM", "cubic millimeter")
+UNIT_PERCENT = Code("%", "UCUM", "percent")
+UNIT_DAY = Code("d", "UCUM", "day")
+UNIT_COUNT = Code("1", "UCUM", "no units")
+CERTAINTY_OF_FINDING = Code("111012", "DCM", "Certainty of Finding")
+
+VOLUME_PRIOR = _private("VOL-PRIOR", "Volume at prior study")
+VOLUME_NADIR = _private("VOL-NADIR", "Volume at nadir study")
+VOLUME_CHANGE_PRIOR = _private("DVOL-PRIOR", "Volume change since prior study")
+VOLUME_CHANGE_NADIR = _private("DVOL-NADIR", "Volume change since nadir study")
+PERCENT_CHANGE_PRIOR = _private("PVOL-PRIOR", "Percent volume change since prior study")
+PERCENT_CHANGE_NADIR = _private("PVOL-NADIR", "Percent volume change since nadir study")
+INTERVAL_SINCE_PRIOR = _private("INTERVAL-PRIOR", "Interval since prior study")
+NUMBER_NEW_LESIONS = _private("N-NEW-LESIONS", "Number of new lesions")
+NUMBER_GROWING_LESIONS = _private("N-GROW-LESIONS", "Number of growing lesions")
+LESION_CHANGE = _private("LESION-CHANGE", "Lesion change since prior study")
+PRIOR_STUDY_COMPARED = _private("PRIOR-STUDY", "Prior study compared")
+FOLLOWUP_ASSESSMENT = _private("FU-ASSESSMENT", "Follow-up volumetric assessment")
+
+#: Assessment words of longitudinal.json -> coded value of FOLLOWUP_ASSESSMENT.
+ASSESSMENTS: Mapping[str, Code] = MappingProxyType({
+    "progression suspected": _private("FU-PROGRESSION", "Progression suspected"),
+    "stable": _private("FU-STABLE", "Stable"),
+    "decrease": _private("FU-DECREASE", "Decrease"),
+    "not assessable": _private("FU-NA", "Not assessable"),
+})
+
+
+def assessment_code(words: str) -> Code:
+    """Coded follow-up assessment of the words in longitudinal.json ("stable", ...)."""
+    try:
+        return ASSESSMENTS[" ".join(str(words).lower().split())]
+    except KeyError:
+        raise ValueError(f"unknown follow-up assessment {words!r}; expected one of {sorted(ASSESSMENTS)}") from None
+
+
+@dataclass(frozen=True)
+class LesionKind:
+    """A kind of lesion of the follow-up (new or growing): SEG segment and SR finding."""
+
+    key: str                  # "new" | "growing" (longitudinal.json)
+    segment_label: str        # prefix of the SEG Segment Label
+    modifier: Code            # segmented property type modifier / SR lesion change value
+    rgb: tuple[int, int, int]
+
+    @property
+    def cielab(self) -> hd.color.CIELabColor:
+        return hd.color.CIELabColor.from_rgb(*self.rgb)
+
+
+LESION_KINDS: Mapping[str, LesionKind] = MappingProxyType({
+    "new": LesionKind("new", "New lesion", NEW_FINDING, (255, 0, 255)),
+    "growing": LesionKind("growing", "Growing lesion", INCREASE_IN_SIZE, (0, 200, 255)),
+})
+
+
+def lesion_kind(key: str) -> LesionKind:
+    try:
+        return LESION_KINDS[str(key)]
+    except KeyError:
+        raise ValueError(f"unknown lesion kind {key!r}; expected one of {sorted(LESION_KINDS)}") from None
+
+
+#: Lobe words of longitudinal.json -> anatomic location (SCT).
+LOBES: Mapping[str, Code] = MappingProxyType({
+    "frontal": Code("83251001", "SCT", "Frontal lobe"),
+    "parietal": Code("16630005", "SCT", "Parietal lobe"),
+    "temporal": Code("78277001", "SCT", "Temporal lobe"),
+    "occipital": Code("31065004", "SCT", "Occipital lobe"),
+    "insula/deep": _private("INSULA-DEEP", "Insula or deep grey and white matter"),
+    "cerebellum/brainstem": _private("INFRATENTORIAL", "Cerebellum or brainstem"),
+    "unknown": BRAIN,
+})
+#: Hemisphere words -> laterality (CID 244); "midline" is a topographical modifier.
+LATERALITY: Mapping[str, Code] = MappingProxyType({
+    "left": Code("7771000", "SCT", "Left"),
+    "right": Code("24028007", "SCT", "Right"),
+})
+MIDLINE = Code("261129000", "SCT", "Midline")
+
+
+def lesion_site(lobe: str, hemisphere: str) -> hd.sr.FindingSite:
+    """SR finding site of a lesion from its lobe and hemisphere words."""
+    location = LOBES.get(str(lobe), BRAIN)
+    side = LATERALITY.get(str(hemisphere))
+    if side is not None:
+        return hd.sr.FindingSite(location, laterality=side)
+    if str(hemisphere) == "midline":
+        return hd.sr.FindingSite(location, topographical_modifier=MIDLINE)
+    return hd.sr.FindingSite(location)

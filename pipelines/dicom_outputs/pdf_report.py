@@ -39,18 +39,20 @@ from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
-from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from reportlab.platypus import Image, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from .codes import COMPOSITES, LABELS, PDF_CONCEPT_NAME, AlgorithmInfo, QCFinding
 from .seg import SourceSeries, _as_series, labels_on_source_grid, new_uid
 
 __all__ = [
-    "KeyImage", "ReportContent", "EncapsulatedPDF", "NOT_REVIEWED_STATEMENT",
+    "KeyImage", "ReportContent", "FollowUp", "EncapsulatedPDF", "NOT_REVIEWED_STATEMENT",
     "select_key_slice", "key_image_from_series", "build_pdf_report", "build_encapsulated_pdf",
 ]
 
 NOT_REVIEWED_STATEMENT = "Results not reviewed by a radiologist"
 NOT_FOR_DIAGNOSIS = "Automated analysis - not for primary diagnosis"
+#: Lesions listed in the follow-up table of the PDF (largest growth first).
+MAX_LESION_ROWS = 25
 
 
 # ---------------------------------------------------------------------- content
@@ -65,6 +67,36 @@ class KeyImage:
     pixel_spacing: tuple[float, float] = (1.0, 1.0)   # (row, column) mm
     window: tuple[float, float] | None = None         # (low, high); None = percentiles
     caption: str = ""
+    #: outline colour (sRGB) and legend word per label value; None = the tumour labels
+    colours: Mapping[int, tuple[int, int, int]] | None = None
+    legend: Mapping[int, str] | None = None
+
+
+@dataclass
+class FollowUp:
+    """The follow-up section of the report (from ``W/longitudinal.json``).
+
+    ``timepoints``: ``{"label", "study_date" (YYYYMMDD), "volumes_ml": {"3",
+    "tumor_core", "whole_tumor", ...}}`` sorted by date, current last;
+    ``vs_prior`` / ``vs_nadir``: ``{key: {"prior_ml", "current_ml", "delta_ml",
+    "percent"}}``; ``lesions``: the lesion dicts (volume_mm3, growth_mm3,
+    hemisphere, lobe, confidence 0..1, sequence); ``detection``: False when no
+    subtraction / lesion detection was possible (``note`` says why);
+    ``key_image``: a subtraction slice with lesion outlines."""
+
+    timepoints: Sequence[Mapping] = ()
+    vs_prior: Mapping[str, Mapping] = field(default_factory=dict)
+    vs_nadir: Mapping[str, Mapping] | None = None
+    assessment: str = "not assessable"
+    reason: str = ""
+    prior_date: str = ""
+    nadir_date: str = ""
+    interval_days: int | None = None
+    lesions: Sequence[Mapping] = ()
+    detection: bool = True
+    note: str = ""
+    notes: Sequence[str] = ()
+    key_image: KeyImage | None = None
 
 
 @dataclass
@@ -91,6 +123,8 @@ class ReportContent:
     notes: Sequence[str] = ()
     generated_at: _dt.datetime | None = None
     title: str = "BrainLine brain tumour volumetry"
+    #: follow-up section (change against earlier studies); None = no section
+    followup: FollowUp | None = None
 
 
 def select_key_slice(labels: np.ndarray) -> int | None:
@@ -149,13 +183,15 @@ def _key_image_png(key: KeyImage) -> io.BytesIO:
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(img, cmap="gray", vmin=low, vmax=high, aspect=row_mm / col_mm, interpolation="nearest")
     handles = []
-    for value, concept in LABELS.items():
+    colours = key.colours if key.colours is not None else {v: c.rgb for v, c in LABELS.items()}
+    legend = key.legend if key.legend is not None else {v: c.key for v, c in LABELS.items()}
+    for value, rgb in colours.items():
         mask = np.asarray(key.labels) == value
         if mask.any():
-            ax.contour(mask.astype(np.uint8), levels=[0.5], colors=[tuple(c / 255 for c in concept.rgb)],
+            ax.contour(mask.astype(np.uint8), levels=[0.5], colors=[tuple(c / 255 for c in rgb)],
                        linewidths=1.0)
-            handles.append(Patch(edgecolor=tuple(c / 255 for c in concept.rgb), facecolor="none",
-                                 label=concept.key))
+            handles.append(Patch(edgecolor=tuple(c / 255 for c in rgb), facecolor="none",
+                                 label=legend.get(value, str(value))))
     if handles:
         ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
     ax.set_axis_off()
@@ -222,6 +258,121 @@ def _table(rows: list[list], widths: list[float], header: bool = True) -> Table:
                   ("BACKGROUND", (0, 0), (-1, 0), colors.Color(0.9, 0.9, 0.9))]
     t.setStyle(TableStyle(style))
     return t
+
+
+#: Components of the follow-up tables: summary key -> short name.
+_FOLLOWUP_KEYS = (("3", "ET"), ("1", "NCR"), ("2", "ED"), ("tumor_core", "TC"), ("whole_tumor", "WT"))
+_PLOT_KEYS = (("3", "ET", (0.85, 0.65, 0.0), "o"), ("tumor_core", "TC", (0.8, 0.1, 0.1), "s"),
+              ("whole_tumor", "WT", (0.25, 0.25, 0.25), "^"))
+
+
+def _as_date(value: str) -> _dt.date | None:
+    try:
+        return _dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _volume_time_png(followup: FollowUp) -> io.BytesIO:
+    """ET, TC and WT volume (mL) against study date, one point per timepoint."""
+    points = [(d, tp) for tp in followup.timepoints if (d := _as_date(tp.get("study_date", ""))) is not None]
+    fig = Figure(figsize=(5.2, 2.6))
+    ax = fig.add_axes((0.11, 0.2, 0.86, 0.72))
+    dates = [d for d, _ in points]
+    for key, name, colour, marker in _PLOT_KEYS:
+        values = [_get(tp.get("volumes_ml") or {}, key) for _, tp in points]
+        xs = [d for d, v in zip(dates, values) if v is not None]
+        ys = [v for v in values if v is not None]
+        if ys:
+            ax.plot(xs, ys, marker=marker, color=colour, label=name, linewidth=1.2, markersize=4)
+    for d, tp in points:
+        ax.annotate(str(tp.get("label", "")), (d, 0), xytext=(0, 2), textcoords="offset points",
+                    fontsize=6, ha="center", va="bottom", color="grey")
+    ax.set_ylabel("Volume (mL)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if dates:
+        span = max((max(dates) - min(dates)).days, 1)
+        pad = _dt.timedelta(days=max(span // 12, 7))
+        ax.set_xlim(min(dates) - pad, max(dates) + pad)
+        ax.set_xticks(dates)
+        ax.set_xticklabels([d.isoformat() for d in dates], rotation=20, ha="right")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def _fmt(value, pattern: str = "{:.2f}", signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return (("+" if signed and float(value) > 0 else "") + pattern.format(float(value)))
+
+
+def _followup_story(f: FollowUp, p, body, small, h2) -> list:
+    story: list = [PageBreak(), p("Follow-up", h2)]
+    prior = _fmt_date(f.prior_date) if f.prior_date else "the prior study"
+    interval = f" ({f.interval_days} days earlier)" if f.interval_days is not None else ""
+    reason = f.reason[:1].upper() + f.reason[1:] if f.reason else ""
+    story.append(p(f"Compared with the prior study of {prior}{interval}. Assessment: {f.assessment}."
+                   + (f" {reason}" if reason else "")))
+    if f.timepoints:
+        story.append(Image(_volume_time_png(f), width=140 * mm, height=140 * mm * 2.6 / 5.2))
+        story.append(p("Volume over time (enhancing tumour ET, tumour core TC, whole tumour WT)", small))
+        rows = [["Study date", "Timepoint", "ET (mL)", "TC (mL)", "WT (mL)"]]
+        for tp in f.timepoints:
+            v = tp.get("volumes_ml") or {}
+            rows.append([_fmt_date(str(tp.get("study_date", ""))), ", ".join([str(tp.get("label", ""))] + [
+                k for k in tp.get("kept_as") or [] if k != tp.get("label")]),
+                _fmt(_get(v, "3")), _fmt(_get(v, "tumor_core")), _fmt(_get(v, "whole_tumor"))])
+        t = _table(rows, [28 * mm, 50 * mm, 24 * mm, 24 * mm, 24 * mm])
+        t.setStyle(TableStyle([("ALIGN", (2, 1), (-1, -1), "RIGHT")]))
+        story += [t, Spacer(1, 2 * mm)]
+    nadir = f"Nadir {_fmt_date(f.nadir_date)}" if f.nadir_date else "Nadir"
+    rows = [["Region", "Prior (mL)", "Current (mL)", "Change (mL)", "Change (%)", p(f"{nadir} (mL)", small),
+             "vs nadir (%)"]]
+    for key, name in _FOLLOWUP_KEYS:
+        c = f.vs_prior.get(key)
+        if not c:
+            continue
+        n = (f.vs_nadir or {}).get(key) or {}
+        rows.append([name, _fmt(c.get("prior_ml")), _fmt(c.get("current_ml")), _fmt(c.get("delta_ml"), signed=True),
+                     _fmt(c.get("percent"), "{:.1f}", signed=True), _fmt(n.get("prior_ml")),
+                     _fmt(n.get("percent"), "{:.1f}", signed=True)])
+    if len(rows) > 1:
+        t = _table(rows, [22 * mm, 22 * mm, 24 * mm, 24 * mm, 22 * mm, 24 * mm, 24 * mm])
+        t.setStyle(TableStyle([("ALIGN", (1, 1), (-1, -1), "RIGHT")]))
+        story.append(t)
+    story.append(p("New and growing lesions", h2))
+    if not f.detection:
+        story.append(p("No subtraction or new-lesion detection was possible" + (f": {f.note}" if f.note else ".")))
+    elif not f.lesions:
+        story.append(p("No new or growing lesion detected."))
+    else:
+        rows = [["#", "Kind", "Volume (mm3)", "Growth (mm3)", "Location", "Confidence", "Sequence"]]
+        shown = sorted(f.lesions, key=lambda x: -float(x.get("growth_mm3") or 0.0))[:MAX_LESION_ROWS]
+        for x in shown:
+            where = " ".join(w for w in (str(x.get("hemisphere", "")), str(x.get("lobe", ""))) if w)
+            rows.append([str(x.get("id", "")), str(x.get("kind", "")), _fmt(x.get("volume_mm3"), "{:.0f}"),
+                         _fmt(x.get("growth_mm3"), "{:.0f}", signed=True), p(where),
+                         _fmt(x.get("confidence"), "{:.2f}"), str(x.get("sequence", "")).upper()])
+        t = _table(rows, [10 * mm, 20 * mm, 24 * mm, 24 * mm, 48 * mm, 22 * mm, 22 * mm])
+        t.setStyle(TableStyle([("ALIGN", (2, 1), (3, -1), "RIGHT")]))
+        story.append(t)
+        kinds = [str(x.get("kind", "")) for x in f.lesions]
+        more = len(f.lesions) - len(shown)
+        story.append(p(f"{kinds.count('new')} new and {kinds.count('growing')} growing lesion(s)"
+                       + (f"; the {len(shown)} with the largest growth are listed, {more} smaller ones are in "
+                          "the lesion SEG and the follow-up SR" if more > 0 else "") + ".", small))
+    if f.key_image is not None:
+        ki = f.key_image
+        aspect = ki.image.shape[0] * ki.pixel_spacing[0] / max(ki.image.shape[1] * ki.pixel_spacing[1], 1e-6)
+        story += [Spacer(1, 2 * mm), Image(_key_image_png(ki), width=62 * mm, height=62 * mm * aspect),
+                  p(ki.caption or "Subtraction", small)]
+    notes = ([f.note] if f.note and f.detection else []) + list(f.notes)
+    if notes:
+        story.append(p("Follow-up notes", h2))
+        story += [p(n) for n in notes]
+    return story
 
 
 def build_pdf_report(report: ReportContent) -> bytes:
@@ -307,6 +458,8 @@ def build_pdf_report(report: ReportContent) -> bytes:
         grid = Table([[chart], [p("Volumes (mL)", small)]], hAlign="LEFT")
     grid.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP")]))
     story += [Spacer(1, 2 * mm), grid]
+    if report.followup is not None:
+        story += _followup_story(report.followup, p, body, small, h2)
 
     footer = f"{algo.name} {algo.version} | generated {generated:%Y-%m-%d %H:%M} | {NOT_FOR_DIAGNOSIS}"
 

@@ -36,7 +36,7 @@ from .codes import BRAIN, LABELS, AlgorithmInfo, label_concept
 
 __all__ = [
     "EmptySegmentationError", "SourceSeries", "new_uid", "read_source_series",
-    "labels_on_source_grid", "build_seg", "read_seg_labels", "segment_label_values",
+    "labels_on_source_grid", "image_on_source_grid", "build_seg", "read_seg_labels", "segment_label_values",
     "algorithm_identification", "truncate_words", "content_description", "CONTENT_CREATOR_NAME",
 ]
 
@@ -160,25 +160,23 @@ def _instance_plane(ds: Dataset) -> sitk.Image:
     return ref
 
 
-def _resample(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+def _resample(image: sitk.Image, reference: sitk.Image, interpolator: int = sitk.sitkNearestNeighbor,
+              pixel_id: int = sitk.sitkUInt8) -> np.ndarray:
+    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, 0, pixel_id)
     return sitk.GetArrayFromImage(out)
 
 
-def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[str | PathLike]) -> np.ndarray:
-    """Label map resampled (nearest neighbour) onto the source series: uint8 array
-    ``[instance, row, column]`` in the sorted order of :func:`read_source_series`.
+def _on_source_grid(image: sitk.Image, series: SourceSeries, interpolator: int, pixel_id: int,
+                    dtype: type) -> np.ndarray:
+    """``image`` resampled onto every instance of ``series``: array ``[instance, row, column]``.
 
     The series geometry is read with SimpleITK's ImageSeriesReader; each
     instance is matched to a slice of that grid by its ImagePositionPatient.
     Instances off the regular grid (uneven spacing, gaps) are resampled on
     their own plane, so every frame is exactly on its source instance.
     """
-    series = _as_series(source)
-    labels = _check_labels(labels)
     n, rows, cols = series.shape
-    out = np.zeros((n, rows, cols), dtype=np.uint8)
-
+    out = np.zeros((n, rows, cols), dtype=dtype)
     grid = None
     if n > 1:
         reader = sitk.ImageSeriesReader()
@@ -187,7 +185,7 @@ def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[st
             grid = reader.Execute()
         except RuntimeError as exc:  # unreadable by ITK: fall back to per-instance planes
             log.warning("ImageSeriesReader could not read the source series (%s); resampling per instance", exc)
-    volume = _resample(labels, grid) if grid is not None else None
+    volume = _resample(image, grid, interpolator, pixel_id) if grid is not None else None
 
     for i, ds in enumerate(series.datasets):
         k = None
@@ -197,8 +195,27 @@ def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[st
             if (abs(ci[0]) < _GRID_TOLERANCE and abs(ci[1]) < _GRID_TOLERANCE
                     and abs(ci[2] - kr) < _GRID_TOLERANCE and 0 <= kr < volume.shape[0]):
                 k = kr
-        out[i] = volume[k] if k is not None else _resample(labels, _instance_plane(ds))[0]
+        out[i] = volume[k] if k is not None else _resample(image, _instance_plane(ds), interpolator, pixel_id)[0]
     return out
+
+
+def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[str | PathLike]) -> np.ndarray:
+    """Label map resampled (nearest neighbour) onto the source series: uint8 array
+    ``[instance, row, column]`` in the sorted order of :func:`read_source_series`
+    (see :func:`_on_source_grid` for how instances are matched)."""
+    return _on_source_grid(_check_labels(labels), _as_series(source), sitk.sitkNearestNeighbor,
+                           sitk.sitkUInt8, np.uint8)
+
+
+def image_on_source_grid(image: sitk.Image, source: SourceSeries | Sequence[str | PathLike], *,
+                         interpolator: int = sitk.sitkLinear) -> np.ndarray:
+    """A scalar image (any units; physical space LPS, mm) resampled onto the
+    source series: float32 array ``[instance, row, column]``, 0 outside the
+    image, same instance order and matching as :func:`labels_on_source_grid`."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("image must be a 3-D scalar image")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    return _on_source_grid(image, _as_series(source), interpolator, sitk.sitkFloat32, np.float32)
 
 
 # -------------------------------------------------------------------------- SEG

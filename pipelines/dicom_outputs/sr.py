@@ -60,7 +60,7 @@ from .codes import (
 from .seg import SourceSeries, _as_series, new_uid, read_seg_labels, segment_label_values
 
 __all__ = ["build_sr", "build_rano_sr", "volume_summary", "SR_CLASSES", "bidimensional_measurements", "fix_method_relationships",
-           "MEASUREMENT_METHOD"]
+           "MEASUREMENT_METHOD", "observer_document"]
 
 #: (370129005, SCT, "Measurement Method")
 MEASUREMENT_METHOD = "370129005"
@@ -122,12 +122,16 @@ def _volume_measurement(value_ml: float) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=VOLUME, value=float(value_ml), unit=UNIT_ML)
 
 
-def _qc_texts(qc_findings: Sequence[QCFinding]) -> hd.sr.ContainerContentItem | None:
+def _qc_texts(qc_findings: Sequence[QCFinding],
+              texts: Sequence[tuple[Any, str]] = ()) -> hd.sr.ContainerContentItem | None:
     """The QC findings' details in words: a Qualitative Evaluations container
-    of TEXT items (concept = the check), or None when no finding has a detail."""
-    items = [hd.sr.TextContentItem(name=f.concept, value=f.detail,
+    of TEXT items (concept = the check), then ``texts`` ((concept, words)
+    pairs, whitespace normalised); None when there is nothing to say."""
+    pairs = [(f.concept, f.detail) for f in qc_findings if f.detail] + [
+        (c, " ".join(str(t).split())) for c, t in texts if t]
+    items = [hd.sr.TextContentItem(name=name, value=value,
                                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-             for f in qc_findings if f.detail]
+             for name, value in pairs]
     if not items:
         return None
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
@@ -333,8 +337,12 @@ def build_sr(
 def _document(groups: list[Any], texts: hd.sr.ContainerContentItem | None, seg: Dataset | None,
               series: SourceSeries, algorithm: AlgorithmInfo, *, uid_root: str | None, series_number: int,
               instance_number: int, manufacturer: str, series_description: str, sr_class: str,
-              is_final: bool) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
-    """TID 1500 document around measurement groups, observed by the BrainLine device."""
+              is_final: bool, other_evidence: Sequence[Dataset] = ()
+              ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
+    """TID 1500 document around measurement groups, observed by the BrainLine device.
+    ``other_evidence``: instances of other studies the report draws on (e.g. a
+    prior study's SEG), listed in PertinentOtherEvidenceSequence; minimal
+    datasets with Study/Series/SOP Instance UIDs and SOP Class UID suffice."""
     observer = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -353,7 +361,7 @@ def _document(groups: list[Any], texts: hd.sr.ContainerContentItem | None, seg: 
     )
     if texts is not None:
         report[0].ContentSequence.append(texts)
-    evidence = ([seg] if seg is not None else []) + list(series.datasets)
+    evidence = ([seg] if seg is not None else []) + list(series.datasets) + list(other_evidence)
     cls = SR_CLASSES[sr_class]
     return cls(
         evidence=evidence,
@@ -412,3 +420,11 @@ def build_rano_sr(
     return _document(groups, None, seg, series, algorithm, uid_root=uid_root, series_number=series_number,
                      instance_number=instance_number, manufacturer=manufacturer,
                      series_description=series_description, sr_class=sr_class, is_final=is_final)
+
+
+def observer_document(groups: list[Any], texts: hd.sr.ContainerContentItem | None, seg: Dataset | None,
+                      series: SourceSeries, algorithm: AlgorithmInfo, **kwargs: Any
+                      ) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
+    """Public form of the TID 1500 document builder shared by the SR builders
+    (keyword arguments as :func:`build_sr`, plus ``other_evidence``)."""
+    return _document(groups, texts, seg, series, algorithm, **kwargs)

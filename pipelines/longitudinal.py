@@ -1,0 +1,640 @@
+"""Longitudinal follow-up: compare the current study with its prior studies.
+
+``step_longitudinal(work, cfg)`` reads ``W/priors.json`` (see the issue-11
+contract), prepares each prior work folder ``W/priors/<k>`` that has no
+``summary.json`` yet (series selection + conversion when it holds DICOM,
+then the image pipeline STEPS with the same PipelineConfig), and writes
+
+    W/longitudinal.json                       (cached: image_pipeline._cached, name "longitudinal")
+    W/longitudinal/subtraction_<role>.nii.gz  float32, current - matched prior, 0 outside the brain
+    W/longitudinal/lesions.nii.gz             uint16, value = lesion id (0 background)
+    W/longitudinal/prior<k>_<role>.nii.gz     prior registered + intensity matched (pictures)
+
+all on the CURRENT reference grid (the grid of ``W/segmentation.nii.gz``,
+LPS physical space, mm).
+
+Method (Penn MS CAD / MUSIC / EASE, see the issue): the most recent prior's
+reference-role image (T1c, or FLAIR in lesion mode) is registered rigidly to
+the current one with :func:`pipelines.registration.register` (quality check:
+any flag = no subtraction and no lesions, said in words; volumes and their
+change are still reported). Every sequence both studies have is resampled
+onto the current grid. For FLAIR and T1c the finer timepoint is blurred to
+the coarser one's resolution (per axis of the current grid, Gaussian with
+sigma = sqrt((W^2 - w^2)/12) mm, W/w the coarser/finer native voxel widths
+projected on that axis, so an oblique native slice direction is handled),
+both get the same light blur (``smooth_voxels``: the prior has been
+interpolated once more), the prior is intensity-matched to the current
+inside both brain masks (``intensity_match``: histogram (default, by
+measurement) or linear), a smooth differential bias field left by N4 is
+removed (Lewis & Fox 2004, ``differential_bias_sigma_mm``), and the prior is
+subtracted. All of this runs on the bounding box of the current brain
+(+ 8 mm) and is pasted back onto the full grid. Candidates: robust z of the
+subtraction (sd floored at ``min_sd_percent`` of the brain median) above
+``z_threshold`` where the current image is bright (``current_min_z``), at
+least ``edge_margin_mm`` inside the common brain, plus the current
+segmentation; 26-connected, >= 12 mm^3; the Penn MS CAD rule drops a new
+candidate whose peak was already bright at the prior (within 2 mm);
+"new" (no prior lesion there) or "growing" (prior lesion there, grown by
+more than ``growth_fraction`` and ``growth_min_mm3``). See
+:func:`pipelines.longitudinal_images.find_lesions`.
+
+Volumes (mL, from each timepoint's summary.json): ET ("3"), NCR ("1"), ED
+("2"), TC, WT of every timepoint, their change against the most recent prior
+and against the nadir (the prior with the smallest ET in tumour mode, WT in
+lesion mode; with >= 2 priors), and a RANO-like assessment (thresholds in
+``config/longitudinal.yaml`` with their sources).
+
+A prior that cannot be prepared or registered never raises: the reason goes
+to "note"/"notes"/"flags" in words, and the current study's results still go out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+from scipy import ndimage
+
+from brainline.models.base import ROLES
+
+from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
+from .lesion_location import locate_points
+from .longitudinal_images import (
+    differential_bias, find_lesions, match_intensity, resolution_sigmas, robust_z, smooth_mm, voxel_extent_mm,
+)
+from .registration import RegistrationError, register, resample_to
+
+log = logging.getLogger("brainline.longitudinal")
+
+__all__ = ["LongitudinalConfig", "step_longitudinal", "prepare_prior", "volume_change", "assess"]
+
+VOLUME_KEYS = ("1", "2", "3", "tumor_core", "whole_tumor")
+SUBTRACTION_ROLES = ("flair", "t1c")
+
+
+@dataclass
+class LongitudinalConfig:
+    """Settings of the follow-up comparison; see ``config/longitudinal.yaml``
+    for every key, its unit and its source."""
+
+    mode: str = "auto"
+    transform: str = "rigid"
+    intensity_match: str = "histogram"
+    differential_bias_sigma_mm: float = 15.0
+    histogram_levels: int = 256
+    histogram_match_points: int = 32
+    linear_percentiles: tuple = (5, 95, 5)
+    match_resolution: bool = True
+    smooth_voxels: float = 0.5
+    edge_margin_mm: float = 4.0
+    thick_slice_mm: float = 5.0
+    z_threshold: float = 3.5
+    min_sd_percent: float = 5.0
+    volume_fraction_of_peak: float = 0.5
+    min_volume_mm3: float = 12.0
+    seg_support_z: float = 2.5
+    current_min_z: float = 2.0
+    prior_bright_z: float = 3.0
+    prior_bright_radius_mm: float = 2.0
+    prior_bright_fraction: float = 0.5
+    growth_fraction: float = 0.2
+    growth_min_mm3: float = 30.0
+    lesion_bright_z: float = 3.5
+    confidence_z_scale: float = 3.0
+    confidence_volume_mm3: float = 50.0
+    progression_percent: float = 40.0
+    decrease_percent: float = -50.0
+    min_change_ml: float = 1.0
+    assessed_components: tuple = ("3", "tumor_core")
+    locate: bool = True
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "LongitudinalConfig":
+        """From YAML (``path=None``: the packaged config/longitudinal.yaml).
+        Unknown keys raise ValueError naming them."""
+        if path is None:
+            text = resources.files("brainline.config").joinpath("longitudinal.yaml").read_text(encoding="utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path or 'config/longitudinal.yaml'}: unknown key(s) {', '.join(unknown)}")
+        for k in ("linear_percentiles", "assessed_components"):
+            if k in data:
+                data[k] = tuple(str(v) if k == "assessed_components" else v for v in data[k])
+        cfg = cls(**data)
+        if cfg.mode not in ("auto", "tumour", "lesion"):
+            raise ValueError(f"mode must be auto, tumour or lesion, not {cfg.mode!r}")
+        if cfg.intensity_match not in ("histogram", "linear"):
+            raise ValueError(f"intensity_match must be histogram or linear, not {cfg.intensity_match!r}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+# ---------------------------------------------------------------------------
+# priors
+def prepare_prior(prior_dir: Path, cfg: PipelineConfig) -> dict:
+    """Bring a prior work folder to a summary.json: nothing when it has one;
+    else select + convert its DICOM (prior.json "dicom_dir" or ``dicom/``)
+    when it has no ``nifti/`` yet, then run every image STEP (cached, so a
+    folder copied from an earlier job costs nothing). Returns the summary;
+    raises whatever the steps raise (the caller records it in words)."""
+    if (prior_dir / "summary.json").exists():
+        return json.loads((prior_dir / "summary.json").read_text())
+    if not (prior_dir / "nifti" / f"{cfg.reference}.nii.gz").exists():
+        from .inputs import convert_inputs, select_inputs  # inputs imports image_pipeline: import late
+        info = _read_json(prior_dir / "prior.json")
+        dicom_dir = Path(info["dicom_dir"]) if info.get("dicom_dir") else prior_dir / "dicom"
+        if not dicom_dir.is_dir():
+            raise FileNotFoundError("it has neither processed results nor DICOM files")
+        select_inputs(dicom_dir, prior_dir, cfg)
+        convert_inputs(prior_dir)
+    result: dict = {}
+    for _, step in STEPS:
+        result = step(prior_dir, cfg)
+    return result
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _words(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:400]
+
+
+def _date(d) -> str:
+    d = str(d or "")
+    return f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 and d.isdigit() else (d or "unknown date")
+
+
+# ---------------------------------------------------------------------------
+# volumes
+def _change(ref: dict, cur: dict) -> dict:
+    out = {}
+    for k in VOLUME_KEYS:
+        a, b = ref.get(k), cur.get(k)
+        if a is None or b is None:
+            continue
+        a, b = float(a), float(b)
+        out[k] = {"prior_ml": round(a, 3), "current_ml": round(b, 3), "delta_ml": round(b - a, 3),
+                  "percent": round(100.0 * (b - a) / a, 1) if a > 0 else None}
+    return out
+
+
+def volume_change(timepoints: list[dict], mode: str) -> tuple[dict, dict | None, dict | None]:
+    """(vs_prior, vs_nadir, baseline timepoint) from timepoints sorted by
+    date, current last. The nadir is the prior with the smallest ET (tumour
+    mode) or WT (lesion mode); only with >= 2 priors."""
+    cur, priors = timepoints[-1], timepoints[:-1]
+    vs_prior = _change(priors[-1]["volumes_ml"], cur["volumes_ml"])
+    vs_nadir = None
+    key = "3" if mode == "tumour" else "whole_tumor"
+    if len(priors) >= 2:
+        nadir = min(priors, key=lambda t: (float(t["volumes_ml"].get(key) or 0.0), t["study_date"]))
+        vs_nadir = _change(nadir["volumes_ml"], cur["volumes_ml"])
+        vs_nadir["study_date"] = nadir["study_date"]
+    return vs_prior, vs_nadir, priors[0]
+
+
+def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig, lesions: list[dict] | None,
+           mode: str) -> dict:
+    """RANO-like code and the reason in words.
+
+    Tumour mode: "progression suspected" when ET or TC (assessed_components)
+    grew by >= progression_percent AND >= min_change_ml against the nadir
+    (against the most recent prior without a nadir), or appeared (0 before,
+    >= min_change_ml now); "decrease" when it fell by <= decrease_percent and
+    by >= min_change_ml against the baseline (earliest prior); else "stable".
+    Lesion mode: "progression suspected" when new or growing lesions were
+    found, "stable" when the subtraction found none, "not assessable" when
+    no subtraction was possible."""
+    if mode == "lesion":
+        if lesions is None:
+            return {"code": "not assessable", "reason": "no subtraction was possible, so new or enlarging "
+                                                        "lesions could not be assessed"}
+        if lesions:
+            kinds = [l["kind"] for l in lesions]
+            return {"code": "progression suspected",
+                    "reason": f"{kinds.count('new')} new and {kinds.count('growing')} enlarging FLAIR/T1c "
+                              f"lesion(s) against the prior study"}
+        return {"code": "stable", "reason": "no new or enlarging lesion against the prior study"}
+    ref = change.get("vs_nadir") or change.get("vs_prior") or {}
+    ref_name = "the nadir" if change.get("vs_nadir") else "the prior study"
+    names = {"3": "enhancing tumour", "tumor_core": "tumour core", "whole_tumor": "whole tumour",
+             "1": "necrosis", "2": "oedema"}
+    found, comp_texts = [], []
+    for k in lcfg.assessed_components:
+        c = ref.get(k)
+        if not c:
+            continue
+        comp_texts.append(f"{names.get(k, k)} {c['prior_ml']:.1f} -> {c['current_ml']:.1f} mL"
+                          + (f" ({c['percent']:+.0f} %)" if c["percent"] is not None else ""))
+        big = c["delta_ml"] >= lcfg.min_change_ml
+        if big and (c["percent"] is None or c["percent"] >= lcfg.progression_percent):
+            found.append(names.get(k, k))
+    if not comp_texts:
+        return {"code": "not assessable", "reason": "tumour volumes are missing for the comparison"}
+    rule = (f"threshold: +{lcfg.progression_percent:g} % volume and at least {lcfg.min_change_ml:g} mL "
+            f"against {ref_name} (RANO volumetric equivalent)")
+    if found:
+        return {"code": "progression suspected",
+                "reason": f"{' and '.join(found)} increased against {ref_name}: " + "; ".join(comp_texts)
+                          + f"; {rule}"}
+    base = baseline_change or {}
+    dec = []
+    for k in lcfg.assessed_components:
+        c = base.get(k)
+        if c and c["percent"] is not None and c["percent"] <= lcfg.decrease_percent \
+                and -c["delta_ml"] >= lcfg.min_change_ml:
+            dec.append(f"{names.get(k, k)} {c['prior_ml']:.1f} -> {c['current_ml']:.1f} mL ({c['percent']:+.0f} %)")
+    if dec:
+        return {"code": "decrease", "reason": "decreased against the baseline study: " + "; ".join(dec)
+                + f"; threshold: {lcfg.decrease_percent:g} % and at least {lcfg.min_change_ml:g} mL"}
+    return {"code": "stable", "reason": f"no volume change beyond the thresholds against {ref_name}: "
+                                        + "; ".join(comp_texts) + f"; {rule}"}
+
+
+# ---------------------------------------------------------------------------
+# images
+def _read(path: Path, pixel=sitk.sitkFloat32) -> sitk.Image:
+    return sitk.ReadImage(str(path), pixel)
+
+
+def _roles(work: Path) -> list[str]:
+    return [r for r in ROLES if (work / "preprocessed" / f"{r}.nii.gz").exists()]
+
+
+def _axes(image: sitk.Image) -> np.ndarray:
+    """Unit vectors (rows, LPS) of the image's index axes x, y, z."""
+    return np.array(image.GetDirection(), dtype=float).reshape(3, 3).T
+
+
+def _native_mm(work: Path, role: str, axes: np.ndarray) -> list[float] | None:
+    p = work / "nifti" / f"{role}.nii.gz"
+    if not p.exists():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()
+    img = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    img.SetSpacing(reader.GetSpacing())
+    img.SetDirection(reader.GetDirection())
+    return [round(float(v), 3) for v in voxel_extent_mm(img, axes)]
+
+
+def _native_max_mm(work: Path, role: str) -> float | None:
+    p = work / "nifti" / f"{role}.nii.gz"
+    if not p.exists():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()
+    return float(max(reader.GetSpacing()))
+
+
+def _neighbourhood_max(z: np.ndarray, grid: sitk.Image, radius_mm: float) -> np.ndarray:
+    """Maximum of ``z`` within an ellipsoid of ``radius_mm`` (per axis of the grid)."""
+    r = [int(np.floor(radius_mm / s + 1e-6)) for s in grid.GetSpacing()[::-1]]  # (z, y, x)
+    if max(r) == 0:
+        return z
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    fp = (zz / max(r[0], 1)) ** 2 + (yy / max(r[1], 1)) ** 2 + (xx / max(r[2], 1)) ** 2 <= 1.0 + 1e-6
+    return ndimage.maximum_filter(z, footprint=fp)
+
+
+def _norm_smooth(image: sitk.Image, mask: sitk.Image, sigma: np.ndarray, cache: dict | None = None) -> sitk.Image:
+    """Gaussian smoothing (per-axis sigma, mm) normalised by the smoothed mask
+    (no dark rim at the brain edge), 0 outside the mask. ``cache`` keeps the
+    smoothed masks between calls."""
+    if float(np.max(sigma)) < 0.05:
+        return image
+    m = sitk.Cast(mask, sitk.sitkFloat32)
+    num = smooth_mm(image * m, sigma)
+    key = (id(mask), tuple(round(float(v), 4) for v in sigma))
+    if cache is not None and key in cache:
+        den = cache[key]
+    else:
+        den = sitk.GetArrayFromImage(smooth_mm(m, sigma))
+        if cache is not None:
+            cache[key] = den
+    a = sitk.GetArrayFromImage(num) / np.maximum(den, 1e-3)
+    a[sitk.GetArrayViewFromImage(mask) == 0] = 0
+    out = sitk.GetImageFromArray(a.astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg: PipelineConfig,
+                    lcfg: LongitudinalConfig, mode: str) -> dict:
+    """Register, match, subtract and find lesions; returns a record with
+    "registration", "ok" (False = flagged/failed, with "note"), and when ok:
+    "subtractions", "resolution", "intensity_match", "lesions" (Candidates),
+    "notes", "grid"."""
+    rec: dict = {"ok": False, "notes": [], "flags": []}
+    cur_roles, pri_roles = _roles(work), _roles(prior_dir)
+    common_roles = [r for r in ROLES if r in cur_roles and r in pri_roles]
+    order = [cfg.reference] + [r for r in ("t1c", "flair", "t1", "t2") if r != cfg.reference]
+    reg_role = next((r for r in order if r in common_roles), None)
+    if reg_role is None:
+        rec["note"] = (f"the prior study of {date_text} has no sequence in common with the current one, "
+                       "so it could not be registered: volumes compared only")
+        return rec
+    grid = _read(work / "segmentation.nii.gz", sitk.sitkUInt8)
+    cur_mask_img = sitk.Cast(_read(work / "brain_mask.nii.gz", sitk.sitkUInt8) > 0, sitk.sitkUInt8)
+    fixed = _read(work / "preprocessed" / f"{reg_role}.nii.gz")
+    moving = _read(prior_dir / "preprocessed" / f"{reg_role}.nii.gz")
+    radius = [max(1, int(round(5.0 / s))) for s in fixed.GetSpacing()]
+    rcfg = replace(cfg.registration, transform=lcfg.transform, raise_if_not_converged=False)
+    label = ROLE_LABELS.get(reg_role, reg_role)
+    try:
+        reg = register(fixed, moving, rcfg, fixed_mask=sitk.BinaryDilate(cur_mask_img, radius),
+                       moving_name=f"prior {label}", fixed_name=f"current {label}")
+    except RegistrationError as exc:
+        rec["registration"] = {"transform": lcfg.transform, "quality": {}, "flags": [_words(exc)]}
+        rec["flags"] = [f"registration of the prior study ({date_text}) failed: {_words(exc)}"]
+        rec["note"] = (f"the prior study of {date_text} could not be registered to the current study "
+                       f"({_words(exc)}): no subtraction and no new-lesion detection; volumes compared only")
+        return rec
+    q = {k: v for k, v in reg.quality.items() if isinstance(v, (int, float))}
+    rec["registration"] = {"transform": lcfg.transform, "sequence": reg_role, "quality": q,
+                           "parameters": reg.parameters, "flags": list(reg.flags)}
+    if reg.flags:
+        rec["flags"] = [f"registration of the prior study ({date_text}) to the current study: {f}" for f in reg.flags]
+        rec["note"] = (f"the prior study of {date_text} could not be registered reliably to the current study "
+                       f"({'; '.join(reg.flags)}): no subtraction and no new-lesion detection; volumes compared only")
+        return rec
+    tx = reg.transform
+    # work on the brain's bounding box (+ 8 mm) of the current grid: same
+    # physical positions, 2-3x fewer voxels; outputs are pasted back (0 outside)
+    full_grid = grid
+    full_mask = sitk.GetArrayFromImage(cur_mask_img) > 0
+    nz = np.argwhere(full_mask)
+    margin = np.array([int(np.ceil(8.0 / v)) for v in grid.GetSpacing()[::-1]])
+    lo = np.maximum(nz.min(axis=0) - margin, 0)
+    hi = np.minimum(nz.max(axis=0) + margin, np.array(full_mask.shape) - 1)
+    crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    roi = ([int(v) for v in (hi - lo + 1)[::-1]], [int(v) for v in lo[::-1]])
+    grid = sitk.RegionOfInterest(full_grid, *roi)
+    cur_mask_img = sitk.RegionOfInterest(cur_mask_img, *roi)
+
+    def write_full(arr: np.ndarray, path: Path) -> None:
+        full = np.zeros(full_mask.shape, np.float32)
+        full[crop] = arr
+        img = sitk.GetImageFromArray(full)
+        img.CopyInformation(full_grid)
+        _write(img, path)
+
+    cur_mask = sitk.GetArrayFromImage(cur_mask_img) > 0
+    pm_img = resample_to(sitk.Cast(_read(prior_dir / "brain_mask.nii.gz", sitk.sitkUInt8) > 0, sitk.sitkUInt8),
+                         grid, tx, interpolator="nearest")
+    prior_mask = sitk.GetArrayFromImage(pm_img) > 0
+    common = cur_mask & prior_mask
+    common_img = sitk.GetImageFromArray(common.astype(np.uint8))
+    common_img.CopyInformation(grid)
+    prior_seg = np.zeros(common.shape, bool)  # (cropped grid from here on)
+    if (prior_dir / "segmentation.nii.gz").exists():
+        prior_seg = sitk.GetArrayFromImage(resample_to(_read(prior_dir / "segmentation.nii.gz", sitk.sitkUInt8),
+                                                       grid, tx, interpolator="nearest")) > 0
+    cur_seg = sitk.GetArrayFromImage(grid) > 0  # grid = the cropped current segmentation
+    center = tx.GetCenter() if hasattr(tx, "GetCenter") else (0.0, 0.0, 0.0)
+    R = np.stack([np.array(tx.TransformVector(tuple(float(v) for v in e), center)) for e in np.eye(3)], axis=1)
+    axes = _axes(grid)
+    out_dir = work / "longitudinal"
+    subtractions, resolution, z_maps, prior_z, current_z, matched_rec, sd_rec = {}, {}, {}, {}, {}, {}, {}
+    flair_bright_cur = flair_bright_pri = None
+    den_cache: dict = {}
+    for role in common_roles:
+        cur = _read(work / "preprocessed" / f"{role}.nii.gz")
+        if cur.GetSize() == full_grid.GetSize():
+            cur = sitk.RegionOfInterest(cur, *roi)
+        else:
+            cur = resample_to(cur, grid, sitk.Transform(3, sitk.sitkIdentity))
+        pri = resample_to(_read(prior_dir / "preprocessed" / f"{role}.nii.gz"), grid, tx)
+        s_cur, s_pri = np.zeros(3), np.zeros(3)
+        if role in SUBTRACTION_ROLES and lcfg.match_resolution:
+            c_mm = _native_mm(work, role, axes)
+            p_mm = _native_mm(prior_dir, role, axes @ R.T)
+            res = {"current_mm": c_mm, "prior_mm": p_mm, "smoothed": None}
+            if c_mm and p_mm:
+                s_cur, s_pri = resolution_sigmas(np.array(c_mm), np.array(p_mm))
+                if float(np.max(s_cur)) >= 0.05 or float(np.max(s_pri)) >= 0.05:
+                    res["smoothed"] = "prior" if float(np.sum(s_pri ** 2)) >= float(np.sum(s_cur ** 2)) else "current"
+                    res["sigma_mm"] = {"current": [round(float(v), 3) for v in s_cur],
+                                       "prior": [round(float(v), 3) for v in s_pri]}
+            else:
+                res["note"] = "native voxel sizes unknown for one timepoint: no resolution matching"
+            resolution[role] = res
+        if role in SUBTRACTION_ROLES:
+            # plus the same light blur on both (the prior went through one more
+            # interpolation than the current); one Gaussian: variances add
+            light = np.array(grid.GetSpacing()) * lcfg.smooth_voxels
+            cur = _norm_smooth(cur, cur_mask_img, np.sqrt(s_cur ** 2 + light ** 2), den_cache)
+            pri = _norm_smooth(pri, pm_img, np.sqrt(s_pri ** 2 + light ** 2), den_cache)
+        c_arr = sitk.GetArrayFromImage(cur)
+        p_arr = sitk.GetArrayFromImage(pri)
+        matched, mrec = match_intensity(p_arr, c_arr, common, prior_mask, lcfg.intensity_match,
+                                        lcfg.histogram_levels, lcfg.histogram_match_points,
+                                        tuple(lcfg.linear_percentiles))
+        if lcfg.differential_bias_sigma_mm > 0 and role in SUBTRACTION_ROLES:
+            f, mrec["differential_bias"] = differential_bias(c_arr, matched, common, grid.GetSpacing()[::-1],
+                                                             lcfg.differential_bias_sigma_mm)
+            matched = matched * f
+        matched_rec[role] = mrec
+        write_full(matched, out_dir / f"prior{index}_{role}.nii.gz")
+        if role in SUBTRACTION_ROLES:
+            d = np.where(common, c_arr - matched, 0.0).astype(np.float32)
+            d[~cur_mask] = 0.0
+            write_full(d, out_dir / f"subtraction_{role}.nii.gz")
+            subtractions[role] = f"longitudinal/subtraction_{role}.nii.gz"
+            floor = lcfg.min_sd_percent / 100.0 * float(np.median(c_arr[common])) if common.any() else 0.0
+            z_maps[role], _, sd_used = robust_z(d, common, floor)
+            sd_rec[role] = {"robust_sd": round(float(sd_used), 4), "floor": round(floor, 4)}
+            prior_z[role] = _neighbourhood_max(robust_z(matched, common)[0], grid, lcfg.prior_bright_radius_mm)
+            current_z[role] = robust_z(c_arr, common)[0]
+            if role == "flair":
+                flair_bright_cur = current_z[role] > lcfg.lesion_bright_z
+                flair_bright_pri = robust_z(matched, common)[0] > lcfg.lesion_bright_z
+    for role in SUBTRACTION_ROLES:
+        mm = [m for m in (_native_max_mm(work, role), _native_max_mm(prior_dir, role)) if m]
+        if role == "flair" and mm and max(mm) >= lcfg.thick_slice_mm:
+            which = "prior" if (_native_max_mm(prior_dir, role) or 0) >= lcfg.thick_slice_mm else "current"
+            rec["notes"].append(f"FLAIR of the {which} study has {max(mm):.1f} mm slices: small-lesion detection "
+                                f"is limited")
+    if not z_maps:
+        rec["note"] = (f"the prior study of {date_text} has neither FLAIR nor T1c in common with the current "
+                       "study: no subtraction; volumes compared only")
+        return rec
+    cur_lesion, pri_lesion = cur_seg.copy(), prior_seg.copy()
+    if mode == "lesion" and flair_bright_cur is not None:
+        cur_lesion |= flair_bright_cur
+        pri_lesion |= flair_bright_pri
+    voxel_mm3 = float(np.prod(grid.GetSpacing()))
+    detect = common
+    if lcfg.edge_margin_mm > 0:  # the brain edge: partial volume of two resampled masks
+        detect = sitk.GetArrayFromImage(sitk.BinaryErode(common_img, [max(1, int(round(lcfg.edge_margin_mm / s)))
+                                                                       for s in grid.GetSpacing()])) > 0
+    cands, dropped = find_lesions(z_maps, prior_z, current_z, common, cur_lesion, pri_lesion, voxel_mm3, lcfg,
+                                  segmentation_extent=(mode == "tumour"), detect=detect)
+    rec.update(ok=True, subtractions=subtractions, resolution=resolution, intensity_match=lcfg.intensity_match,
+               intensity_mapping=matched_rec, subtraction_sd=sd_rec, candidates=cands, dropped=dropped, grid=grid,
+               full_grid=full_grid, crop=crop)
+    return rec
+
+
+# ---------------------------------------------------------------------------
+def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig | None = None) -> dict:
+    """Compare the current study (work folder ``work``, already through the
+    image STEPS) with the priors listed in ``work/priors.json``; cached in
+    ``work/longitudinal.json``. Never raises for a prior that cannot be
+    prepared or registered (the reason is recorded in words)."""
+    work = Path(work)
+
+    def run() -> dict:
+        t0 = time.monotonic()
+        lc = lcfg or LongitudinalConfig.load()
+        mode = lc.mode if lc.mode != "auto" else ("tumour" if cfg.reference == "t1c" else "lesion")
+        out = {"mode": mode, "priors": 0, "note": None, "notes": [], "flags": [], "comparison": None,
+               "timepoints": [], "change": {"vs_prior": None, "vs_nadir": None},
+               "assessment": {"code": "not assessable", "reason": "no prior study to compare with"},
+               "lesions": [], "thresholds": lc.to_dict(), "timings_s": {}}
+        pj = _read_json(work / "priors.json")
+        out["notes"] += [str(n) for n in pj.get("notes", [])]
+        entries = list(pj.get("priors") or [])
+        if not entries:
+            searched = "; ".join(pj.get("searched") or [])
+            out["note"] = "no prior study found" + (f" ({searched})" if searched else "") + \
+                          ": no longitudinal comparison"
+            return out
+        cur_date = str((pj.get("current") or {}).get("study_date") or "")
+        usable, problems = [], []
+        t_prep = time.monotonic()
+        for k, e in enumerate(entries):
+            pdir = work / str(e.get("dir") or f"priors/{k}")
+            date = str(e.get("study_date") or "")
+            if cur_date and date and date >= cur_date:
+                problems.append(f"the study of {_date(date)} is not earlier than the current one and was not used")
+                continue
+            try:
+                summary = prepare_prior(pdir, cfg)
+            except Exception as exc:  # noqa: BLE001 - a prior must never stop the current study's results
+                log.warning("prior %s could not be prepared: %s", pdir.name, _words(exc))
+                problems.append(f"the prior study of {_date(date)} could not be processed: {_words(exc)}")
+                continue
+            usable.append({"index": k, "dir": pdir, "entry": e, "summary": summary, "date": date})
+        out["timings_s"]["prepare_priors"] = round(time.monotonic() - t_prep, 2)
+        out["notes"] += problems
+        if not usable:
+            out["note"] = "no usable prior study: " + "; ".join(problems)
+            return out
+        usable.sort(key=lambda u: u["date"])
+        out["priors"] = len(usable)
+        recent = usable[-1]
+        cur_summary = _read_json(work / "summary.json")
+        timepoints = []
+        for u in usable:
+            kept = list(u["entry"].get("kept_as") or [])
+            timepoints.append({"label": "prior", "study_date": u["date"],
+                               "pseudo_study_uid": u["entry"].get("pseudo_study_uid"),
+                               "volumes_ml": dict(u["summary"].get("volumes_ml") or {}), "kept_as": kept})
+        timepoints.append({"label": "current", "study_date": cur_date, "pseudo_study_uid": None,
+                           "volumes_ml": dict(cur_summary.get("volumes_ml") or {}), "kept_as": []})
+        vs_prior, vs_nadir, baseline_tp = volume_change(timepoints, mode)
+        if len(usable) >= 2:
+            timepoints[0]["label"] = "baseline"
+            if vs_nadir is not None:
+                for tp in timepoints[1:-2]:
+                    if tp["study_date"] == vs_nadir["study_date"]:
+                        tp["label"] = "nadir"
+        out["timepoints"] = timepoints
+        out["change"] = {"vs_prior": vs_prior, "vs_nadir": vs_nadir}
+        baseline_change = _change(baseline_tp["volumes_ml"], timepoints[-1]["volumes_ml"])
+
+        date_text = _date(recent["date"])
+        t_img = time.monotonic()
+        try:
+            rec = _compare_images(work, recent["dir"], recent["index"], date_text, cfg, lc, mode)
+        except Exception as exc:  # noqa: BLE001 - unreadable prior images etc.
+            log.warning("longitudinal comparison failed: %s", _words(exc))
+            rec = {"ok": False, "notes": [], "flags": [f"comparison with the prior study ({date_text}) failed: "
+                                                       f"{_words(exc)}"],
+                   "note": f"the comparison with the prior study of {date_text} failed ({_words(exc)}): "
+                           "volumes compared only"}
+        out["timings_s"]["compare"] = round(time.monotonic() - t_img, 2)
+        out["notes"] += rec.get("notes", [])
+        out["flags"] += rec.get("flags", [])
+        e = recent["entry"]
+        out["comparison"] = {"prior_index": recent["index"], "prior_study_date": recent["date"],
+                             "prior_pseudo_study_uid": e.get("pseudo_study_uid"),
+                             "registration": rec.get("registration"),
+                             "intensity_match": rec.get("intensity_match"),
+                             "subtractions": rec.get("subtractions", {}),
+                             "resolution": rec.get("resolution", {}),
+                             "intensity_mapping": rec.get("intensity_mapping", {}),
+                             "subtraction_sd": rec.get("subtraction_sd", {}),
+                             "candidates_dropped": rec.get("dropped", {})}
+        lesions = None
+        if rec.get("ok"):
+            t_loc = time.monotonic()
+            lesions, loc_note = _lesions(work, rec, lc)
+            out["timings_s"]["locate"] = round(time.monotonic() - t_loc, 2)
+            if loc_note:
+                out["notes"].append(loc_note)
+            out["lesions"] = lesions
+            n_new = sum(1 for l in lesions if l["kind"] == "new")
+            n_grow = len(lesions) - n_new
+            out["note"] = (f"compared with the prior study of {date_text}: {n_new} new and {n_grow} growing "
+                           f"lesion(s) on the subtraction")
+        else:
+            out["note"] = rec.get("note")
+        out["assessment"] = assess(out["change"], baseline_change, lc, lesions, mode)
+        out["timings_s"]["total"] = round(time.monotonic() - t0, 2)
+        return out
+
+    return _cached(work, "longitudinal", run)
+
+
+def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict], str | None]:
+    """lesions.nii.gz and the "lesions" list (ids by decreasing volume), with location."""
+    grid, full_grid, crop = rec["grid"], rec["full_grid"], rec["crop"]
+    cands = sorted(rec["candidates"], key=lambda c: -c.volume_mm3)
+    lab = np.zeros(sitk.GetArrayViewFromImage(full_grid).shape, np.uint16)
+    sub = lab[crop]
+    for i, c in enumerate(cands, start=1):
+        sub[c.mask & (sub == 0)] = i
+    img = sitk.GetImageFromArray(lab)
+    img.CopyInformation(full_grid)
+    _write(img, work / "longitudinal" / "lesions.nii.gz")
+    points = [grid.TransformContinuousIndexToPhysicalPoint(c.centroid_index) for c in cands]
+    locs, note = [{"hemisphere": "unknown", "lobe": "unknown"} for _ in cands], None
+    if cands and lc.locate:
+        try:
+            mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
+            pre = {r: work / "preprocessed" / f"{r}.nii.gz" for r in _roles(work)}
+            locs, lrec = locate_points(points, pre, mask)
+            note = lrec.get("note")
+        except Exception as exc:  # noqa: BLE001 - location is a nicety
+            note = f"lesion location unknown: {_words(exc)}"
+    out = []
+    for i, (c, p, loc) in enumerate(zip(cands, points, locs), start=1):
+        out.append({"id": i, "kind": c.kind, "volume_mm3": c.volume_mm3, "prior_volume_mm3": c.prior_volume_mm3,
+                    "growth_mm3": round(c.volume_mm3 - c.prior_volume_mm3, 1),
+                    "centroid_lps_mm": [round(float(v), 1) for v in p], "hemisphere": loc["hemisphere"],
+                    "lobe": loc["lobe"], "confidence": c.confidence, "sequence": c.sequence,
+                    "peak_z": c.peak_z})
+    return out, note

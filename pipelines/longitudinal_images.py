@@ -1,0 +1,285 @@
+"""Image side of the longitudinal comparison: the prior on the current grid,
+intensity matching, resolution matching, subtraction and lesion candidates.
+
+Frames and units: SimpleITK images in LPS physical space (mm); numpy arrays
+from ``sitk.GetArrayFromImage`` in (z, y, x) index order; volumes in mm^3.
+Everything here lies on the CURRENT reference grid (the grid of the current
+``segmentation.nii.gz``); the prior is pulled onto it with a transform that
+maps current physical points to prior physical points (the ITK fixed ->
+moving convention of :mod:`.registration`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+__all__ = ["robust_z", "match_intensity", "differential_bias", "voxel_extent_mm", "resolution_sigmas",
+           "smooth_mm", "Candidate", "find_lesions", "STRUCTURE_26"]
+
+STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+# ---------------------------------------------------------------------------
+def robust_z(values: np.ndarray, mask: np.ndarray, min_sd: float = 0.0) -> tuple[np.ndarray, float, float]:
+    """(values - median) / max(1.4826 MAD, min_sd) with median/MAD taken
+    inside ``mask``; returns (z, median, robust sd used). Outside the mask z is 0."""
+    inside = values[mask]
+    if inside.size == 0:
+        return np.zeros_like(values, dtype=np.float32), 0.0, 1.0
+    med = float(np.median(inside))
+    sd = 1.4826 * float(np.median(np.abs(inside - med)))
+    if sd <= 1e-12:
+        sd = float(np.std(inside)) or 1.0
+    sd = max(sd, float(min_sd))
+    z = np.zeros_like(values, dtype=np.float32)
+    z[mask] = (values[mask] - med) / sd
+    return z, med, sd
+
+
+def match_intensity(prior: np.ndarray, current: np.ndarray, common: np.ndarray, prior_mask: np.ndarray,
+                    method: str = "histogram", levels: int = 256, match_points: int = 32,
+                    percentiles: tuple[float, float, float] = (5, 95, 5)) -> tuple[np.ndarray, dict]:
+    """Map the prior's intensities onto the current's, fitted on ``common``
+    (the intersection of both brain masks) and applied to the prior's brain
+    (``prior_mask``; 0 elsewhere). Returns (matched prior, record).
+
+    "histogram": ``sitk.HistogramMatching`` of the common voxels (quantile
+    mapping at ``match_points`` points, ``levels`` bins), extended to the rest
+    of the prior brain by monotone interpolation of that mapping.
+    "linear": least-squares line current = a * prior + b through the
+    percentiles ``first..last step`` of both (robust to lesions and bias).
+    """
+    src, ref = prior[common].astype(np.float32), current[common].astype(np.float32)
+    out = np.zeros_like(prior, dtype=np.float32)
+    if src.size < 100:
+        out[prior_mask] = prior[prior_mask]
+        return out, {"method": "none", "reason": "too few common brain voxels"}
+    if method == "histogram":
+        s_img = sitk.GetImageFromArray(src.reshape(1, 1, -1))
+        r_img = sitk.GetImageFromArray(ref.reshape(1, 1, -1))
+        m = sitk.GetArrayFromImage(sitk.HistogramMatching(s_img, r_img, numberOfHistogramLevels=int(levels),
+                                                          numberOfMatchPoints=int(match_points),
+                                                          thresholdAtMeanIntensity=False)).ravel()
+        order = np.argsort(src, kind="stable")
+        xs, ys = src[order], m[order]
+        xs, first = np.unique(xs, return_index=True)
+        ys = np.maximum.accumulate(ys[first])
+        rest = prior_mask & ~common
+        out[rest] = np.interp(prior[rest], xs, ys)
+        out[common] = m
+        return out, {"method": "histogram", "levels": int(levels), "match_points": int(match_points)}
+    if method == "linear":
+        q = np.arange(percentiles[0], percentiles[1] + 1e-9, percentiles[2])
+        ps, pr = np.percentile(src, q), np.percentile(ref, q)
+        a, b = np.polyfit(ps, pr, 1)
+        out[prior_mask] = a * prior[prior_mask] + b
+        return out, {"method": "linear", "slope": round(float(a), 5), "intercept": round(float(b), 4)}
+    raise ValueError(f"intensity_match must be 'histogram' or 'linear', not {method!r}")
+
+
+def differential_bias(current: np.ndarray, prior: np.ndarray, common: np.ndarray, spacing_zyx,
+                      sigma_mm: float, exclude_z: float = 2.0) -> tuple[np.ndarray, dict]:
+    """Smooth multiplicative field F (current ~ F x prior) left after N4 and
+    global matching (differential bias correction, Lewis & Fox, NeuroImage
+    2004): Gaussian (sigma_mm) normalised convolution of log(current/prior)
+    over the common brain, leaving out voxels that changed (|robust z of the
+    difference| > exclude_z) and dark voxels (< 20 % of the median). Returns
+    (F on the whole grid, 1 outside the brain; record)."""
+    med = float(np.median(current[common])) if common.any() else 0.0
+    ok = common & (current > 0.2 * med) & (prior > 0.2 * med)
+    if ok.sum() < 1000 or sigma_mm <= 0:
+        return np.ones_like(current, dtype=np.float32), {"applied": False}
+    z, _, _ = robust_z(current - prior, common)
+    w = (ok & (np.abs(z) <= exclude_z)).astype(np.float32)
+    lr = np.zeros_like(current, dtype=np.float32)
+    lr[ok] = np.log(current[ok] / prior[ok])
+    def smooth(a: np.ndarray) -> np.ndarray:  # recursive (IIR) Gaussian: cost independent of sigma
+        img = sitk.GetImageFromArray(a.astype(np.float32))
+        img.SetSpacing([float(v) for v in spacing_zyx[::-1]])
+        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(sigma_mm)))
+
+    num = smooth(lr * w)
+    den = smooth(w)
+    field = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
+    field[~common] = 0.0
+    f = np.exp(field).astype(np.float32)
+    inside = f[common]
+    return f, {"applied": True, "sigma_mm": sigma_mm,
+               "field_percent_p5_p95": [round(100 * (float(np.percentile(inside, q)) - 1), 2) for q in (5, 95)]}
+
+
+# ---------------------------------------------------------------------------
+def voxel_extent_mm(native: sitk.Image, axes: np.ndarray) -> np.ndarray:
+    """Width (mm) of one native voxel of ``native`` along each of ``axes``
+    (3 unit vectors, rows, LPS): the projection of the oblique voxel box,
+    sum_i |a . d_i| s_i (d_i, s_i: native direction cosines and spacing)."""
+    d = np.array(native.GetDirection(), dtype=float).reshape(3, 3)  # columns = index axes
+    s = np.array(native.GetSpacing(), dtype=float)
+    return np.abs(axes @ d) @ s
+
+
+def resolution_sigmas(current_mm: np.ndarray, prior_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis Gaussian sigmas (mm) that bring the finer timepoint to the
+    coarser one's resolution: a voxel of width w blurs like a box of
+    variance w^2/12, so sigma = sqrt((W^2 - w^2) / 12) where W = max of both.
+    Returns (sigma for the current, sigma for the prior)."""
+    target = np.maximum(current_mm, prior_mm)
+    s_cur = np.sqrt(np.clip(target ** 2 - current_mm ** 2, 0, None) / 12.0)
+    s_pri = np.sqrt(np.clip(target ** 2 - prior_mm ** 2, 0, None) / 12.0)
+    return s_cur, s_pri
+
+
+def smooth_mm(image: sitk.Image, sigma_mm: np.ndarray) -> sitk.Image:
+    """Gaussian smoothing with per-axis sigma in mm along the image's axes
+    (an axis with sigma below 0.05 mm is left alone)."""
+    sigma = [float(v) for v in sigma_mm]
+    if max(sigma) < 0.05:
+        return image
+    sigma = [max(v, 1e-3) for v in sigma]
+    return sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigma)
+
+
+# ---------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One new or growing lesion on the current grid."""
+
+    kind: str                      # "new" | "growing"
+    mask: np.ndarray = field(repr=False)   # (z, y, x) bool, the voxels labelled in lesions.nii.gz
+    volume_mm3: float
+    prior_volume_mm3: float
+    peak_z: float
+    sequence: str
+    centroid_index: tuple[float, float, float]   # (x, y, z) continuous index
+    confidence: float
+
+
+def _confidence(peak_z: float, volume_mm3: float, cfg) -> float:
+    cz = 1.0 - np.exp(-max(0.0, peak_z - cfg.z_threshold) / cfg.confidence_z_scale)
+    cv = 1.0 - np.exp(-max(0.0, volume_mm3) / cfg.confidence_volume_mm3)
+    return round(float(np.clip(cz * cv, 0.0, 1.0)), 3)
+
+
+def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], current_z: dict[str, np.ndarray],
+                 brain: np.ndarray, current_lesion: np.ndarray, prior_lesion: np.ndarray, voxel_mm3: float,
+                 cfg, segmentation_extent: bool = True, detect: np.ndarray | None = None
+                 ) -> tuple[list[Candidate], dict]:
+    """New and growing lesions.
+
+    z_maps: robust z of each subtraction (role -> (z, y, x) array);
+    prior_z / current_z: robust z of the matched prior / current image of
+    each role (the false-positive rule; new signal must be bright now);
+    brain: common brain mask; detect: where subtraction candidates may lie
+    (default ``brain``; the caller keeps them off the brain edge); current_lesion /
+    prior_lesion: the lesion masks of both timepoints on the current grid
+    (segmentation, plus bright FLAIR in lesion mode).
+
+    Candidate voxels S = z > z_threshold where the current image is bright
+    (current z > current_min_z), any role. Components (26-connected)
+    of S | current_lesion | prior_lesion:
+
+    * without prior lesion voxels: "new" unless the peak voxel (highest z) was
+      already bright at the prior (Penn MS CAD: prior z, maximum within
+      prior_bright_radius_mm, above prior_bright_z or above
+      prior_bright_fraction x the current z there: a thin vessel blurred by
+      resampling is not new) or
+      the subtraction never reaches seg_support_z. Its extent: voxels with
+      z >= max(z_threshold, volume_fraction_of_peak x 95th-percentile z), plus
+      the current lesion voxels; kept when >= min_volume_mm3 (MUSIC).
+    * with prior lesion voxels P: the current lesion there plus the new
+      subtraction voxels outside P is the current volume v, p = |P|;
+      "growing" when v - p > max(growth_fraction x p, growth_min_mm3) and the
+      subtraction shows >= min_volume_mm3 of new voxels.
+    segmentation_extent: True (tumour mode, lesion masks = segmentations):
+    the current lesion voxels count in a lesion's extent and volume; False
+    (lesion mode, lesion masks include bright FLAIR): a new lesion is its
+    half-maximum subtraction region and a growing lesion's growth is the new
+    subtraction voxels only (v = p + new voxels), as the bright masks of two
+    differently blurred timepoints are not comparable voxel for voxel.
+    Returns (candidates, counts of what was dropped and why).
+    """
+    roles = list(z_maps)
+    zmax = np.max(np.stack([z_maps[r] for r in roles]), axis=0) if roles else np.zeros(brain.shape, np.float32)
+    zarg = np.argmax(np.stack([z_maps[r] for r in roles]), axis=0) if roles else np.zeros(brain.shape, int)
+    S = np.zeros(brain.shape, bool)
+    for r in roles:
+        S |= (z_maps[r] > cfg.z_threshold) & (current_z[r] > cfg.current_min_z)
+    S &= brain if detect is None else (detect & brain)
+    union = S | (current_lesion & brain) | (prior_lesion & brain)
+    lab, n = ndimage.label(union, structure=STRUCTURE_26)
+    min_vox = cfg.min_volume_mm3 / voxel_mm3
+    dropped = {"below_min_volume": 0, "bright_at_prior": 0, "no_subtraction_support": 0, "not_grown": 0}
+    out: list[Candidate] = []
+    if n == 0:
+        return out, dropped
+    slices = ndimage.find_objects(lab)
+    for i, sl in enumerate(slices, start=1):
+        comp = lab[sl] == i
+        zc, sc = zmax[sl], S[sl]
+        p_vox = prior_lesion[sl] & comp
+        cur = current_lesion[sl] & comp
+        if comp.sum() < min_vox:
+            dropped["below_min_volume"] += 1
+            continue
+        support = comp & sc
+        peak_z = float(zc[comp].max())
+        if not p_vox.any():
+            if peak_z < cfg.seg_support_z or not support.any():
+                dropped["no_subtraction_support"] += 1
+                continue
+            zs = np.where(support, zc, -np.inf)
+            pk = np.unravel_index(int(np.argmax(zs)), zs.shape)
+            role = roles[int(zarg[sl][pk])]
+            bright = min(cfg.prior_bright_z, cfg.prior_bright_fraction * float(current_z[role][sl][pk]))
+            if float(prior_z[role][sl][pk]) > bright:
+                dropped["bright_at_prior"] += 1
+                continue
+            level = max(cfg.z_threshold, cfg.volume_fraction_of_peak * float(np.percentile(zc[support], 95)))
+            region = comp & (zc >= level)
+            if segmentation_extent:
+                region |= cur
+            region = _largest_touching(region, pk)
+            if region.sum() < min_vox:
+                dropped["below_min_volume"] += 1
+                continue
+            vol = float(region.sum() * voxel_mm3)
+            out.append(_candidate("new", region, sl, lab.shape, vol, 0.0, peak_z, role, vol, cfg))
+            continue
+        grown = support & ~p_vox
+        if grown.any():
+            level = max(cfg.z_threshold, cfg.volume_fraction_of_peak * float(np.percentile(zc[grown], 95)))
+            grown &= zc >= level
+        region = (cur | grown) if segmentation_extent else (p_vox | grown)
+        p = float(p_vox.sum() * voxel_mm3)
+        v = float(region.sum() * voxel_mm3)
+        new_vox = float((grown.sum()) * voxel_mm3)
+        if v - p <= max(cfg.growth_fraction * p, cfg.growth_min_mm3) or new_vox < cfg.min_volume_mm3:
+            dropped["not_grown"] += 1
+            continue
+        gz = np.where(grown, zc, -np.inf)
+        pk = np.unravel_index(int(np.argmax(gz)), gz.shape)
+        role = roles[int(zarg[sl][pk])]
+        out.append(_candidate("growing", region, sl, lab.shape, v, p, float(zc[pk]), role, v - p, cfg))
+    return out, dropped
+
+
+def _largest_touching(region: np.ndarray, peak: tuple) -> np.ndarray:
+    """The 26-connected part of ``region`` holding ``peak`` (else the largest)."""
+    lab, n = ndimage.label(region, structure=STRUCTURE_26)
+    if n <= 1:
+        return region
+    k = lab[peak] if lab[peak] else int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
+    return lab == k
+
+
+def _candidate(kind, region, sl, shape, vol, prior_vol, peak_z, role, size_for_conf, cfg) -> Candidate:
+    full = np.zeros(shape, dtype=bool)
+    full[sl] = region
+    zc, yc, xc = (float(c.mean()) for c in np.nonzero(full))
+    return Candidate(kind=kind, mask=full, volume_mm3=round(vol, 1), prior_volume_mm3=round(prior_vol, 1),
+                     peak_z=round(peak_z, 2), sequence=role, centroid_index=(xc, yc, zc),
+                     confidence=_confidence(peak_z, size_for_conf, cfg))
