@@ -53,8 +53,9 @@ def make_client(settings) -> DICOMwebClient:
     return DICOMwebClient(url=settings.dicomweb_url, session=session)
 
 
-def _to_part10(ds: pydicom.Dataset) -> bytes:
-    """Encode a retrieved dataset as a Part 10 file (keeping its transfer syntax)."""
+def with_part10_meta(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Give a retrieved dataset the file meta of a Part 10 file (keeping its
+    transfer syntax; Explicit VR Little Endian when it has none)."""
     meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -62,6 +63,12 @@ def _to_part10(ds: pydicom.Dataset) -> bytes:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
+    return ds
+
+
+def _to_part10(ds: pydicom.Dataset) -> bytes:
+    """Encode a retrieved dataset as a Part 10 file (keeping its transfer syntax)."""
+    ds = with_part10_meta(ds)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

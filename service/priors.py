@@ -333,17 +333,9 @@ class DicomWebPacs:
 
 
 def _save_part10(ds: pydicom.Dataset, path: Path) -> None:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+    from .dicomweb_pull import with_part10_meta
 
-    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if "TransferSyntaxUID" not in meta:
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
+    with_part10_meta(ds).save_as(path, enforce_file_format=True)
 
 
 class DimsePacs:

@@ -762,19 +762,26 @@ def _append_log(path: Path, record: dict) -> None:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _log_records(home: Path) -> list[dict]:
+    """The records of ``<home>/retention.log.jsonl`` (unreadable lines skipped)."""
+    try:
+        lines = (home / LOG_NAME).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def purged_jobs(home: Path) -> dict[int, str]:
     """job id -> UTC time (ISO) its data (workspace, outbox folder or spool
     study) were first purged, from ``<home>/retention.log.jsonl``."""
     out: dict[int, str] = {}
-    try:
-        lines = (home / LOG_NAME).read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in _log_records(home):
         if record.get("area") in ("workspace", "outbox", "spool"):
             for job_id in record.get("job_ids") or []:
                 out.setdefault(int(job_id), record.get("at", ""))
@@ -785,19 +792,8 @@ def purged_spool_jobs(home: Path) -> set[int]:
     """Ids of the jobs whose spool study folder was purged (from
     ``<home>/retention.log.jsonl``): a study received again after that is new
     to the completion monitor, whatever its instance count."""
-    out: set[int] = set()
-    try:
-        lines = (home / LOG_NAME).read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("area") == "spool":
-            out.update(int(j) for j in record.get("job_ids") or [])
-    return out
+    return {int(j) for record in _log_records(home) if record.get("area") == "spool"
+            for j in record.get("job_ids") or []}
 
 
 def purge(settings, sessions, config: RetentionConfig | None = None, vault=None, metrics=None,

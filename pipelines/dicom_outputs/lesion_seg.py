@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 
 from .codes import BRAIN, CATEGORY_ABNORMAL, LESION, AlgorithmInfo, lesion_kind
 from .seg import (
-    CONTENT_CREATOR_NAME, SourceSeries, _as_series, _on_source_grid, algorithm_identification, new_uid,
+    SourceSeries, _as_series, _on_source_grid, algorithm_identification, binary_segmentation, new_uid,
     truncate_words,
 )
 
@@ -101,24 +101,8 @@ def build_lesion_seg(
         masks.append(mask)
     if not descriptions:
         return None
-    seg = hd.seg.Segmentation(
-        source_images=series.datasets,
-        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=new_uid(uid_root),
-        series_number=series_number,
-        sop_instance_uid=new_uid(uid_root),
-        instance_number=instance_number,
-        manufacturer=manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=list(algorithm.software_versions),
-        device_serial_number=algorithm.device_serial_number,
+    return binary_segmentation(
+        series, masks, descriptions, algorithm, uid_root=uid_root, series_number=series_number,
+        instance_number=instance_number, manufacturer=manufacturer,
         content_description=truncate_words(f"{algorithm.name} {algorithm.version} new and growing lesions"),
-        content_label="BL_LESIONS",
-        series_description=series_description,
-        omit_empty_frames=True,
-    )
-    if "ContentCreatorName" not in seg:
-        seg.ContentCreatorName = CONTENT_CREATOR_NAME
-    return seg
+        content_label="BL_LESIONS", series_description=series_description)

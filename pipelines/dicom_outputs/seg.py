@@ -305,12 +305,25 @@ def build_seg(
             anatomic_regions=[BRAIN],
             display_color=concept.cielab,
         ))
-    pixel_array = np.stack([frames == v for v in present], axis=-1).astype(np.uint8)
+    return binary_segmentation(
+        series, [frames == v for v in present], descriptions, algorithm, uid_root=uid_root,
+        series_number=series_number, instance_number=instance_number, manufacturer=manufacturer,
+        content_description=content_description(algorithm), content_label=content_label,
+        series_description=series_description, omit_empty_frames=omit_empty_frames)
+
+
+def binary_segmentation(series: SourceSeries, masks: Sequence[np.ndarray],
+                        descriptions: Sequence[hd.seg.SegmentDescription], algorithm: AlgorithmInfo, *,
+                        uid_root: str | None, series_number: int, instance_number: int, manufacturer: str,
+                        content_description: str, content_label: str, series_description: str,
+                        omit_empty_frames: bool = True) -> hd.seg.Segmentation:
+    """A BINARY highdicom SEG on ``series``: one mask ``[instance, row,
+    column]`` per segment description, new UIDs, the algorithm as device."""
     seg = hd.seg.Segmentation(
         source_images=series.datasets,
-        pixel_array=pixel_array,
+        pixel_array=np.stack(list(masks), axis=-1).astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
+        segment_descriptions=list(descriptions),
         series_instance_uid=new_uid(uid_root),
         series_number=series_number,
         sop_instance_uid=new_uid(uid_root),
@@ -319,7 +332,7 @@ def build_seg(
         manufacturer_model_name=algorithm.name,
         software_versions=list(algorithm.software_versions),
         device_serial_number=algorithm.device_serial_number,
-        content_description=content_description(algorithm),
+        content_description=content_description,
         content_label=content_label,
         series_description=series_description,
         omit_empty_frames=omit_empty_frames,
