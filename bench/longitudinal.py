@@ -1,0 +1,518 @@
+"""Benchmark of issue 11: longitudinal follow-up on synthetic pairs with known truth.
+
+For every (case, variant) it writes a (prior, current) pair with
+tests/synthetic_followup.py (real BraTS 2018 case; random rigid motion, a different
+bias field and an intensity drift at the prior; variants ``nochange``, ``grown``,
+``new``, ``thick``), runs the image pipeline STEPS on the current work folder
+(register, skull_strip, bias_correct, segment, summarize; ``--model``, baseline by
+default), then ``pipelines.longitudinal.step_longitudinal`` (which prepares the
+prior: the same STEPS on ``priors/0``), and scores:
+
+* new-lesion sensitivity (variant ``new``; ``thick`` reported apart): a truth lesion
+  is detected when a reported ``"new"`` lesion overlaps its mask or has its centroid
+  within 5 mm of the truth centroid; the target counts lesions >= 30 mm^3;
+* false positives per no-change pair: reported ``"new"`` lesions (``"growing"`` ones
+  are counted apart); in ``new`` pairs, reported new lesions matching no truth lesion;
+* volume-change error of grown tumours: ``|reported - true| / true`` of the growth
+  (mm^3) of WT and TC from the step's ``change.vs_prior`` (segmentation volumes of
+  both timepoints), and of the lesion list (sum of ``growth_mm3`` of the lesions that
+  touch the grown voxels, against the true WT growth);
+* time added per study: wall time of ``step_longitudinal`` (preparing the prior
+  included), and its part without the prior's preparation;
+* registration error of the prior (mean / max over the current brain of the
+  distance between the recovered and the true transform, mm).
+
+Targets (issue 11): sensitivity >= 0.90 (lesions >= 30 mm^3), <= 1 false positive
+per no-change pair, <= 10 % volume-change error, <= 90 s added per study (2 cores,
+baseline segmenter). Figures are reported for the tune half (tests.corpus.TUNE_CASES)
+and the held-out half separately.
+
+``--matching histogram,linear`` also re-runs the comparison of every no-change pair
+with each intensity-matching method (the prior stays prepared) and reports the
+residual robust SD of the subtraction inside the brain (1.4826 MAD, in % of the
+current brain median; FLAIR and T1c) and the false positives of each, so the default
+of ``config/longitudinal.yaml`` can be chosen by measurement.
+
+    .venv/bin/python bench/longitudinal.py --cases 2013_11,CBICA_ABM --json /tmp/longitudinal.json
+    .venv/bin/python bench/longitudinal.py --cases CBICA_ABM --variants nochange --matching histogram,linear
+
+Exit code 0 when every pair ran (targets are reported, not enforced), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from brainline.pipelines.image_pipeline import STEPS, PipelineConfig  # noqa: E402
+from brainline.pipelines.longitudinal import LongitudinalConfig, step_longitudinal  # noqa: E402
+from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, TUNE_CASES  # noqa: E402
+from tests.synthetic_followup import (  # noqa: E402
+    CASES, GENERATOR_VERSION, VARIANTS, FollowupPair, load_pair, make_pair, pair_name,
+)
+
+TARGETS = {"sensitivity": 0.90, "fp_per_nochange_pair": 1.0, "volume_error": 0.10, "added_s": 90.0}
+MIN_SCORED_MM3 = 30.0
+MATCH_DISTANCE_MM = 5.0
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_current(pair: FollowupPair, cfg: PipelineConfig) -> float:
+    """The image STEPS on the current work folder; returns the wall time (s)."""
+    t0 = time.monotonic()
+    for _, step in STEPS:
+        step(pair.current, cfg)
+    return time.monotonic() - t0
+
+
+def clear_longitudinal(work: Path) -> None:
+    (work / "longitudinal.json").unlink(missing_ok=True)
+    shutil.rmtree(work / "longitudinal", ignore_errors=True)
+
+
+def run_longitudinal(pair: FollowupPair, cfg: PipelineConfig, lcfg: LongitudinalConfig) -> tuple[dict, float]:
+    clear_longitudinal(pair.current)
+    t0 = time.monotonic()
+    result = step_longitudinal(pair.current, cfg, lcfg)
+    return result, time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _array(path: Path) -> np.ndarray | None:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) if path.exists() else None
+
+
+def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
+    """Truth lesions vs reported "new" lesions (overlap or centroid within 5 mm)."""
+    truth = pair.truth["new_lesions"]
+    reported = [l for l in result.get("lesions", []) if l.get("kind") == "new"]
+    lesion_map = _array(pair.current / "longitudinal" / "lesions.nii.gz")
+    truth_map = sitk.GetArrayFromImage(pair.truth_image("new_lesions"))
+    matched_reported: set[int] = set()
+    rows = []
+    for t in truth:
+        tmask = truth_map == t["id"]
+        hit = None
+        if lesion_map is not None:
+            overlap_ids = {int(v) for v in np.unique(lesion_map[tmask]) if v}
+            for l in reported:
+                if l["id"] in overlap_ids:
+                    hit = l
+                    break
+        if hit is None:
+            for l in reported:
+                if np.linalg.norm(np.subtract(l["centroid_lps_mm"], t["centroid_lps_mm"])) <= MATCH_DISTANCE_MM:
+                    hit = l
+                    break
+        any_kind = None
+        if hit is None and lesion_map is not None:  # reported, but as "growing"?
+            ids = {int(v) for v in np.unique(lesion_map[tmask]) if v}
+            any_kind = next((l["kind"] for l in result.get("lesions", []) if l["id"] in ids), None)
+        if hit is not None:
+            matched_reported.add(hit["id"])
+        rows.append({"id": t["id"], "volume_mm3": t["volume_mm3"], "enhancing": t["enhancing"],
+                     "centroid_lps_mm": t["centroid_lps_mm"], "detected": hit is not None,
+                     "reported_id": hit["id"] if hit else None,
+                     "reported_volume_mm3": hit["volume_mm3"] if hit else None,
+                     "reported_sequence": hit.get("sequence") if hit else None,
+                     "reported_confidence": hit.get("confidence") if hit else None,
+                     "reported_as_other_kind": any_kind})
+    fps = [{"id": l["id"], "volume_mm3": l["volume_mm3"], "centroid_lps_mm": l["centroid_lps_mm"],
+            "sequence": l.get("sequence"), "confidence": l.get("confidence"), "peak_z": l.get("peak_z")}
+           for l in reported if l["id"] not in matched_reported]
+    return {"truth": rows, "false_positives": fps}
+
+
+def growth_scores(pair: FollowupPair, result: dict) -> dict:
+    true = pair.truth["change_mm3"]
+    vs_prior = (result.get("change") or {}).get("vs_prior") or {}
+    out: dict = {"true_mm3": {k: true[k] for k in ("whole_tumor", "tumor_core", "3", "2")}}
+    for key, name in (("whole_tumor", "WT"), ("tumor_core", "TC"), ("3", "ET")):
+        rep = vs_prior.get(key, {}).get("delta_ml")
+        rep_mm3 = None if rep is None else 1000.0 * rep
+        out[f"reported_{name}_mm3"] = None if rep_mm3 is None else round(rep_mm3, 1)
+        t = true[key]
+        out[f"error_{name}"] = (round(abs(rep_mm3 - t) / t, 4) if rep_mm3 is not None and t > 0 else None)
+    # the RANO-like flag the truth calls for (config thresholds: +progression_percent and min_change_ml on ET/TC)
+    before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
+    lc = LongitudinalConfig.load()
+    progressed = [k for k in lc.assessed_components
+                  if after[k] - before[k] >= lc.min_change_ml
+                  and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= lc.progression_percent)]
+    out["true_percent"] = {k: (round(100.0 * (after[k] - before[k]) / before[k], 1) if before[k] else None)
+                           for k in ("whole_tumor", "tumor_core", "3")}
+    out["expected_assessment"] = "progression suspected" if progressed else "stable"
+    out["assessment_agrees"] = (result.get("assessment") or {}).get("code") == out["expected_assessment"]
+    # lesion list: lesions that touch the grown voxels
+    lesion_map = _array(pair.current / "longitudinal" / "lesions.nii.gz")
+    growth = sitk.GetArrayFromImage(pair.truth_image("growth")) > 0
+    touching = set()
+    if lesion_map is not None:
+        touching = {int(v) for v in np.unique(lesion_map[growth]) if v}
+    lesions = [l for l in result.get("lesions", []) if l["id"] in touching]
+    lesion_growth = sum(float(l.get("growth_mm3") or 0.0) for l in lesions)
+    out["lesions_touching_growth"] = [{k: l.get(k) for k in ("id", "kind", "volume_mm3", "prior_volume_mm3",
+                                                             "growth_mm3", "sequence")} for l in lesions]
+    out["reported_lesion_growth_mm3"] = round(lesion_growth, 1)
+    out["error_lesions_vs_WT"] = (round(abs(lesion_growth - true["whole_tumor"]) / true["whole_tumor"], 4)
+                                  if true["whole_tumor"] > 0 else None)
+    return out
+
+
+def registration_error(pair: FollowupPair, result: dict) -> dict | None:
+    """Distance (mm) between the recovered current->prior mapping and the truth,
+    over the current brain (every 4th voxel)."""
+    reg = ((result.get("comparison") or {}).get("registration") or {})
+    params = reg.get("parameters") or {}
+    if "matrix" not in params:
+        return None
+    A = np.array(params["matrix"], float)
+    c = np.array(params["center_mm"], float)
+    t = np.array(params["translation_mm"], float)
+    truth = pair.prior_to_current().GetInverse()
+    image = sitk.ReadImage(str(pair.current / "brain_mask.nii.gz"))
+    mask = sitk.GetArrayFromImage(image) > 0
+    idx = np.argwhere(mask[::4, ::4, ::4])[:, ::-1] * 4
+    pts = np.array(image.GetOrigin()) + (idx * np.array(image.GetSpacing())) @ np.array(
+        image.GetDirection()).reshape(3, 3).T
+    rec = (pts - c) @ A.T + c + t
+    tru = np.array([truth.TransformPoint([float(v) for v in p]) for p in pts[:: max(1, len(pts) // 5000)]])
+    d = np.linalg.norm(rec[:: max(1, len(pts) // 5000)] - tru, axis=1)
+    return {"mean_mm": round(float(d.mean()), 3), "max_mm": round(float(d.max()), 3)}
+
+
+def subtraction_spread(work: Path) -> dict:
+    """Robust SD (1.4826 MAD) of each subtraction inside the current brain mask
+    (eroded by 4 mm, where the subtraction is defined), in % of the current
+    preprocessed image's brain median."""
+    mask_img = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
+    radius = [max(1, int(round(4.0 / s))) for s in mask_img.GetSpacing()]
+    mask = sitk.GetArrayFromImage(sitk.BinaryErode(mask_img > 0, radius)) > 0
+    out = {}
+    for role in ("flair", "t1c"):
+        path = work / "longitudinal" / f"subtraction_{role}.nii.gz"
+        if not path.exists():
+            continue
+        d = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        cur = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "preprocessed" / f"{role}.nii.gz")))
+        inside = mask & (d != 0)
+        if inside.sum() < 100:
+            continue
+        v = d[inside]
+        sd = 1.4826 * float(np.median(np.abs(v - np.median(v))))
+        out[role] = {"robust_sd_percent": round(100.0 * sd / float(np.median(cur[inside])), 3),
+                     "median_percent": round(100.0 * float(np.median(v)) / float(np.median(cur[inside])), 3)}
+    return out
+
+
+def score_pair(pair: FollowupPair, result: dict) -> dict:
+    row: dict = {"assessment": (result.get("assessment") or {}).get("code"),
+                 "note": result.get("note"), "notes": result.get("notes", []), "flags": result.get("flags", []),
+                 "n_new": sum(l.get("kind") == "new" for l in result.get("lesions", [])),
+                 "n_growing": sum(l.get("kind") == "growing" for l in result.get("lesions", [])),
+                 "intensity_match": (result.get("comparison") or {}).get("intensity_match"),
+                 "registration_error": registration_error(pair, result),
+                 "subtraction": subtraction_spread(pair.current),
+                 "step_timings_s": result.get("timings_s", {})}
+    vs_prior = (result.get("change") or {}).get("vs_prior") or {}
+    row["volume_change_ml"] = {k: (vs_prior.get(k) or {}).get("delta_ml") for k in ("whole_tumor", "tumor_core", "3")}
+    if pair.variant in ("new", "thick"):
+        row["new_lesions"] = match_new_lesions(pair, result)
+    if pair.variant == "grown":
+        row["growth"] = growth_scores(pair, result)
+    return row
+
+
+# --------------------------------------------------------------------------- one pair
+
+
+def reset_work(folder: Path) -> None:
+    """Remove everything the pipeline wrote in a work folder (keeps nifti/, priors*, prior.json)."""
+    for child in folder.iterdir():
+        if child.name in ("nifti", "priors", "priors.json", "prior.json"):
+            continue
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def reusable_pair(root: Path, args) -> FollowupPair | None:
+    """An already generated pair with the same seed, spacing and generator version,
+    reset to its unprocessed state; None when there is none."""
+    if not (root / "truth.json").exists():
+        return None
+    pair = load_pair(root)
+    spacing = pair.truth["spacing_mm"][0]
+    if (pair.truth.get("generator_version") != GENERATOR_VERSION or pair.truth["seed"] != args.seed
+            or abs(spacing - (args.spacing or 1.0)) > 1e-6):
+        return None
+    reset_work(pair.current)
+    reset_work(pair.prior)
+    return pair
+
+
+def run_pair(case: str, variant: str, args, cfg: PipelineConfig, lcfg: LongitudinalConfig) -> dict:
+    row: dict = {"case": case, "variant": variant, "split": "tune" if case in TUNE_CASES else "holdout",
+                 "error": None}
+    t0 = time.monotonic()
+    pair = reusable_pair(args.out / pair_name(case, variant), args) if args.reuse_pairs else None
+    if pair is None:
+        pair = make_pair(case, variant, args.out, args.seed, data_root=args.data, spacing_mm=args.spacing)
+        row["generate_s"] = round(time.monotonic() - t0, 1)
+    else:
+        row["generate_s"] = None
+    row["truth"] = {"motion_deg": pair.truth["prior"]["motion"]["rotation_deg"],
+                    "motion_mm": pair.truth["prior"]["motion"]["translation_norm_mm"],
+                    "new_lesions_mm3": [l["volume_mm3"] for l in pair.truth["new_lesions"]],
+                    "change_mm3": pair.truth["change_mm3"]}
+    row["current_s"] = round(run_current(pair, cfg), 1)
+    result, added = run_longitudinal(pair, cfg, lcfg)
+    row["added_s"] = round(added, 1)
+    row["load_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine meanwhile
+    prep = (result.get("timings_s") or {}).get("prepare_priors")
+    row["added_without_prior_prep_s"] = round(added - prep, 1) if prep is not None else None
+    row.update(score_pair(pair, result))
+    if args.matching and variant == "nochange":
+        row["matching"] = {}
+        for method in args.matching:
+            res, secs = run_longitudinal(pair, cfg, replace(lcfg, intensity_match=method))
+            row["matching"][method] = {"subtraction": subtraction_spread(pair.current),
+                                       "n_new": sum(l.get("kind") == "new" for l in res.get("lesions", [])),
+                                       "n_growing": sum(l.get("kind") == "growing" for l in res.get("lesions", [])),
+                                       "compare_s": round(secs, 1)}
+    return row
+
+
+# --------------------------------------------------------------------------- totals and report
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def split_totals(rows: list[dict]) -> dict:
+    ok = [r for r in rows if not r.get("error")]
+    truth_new = [t for r in ok if r["variant"] == "new" for t in r["new_lesions"]["truth"]]
+    scored = [t for t in truth_new if t["volume_mm3"] >= MIN_SCORED_MM3]
+    thick = [t for r in ok if r["variant"] == "thick" for t in r["new_lesions"]["truth"]
+             if t["volume_mm3"] >= MIN_SCORED_MM3]
+    nochange = [r for r in ok if r["variant"] == "nochange"]
+    grown = [r for r in ok if r["variant"] == "grown"]
+    added = [r["added_s"] for r in ok if r.get("added_s") is not None]
+    return {
+        "pairs": len(rows), "failed_pairs": len(rows) - len(ok),
+        "new_lesions_scored": len(scored),
+        "sensitivity": round(sum(t["detected"] for t in scored) / len(scored), 4) if scored else None,
+        "sensitivity_all_sizes": (round(sum(t["detected"] for t in truth_new) / len(truth_new), 4)
+                                  if truth_new else None),
+        "sensitivity_thick": round(sum(t["detected"] for t in thick) / len(thick), 4) if thick else None,
+        "missed": [{"case": r["case"], **t} for r in ok if r["variant"] == "new"
+                   for t in r["new_lesions"]["truth"] if not t["detected"]],
+        "fp_in_new_pairs_per_pair": _mean([len(r["new_lesions"]["false_positives"]) for r in ok
+                                           if r["variant"] == "new"]),
+        "nochange_pairs": len(nochange),
+        "fp_per_nochange_pair": _mean([r["n_new"] for r in nochange]),
+        "growing_per_nochange_pair": _mean([r["n_growing"] for r in nochange]),
+        "nochange_not_stable": [r["case"] for r in nochange if r["assessment"] != "stable"],
+        "nochange_abs_change_ml": {k: _mean([abs(r["volume_change_ml"][k]) for r in nochange
+                                             if r["volume_change_ml"][k] is not None])
+                                   for k in ("whole_tumor", "tumor_core", "3")},
+        "grown_pairs": len(grown),
+        "volume_error_WT": _mean([r["growth"]["error_WT"] for r in grown]),
+        "volume_error_TC": _mean([r["growth"]["error_TC"] for r in grown]),
+        "volume_error_lesions": _mean([r["growth"]["error_lesions_vs_WT"] for r in grown]),
+        "grown_assessments": {r["case"]: {"reported": r["assessment"], "expected": r["growth"]["expected_assessment"]}
+                              for r in grown},
+        "grown_assessment_agreement": _mean([float(r["growth"]["assessment_agrees"]) for r in grown]),
+        "median_added_s": round(statistics.median(added), 1) if added else None,
+        "max_added_s": round(max(added), 1) if added else None,
+        "median_added_without_prior_prep_s": (round(statistics.median(
+            [r["added_without_prior_prep_s"] for r in ok if r.get("added_without_prior_prep_s") is not None]), 1)
+            if any(r.get("added_without_prior_prep_s") is not None for r in ok) else None),
+        "registration_error_mean_mm": _mean([(r.get("registration_error") or {}).get("mean_mm") for r in ok]),
+        "registration_error_max_mm": max([(r.get("registration_error") or {}).get("max_mm") or 0.0 for r in ok],
+                                         default=None),
+    }
+
+
+def matching_totals(rows: list[dict], methods: list[str]) -> dict:
+    out = {}
+    for m in methods:
+        sub = [r["matching"][m] for r in rows if r.get("matching") and m in r["matching"]]
+        out[m] = {"pairs": len(sub),
+                  **{f"{role}_robust_sd_percent": _mean([s["subtraction"].get(role, {}).get("robust_sd_percent")
+                                                         for s in sub]) for role in ("flair", "t1c")},
+                  **{f"{role}_abs_median_percent": _mean([abs(s["subtraction"].get(role, {}).get("median_percent", 0))
+                                                          for s in sub]) for role in ("flair", "t1c")},
+                  "fp_per_pair": _mean([s["n_new"] for s in sub]),
+                  "growing_per_pair": _mean([s["n_growing"] for s in sub])}
+    return out
+
+
+def _f(v, d=2):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def print_report(rows: list[dict], totals: dict, args) -> None:
+    header = (f"{'case':<12}{'variant':<10}{'split':<8}{'assess':<12}{'new':>4}{'grow':>5}"
+              f"{'detected':>10}{'FP':>4}{'errWT':>7}{'errTC':>7}{'errLes':>7}{'reg mm':>8}"
+              f"{'sdFL%':>7}{'cur s':>7}{'added s':>8}")
+    print("\n" + header)
+    print("-" * len(header))
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['case']:<12}{r['variant']:<10}{r['split']:<8}ERROR {r['error'][:120]}")
+            continue
+        det = fp = "-"
+        if "new_lesions" in r:
+            t = r["new_lesions"]["truth"]
+            det = f"{sum(x['detected'] for x in t)}/{len(t)}"
+            fp = str(len(r["new_lesions"]["false_positives"]))
+        elif r["variant"] == "nochange":
+            fp = str(r["n_new"])
+        g = r.get("growth") or {}
+        print(f"{r['case']:<12}{r['variant']:<10}{r['split']:<8}{str(r['assessment'])[:11]:<12}{r['n_new']:>4}"
+              f"{r['n_growing']:>5}{det:>10}{fp:>4}{_f(g.get('error_WT'), 3):>7}{_f(g.get('error_TC'), 3):>7}"
+              f"{_f(g.get('error_lesions_vs_WT'), 3):>7}{_f((r.get('registration_error') or {}).get('mean_mm')):>8}"
+              f"{_f((r.get('subtraction') or {}).get('flair', {}).get('robust_sd_percent')):>7}"
+              f"{_f(r.get('current_s'), 1):>7}{_f(r.get('added_s'), 1):>8}")
+    print(f"\n{os.cpu_count()} CPUs, model {args.model}, seed {args.seed}, spacing "
+          f"{args.spacing or 'source (1 mm)'}; detection: overlap or centroid within {MATCH_DISTANCE_MM:g} mm")
+    for split in ("tune", "holdout", "all"):
+        t = totals[split]
+        if not t["pairs"]:
+            continue
+        print(f"\n[{split}] {t['pairs']} pairs ({t['failed_pairs']} failed)")
+        print(f"  new-lesion sensitivity (>= {MIN_SCORED_MM3:g} mm3): {_f(t['sensitivity'], 3)} over "
+              f"{t['new_lesions_scored']} lesions (target >= {TARGETS['sensitivity']}); all sizes "
+              f"{_f(t['sensitivity_all_sizes'], 3)}; thick prior FLAIR {_f(t['sensitivity_thick'], 3)}")
+        print(f"  false positives per no-change pair: {_f(t['fp_per_nochange_pair'])} over {t['nochange_pairs']} "
+              f"pairs (target <= {TARGETS['fp_per_nochange_pair']:g}); growing per no-change pair "
+              f"{_f(t['growing_per_nochange_pair'])}; unmatched new lesions per 'new' pair "
+              f"{_f(t['fp_in_new_pairs_per_pair'])}; no-change pairs not 'stable': {t['nochange_not_stable'] or 'none'}")
+        print(f"  volume-change error of grown tumours ({t['grown_pairs']} pairs): WT {_f(t['volume_error_WT'], 3)}, "
+              f"TC {_f(t['volume_error_TC'], 3)}, lesion list vs WT {_f(t['volume_error_lesions'], 3)} "
+              f"(target <= {TARGETS['volume_error']}); no-change |delta| mL: {t['nochange_abs_change_ml']}")
+        if t["grown_pairs"]:
+            print(f"  RANO-like flag on grown pairs agrees with the truth in {_f(t['grown_assessment_agreement'])}: "
+                  + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})" for c, v in t["grown_assessments"].items()))
+        print(f"  time added per study: median {_f(t['median_added_s'], 1)} s, max {_f(t['max_added_s'], 1)} s "
+              f"(target <= {TARGETS['added_s']:g} s; without preparing the prior: median "
+              f"{_f(t['median_added_without_prior_prep_s'], 1)} s); registration error mean "
+              f"{_f(t['registration_error_mean_mm'])} mm, worst {_f(t['registration_error_max_mm'])} mm")
+        if t["missed"]:
+            print("  missed lesions: " + "; ".join(
+                f"{m['case']} #{m['id']} {m['volume_mm3']:.0f} mm3{' enh' if m['enhancing'] else ''}"
+                + (f" (reported as {m['reported_as_other_kind']})" if m.get("reported_as_other_kind") else "")
+                for m in t["missed"]))
+    if args.matching:
+        print("\nintensity matching on no-change pairs (robust SD of the subtraction in the brain, % of the "
+              "current brain median; lower is better):")
+        for m, v in totals["matching"].items():
+            print(f"  {m:<10} pairs {v['pairs']}: FLAIR {_f(v['flair_robust_sd_percent'])} %, "
+                  f"T1c {_f(v['t1c_robust_sd_percent'])} %; |median| FLAIR {_f(v['flair_abs_median_percent'])} %, "
+                  f"T1c {_f(v['t1c_abs_median_percent'])} %; new per pair {_f(v['fp_per_pair'])}, "
+                  f"growing {_f(v['growing_per_pair'])}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated BraTS 2018 case ids (default all 12)")
+    parser.add_argument("--variants", default="nochange,grown,new", help=f"comma-separated, from {','.join(VARIANTS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spacing", type=float, default=None, help="block-average the sources to this spacing (mm)")
+    parser.add_argument("--model", default="baseline", help="segmentation model (PipelineConfig.model; default baseline)")
+    parser.add_argument("--config", type=Path, default=None, help="longitudinal YAML (default config/longitudinal.yaml)")
+    parser.add_argument("--matching", default="", help="e.g. histogram,linear: compare intensity matching on no-change pairs")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=None, help="pairs and work folders (default: a temp dir, removed)")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument("--reuse-pairs", action="store_true",
+                        help="reuse pairs already in --out (same seed, spacing, generator version), reprocessed")
+    args = parser.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    variants = [v for v in args.variants.split(",") if v]
+    args.matching = [m for m in args.matching.split(",") if m]
+    bad = [c for c in cases if c not in CASES] + [v for v in variants if v not in VARIANTS] + \
+          [m for m in args.matching if m not in ("histogram", "linear")]
+    if bad:
+        parser.error(f"unknown case/variant/matching: {bad}")
+    tmp = None
+    if args.out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-longitudinal-"))
+        args.out = tmp
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = PipelineConfig(model=args.model)
+    lcfg = LongitudinalConfig.load(args.config)
+    rows = []
+    started = time.monotonic()
+    for case in cases:
+        for variant in variants:
+            try:
+                row = run_pair(case, variant, args, cfg, lcfg)
+            except Exception as exc:  # reported per pair, the run goes on
+                row = {"case": case, "variant": variant, "split": "tune" if case in TUNE_CASES else "holdout",
+                       "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            rows.append(row)
+            if row.get("error"):
+                print(f"  {case} {variant}: ERROR {row['error']}", flush=True)
+            else:
+                extra = ""
+                if "new_lesions" in row:
+                    t = row["new_lesions"]["truth"]
+                    extra = (f"detected {sum(x['detected'] for x in t)}/{len(t)}, "
+                             f"unmatched {len(row['new_lesions']['false_positives'])}")
+                elif "growth" in row:
+                    g = row["growth"]
+                    extra = (f"WT growth true {g['true_mm3']['whole_tumor']:.0f} reported {g['reported_WT_mm3']} mm3, "
+                             f"TC true {g['true_mm3']['tumor_core']:.0f} reported {g['reported_TC_mm3']} mm3")
+                print(f"  {case} {variant}: {row['assessment']}, new {row['n_new']}, growing {row['n_growing']}; "
+                      f"{extra}; current {row['current_s']} s, added {row['added_s']} s", flush=True)
+    totals = {"tune": split_totals([r for r in rows if r["case"] in TUNE_CASES]),
+              "holdout": split_totals([r for r in rows if r["case"] in HOLDOUT_CASES]),
+              "all": split_totals(rows)}
+    if args.matching:
+        totals["matching"] = matching_totals(rows, args.matching)
+    print_report(rows, totals, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "bench/longitudinal.py (issue 11)",
+            "config": {"cases": cases, "variants": variants, "seed": args.seed, "spacing_mm": args.spacing,
+                       "model": args.model, "longitudinal": lcfg.to_dict(), "matching": args.matching,
+                       "cpus": os.cpu_count(), "platform": platform.platform()},
+            "targets": TARGETS, "elapsed_s": round(time.monotonic() - started, 1),
+            "totals": totals, "pairs": rows}, indent=1, default=str))
+        print(f"JSON: {args.json}")
+    if tmp is not None and not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp is not None:
+        print(f"kept: {tmp}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Quick checks of tests.synthetic_followup, the generator of synthetic follow-up pairs (issue 11).
+
+About 30 s: one 1 mm pair with new lesions (volumes and contrast measured in the
+image), the rest on 2 mm block-averaged sources.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.corpus import DEFAULT_DATA
+from tests.synthetic_followup import ROLES, load_pair, load_source, make_pair
+
+CASE = "CBICA_ABM"
+pytestmark = pytest.mark.skipif(not (DEFAULT_DATA / "brats18").is_dir(), reason="shared brats18 data not available")
+
+
+def arr(path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("followup")
+
+
+@pytest.fixture(scope="module")
+def new_pair(out):
+    """1 mm, no bias field and no noise (so the painted contrast can be measured against
+    the source), lesions of fixed volume; the prior still moves and drifts."""
+    return make_pair(CASE, "new", out, seed=3, new_volumes_mm3=[20.0, 60.0, 180.0, 450.0], noise=0.0,
+                     bias=(0.0, 0.0), prior_interpolation="linear", name="clean_new")
+
+
+def test_layout_follows_the_contract(new_pair):
+    cur, prior = new_pair.current, new_pair.prior
+    assert sorted(p.name for p in (cur / "nifti").iterdir()) == sorted(f"{r}.nii.gz" for r in ROLES)
+    assert sorted(p.name for p in (prior / "nifti").iterdir()) == sorted(f"{r}.nii.gz" for r in ROLES)
+    priors = json.loads((cur / "priors.json").read_text())
+    assert priors["priors"][0]["dir"] == "priors/0"
+    assert json.loads((prior / "prior.json").read_text()) == priors["priors"][0]
+    assert priors["priors"][0]["study_date"] < priors["current"]["study_date"]
+    assert not (cur / "truth.json").exists() and (new_pair.root / "truth.json").exists()
+    # already skull-stripped inputs: exact-zero background at both timepoints
+    for folder in (cur, prior):
+        values = arr(folder / "nifti" / "flair.nii.gz")
+        assert (values == 0).mean() > 0.3 and values.min() >= 0
+
+
+def test_new_lesion_volumes_and_contrast_match_the_truth(new_pair):
+    truth = new_pair.truth
+    lesions = truth["new_lesions"]
+    assert len(lesions) == 4
+    ids = sitk.GetArrayFromImage(new_pair.truth_image("new_lesions"))
+    images, _ = load_source(CASE)
+    source = sitk.GetArrayFromImage(images["flair"])
+    current = arr(new_pair.current / "nifti" / "flair.nii.gz")
+    for lesion in lesions:
+        mask = ids == lesion["id"]
+        # the truth mask has the requested volume (1 mm voxels)
+        assert int(mask.sum()) == lesion["voxels"]
+        assert abs(lesion["volume_mm3"] - lesion["requested_mm3"]) <= 0.10 * lesion["requested_mm3"] + 1.0
+        # ... and the image carries it: the voxels whose FLAIR went more than half way from
+        # the source towards the lesion's level (75th percentile inside the mask)
+        assert np.median(current[mask]) > 1.15 * np.median(source[mask]), lesion
+        near = np.zeros_like(mask)
+        zz, yy, xx = np.argwhere(mask).T
+        near[max(zz.min() - 4, 0):zz.max() + 5, max(yy.min() - 4, 0):yy.max() + 5,
+             max(xx.min() - 4, 0):xx.max() + 5] = True
+        level = float(np.percentile(current[mask], 75))
+        gap = level - source
+        measured = near & (gap > 0) & (current - source > 0.5 * gap)
+        assert abs(int(measured.sum()) - int(mask.sum())) <= 0.10 * mask.sum() + 2, (lesion, int(measured.sum()))
+        dice = 2 * (measured & mask).sum() / (measured.sum() + mask.sum())
+        assert dice > 0.85, (lesion, dice)
+        # away from the tumour, inside the brain
+        assert lesion["distance_to_tumour_mm"] >= 20.0
+    # the centroids are in LPS mm of the current grid
+    img = new_pair.truth_image("new_lesions")
+    for lesion in lesions:
+        idx = img.TransformPhysicalPointToIndex(lesion["centroid_lps_mm"])
+        assert ids[idx[2], idx[1], idx[0]] == lesion["id"]
+
+
+def test_prior_is_moved_by_the_recorded_motion(new_pair):
+    truth = new_pair.truth["prior"]["motion"]
+    assert 0.3 * 8.0 - 1e-6 <= truth["rotation_deg"] <= 8.0 + 1e-6
+    assert 0.3 * 8.0 - 1e-6 <= truth["translation_norm_mm"] <= 8.0 + 1e-6
+    motion = new_pair.prior_to_current()
+    cur_lab, prior_lab = new_pair.truth_image("labels_current"), new_pair.truth_image("labels_prior")
+    stats = {}
+    for name, image in (("current", cur_lab), ("prior", prior_lab)):
+        s = sitk.LabelShapeStatisticsImageFilter()
+        s.Execute(sitk.Cast(image > 0, sitk.sitkUInt8))
+        stats[name] = np.array(s.GetCentroid(1))
+    # the tumour centroid of the prior, carried by prior_to_current, lands on the current one
+    mapped = np.array(motion.TransformPoint(stats["prior"].tolist()))
+    assert np.linalg.norm(mapped - stats["current"]) < 1.0
+    assert np.linalg.norm(stats["prior"] - stats["current"]) > 1.0
+    # the prior's images are on their own grid, and aligned by the truth motion they match the current
+    prior_t1 = sitk.ReadImage(str(new_pair.prior / "nifti" / "t1.nii.gz"), sitk.sitkFloat32)
+    cur_t1 = sitk.ReadImage(str(new_pair.current / "nifti" / "t1.nii.gz"), sitk.sitkFloat32)
+    assert prior_t1.GetSize() != cur_t1.GetSize()
+    aligned = sitk.GetArrayFromImage(sitk.Resample(prior_t1, cur_t1, motion.GetInverse(), sitk.sitkLinear, 0.0))
+    unaligned = sitk.GetArrayFromImage(sitk.Resample(prior_t1, cur_t1, sitk.Transform(), sitk.sitkLinear, 0.0))
+    c = sitk.GetArrayFromImage(cur_t1)
+    brain = c > 0
+    r_aligned = np.corrcoef(c[brain], aligned[brain])[0, 1]
+    r_unaligned = np.corrcoef(c[brain], unaligned[brain])[0, 1]
+    assert r_aligned > 0.9 > r_unaligned + 0.1, (r_aligned, r_unaligned)
+
+
+def test_grown_tumour_truth_and_seeds_reproduce(out):
+    a = make_pair(CASE, "grown", out, seed=5, spacing_mm=2, name="grown_a")
+    b = make_pair(CASE, "grown", out, seed=5, spacing_mm=2, name="grown_b")
+    ta = {k: v for k, v in a.truth.items() if k != "generation_s"}
+    assert ta == {k: v for k, v in b.truth.items() if k != "generation_s"}
+    for role in ROLES:
+        assert np.array_equal(arr(a.prior / "nifti" / f"{role}.nii.gz"), arr(b.prior / "nifti" / f"{role}.nii.gz"))
+        assert np.array_equal(arr(a.current / "nifti" / f"{role}.nii.gz"), arr(b.current / "nifti" / f"{role}.nii.gz"))
+
+    # growth: exact voxel counts of the truth label maps, inside the brain, grown by the requested fraction
+    current_labels = sitk.GetArrayFromImage(a.truth_image("labels_current"))
+    images, source_labels_img = load_source(CASE, spacing_mm=2)
+    source_labels = sitk.GetArrayFromImage(source_labels_img)
+    growth = sitk.GetArrayFromImage(a.truth_image("growth"))
+    voxel = 8.0
+    wt_growth = a.truth["change_mm3"]["whole_tumor"]
+    tc_growth = a.truth["change_mm3"]["tumor_core"]
+    assert wt_growth == pytest.approx(((current_labels > 0).sum() - (source_labels > 0).sum()) * voxel, abs=1.0)
+    assert tc_growth == pytest.approx((growth == 3).sum() * voxel, abs=1.0)
+    info = a.truth["growth"]
+    assert wt_growth == pytest.approx(info["requested_fraction"]["whole_tumor"]
+                                      * info["component_prior_mm3"]["whole_tumor"], rel=0.10)
+    assert tc_growth == pytest.approx(info["requested_fraction"]["tumor_core"]
+                                      * info["component_prior_mm3"]["tumor_core"], rel=0.10)
+    assert wt_growth > 1000 and tc_growth > 500
+    head = sitk.GetArrayFromImage(images["t1"]) > 0
+    assert head[growth > 0].all()
+    assert (source_labels[growth == 2] == 0).all()          # the edema shell lies outside the old tumour
+    # the grown shell looks like the case's own edema on FLAIR (brighter than the brain it replaced)
+    cur_flair = arr(a.current / "nifti" / "flair.nii.gz")
+    src_flair = sitk.GetArrayFromImage(images["flair"])
+    shell = growth == 2
+    assert np.median(cur_flair[shell]) > 1.1 * np.median(src_flair[shell])
+    assert load_pair(a.root).truth == a.truth
+
+
+def test_thick_prior_flair(out):
+    pair = make_pair(CASE, "thick", out, seed=1, spacing_mm=2, name="thick", prior_interpolation="linear")
+    flair = sitk.ReadImage(str(pair.prior / "nifti" / "flair.nii.gz"))
+    t1 = sitk.ReadImage(str(pair.prior / "nifti" / "t1.nii.gz"))
+    assert flair.GetSpacing()[2] == pytest.approx(5.0) and t1.GetSpacing()[2] == pytest.approx(2.0)
+    assert pair.truth["prior"]["thick_flair_mm"] == 5.0
+    assert 1 <= len(pair.truth["new_lesions"]) <= 4
+    assert all(15.0 * 0.5 <= l["volume_mm3"] <= 500.0 * 1.1 for l in pair.truth["new_lesions"])
