@@ -14,8 +14,10 @@ prior: the same STEPS on ``priors/0``), and scores:
 * false positives per no-change pair: reported ``"new"`` lesions (``"growing"`` ones
   are counted apart); in ``new`` pairs, reported new lesions matching no truth lesion;
 * volume-change error of grown tumours: ``|reported - true| / true`` of the growth
-  (mm^3) of WT and TC from the step's ``change.vs_prior`` (segmentation volumes of
-  both timepoints), and of the lesion list (sum of ``growth_mm3`` of the lesions that
+  (mm^3) of WT and TC from the step's ``change.vs_prior_paired`` (the registered
+  pair: prior segmentation plus subtraction-confirmed changes; ``change.vs_prior``,
+  two independent segmentations, when no subtraction was possible; both are
+  recorded), and of the lesion list (sum of ``growth_mm3`` of the lesions that
   touch the grown voxels, against the true WT growth);
 * time added per study: wall time of ``step_longitudinal`` (preparing the prior
   included), and its part without the prior's preparation;
@@ -145,8 +147,15 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
 
 def growth_scores(pair: FollowupPair, result: dict) -> dict:
     true = pair.truth["change_mm3"]
-    vs_prior = (result.get("change") or {}).get("vs_prior") or {}
-    out: dict = {"true_mm3": {k: true[k] for k in ("whole_tumor", "tumor_core", "3", "2")}}
+    change = result.get("change") or {}
+    independent = change.get("vs_prior") or {}
+    # the step's measure of the change against the prior: the registered pair when it could subtract
+    vs_prior = change.get("vs_prior_paired") or independent
+    out: dict = {"true_mm3": {k: true[k] for k in ("whole_tumor", "tumor_core", "3", "2")},
+                 "measured_on": "registered pair" if change.get("vs_prior_paired") else "two segmentations",
+                 "independent_delta_mm3": {k: (None if (independent.get(k) or {}).get("delta_ml") is None
+                                               else round(1000.0 * independent[k]["delta_ml"], 1))
+                                           for k in ("whole_tumor", "tumor_core", "3")}}
     for key, name in (("whole_tumor", "WT"), ("tumor_core", "TC"), ("3", "ET")):
         rep = vs_prior.get(key, {}).get("delta_ml")
         rep_mm3 = None if rep is None else 1000.0 * rep

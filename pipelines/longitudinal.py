@@ -62,7 +62,7 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
-from brainline.models.base import ROLES
+from brainline.models.base import ET, NCR, ROLES
 
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
 from .lesion_location import locate_points
@@ -113,6 +113,7 @@ class LongitudinalConfig:
     decrease_percent: float = -50.0
     min_change_ml: float = 1.0
     assessed_components: tuple = ("3", "tumor_core")
+    paired_support_z: float = 2.0
     locate: bool = True
 
     @classmethod
@@ -194,6 +195,43 @@ def _change(ref: dict, cur: dict) -> dict:
         a, b = float(a), float(b)
         out[k] = {"prior_ml": round(a, 3), "current_ml": round(b, 3), "delta_ml": round(b - a, 3),
                   "percent": round(100.0 * (b - a) / a, 1) if a > 0 else None}
+    return out
+
+
+#: Component -> (its voxels in a BraTS 2023 label map, the subtraction that must confirm a change).
+PAIRED_COMPONENTS = {"whole_tumor": (lambda a: a > 0, "flair"),
+                     "tumor_core": (lambda a: np.isin(a, (NCR, ET)), "t1c"),
+                     "3": (lambda a: a == ET, "t1c")}
+
+
+def paired_change(current_labels: np.ndarray, prior_labels: np.ndarray, z_maps: dict[str, np.ndarray],
+                  voxel_mm3: float, support_z: float) -> dict:
+    """Volume change of each component measured on the registered pair, not
+    on two independent segmentations: the prior's component (its labels
+    resampled onto the current grid) plus the voxels the current segmentation
+    adds where the subtraction rose (robust z > ``support_z``), minus the
+    voxels it drops where the subtraction fell (z < -``support_z``).
+    Segmentation differences where the images did not change are not counted:
+    they are the segmenter's own irreproducibility, not the tumour's change.
+    Same entries as the independent change (mL, %) plus ``gained_ml``,
+    ``lost_ml`` and the confirming ``sequence``. Arrays: (z, y, x) on one grid."""
+    out = {}
+    for key, (select, role) in PAIRED_COMPONENTS.items():
+        z = z_maps.get(role)
+        if z is None:
+            z = next(iter(z_maps.values()), None)
+            role = next(iter(z_maps), role)
+        if z is None:
+            continue
+        before, now = select(prior_labels), select(current_labels)
+        gained = int(np.count_nonzero(now & ~before & (z > support_z)))
+        lost = int(np.count_nonzero(before & ~now & (z < -support_z)))
+        prior_ml = float(np.count_nonzero(before)) * voxel_mm3 / 1000.0
+        current_ml = prior_ml + (gained - lost) * voxel_mm3 / 1000.0
+        entry = _change({key: prior_ml}, {key: current_ml})[key]
+        entry.update(gained_ml=round(gained * voxel_mm3 / 1000.0, 3), lost_ml=round(lost * voxel_mm3 / 1000.0, 3),
+                     sequence=role)
+        out[key] = entry
     return out
 
 
@@ -407,11 +445,13 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     common = cur_mask & prior_mask
     common_img = sitk.GetImageFromArray(common.astype(np.uint8))
     common_img.CopyInformation(grid)
-    prior_seg = np.zeros(common.shape, bool)  # (cropped grid from here on)
+    prior_lab = np.zeros(common.shape, np.uint8)  # (cropped grid from here on)
     if (prior_dir / "segmentation.nii.gz").exists():
-        prior_seg = sitk.GetArrayFromImage(resample_to(_read(prior_dir / "segmentation.nii.gz", sitk.sitkUInt8),
-                                                       grid, tx, interpolator="nearest")) > 0
-    cur_seg = sitk.GetArrayFromImage(grid) > 0  # grid = the cropped current segmentation
+        prior_lab = sitk.GetArrayFromImage(resample_to(_read(prior_dir / "segmentation.nii.gz", sitk.sitkUInt8),
+                                                       grid, tx, interpolator="nearest"))
+    prior_seg = prior_lab > 0
+    cur_lab = sitk.GetArrayFromImage(grid)  # grid = the cropped current segmentation
+    cur_seg = cur_lab > 0
     center = tx.GetCenter() if hasattr(tx, "GetCenter") else (0.0, 0.0, 0.0)
     R = np.stack([np.array(tx.TransformVector(tuple(float(v) for v in e), center)) for e in np.eye(3)], axis=1)
     axes = _axes(grid)
@@ -491,6 +531,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                                                                        for s in grid.GetSpacing()])) > 0
     cands, dropped = find_lesions(z_maps, prior_z, current_z, common, cur_lesion, pri_lesion, voxel_mm3, lcfg,
                                   segmentation_extent=(mode == "tumour"), detect=detect)
+    rec["paired_change"] = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z)
     rec.update(ok=True, subtractions=subtractions, resolution=resolution, intensity_match=lcfg.intensity_match,
                intensity_mapping=matched_rec, subtraction_sd=sd_rec, candidates=cands, dropped=dropped, grid=grid,
                full_grid=full_grid, crop=crop)
@@ -602,7 +643,16 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
                            f"lesion(s) on the subtraction")
         else:
             out["note"] = rec.get("note")
-        out["assessment"] = assess(out["change"], baseline_change, lc, lesions, mode)
+        paired = rec.get("paired_change") if rec.get("ok") else None
+        assessed = out["change"]
+        if paired:
+            # the most recent prior is measured on the registered pair (see paired_change);
+            # a nadir or baseline further back still compares two segmentations
+            out["change"]["vs_prior_paired"] = paired
+            assessed = {**out["change"], "vs_prior": paired}
+            if len(usable) == 1:
+                baseline_change = paired
+        out["assessment"] = assess(assessed, baseline_change, lc, lesions, mode)
         out["timings_s"]["total"] = round(time.monotonic() - t0, 2)
         return out
 

@@ -373,3 +373,31 @@ def test_lobe_map_rules():
     assert lobes.lobe(at(0.1, 0.8, 0.1)) == "cerebellum/brainstem"
     assert lobes.lobe(at(0.2, 0.5, 0.45)) == "insula/deep"
     assert lobes.hemisphere(at(0.0, 0.5, 0.5)) == "midline"
+
+
+def test_paired_change_counts_only_changes_the_subtraction_confirms():
+    """Two segmentations of an unchanged tumour that disagree (the segmenter's
+    own irreproducibility) give no paired change; voxels that the current
+    segmentation adds where FLAIR rose count as growth, and dropped voxels
+    where it fell as shrinkage."""
+    from brainline.pipelines.longitudinal import paired_change
+
+    prior = np.zeros((20, 20, 20), np.uint8)
+    prior[5:15, 5:15, 5:15] = 2          # 1000 voxels of oedema
+    prior[8:12, 8:12, 8:12] = 3          # 64 voxels enhancing
+    current = prior.copy()
+    current[4, 5:15, 5:15] = 2           # the segmenter reaches one slice further ...
+    z = {"flair": np.zeros(prior.shape), "t1c": np.zeros(prior.shape)}
+    same = paired_change(current, prior, z, voxel_mm3=1.0, support_z=2.0)
+    assert same["whole_tumor"]["delta_ml"] == 0.0 and same["3"]["delta_ml"] == 0.0
+    z["flair"][4] = 5.0                  # ... and there FLAIR did rise: real growth of 100 mm3
+    current[5, 5:10, 5:15] = 0           # dropped, but FLAIR unchanged there: not shrinkage
+    grown = paired_change(current, prior, z, voxel_mm3=1.0, support_z=2.0)
+    assert grown["whole_tumor"]["gained_ml"] == pytest.approx(0.1)
+    assert grown["whole_tumor"]["lost_ml"] == 0.0
+    assert grown["whole_tumor"]["delta_ml"] == pytest.approx(0.1)
+    assert grown["whole_tumor"]["prior_ml"] == pytest.approx(1.0)
+    z["flair"][5, 5:10, 5:15] = -5.0     # FLAIR fell where the voxels were dropped: shrinkage of 50 mm3
+    both = paired_change(current, prior, z, voxel_mm3=1.0, support_z=2.0)
+    assert both["whole_tumor"]["delta_ml"] == pytest.approx(0.05)
+    assert both["whole_tumor"]["sequence"] == "flair" and both["tumor_core"]["sequence"] == "t1c"
