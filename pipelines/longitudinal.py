@@ -114,6 +114,7 @@ class LongitudinalConfig:
     min_change_ml: float = 1.0
     assessed_components: tuple = ("3", "tumor_core")
     paired_support_z: float = 2.0
+    paired_margin_mm: float = 5.0
     locate: bool = True
 
     @classmethod
@@ -205,7 +206,7 @@ PAIRED_COMPONENTS = {"whole_tumor": (lambda a: a > 0, "flair"),
 
 
 def paired_change(current_labels: np.ndarray, prior_labels: np.ndarray, z_maps: dict[str, np.ndarray],
-                  voxel_mm3: float, support_z: float) -> dict:
+                  voxel_mm3: float, support_z: float, margin_voxels: tuple[int, int, int] | None = None) -> dict:
     """Volume change of each component measured on the registered pair, not
     on two independent segmentations: the prior's component (its labels
     resampled onto the current grid) plus the voxels the current segmentation
@@ -213,6 +214,9 @@ def paired_change(current_labels: np.ndarray, prior_labels: np.ndarray, z_maps: 
     voxels it drops where the subtraction fell (z < -``support_z``).
     Segmentation differences where the images did not change are not counted:
     they are the segmenter's own irreproducibility, not the tumour's change.
+    With ``margin_voxels`` (z, y, x), confirmed rises within that margin of
+    the prior component count as gained even where the current segmentation
+    missed them (growth at the tumour's edge).
     Same entries as the independent change (mL, %) plus ``gained_ml``,
     ``lost_ml`` and the confirming ``sequence``. Arrays: (z, y, x) on one grid."""
     out = {}
@@ -224,7 +228,11 @@ def paired_change(current_labels: np.ndarray, prior_labels: np.ndarray, z_maps: 
         if z is None:
             continue
         before, now = select(prior_labels), select(current_labels)
-        gained = int(np.count_nonzero(now & ~before & (z > support_z)))
+        reach = now
+        if margin_voxels and before.any():
+            struct = np.ones([2 * m + 1 for m in margin_voxels], bool)
+            reach = now | ndimage.binary_dilation(before, structure=struct)
+        gained = int(np.count_nonzero(reach & ~before & (z > support_z)))
         lost = int(np.count_nonzero(before & ~now & (z < -support_z)))
         prior_ml = float(np.count_nonzero(before)) * voxel_mm3 / 1000.0
         current_ml = prior_ml + (gained - lost) * voxel_mm3 / 1000.0
@@ -531,7 +539,9 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                                                                        for s in grid.GetSpacing()])) > 0
     cands, dropped = find_lesions(z_maps, prior_z, current_z, common, cur_lesion, pri_lesion, voxel_mm3, lcfg,
                                   segmentation_extent=(mode == "tumour"), detect=detect)
-    rec["paired_change"] = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z)
+    margin = (tuple(max(0, int(round(lcfg.paired_margin_mm / s))) for s in grid.GetSpacing()[::-1])
+              if lcfg.paired_margin_mm > 0 else None)
+    rec["paired_change"] = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z, margin)
     rec.update(ok=True, subtractions=subtractions, resolution=resolution, intensity_match=lcfg.intensity_match,
                intensity_mapping=matched_rec, subtraction_sd=sd_rec, candidates=cands, dropped=dropped, grid=grid,
                full_grid=full_grid, crop=crop)
