@@ -331,13 +331,22 @@ def _axes(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetDirection(), dtype=float).reshape(3, 3).T
 
 
-def _native_mm(work: Path, role: str, axes: np.ndarray) -> list[float] | None:
+def _native_header(work: Path, role: str) -> sitk.ImageFileReader | None:
+    """The header (spacing in mm, direction) of ``nifti/<role>.nii.gz``, or None."""
     p = work / "nifti" / f"{role}.nii.gz"
     if not p.exists():
         return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     reader.ReadImageInformation()
+    return reader
+
+
+def _native_mm(work: Path, role: str, axes: np.ndarray) -> list[float] | None:
+    """Extent (mm) of one native voxel of ``role`` along each of ``axes``."""
+    reader = _native_header(work, role)
+    if reader is None:
+        return None
     img = sitk.Image([2, 2, 2], sitk.sitkUInt8)
     img.SetSpacing(reader.GetSpacing())
     img.SetDirection(reader.GetDirection())
@@ -345,13 +354,9 @@ def _native_mm(work: Path, role: str, axes: np.ndarray) -> list[float] | None:
 
 
 def _native_max_mm(work: Path, role: str) -> float | None:
-    p = work / "nifti" / f"{role}.nii.gz"
-    if not p.exists():
-        return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    reader.ReadImageInformation()
-    return float(max(reader.GetSpacing()))
+    """Largest native voxel size (mm) of ``role``, e.g. a 2D slice thickness."""
+    reader = _native_header(work, role)
+    return None if reader is None else float(max(reader.GetSpacing()))
 
 
 def _neighbourhood_max(z: np.ndarray, grid: sitk.Image, radius_mm: float) -> np.ndarray:
