@@ -244,6 +244,15 @@ class JobRunner:
         self.settings = settings
         self.metrics = metrics
 
+    def _context(self, job_id: int, study_key: str) -> StageContext:
+        """The stage context of a job, its workspace folder created."""
+        ws = self.workspace(job_id)
+        ws.mkdir(parents=True, exist_ok=True)
+        return StageContext(job_id=job_id, study_key=study_key, workspace=ws,
+                            spool=self.spool, vault=self.vault, settings=self.settings,
+                            outbox=self.outbox, superseded=lambda: self.store.superseded(job_id),
+                            sessions=self.store.sessions)
+
     def workspace(self, job_id: int) -> Path:
         return self.settings.workspace_dir / f"job-{job_id:06d}"
 
@@ -254,12 +263,7 @@ class JobRunner:
             return job.state if job else "missing"
         _update(sessions, Job, job_id, state=State.RUNNING.value, attempts=job.attempts + 1,
                  started_at=job.started_at or utcnow())
-        ws = self.workspace(job_id)
-        ws.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
-                           spool=self.spool, vault=self.vault, settings=self.settings,
-                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id),
-                           sessions=self.store.sessions)
+        ctx = self._context(job_id, job.study_key)
         stage_fns = dict(PIPELINES[job.pipeline])
         log.info("job started", extra={"job_id": job_id, "study_key": job.study_key})
         for stage in job.stages:
@@ -304,12 +308,7 @@ class JobRunner:
         if job.state != State.RUNNING.value:
             _update(self.store.sessions, Job, job_id, state=State.RUNNING.value,
                     attempts=job.attempts + 1, started_at=job.started_at or utcnow())
-        ws = self.workspace(job_id)
-        ws.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(job_id=job_id, study_key=job.study_key, workspace=ws,
-                           spool=self.spool, vault=self.vault, settings=self.settings,
-                           outbox=self.outbox, superseded=lambda: self.store.superseded(job_id),
-                           sessions=self.store.sessions)
+        ctx = self._context(job_id, job.study_key)
         outcome = self._run_stage(ctx, stage, dict(PIPELINES[job.pipeline])[stage_name])
         return outcome.value if isinstance(outcome, State) else str(outcome)
 
