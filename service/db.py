@@ -72,6 +72,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    #: None (no review asked), "pending", "accepted", "rejected" (see ReviewState)
+    review_state: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    #: calling AE title of the sender ("" for pulled/offline jobs): the site for gating and QC history
+    site: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     stages: Mapped[list["Stage"]] = relationship(
         back_populates="job", order_by="Stage.position", cascade="all, delete-orphan"
@@ -117,6 +121,7 @@ class OutboxState(str, enum.Enum):
     FAILED = "failed"        # gave up after outbox_max_attempts transient failures
     REJECTED = "rejected"    # the destination refused the object (C-STORE failure, HTTP 4xx)
     CANCELLED = "cancelled"  # its job was superseded before it was sent
+    HELD = "held"            # waiting for a radiologist's review (review gating "hold")
 
 
 class OutboxItem(Base):
@@ -139,6 +144,77 @@ class OutboxItem(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ReviewState(str, enum.Enum):
+    PENDING = "pending"      # results built, waiting for a radiologist
+    ACCEPTED = "accepted"    # ACCEPT: verified SR and re-issued PDF sent
+    REJECTED = "rejected"    # REJECT: delivered objects retracted (IOCM KOS), PDF without volumes sent
+
+
+class QCMetric(Base):
+    """One image-quality metric of one series of one job (issue 12). The
+    history for robust z-scores is the rows of the same site, scanner and
+    role. No patient identity: site is the calling AE title, scanner the
+    manufacturer and model name, protocol the series' protocol name."""
+
+    __tablename__ = "qc_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    site: Mapped[str] = mapped_column(String(64), default="")
+    scanner: Mapped[str] = mapped_column(String(128), default="")
+    protocol: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    zscore: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class User(Base):
+    """A review UI account. ``password_hash`` is an scrypt hash with its salt
+    and parameters; roles are radiologist, technician and admin."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    active: Mapped[bool] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Review(Base):
+    """A radiologist's decision on a job's segmentation (EASE): ACCEPT or
+    REJECT, a score 1-5 (5 = perfect) and a comment."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    reviewer: Mapped[str] = mapped_column(String(128))   # display name at the time of review
+    decision: Mapped[str] = mapped_column(String(16))    # "accepted" | "rejected"
+    score: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what and when in the review UI (log in, view identity, review)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
