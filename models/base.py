@@ -74,6 +74,11 @@ class SegmentationOutput:
     model_name: str               # e.g. "brats_mri_segmentation"
     model_version: str
     details: dict = field(default_factory=dict)
+    #: Label maps the backend exposes besides ``labels`` (name -> uint8 array
+    #: on the same grid and in the same space as ``labels``), e.g. a network's
+    #: separate views; the segment step saves them as candidates of the
+    #: segmentation QC's discord alarms (``pipelines/qc_steps.py``).
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_image(self, reference: sitk.Image) -> sitk.Image:
         """Label map as an image on the reference grid."""

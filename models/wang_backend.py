@@ -94,8 +94,12 @@ class WangCascadeBackend(SegmentationBackend):
         details = dict(result.details)
         details.update({"citation": CITATION, "licence": LICENCE, "intended_use": INTENDED_USE,
                         "device": self.device})
+        # the three views alone (same inference, same crops, same post-processing;
+        # wang_cascade.view_label_maps): candidates of the segmentation QC's discord alarms
+        candidates = {f"wang_{view}": np.asarray(lab, np.uint8) for view, lab in result.view_labels.items()}
         return SegmentationOutput(labels=np.asarray(result.labels, np.uint8), backend=self.name,
-                                  model_name=MODEL_NAME, model_version=self.version, details=details)
+                                  model_name=MODEL_NAME, model_version=self.version, details=details,
+                                  candidates=candidates)
 
 
 @segmentation_backend("auto", path_option=None)

@@ -41,6 +41,13 @@ padding slabs of the last batch are written back, like real slabs, at the
 last slab position, so the last 10 slices of each view's probability map
 come from a noise input. Set it to False to drop the padding outputs instead.
 
+Views: besides the fused result, each view's own labels are returned
+(``WangResult.view_labels``, at no extra inference): that view's argmax at
+each level, through the same post-processing (step 6), on the same crops,
+which come from the fused result (:func:`view_label_maps`). They are
+candidates for the segmentation QC's discord alarms; they are not independent
+of the fused result (it is their average).
+
 Labels: upstream writes BraTS labels 2 (whole tumour), 1 (core), 4
 (enhancing); here they map to BrainLine's 2 = edema, 1 = necrotic /
 non-enhancing core, 3 = enhancing tumour (``models/base.py``).
@@ -263,14 +270,22 @@ def _dynamic_shapes(shape_dhw, data_shape, label_shape):
     return [data_shape[0], Hx, Wx], [label_shape[0], Hx, Wx]
 
 
+VIEWS = ("axial", "sagittal", "coronal")
+
+
 def test_one_image_three_nets_adaptive_shape(temp_imgs, keys, runners, shape_mode, batch_size, rng,
-                                             upstream_tail_overwrite=True):
+                                             upstream_tail_overwrite=True, view_masks=None):
     """Average of the axial, sagittal and coronal networks' probabilities, (D, H, W, 2).
 
-    shape_mode 1: fixed tensor shape when the image fits, else adaptive; 2: adaptive."""
+    shape_mode 1: fixed tensor shape when the image fits, else adaptive; 2: adaptive.
+
+    view_masks: a list, or None. When given, each view's own decision
+    ``argmax`` of its probabilities (uint8 0/1, (D, H, W), in the axis order
+    of ``temp_imgs``) is appended to it in :data:`VIEWS` order: the same
+    probabilities that are averaged, so no extra inference and no change to
+    the returned average."""
     out = []
-    for key, direction, back in zip(keys, ("axial", "sagittal", "coronal"),
-                                    (None, [1, 2, 0, 3], [1, 0, 2, 3])):
+    for key, direction, back in zip(keys, VIEWS, (None, [1, 2, 0, 3], [1, 0, 2, 3])):
         data_shape, label_shape = SHAPES[key]
         vols = transpose_volumes(temp_imgs, direction)
         _, h, w = vols[0].shape
@@ -278,13 +293,80 @@ def test_one_image_three_nets_adaptive_shape(temp_imgs, keys, runners, shape_mod
             data_shape, label_shape = _dynamic_shapes(vols[0].shape, data_shape, label_shape)
         prob = volume_probability_prediction(vols, data_shape, label_shape, DATA_CHANNEL, CLASS_NUM,
                                              batch_size, runners[key], rng, upstream_tail_overwrite)
-        out.append(prob if back is None else np.transpose(prob, back))
+        prob = prob if back is None else np.transpose(prob, back)
+        if view_masks is not None:
+            view_masks.append(np.asarray(np.argmax(prob, axis=3), np.uint8))
+        out.append(prob)
     return (out[0] + out[1] + out[2]) / 3.0
 
 
 # ---------------------------------------------------------------------------
 # test.py
 # ---------------------------------------------------------------------------
+
+def fuse_cascade_levels(pred1, pred2, pred3, bbox1, bbox2) -> np.ndarray:
+    """test.py 5.4 (fuse the three levels, post-process) and 5.5 (labels).
+
+    pred1: whole-tumour decision on the brain crop; pred2: core decision on
+    the crop ``bbox1`` of it; pred3: enhancing decision on the crop ``bbox2``
+    of that (each already multiplied by the crop of ``weight``). Returns
+    BrainLine labels (uint8, 1 NCR / 2 ED / 3 ET) on the brain crop."""
+    struct = ndimage.generate_binary_structure(3, 2)
+    label3_roi = np.zeros_like(pred2)
+    label3_roi = set_ND_volume_roi_with_bounding_box_range(label3_roi, bbox2[0], bbox2[1], pred3)
+    label3 = np.zeros_like(pred1)
+    label3 = set_ND_volume_roi_with_bounding_box_range(label3, bbox1[0], bbox1[1], label3_roi)
+    label2 = np.zeros_like(pred1)
+    label2 = set_ND_volume_roi_with_bounding_box_range(label2, bbox1[0], bbox1[1], pred2)
+
+    label1_mask = (pred1 + label2 + label3) > 0
+    label1_mask = ndimage.binary_closing(label1_mask, structure=struct)
+    label1_mask = get_largest_two_component(label1_mask, False, WT_THRESHOLD)
+    label1 = pred1 * label1_mask
+
+    label2_3_mask = (label2 + label3) > 0
+    label2_3_mask = label2_3_mask * label1_mask
+    label2_3_mask = ndimage.binary_closing(label2_3_mask, structure=struct)
+    label2_3_mask = remove_external_core(label1, label2_3_mask)
+    if label2_3_mask.sum() > 0:
+        label2_3_mask = get_largest_two_component(label2_3_mask)
+    label1 = (label1 + label2_3_mask) > 0
+    label2 = label2_3_mask
+    label3 = label2 * label3
+    vox_3 = np.asarray(label3 > 0, np.float32).sum()
+    if 0 < vox_3 < 30:
+        label3 = np.zeros_like(label2)
+
+    # 5.5 labels: upstream nii 2 / 1 / 4 -> BrainLine ED / NCR / ET
+    out_label = np.asarray(label1, np.uint8) * ED
+    out_label[label2 > 0] = NCR
+    out_label[label3 > 0] = ET
+    return out_label
+
+
+def view_label_maps(view_masks, weights, bbox1, bbox2) -> dict[str, np.ndarray]:
+    """Each view's own labels, built exactly like the fused labels.
+
+    view_masks: for each level (whole tumour, core, enhancing) the list of the
+    three views' ``argmax`` decisions (see
+    :func:`test_one_image_three_nets_adaptive_shape`) on that level's crop;
+    weights: the crop of ``weight`` of each level. For one view: its own
+    decision at each level times the level's weight, then
+    :func:`fuse_cascade_levels` (closing, components > 2000 voxels of the whole
+    tumour, core kept inside it and its largest two components, enhancing
+    inside the core, dropped under 30 voxels). Not per view: the crops. The
+    core and enhancing networks ran once, on the boxes derived from the
+    *fused* whole tumour and core (``bbox1``, ``bbox2``, fallbacks included),
+    so a view's core and enhancing decisions exist only inside those boxes;
+    normalisation, noise and padding are shared as well. Returns
+    {view: uint8 labels on the brain crop}."""
+    w1, w2, w3 = weights
+    out = {}
+    for i, view in enumerate(VIEWS):
+        out[view] = fuse_cascade_levels(view_masks[0][i] * w1, view_masks[1][i] * w2,
+                                        view_masks[2][i] * w3, bbox1, bbox2)
+    return out
+
 
 @dataclass
 class WangResult:
@@ -293,6 +375,9 @@ class WangResult:
     labels: np.ndarray                      # uint8, 0 / NCR=1 / ED=2 / ET=3
     probabilities: dict[str, np.ndarray]    # float32 foreground probability: "wt", "tc", "et"
     details: dict = field(default_factory=dict)
+    #: "axial" / "sagittal" / "coronal": uint8 labels (like ``labels``) of each
+    #: view alone; see :func:`view_label_maps` for what is applied per view.
+    view_labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 _NET_CACHE: dict = {}
@@ -324,9 +409,10 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
     Returns labels (BrainLine: 1 NCR/NET, 2 edema, 3 enhancing) and the fused
     three-view foreground probabilities of the whole-tumour, tumour-core and
     enhancing networks, each on the full input grid (0 outside the region a
-    network was run on). ``device``: "cpu" or "cuda". ``seed``: for the N(0,1)
-    noise that upstream draws (background, out-of-volume padding, batch
-    padding).
+    network was run on), and ``view_labels``: the labels of the axial,
+    sagittal and coronal networks alone (:func:`view_label_maps`).
+    ``device``: "cpu" or "cuda". ``seed``: for the N(0,1) noise that upstream
+    draws (background, out-of-volume padding, batch padding).
     """
     import torch
 
@@ -355,10 +441,13 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
 
     struct = ndimage.generate_binary_structure(3, 2)
     margin = MARGIN
+    # each view's own decision per level, from the probabilities that are averaged
+    view_masks: list[list[np.ndarray]] = [[], [], []]
     # 5.1 whole tumour
     t = time.perf_counter()
     prob1 = test_one_image_three_nets_adaptive_shape(temp_imgs, ("wt_ax", "wt_sg", "wt_cr"), runners, 2,
-                                                     batch_size, rng, upstream_tail_overwrite)
+                                                     batch_size, rng, upstream_tail_overwrite,
+                                                     view_masks[0])
     timings["wt_s"] = time.perf_counter() - t
     pred1 = np.asarray(np.argmax(prob1, axis=3), np.uint16)
     pred1 = pred1 * temp_weight
@@ -379,7 +468,8 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
     sub_weight = crop_ND_volume_with_bounding_box(temp_weight, bbox1[0], bbox1[1])
     t = time.perf_counter()
     prob2 = test_one_image_three_nets_adaptive_shape(sub_imgs, ("tc_ax", "tc_sg", "tc_cr"), runners, 1,
-                                                     batch_size, rng, upstream_tail_overwrite)
+                                                     batch_size, rng, upstream_tail_overwrite,
+                                                     view_masks[1])
     timings["tc_s"] = time.perf_counter() - t
     pred2 = np.asarray(np.argmax(prob2, axis=3), np.uint16)
     pred2 = pred2 * sub_weight
@@ -398,41 +488,14 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
         subsub_weight = crop_ND_volume_with_bounding_box(sub_weight, bbox2[0], bbox2[1])
     t = time.perf_counter()
     prob3 = test_one_image_three_nets_adaptive_shape(subsub_imgs, ("en_ax", "en_sg", "en_cr"), runners, 1,
-                                                     batch_size, rng, upstream_tail_overwrite)
+                                                     batch_size, rng, upstream_tail_overwrite,
+                                                     view_masks[2])
     timings["en_s"] = time.perf_counter() - t
     pred3 = np.asarray(np.argmax(prob3, axis=3), np.uint16)
     pred3 = pred3 * subsub_weight
 
-    # 5.4 fuse results at 3 levels
-    label3_roi = np.zeros_like(pred2)
-    label3_roi = set_ND_volume_roi_with_bounding_box_range(label3_roi, bbox2[0], bbox2[1], pred3)
-    label3 = np.zeros_like(pred1)
-    label3 = set_ND_volume_roi_with_bounding_box_range(label3, bbox1[0], bbox1[1], label3_roi)
-    label2 = np.zeros_like(pred1)
-    label2 = set_ND_volume_roi_with_bounding_box_range(label2, bbox1[0], bbox1[1], pred2)
-
-    label1_mask = (pred1 + label2 + label3) > 0
-    label1_mask = ndimage.binary_closing(label1_mask, structure=struct)
-    label1_mask = get_largest_two_component(label1_mask, False, WT_THRESHOLD)
-    label1 = pred1 * label1_mask
-
-    label2_3_mask = (label2 + label3) > 0
-    label2_3_mask = label2_3_mask * label1_mask
-    label2_3_mask = ndimage.binary_closing(label2_3_mask, structure=struct)
-    label2_3_mask = remove_external_core(label1, label2_3_mask)
-    if label2_3_mask.sum() > 0:
-        label2_3_mask = get_largest_two_component(label2_3_mask)
-    label1 = (label1 + label2_3_mask) > 0
-    label2 = label2_3_mask
-    label3 = label2 * label3
-    vox_3 = np.asarray(label3 > 0, np.float32).sum()
-    if 0 < vox_3 < 30:
-        label3 = np.zeros_like(label2)
-
-    # 5.5 labels: upstream nii 2 / 1 / 4 -> BrainLine ED / NCR / ET
-    out_label = np.asarray(label1, np.uint8) * ED
-    out_label[label2 > 0] = NCR
-    out_label[label3 > 0] = ET
+    # 5.4 fuse results at 3 levels, 5.5 labels
+    out_label = fuse_cascade_levels(pred1, pred2, pred3, bbox1, bbox2)
     final_label = np.zeros(shape0, np.uint8)
     final_label = set_ND_volume_roi_with_bounding_box_range(final_label, temp_bbox[0], temp_bbox[1], out_label)
 
@@ -447,6 +510,17 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
 
     probs = {"wt": _full(prob1, [temp_bbox]), "tc": _full(prob2, [temp_bbox, bbox1]),
              "et": _full(prob3, [temp_bbox, bbox1, bbox2])}
+    del prob1, prob2, prob3, temp_imgs, sub_imgs, subsub_imgs  # before the per-view post-processing
+
+    # the three views alone, on the same crops (derived from the fused result)
+    t = time.perf_counter()
+    view_labels = {}
+    for view, lab in view_label_maps(view_masks, (temp_weight, sub_weight, subsub_weight),
+                                     bbox1, bbox2).items():
+        full = np.zeros(shape0, np.uint8)
+        view_labels[view] = set_ND_volume_roi_with_bounding_box_range(full, temp_bbox[0], temp_bbox[1], lab)
+    del view_masks
+    timings["views_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     details = {"seed": seed, "bn_mode": "batch", "batch_size": batch_size, "device": str(dev),
                "upstream_tail_overwrite": upstream_tail_overwrite, "fallback_bbox": fallback,
@@ -454,4 +528,4 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
                "wt_bbox_zyx_in_brain_crop": [list(map(int, bbox1[0])), list(map(int, bbox1[1]))],
                "core_bbox_zyx_in_wt_crop": [list(map(int, bbox2[0])), list(map(int, bbox2[1]))],
                "timings": {k: round(v, 2) for k, v in timings.items()}}
-    return WangResult(final_label, probs, details)
+    return WangResult(final_label, probs, details, view_labels)

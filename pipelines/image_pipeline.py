@@ -12,6 +12,9 @@ Layout (all images NIfTI, physical space LPS in mm as SimpleITK reads them):
     brain_mask.nii.gz              brain mask on the reference grid
     preprocessed/<role>.nii.gz     skull-stripped, N4-corrected, reference grid
     segmentation.nii.gz            BraTS 2023 labels on the reference series' native grid
+    image_qc.json                  MRQy image-quality metrics per native series (pipelines/qc_steps.py)
+    segmentation_qc.json           components, plausibility, discord candidates' Dice (pipelines/qc_steps.py)
+    candidates/<name>.nii.gz       extra label maps a backend exposes, for the discord alarms
     summary.json                   volumes, components, TIV, QC, inputs, versions, timings
 
 The reference grid is the native grid of the reference series (T1c by
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,6 +41,8 @@ from brainline.models.registry import load_backend
 from .bias_correction import N4Config, n4_correct
 from .model_space import fit_model_space, labels_to_reference, map_to_model_space
 from .nifti_io import write_nifti
+from .qc_steps import (CANDIDATES_DIR, QCConfig, image_qc_of_study, image_qc_section, segmentation_qc_of_study,
+                       segmentation_qc_section, write_candidates)
 from .registration import RegistrationConfig, register, resample_to
 from .skull_strip import SkullStripBackend, apply_mask, get_backend, skull_strip
 
@@ -65,6 +71,7 @@ class PipelineConfig:
                                                           iterations=(20, 20, 10),
                                                           shrink_factor=5))
     model: dict | str | None = None         # segmentation backend spec (None = "auto", see model_spec)
+    qc: QCConfig = field(default_factory=QCConfig)  # image QC and segmentation QC steps
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -236,11 +243,22 @@ def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
         tfm = work / "registered" / f"{role}_to_{cfg.reference}.tfm"
         to_native[role] = sitk.ReadTransform(str(tfm)) if role != cfg.reference and tfm.exists() else None
     model_paths = map_to_model_space(ms, native, to_native, mask, work / "model_space")
+    # kept for the segmentation QC's flipped inference (model frame -> reference grid)
+    sitk.WriteTransform(ms.to_reference, str(work / "model_space" / "to_reference.tfm"))
     inputs = SegmentationInput(paths={r: p for r, p in model_paths.items() if r != "mask"},
                                brain_mask_path=model_paths["mask"])
     output = backend.segment(inputs)
     labels = labels_to_reference(output.to_image(inputs.reference), ms, mask)
+    extra = getattr(output, "candidates", None) or {}
+    output.candidates = {name: labels_to_reference(_labels_image(a, inputs.reference), ms, mask)
+                         for name, a in extra.items()}
     return labels, output, ms.record()
+
+
+def _labels_image(labels, reference: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.asarray(labels, np.uint8))
+    img.CopyInformation(reference)
+    return img
 
 
 def step_segment(work: Path, cfg: PipelineConfig) -> dict:
@@ -253,6 +271,7 @@ def step_segment(work: Path, cfg: PipelineConfig) -> dict:
         paths = {r: work / "preprocessed" / f"{r}.nii.gz" for r in ROLES
                  if (work / "preprocessed" / f"{r}.nii.gz").exists()}
         result: dict = {}
+        shutil.rmtree(work / CANDIDATES_DIR, ignore_errors=True)  # left by an interrupted run
         if hasattr(backend, "for_roles"):  # the default: trained model or baseline by the roles found
             backend, result["model_choice"] = backend.for_roles(paths)
         if getattr(backend, "input_space", None):
@@ -261,12 +280,34 @@ def step_segment(work: Path, cfg: PipelineConfig) -> dict:
             inputs = SegmentationInput(paths=paths, brain_mask_path=work / "brain_mask.nii.gz")
             output = backend.segment(inputs)
             labels = output.to_image(inputs.reference)
+            output.candidates = {name: _labels_image(a, inputs.reference)
+                                 for name, a in (getattr(output, "candidates", None) or {}).items()}
+        # label maps a backend exposes besides its result (e.g. a network's
+        # separate views): candidates of the segmentation QC's discord alarms
+        if output.candidates:
+            result["candidates"] = write_candidates(work, output.candidates)
         _write(labels, work / "segmentation.nii.gz")
         result.update({"backend": output.backend, "model_name": output.model_name,
                        "model_version": output.model_version, "details": output.details})
         return result
 
     return _cached(work, "segment", run)
+
+
+def step_image_qc(work: Path, cfg: PipelineConfig) -> dict:
+    """MRQy image-quality metrics of every converted series on its native
+    grid, inside its head mask and the brain mask carried onto it
+    (``image_qc.json``; see pipelines/qc_steps.py). No history here: the
+    service compares with its database, offline the report says none."""
+    return _cached(work, "image_qc", lambda: image_qc_of_study(work, cfg.reference, cfg.qc))
+
+
+def step_segmentation_qc(work: Path, cfg: PipelineConfig) -> dict:
+    """Components with volumes (mL) and locations, plausibility checks, and
+    the Dice (to their majority vote) of independent candidate segmentations
+    for the discord alarms (``segmentation_qc.json``; see
+    pipelines/qc_steps.py)."""
+    return _cached(work, "segmentation_qc", lambda: segmentation_qc_of_study(work, cfg))
 
 
 def components(mask: np.ndarray, image: sitk.Image) -> list[dict]:
@@ -304,10 +345,12 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
         volumes["tumor_core"] = round(float(np.isin(labels, (NCR, ET)).sum()) * voxel_ml, 3)
         volumes["whole_tumor"] = round(float((labels > 0).sum()) * voxel_ml, 3)
         steps = {name: json.loads((work / f"{name}.json").read_text())
-                 for name in ("registration", "skull_strip", "bias_correction", "segment")
+                 for name in ("registration", "skull_strip", "image_qc", "bias_correction", "segment",
+                              "segmentation_qc")
                  if (work / f"{name}.json").exists()}
         tiv = float((sitk.GetArrayFromImage(mask) > 0).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
         registration = steps.get("registration", {})
+        image_qc, seg_qc = image_qc_section(work), segmentation_qc_section(work)
         return {
             "label_convention": "BraTS 2023",
             "labels": {str(k): v for k, v in LABEL_NAMES.items()},
@@ -320,7 +363,12 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
                              for r, res in registration.get("sequences", {}).items()},
             "qc_flags": (registration.get("flags", []) + steps.get("skull_strip", {}).get("flags", [])
                          + [f"model space: {f}" for f in steps.get("segment", {}).get("model_space", {})
-                            .get("flags", [])]),
+                            .get("flags", [])]
+                         # image-quality outliers against the site's history, implausible segmentations;
+                         # discord alarms rank studies for review and stay in segmentation_qc
+                         + (image_qc or {}).get("flags", []) + (seg_qc or {}).get("flags", [])),
+            "image_qc": image_qc,
+            "segmentation_qc": seg_qc,
             "model_space": steps.get("segment", {}).get("model_space"),
             "skull_strip": {"flags": list(steps.get("skull_strip", {}).get("flags", [])),
                             "sequence": steps.get("skull_strip", {}).get("sequence")},
@@ -347,7 +395,9 @@ def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
 STEPS: list[tuple[str, Callable[[Path, PipelineConfig], dict]]] = [
     ("register", step_register),
     ("skull_strip", step_skull_strip),
+    ("image_qc", step_image_qc),            # native series + brain mask, before N4
     ("bias_correct", step_bias_correct),
     ("segment", step_segment),
+    ("segmentation_qc", step_segmentation_qc),
     ("summarize", step_summarize),
 ]

@@ -205,14 +205,20 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold (maximum between-class variance) of ``values`` on a
     ``bins``-bin histogram between the 0.5th and 99.5th percentiles (the middle
     of the maximum when it is a plateau); the class "high" is ``values > threshold``."""
-    v = np.asarray(values, np.float64).ravel()
-    v = v[np.isfinite(v)]
+    v = np.asarray(values)
+    v = (v if v.dtype in (np.float32, np.float64) else v.astype(np.float64)).ravel()
+    if not np.isfinite(v).all():
+        v = v[np.isfinite(v)]
     if v.size == 0:
         raise ValueError("no values to threshold")
-    lo, hi = np.percentile(v, [0.5, 99.5])
+    lo, hi = (float(x) for x in np.percentile(v, [0.5, 99.5]))
     if not hi > lo:
         return float(lo)
-    hist, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
+    # equal-width bins as np.histogram(np.clip(v, lo, hi), bins, (lo, hi)), counted with bincount (5x faster)
+    idx = ((np.clip(v, lo, hi) - lo) * (bins / (hi - lo))).astype(np.intp)
+    idx[idx >= bins] = bins - 1
+    hist = np.bincount(idx, minlength=bins)
+    edges = np.linspace(lo, hi, bins + 1)
     centres = 0.5 * (edges[:-1] + edges[1:])
     w0 = np.cumsum(hist).astype(np.float64)
     w1 = w0[-1] - w0
@@ -233,7 +239,6 @@ def head_mask_from_image(image: sitk.Image | np.ndarray) -> np.ndarray:
     closing of 2 voxels, holes filled (3-D). The volume analogue of MRQy's
     per-slice Otsu foreground with convex hull."""
     arr = sitk.GetArrayFromImage(image) if isinstance(image, sitk.Image) else np.asarray(image)
-    arr = np.asarray(arr, np.float64)
     fg = arr > otsu_threshold(arr)
     lab, n = ndi.label(fg, structure=np.ones((3, 3, 3), bool))
     if n == 0:
@@ -241,8 +246,14 @@ def head_mask_from_image(image: sitk.Image | np.ndarray) -> np.ndarray:
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     fg = lab == int(np.argmax(sizes))
-    fg = ndi.binary_closing(np.pad(fg, 2), iterations=2)[2:-2, 2:-2, 2:-2]
-    return ndi.binary_fill_holes(fg)
+    # closing and filling in the component's bounding box (+3 voxels): the same
+    # result (the closing reaches 2 voxels out; the background outside the box
+    # is connected to the border either way), in about half the time
+    box = bounding_box(fg, 3)
+    sub = ndi.binary_closing(np.pad(fg[box], 2), iterations=2)[2:-2, 2:-2, 2:-2]
+    out = np.zeros_like(fg)
+    out[box] = ndi.binary_fill_holes(sub)
+    return out
 
 
 def tissue_classes(image: sitk.Image | np.ndarray, brain_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -265,28 +276,52 @@ def _patch_shape(spacing_zyx, side: int) -> tuple[int, int, int]:
 
 def _brightest_patch(arr: np.ndarray, region: np.ndarray, shape,
                      margin=(0, 0, 0)) -> tuple[np.ndarray | None, tuple | None]:
-    """Voxels of the patch of ``shape`` lying entirely in ``region``, at least
-    ``margin`` voxels (per axis) inside its border, whose mean intensity is
-    highest, and its centre (z, y, x); (None, None) if none fits."""
+    """Voxels of the patch of ``shape`` (odd sizes) lying entirely in
+    ``region`` and in the array, at least ``margin`` voxels (per axis) inside
+    the region's border (the array's edge is no such border), whose mean
+    intensity is highest, and its centre (z, y, x); (None, None) if none fits."""
     if not region.any():
         return None, None
-    # valid centres: the patch fits in the region and the array; with the margin
-    # it stays away from the region's border (the array's edge is no such border)
-    r8 = region.astype(np.uint8)
-    inside = ndi.minimum_filter(r8, size=shape, mode="constant", cval=0) > 0
+    # work in the region's bounding box grown by the filter's half-size: a valid
+    # centre lies in the region, so its window never reaches past the box
+    half = [int(n) // 2 + int(mg) for n, mg in zip(shape, margin)]
+    crop = bounding_box(region, max(half))
+    r8 = region[crop].astype(np.uint8)
     if any(margin):
+        # the window with the margin inside the region (outside the array counts as
+        # region: cval 1); it holds the patch, so the patch lies in the region too
         size = tuple(int(n) + 2 * int(mg) for n, mg in zip(shape, margin))
-        inside &= ndi.minimum_filter(r8, size=size, mode="constant", cval=1) > 0
+        inside = ndi.minimum_filter(r8, size=size, mode="constant", cval=1) > 0
+    else:
+        inside = ndi.minimum_filter(r8, size=shape, mode="constant", cval=0) > 0
+    # ... and the patch inside the array
+    for axis, (n, sl) in enumerate(zip(shape, crop)):
+        idx = np.arange(sl.start, sl.stop)
+        ok = (idx >= n // 2) & (idx < arr.shape[axis] - n // 2)
+        inside &= ok.reshape([-1 if a == axis else 1 for a in range(3)])
     if not inside.any():
         return None, None
     box = bounding_box(inside, max(shape))
-    sub = np.where(region[box], arr[box], 0.0).astype(np.float32)
+    full_box = tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, box))
+    sub = np.where(region[full_box], arr[full_box], 0.0).astype(np.float32)
     means = ndi.uniform_filter(sub, size=shape, mode="constant")
     means[~inside[box]] = -np.inf
     c_local = np.unravel_index(int(np.argmax(means)), means.shape)
-    c = tuple(int(ci + sl.start) for ci, sl in zip(c_local, box))
+    c = tuple(int(ci + sl.start) for ci, sl in zip(c_local, full_box))
     sl = tuple(slice(ci - n // 2, ci + n // 2 + 1) for ci, n in zip(c, shape))
     return arr[sl].ravel(), c
+
+
+def _median_square(x: np.ndarray) -> float:
+    """median(|x|^2), from the middle order statistics of |x| (squaring is
+    monotonic there), without squaring every value."""
+    a = np.abs(x)
+    n = a.size
+    k = n // 2
+    if n % 2:
+        return float(np.partition(a, k)[k]) ** 2
+    lo_hi = np.partition(a, [k - 1, k])
+    return 0.5 * (float(lo_hi[k - 1]) ** 2 + float(lo_hi[k]) ** 2)
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -298,14 +333,14 @@ def _ratio(num: float, den: float) -> float | None:
 def efc(arr: np.ndarray) -> float | None:
     """Entropy focus criterion of all voxels of ``arr`` (negatives clipped to 0),
     normalised so that a uniform image gives 1 (see the module doc)."""
-    x = np.clip(np.asarray(arr, np.float64).ravel(), 0, None)
-    n = x.size
-    energy = math.sqrt(float((x ** 2).sum()))
+    a = np.asarray(arr).ravel()
+    n = a.size
+    x = np.asarray(a[a > 0], np.float64)    # clipped negatives and zeros add nothing to the sums
+    energy = math.sqrt(float(np.dot(x, x)))
     if n < 2 or energy == 0:
         return None
-    p = x / energy
-    nz = p[p > 0]
-    e = float((nz * np.log(nz)).sum())
+    # sum p ln p with p = x / energy, as (sum x ln x - ln(energy) sum x) / energy
+    e = (float(np.dot(x, np.log(x))) - math.log(energy) * float(x.sum())) / energy
     e_max = math.sqrt(n) * math.log(1.0 / math.sqrt(n))
     return e / e_max
 
@@ -395,19 +430,20 @@ def image_quality(image: sitk.Image | np.ndarray, head_mask: np.ndarray | sitk.I
         if noise_ok:
             m["SNR2"] = _ratio(mean_fp, std_b)
         if bp is not None:
-            std_bp = float(bp.std())
-            m["SNR4"] = _ratio(mean_fp, std_bp)
-            m["CNR"] = _ratio(float((fp - bp).mean()), std_bp)
+            if not zero_bg:   # a zero-filled background measures the masking, not the noise
+                std_bp = float(bp.std())
+                m["SNR4"] = _ratio(mean_fp, std_bp)
+                m["CNR"] = _ratio(float((fp - bp).mean()), std_bp)
         elif b.size:
             notes.append(f"no {shape[0]}x{shape[1]}x{shape[2]}-voxel patch fits in the background: "
                          "SNR4 and CNR undefined")
     if b.size and not zero_bg:
         m["CJV"] = _ratio(std_f + std_b, abs(mean_f - float(b.mean())))
-        bg_energy = float(np.median(np.abs(b) ** 2))
+        bg_energy = _median_square(b)
         if bg_energy < 1e-3:
             notes.append("FBER undefined: the background holds (almost) no energy")
         else:
-            m["FBER"] = float(np.median(np.abs(f) ** 2)) / bg_energy
+            m["FBER"] = _median_square(f) / bg_energy
     m["EFC"] = efc(arr)
 
     # tissue contrast (MRIQC definitions) on two classes of the brain

@@ -77,6 +77,7 @@ from .dicom_outputs.seg import (
 from .dicom_outputs.sr import build_rano_sr, build_sr
 from .dicom_outputs.subtraction import build_subtraction_series
 from .image_pipeline import ROLE_LABELS, PipelineError
+from .qc_steps import ensemble_finding, image_quality_finding, segmentation_finding
 
 log = logging.getLogger("brainline.results")
 
@@ -110,9 +111,13 @@ def algorithm_of(summary: dict) -> AlgorithmInfo:
 def qc_findings_of(summary: dict, failed: list[dict] | None = None) -> list[QCFinding]:
     """QC findings for the SR and the report: one per registered sequence, one
     for skull stripping and one for the model-space registration ('flagged'
-    with the reasons when a check fired), one for series selection when inputs
-    the model could use were missing, and one for the result objects when some
-    were not built (``failed``: the ``results.json`` entries). Every flag in
+    with the reasons when a check fired), "image quality" (MRQy metrics against
+    the site and scanner's history: outliers in words, or why no comparison
+    was made), "segmentation quality" (plausibility flags and the components)
+    and "ensemble agreement" (discord alarms and risk score) when the QC steps
+    ran, one for series selection when inputs the model could use were
+    missing, and one for the result objects when some were not built
+    (``failed``: the ``results.json`` entries). Every flag in
     ``summary["qc_flags"]`` reaches one of them: flags no stage claims are
     reported as "other checks"."""
     findings = []
@@ -134,6 +139,17 @@ def qc_findings_of(summary: dict, failed: list[dict] | None = None) -> list[QCFi
         claimed.update(f"model space: {f}" for f in space_flags)
         findings.append(QCFinding("model space registration", "flagged" if space_flags else "acceptable",
                                   "; ".join(space_flags)))
+    image_qc = summary.get("image_qc")
+    if image_qc:
+        claimed.update(image_qc.get("flags") or [])
+        findings.append(QCFinding("image quality", *image_quality_finding(image_qc)))
+    seg_qc = summary.get("segmentation_qc")
+    if seg_qc:
+        claimed.update(seg_qc.get("flags") or [])
+        findings.append(QCFinding("segmentation quality", *segmentation_finding(seg_qc)))
+        ensemble = ensemble_finding(seg_qc)
+        if ensemble:
+            findings.append(QCFinding("ensemble agreement", *ensemble))
     other = [f for f in summary.get("qc_flags", []) if f not in claimed]
     if other:
         findings.append(QCFinding("other checks", "flagged", "; ".join(other)))
@@ -642,3 +658,28 @@ def rerender_pdf(pdf_ds: pydicom.Dataset, work: Path, source_files: list[Path], 
     if "EncapsulatedDocumentLength" in pdf_ds:
         pdf_ds.EncapsulatedDocumentLength = len(pdf)
     return pdf_ds
+
+
+def review_pdf_bytes(work: Path, source_files: list[Path], identity: dict, review) -> bytes:
+    """The PDF report re-issued after a radiologist's review
+    (``pdf_report.ReviewInfo``), rendered for ``identity`` like
+    :func:`rerender_pdf`: ACCEPT adds the reviewer, date, score and comment;
+    REJECT leaves out every volume (table, chart, key image with outlines,
+    follow-up section) and says that the segmentation cannot be used."""
+    summary = json.loads((work / "summary.json").read_text())
+    record_file = work / "results.json"
+    failed = json.loads(record_file.read_text()).get("failed", []) if record_file.exists() else []
+    source = read_source_series([str(f) for f in source_files], pixels=True)
+    content = report_content(work, source, summary, identity, [f for f in failed if f["kind"] != "pdf"])
+    content.review = review
+    content.reviewed, content.reviewed_by = not review.rejected, review.reviewer
+    if review.rejected:  # nothing derived from the segmentation: only the findings on inputs and processing
+        content.volumes_ml, content.tiv_ml, content.key_image, content.followup = {}, None, None, None
+        content.qc_findings = [f for f in qc_findings_of(summary, [f for f in failed if f["kind"] != "pdf"])
+                               if f.name.startswith(INPUT_QC_FINDINGS)]
+    return build_pdf_report(content)
+
+
+#: QC findings a report of a rejected segmentation keeps (about the inputs and the processing; the
+#: segmentation, ensemble and follow-up findings name volumes of the rejected segmentation).
+INPUT_QC_FINDINGS = ("registration", "skull", "model space", "image quality", "series_selection", "result_objects")

@@ -60,7 +60,8 @@ from scipy import ndimage as ndi
 __all__ = [
     "REGIONS", "SegmentationQCConfig", "Component", "CandidateDiscord", "DiscordResult",
     "to_brats2023", "region_masks", "dice", "tumour_components", "midline_x_mm", "plausibility_flags",
-    "majority_vote", "fuse_labels", "alarm_threshold", "discord_alarms", "flip_segmentations",
+    "majority_vote", "fuse_labels", "alarm_threshold", "fusion_dice", "discord_from_dice", "discord_alarms",
+    "flip_segmentations",
     "lr_array_axis", "segmentation_qc",
 ]
 
@@ -374,14 +375,14 @@ class DiscordResult:
     """``rows`` per candidate and region; ``risk_score`` = number of alarms;
     ``mean_dice`` per region (mean Dice of the candidates to the fusion,
     undefined ones left out); ``fusion`` (label map, not serialised by
-    :meth:`to_dict`); ``flags`` ("discord_alarm: words" and
+    :meth:`to_dict`; None when built from Dice values alone); ``flags`` ("discord_alarm: words" and
     "discord_no_history: words")."""
 
     rows: list[CandidateDiscord]
     risk_score: int
     max_score: int
     mean_dice: dict[str, float | None]
-    fusion: np.ndarray = field(repr=False)
+    fusion: np.ndarray | None = field(repr=False)
     flags: list[str] = field(default_factory=list)
 
     def dice_of(self, candidate: str, region: str = "WT") -> float | None:
@@ -395,17 +396,12 @@ class DiscordResult:
                 "max_score": self.max_score, "mean_dice": self.mean_dice, "flags": self.flags}
 
 
-def discord_alarms(candidates: Mapping[str, np.ndarray],
-                   history: Mapping[str, Mapping[str, Sequence[float | None]]] | None = None, *,
-                   regions: Sequence[str] = ("WT", "TC", "ET"),
-                   config: SegmentationQCConfig | None = None) -> DiscordResult:
-    """Ensemble-discord alarms (Kofler et al. 2021; module doc).
-
-    ``candidates``: name -> label map (same grid; at least 2). ``history``:
-    name -> region -> earlier Dice-to-fusion values of that candidate (same
-    site and pipeline version), e.g. ``{"baseline": {"WT": [0.97, ...]}}``.
-    A candidate or region missing from the history has none."""
-    cfg = config or SegmentationQCConfig()
+def fusion_dice(candidates: Mapping[str, np.ndarray], regions: Sequence[str] = ("WT", "TC", "ET")
+                ) -> tuple[dict[str, dict[str, float | None]], np.ndarray]:
+    """Each candidate's Dice to the majority-vote fusion of all candidates, per
+    region: ``({name: {region: dice or None}}, fused BraTS 2023 label map)``.
+    ``candidates``: name -> label map on one grid (at least 2). The work is
+    done in the bounding box of the candidates' union."""
     if len(candidates) < 2:
         raise ValueError("discord needs at least two candidate segmentations")
     unknown = [r for r in regions if r not in REGIONS]
@@ -424,13 +420,27 @@ def discord_alarms(candidates: Mapping[str, np.ndarray],
     masks = {n: region_masks(c[box]) for n, c in zip(names, full)}
     fusion[box] = fuse_labels([c[box] for c in full])
     fused = region_masks(fusion[box])
+    table = {n: {region: dice(masks[n][region], fused[region]) for region in regions} for n in names}
+    return table, fusion
+
+
+def discord_from_dice(dice_to_fusion: Mapping[str, Mapping[str, float | None]],
+                      history: Mapping[str, Mapping[str, Sequence[float | None]]] | None = None, *,
+                      regions: Sequence[str] = ("WT", "TC", "ET"),
+                      config: SegmentationQCConfig | None = None,
+                      fusion: np.ndarray | None = None) -> DiscordResult:
+    """The alarm rule on Dice values already computed (:func:`fusion_dice`):
+    ``dice_to_fusion`` name -> region -> Dice (None = undefined); ``history``
+    as in :func:`discord_alarms`. Used by the service, which computes the
+    Dice values in the pipeline and reads the history from its database."""
+    cfg = config or SegmentationQCConfig()
     history = history or {}
     rows: list[CandidateDiscord] = []
     flags: list[str] = []
     no_history: list[str] = []
     for region in regions:
-        for n in names:
-            d = dice(masks[n][region], fused[region])
+        for n, per_region in dice_to_fusion.items():
+            d = per_region.get(region)
             med, mad, thr, nh = alarm_threshold(history.get(n, {}).get(region, ()), cfg.alpha,
                                                 min_history=cfg.min_history, mad_scale=cfg.mad_scale)
             if d is None:
@@ -455,6 +465,20 @@ def discord_alarms(candidates: Mapping[str, np.ndarray],
         mean_dice[region] = float(np.mean(vals)) if vals else None
     return DiscordResult(rows=rows, risk_score=sum(r.alarm for r in rows), max_score=len(rows),
                          mean_dice=mean_dice, fusion=fusion, flags=flags)
+
+
+def discord_alarms(candidates: Mapping[str, np.ndarray],
+                   history: Mapping[str, Mapping[str, Sequence[float | None]]] | None = None, *,
+                   regions: Sequence[str] = ("WT", "TC", "ET"),
+                   config: SegmentationQCConfig | None = None) -> DiscordResult:
+    """Ensemble-discord alarms (Kofler et al. 2021; module doc).
+
+    ``candidates``: name -> label map (same grid; at least 2). ``history``:
+    name -> region -> earlier Dice-to-fusion values of that candidate (same
+    site and pipeline version), e.g. ``{"baseline": {"WT": [0.97, ...]}}``.
+    A candidate or region missing from the history has none."""
+    table, fusion = fusion_dice(candidates, regions)
+    return discord_from_dice(table, history, regions=regions, config=config, fusion=fusion)
 
 
 def lr_array_axis(reference: sitk.Image) -> int:

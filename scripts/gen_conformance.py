@@ -109,7 +109,7 @@ def _objects() -> list[dict]:
     import highdicom as hd
     from pydicom.uid import EncapsulatedPDFStorage, MRImageStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
-    from brainline.pipelines.dicom_outputs import lesion_seg, longitudinal_sr, overlay, pdf_report, seg, sr, subtraction
+    from brainline.pipelines.dicom_outputs import kos, lesion_seg, longitudinal_sr, overlay, pdf_report, seg, sr, subtraction
     sr_classes = {key: cls for key, cls in sr.SR_CLASSES.items()}
     default_sr = _default(sr.build_sr, "sr_class")
 
@@ -157,6 +157,21 @@ def _objects() -> list[dict]:
          "series": _default(pdf_report.build_encapsulated_pdf, "series_number"),
          "description": _default(pdf_report.build_encapsulated_pdf, "series_description"),
          "notes": "Encapsulated PDF; concept name (18748-4, LN, \"Diagnostic Imaging Report\")"},
+        {"what": "Verified volumes SR (after a radiologist's ACCEPT)", "uid": sr_uid(sr_classes[default_sr]),
+         "modality": "SR", "series": _default(sr.build_sr, "series_number"),
+         "description": _default(sr.build_sr, "series_description"),
+         "notes": "next instance of the volumes SR series: COMPLETE, FINAL, VERIFIED, Verifying Observer, the "
+                  "earlier SR in PredecessorDocumentsSequence, decision, score 1-5 and comment"},
+        {"what": "PDF report re-issued after review", "uid": str(EncapsulatedPDFStorage), "modality": "DOC",
+         "series": _default(pdf_report.build_encapsulated_pdf, "series_number"),
+         "description": _default(pdf_report.build_encapsulated_pdf, "series_description"),
+         "notes": "next instance of the PDF series: \"Reviewed by ...\" (VERIFIED), or after REJECT a report "
+                  "without volumes that says why"},
+        {"what": "Rejection note (IHE IOCM)", "uid": "1.2.840.10008.5.1.4.1.1.88.59", "modality": "KO",
+         "series": _default(kos.build_rejection_note, "series_number"),
+         "description": _default(kos.build_rejection_note, "series_description"),
+         "notes": "Key Object Selection titled (113001, DCM, \"Rejected for Quality Reasons\") referencing every "
+                  "delivered object of a rejected or superseded job"},
     ]
 
 

@@ -34,6 +34,7 @@ from brainline import __version__
 from .db import Job, OutboxState, Stage, State
 from .dicomweb_pull import PullError, pull_study
 from .jobs import JobConflict
+from .qc_api import create_qc_router
 
 log = logging.getLogger("brainline.api")
 
@@ -265,4 +266,10 @@ def create_app(ctx) -> FastAPI:
                         "instances; see GET /api/v1/jobs")
         return body
 
+    from .review_ui import review_router  # the review web UI under /review (its own log-in)
+
+    app.include_router(review_router(ctx))
+    app.include_router(create_qc_router(ctx))  # /api/v1/qc and /qc (service/qc_api.py)
+    from .review_api import router as review_api_router  # POST/GET /api/v1/jobs/{id}/review (service/review_api.py)
+    app.include_router(review_api_router(ctx, require_token))
     return app

@@ -11,6 +11,8 @@ worker        a compute worker of the scaled-out mode (Celery): `worker --queues
 migrate       create or upgrade the database schema
 vault         check BRAINLINE_VAULT_KEY against the database, or rotate it (vault rotate)
 purge         delete spool, workspace and outbox data (and vault records) past the retention period
+user          review UI accounts: user add NAME --role radiologist|technician|admin, list, disable,
+              enable, passwd (the password is read from stdin or asked for)
 
 Files and folders the service creates under BRAINLINE_HOME are readable by
 the owner only (umask 077; the home folder 0700, the database, logs and vault
@@ -489,6 +491,84 @@ def cmd_vault(args, settings) -> int:
         engine.dispose()
 
 
+def _read_new_password(args) -> str:
+    """A new password: the first line of stdin when it is not a terminal
+    (``--password-stdin`` or a pipe), else asked twice without echo."""
+    if args.password_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        if not password:
+            raise SystemExit(_fail("no password on standard input"))
+        return password
+    import getpass
+
+    first = getpass.getpass("password: ")
+    if getpass.getpass("password again: ") != first:
+        raise SystemExit(_fail("the passwords differ"))
+    return first
+
+
+def cmd_user(args, settings) -> int:
+    import getpass
+
+    from . import auth
+    from .db import make_engine, make_sessionmaker, migrate
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        actor = f"cli:{getpass.getuser()}"[:64]
+    except Exception:  # no user name for this uid (containers)
+        actor = f"cli:uid{os.getuid()}"
+    try:
+        if args.user_command == "list":
+            users = auth.list_users(sessions)
+            if args.json:
+                print(json.dumps([{"username": u.username, "display_name": u.display_name, "role": u.role,
+                                   "active": bool(u.active),
+                                   "created_at": u.created_at.isoformat() + "Z" if u.created_at else None,
+                                   "last_login_at": u.last_login_at.isoformat() + "Z" if u.last_login_at else None}
+                                  for u in users], indent=2))
+                return 0
+            if not users:
+                print("no users; add one with `brainline user add NAME --role radiologist`")
+                return 0
+            print(f"{'username':<20} {'role':<12} {'active':<6} {'last log-in':<17} display name")
+            for u in users:
+                last = u.last_login_at.strftime("%Y-%m-%d %H:%M") if u.last_login_at else "-"
+                print(f"{u.username:<20} {u.role:<12} {'yes' if u.active else 'no':<6} {last:<17} {u.display_name}")
+            return 0
+        if args.user_command == "add":
+            auth.check_username(args.username)
+            if auth.get_user(sessions, args.username) is not None:
+                return _fail(f"user {args.username} exists already", 1)
+            user = auth.add_user(sessions, args.username, _read_new_password(args), args.role,
+                                 args.display_name or "")
+            auth.audit(sessions, actor, "user_add", detail=f"added {user.username} ({user.role})")
+            print(f"user {user.username} added ({user.role}, \"{user.display_name}\")")
+            return 0
+        if args.user_command in ("disable", "enable"):
+            user = auth.set_active(sessions, args.username, args.user_command == "enable")
+            auth.audit(sessions, actor, f"user_{args.user_command}", detail=f"{args.user_command}d {user.username}")
+            print(f"user {user.username} {args.user_command}d"
+                  + (" (running sessions end at their next request)" if args.user_command == "disable" else ""))
+            return 0
+        if args.user_command == "passwd":
+            if auth.get_user(sessions, args.username) is None:
+                return _fail(f"user {args.username} does not exist", 1)
+            user = auth.set_password(sessions, args.username, _read_new_password(args))
+            auth.audit(sessions, actor, "user_passwd", detail=f"password of {user.username} changed")
+            print(f"password of {user.username} changed; the user's sessions have ended")
+            return 0
+        return _fail(f"unknown user command {args.user_command}")
+    except auth.UserError as exc:
+        return _fail(str(exc), 1)
+    finally:
+        engine.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brainline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -593,11 +673,33 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--old-key", metavar="KEY", help="the old key itself (visible in shell history and ps)")
     rot.add_argument("--force", action="store_true", help="rotate even though a service answers on the HTTP port")
     vault.set_defaults(fn=cmd_vault)
+    usr = sub.add_parser(
+        "user", help="review UI accounts: add, list, disable, enable, passwd",
+        description="Accounts of the review web UI (/review). Roles: radiologist (views, accepts/rejects "
+                    "results, may show a patient's identity), technician (views the worklist and jobs), admin "
+                    "(everything, and the audit trail). Passwords (at least "
+                    "10 characters) are read from standard input when it is not a terminal, else asked "
+                    "for twice; they are stored as salted scrypt hashes.")
+    usub = usr.add_subparsers(dest="user_command", required=True)
+    add = usub.add_parser("add", help="add a user")
+    add.add_argument("username")
+    add.add_argument("--role", required=True, choices=["radiologist", "technician", "admin"])
+    add.add_argument("--display-name", help='name shown in the UI and written into reviewed reports, e.g. "Dr A Smith"')
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    lst = usub.add_parser("list", help="list users")
+    lst.add_argument("--json", action="store_true")
+    for name, helptext in (("disable", "disable a user (log-ins refused, sessions end)"),
+                           ("enable", "enable a disabled user again")):
+        usub.add_parser(name, help=helptext).add_argument("username")
+    pwd = usub.add_parser("passwd", help="set a user's password (ends the user's sessions)")
+    pwd.add_argument("username")
+    pwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    usr.set_defaults(fn=cmd_user)
     return p
 
 
 # Commands that create or use BRAINLINE_HOME.
-HOME_COMMANDS = {"serve", "pull", "migrate", "vault", "worker", "purge"}
+HOME_COMMANDS = {"serve", "pull", "migrate", "vault", "worker", "purge", "user"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,9 @@ start-up (for example the first part of a push interrupted by a crash) is not
 turned into a job until BRAINLINE_STABLE_SECONDS after start-up (or after the
 last instance received since), however old its folder is; the sender gets the
 time to re-send.
+
+A job's site (``Job.site``) is the calling AE title that sent the study's
+newest instances (``Spool.calling_ae``; "" for a study pulled over DICOMweb).
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class CompletionMonitor:
             count = self.spool.versions(study_key)
             if count == 0 or self._job_counts.get(study_key) == count:
                 continue
-            job_id = self.store.create(study_key, count, source="spool")
+            site = self.spool.calling_ae(study_key) if hasattr(self.spool, "calling_ae") else ""
+            job_id = self.store.create(study_key, count, source="spool", site=site)
             self._job_counts[study_key] = count
             self.store.mark_queued(job_id)
             self.submit(job_id)

@@ -24,7 +24,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from .db import FINAL_STATES, Job, Stage, State, utcnow
+from .db import FINAL_STATES, Job, ReviewState, Stage, State, utcnow
 from .metrics import Metrics
 from .spool import Spool
 from .outbox import cancel_pending
@@ -64,10 +64,16 @@ class JobStore:
         self.sessions = sessions
 
     def create(self, study_key: str, instance_count: int, source: str,
-               pipeline: str = DEFAULT_PIPELINE) -> int:
+               pipeline: str = DEFAULT_PIPELINE, site: str | None = None) -> int:
+        """A new job of ``study_key``; ``site``: the calling AE title of the
+        sender ("" when pulled or unknown), which selects the review gating.
+        The study's earlier jobs are superseded (see the module doc): their
+        outbox rows pending or held for review are cancelled and a review they
+        awaited is no longer asked for (review_state pending -> None)."""
         with self.sessions.begin() as s:
             job = Job(study_key=study_key, instance_count=instance_count, source=source,
-                      pipeline=pipeline, state=State.RECEIVED.value, attempts=0)
+                      pipeline=pipeline, state=State.RECEIVED.value, attempts=0,
+                      site=(site or "")[:64])
             job.stages = [Stage(name=name, position=i, state=State.QUEUED.value, attempts=0)
                           for i, (name, _fn) in enumerate(PIPELINES[pipeline])]
             s.add(job)
@@ -84,6 +90,8 @@ class JobStore:
                 # a job that ended without results (needs_input, failed, rejected) keeps
                 # its state, and the words say it was superseded; it cannot be retried
                 old.finished_at = old.finished_at or utcnow()
+                if old.review_state == ReviewState.PENDING.value:
+                    old.review_state = None  # the newer job is the one to review
                 log.info("job superseded", extra={"job_id": old.id, "superseded_by": job.id,
                                                   "outbox_cancelled": cancelled})
             return job.id
@@ -229,6 +237,7 @@ STAGE_LABELS = {"pseudonymize": "pseudonymization", "select_series": "series sel
                 "skull_strip": "skull stripping", "bias_correct": "N4 bias correction",
                 "segment": "tumour segmentation", "summarize": "summary",
                 "find_priors": "prior-study search", "longitudinal": "longitudinal comparison",
+                "image_qc": "image quality control", "segmentation_qc": "segmentation quality control",
                 "build_outputs": "building the DICOM results", "deliver": "delivery"}
 
 
@@ -252,6 +261,10 @@ class JobRunner:
                             spool=self.spool, vault=self.vault, settings=self.settings,
                             outbox=self.outbox, superseded=lambda: self.store.superseded(job_id),
                             sessions=self.store.sessions)
+
+    def stage_context(self, job_id: int, study_key: str) -> StageContext:
+        """The stage context of a job (for work on a finished job, e.g. a review)."""
+        return self._context(job_id, study_key)
 
     def workspace(self, job_id: int) -> Path:
         return self.settings.workspace_dir / f"job-{job_id:06d}"

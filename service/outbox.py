@@ -11,6 +11,14 @@ A job superseded by a newer job of the same study queues nothing more
 (:meth:`Outbox.enqueue` raises Superseded), and its rows not yet sent turn
 ``cancelled`` (:func:`cancel_pending`, state string until db.OutboxState
 has it); ``retry`` never re-queues them.
+
+Review gating (service/review.py): rows queued ``held`` (``enqueue(...,
+state="held")``) are never sent until a review releases them (``pending``)
+or cancels them. A retraction note (IHE IOCM Key Object Selection) is also
+queued for the *markers*: the Orthanc REST APIs of ``dest_orthanc_rest``,
+where :class:`OrthancRetractionMarker` "sends" the note by setting the
+metadata ``dest_orthanc_metadata`` on every instance the note retracts
+(Orthanc 1.10 does not act on IOCM notes itself); same retries as any row.
 """
 
 from __future__ import annotations
@@ -38,21 +46,108 @@ SUPERSEDED_PREFIX = "superseded by job "  # error of a job that ended before a n
 
 
 def cancel_pending(session, job_ids: list[int], reason: str) -> int:
-    """In ``session``: turn the pending rows of ``job_ids`` into ``cancelled``
-    with ``reason``; returns how many."""
+    """In ``session``: turn the pending (and held for review) rows of
+    ``job_ids`` into ``cancelled`` with ``reason``; returns how many."""
     if not job_ids:
         return 0
     rows = list(session.scalars(select(OutboxItem).where(
-        OutboxItem.job_id.in_(job_ids), OutboxItem.state == OutboxState.PENDING.value)))
+        OutboxItem.job_id.in_(job_ids),
+        OutboxItem.state.in_([OutboxState.PENDING.value, OutboxState.HELD.value]))))
     for row in rows:
         row.state, row.last_error = CANCELLED, reason
     return len(rows)
+
+
+MARKER_PREFIX = "orthanc-rest:"  # outbox destination name of an OrthancRetractionMarker
+RETRACTION_KIND = "kos"  # outbox kind of an IOCM retraction note (service/review.py)
+
+
+class OrthancRetractionMarker(Destination):
+    """Marks the instances a retraction note (Key Object Selection Document)
+    references in an Orthanc, through its REST API: ``PUT
+    /instances/{id}/metadata/{name}`` with the note's title, its SOP Instance
+    UID and the time. The metadata name must be declared in Orthanc's
+    ``UserMetadata`` configuration (else Orthanc answers 4xx: the row turns
+    ``rejected`` with that reason). An instance Orthanc does not hold is
+    skipped. Transport errors and HTTP 5xx raise DestinationUnavailable.
+    The URL may carry credentials (``http://user:password@host:8042``)."""
+
+    kind = "orthanc-rest"
+
+    def __init__(self, url: str, metadata: str, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.metadata = metadata
+        self.timeout = timeout
+
+    @property
+    def name(self) -> str:
+        return MARKER_PREFIX + self.url
+
+    @classmethod
+    def from_setting(cls, entry: str, settings) -> "OrthancRetractionMarker":
+        return cls(entry, getattr(settings, "dest_orthanc_metadata", "") or "BrainLineRetracted",
+                   float(getattr(settings, "network_timeout", 30.0) or 30.0))
+
+    def send(self, files: list[Path]) -> list[str | None]:
+        import httpx
+
+        outcomes: list[str | None] = []
+        with httpx.Client(timeout=self.timeout) as client:
+            for path in files:
+                note = pydicom.dcmread(path, stop_before_pixels=True)
+                code = note.ConceptNameCodeSequence[0]
+                value = (f"{code.CodeValue} {code.CodeMeaning}; rejection note {note.SOPInstanceUID}; "
+                         f"{utcnow().isoformat(timespec='seconds')}Z")
+                refused = None
+                for uid in _retracted_uids(note):
+                    try:
+                        found = client.post(f"{self.url}/tools/lookup", content=uid)
+                        if found.status_code >= 500:
+                            raise DestinationUnavailable(f"Orthanc REST {self.url}: HTTP {found.status_code}")
+                        found.raise_for_status()
+                        for hit in found.json():
+                            if hit.get("Type") != "Instance":
+                                continue
+                            put = client.put(f"{self.url}/instances/{hit['ID']}/metadata/{self.metadata}",
+                                             content=value.encode())
+                            if put.status_code >= 500:
+                                raise DestinationUnavailable(f"Orthanc REST {self.url}: HTTP {put.status_code}")
+                            if put.status_code >= 400:
+                                refused = (f"Orthanc refused metadata {self.metadata!r} (HTTP {put.status_code}): "
+                                           "declare it in Orthanc's UserMetadata")
+                                break
+                    except httpx.HTTPStatusError as exc:
+                        refused = f"Orthanc REST refused the lookup (HTTP {exc.response.status_code})"
+                    except httpx.HTTPError as exc:
+                        raise DestinationUnavailable(f"Orthanc REST {self.url} cannot be reached: "
+                                                     f"{type(exc).__name__}") from None
+                    if refused:
+                        break
+                outcomes.append(refused)
+        return outcomes
+
+
+def _retracted_uids(note: pydicom.Dataset) -> list[str]:
+    """SOP Instance UIDs a Key Object Selection Document references (its
+    Current Requested Procedure Evidence Sequence)."""
+    return [str(i.ReferencedSOPInstanceUID)
+            for study in note.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in study.get("ReferencedSeriesSequence", [])
+            for i in series.get("ReferencedSOPSequence", [])]
+
+
+def retraction_markers(settings) -> list[OrthancRetractionMarker]:
+    """The markers of ``dest_orthanc_rest`` (comma-separated Orthanc REST URLs)."""
+    urls = [u.strip() for u in str(getattr(settings, "dest_orthanc_rest", "") or "").split(",") if u.strip()]
+    return [OrthancRetractionMarker.from_setting(u, settings) for u in urls]
 
 
 class Outbox:
     def __init__(self, sessions, destinations: list[Destination], settings, metrics=None):
         self.sessions = sessions
         self.destinations = {d.name: d for d in destinations}
+        #: Orthanc REST markers of retraction notes: name -> OrthancRetractionMarker
+        self.markers = {m.name: m for m in retraction_markers(settings)}
         self.settings = settings
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -64,15 +159,19 @@ class Outbox:
             metrics.add_outbox(self.depth, self.oldest_pending_age)
 
     # -- queueing ------------------------------------------------------------
-    def enqueue(self, job_id: int, objects: list[tuple[str, Path]]) -> int:
+    def enqueue(self, job_id: int, objects: list[tuple[str, Path]], state: str = OutboxState.PENDING.value,
+                markers: bool = False) -> int:
         """Add (kind, file) pairs for every destination; idempotent per
         (destination, SOP Instance UID). Returns the number of new rows.
-        Raises Superseded (nothing added) once the job has been superseded."""
+        Raises Superseded (nothing added) once the job has been superseded.
+        ``state`` "held": kept until a review releases them; ``markers``: also
+        for the Orthanc REST markers (retraction notes only)."""
         added = 0
+        names = list(self.destinations) + (list(self.markers) if markers else [])
         for kind, path in objects:
             ds = pydicom.dcmread(path, stop_before_pixels=True,
                                  specific_tags=["SOPClassUID", "SOPInstanceUID"])
-            for name in self.destinations:
+            for name in names:
                 try:
                     with self.sessions.begin() as s:
                         job = s.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
@@ -81,13 +180,17 @@ class Outbox:
                         s.add(OutboxItem(job_id=job_id, destination=name, kind=kind, path=str(path),
                                          sop_class_uid=str(ds.SOPClassUID),
                                          sop_instance_uid=str(ds.SOPInstanceUID),
-                                         state=OutboxState.PENDING.value, attempts=0,
+                                         state=state, attempts=0,
                                          next_attempt_at=utcnow()))
                     added += 1
                 except IntegrityError:
                     pass  # already queued (a re-run of the stage)
         self._wake.set()
         return added
+
+    def wake(self) -> None:
+        """Make the sender look for due rows now (e.g. rows a review released)."""
+        self._wake.set()
 
     # -- views ---------------------------------------------------------------
     def items(self, states: list[str] | None = None, limit: int = 500) -> list[OutboxItem]:
@@ -124,13 +227,16 @@ class Outbox:
             return cancel_pending(s, earlier, f"cancelled: job {job_id} replaces these results")
 
     def sent_earlier(self, study_key: str, job_id: int) -> list[dict]:
-        """Objects of earlier jobs of ``study_key`` already stored at a destination."""
+        """Objects of earlier jobs of ``study_key`` already stored at a destination
+        (retraction notes and Orthanc markings left out)."""
         with self.sessions() as s:
             rows = s.execute(select(OutboxItem.job_id, OutboxItem.kind, OutboxItem.destination,
                                     OutboxItem.sop_instance_uid)
                              .join(Job, Job.id == OutboxItem.job_id)
                              .where(Job.study_key == study_key, Job.id < job_id,
-                                    OutboxItem.state == OutboxState.SENT.value)
+                                    OutboxItem.state == OutboxState.SENT.value,
+                                    ~OutboxItem.destination.startswith(MARKER_PREFIX),
+                                    OutboxItem.kind != RETRACTION_KIND)
                              .order_by(OutboxItem.id))
             return [{"job_id": j, "kind": k, "destination": d, "sop_instance_uid": u} for j, k, d, u in rows]
 
@@ -187,7 +293,7 @@ class Outbox:
             by_dest[item.destination].append(item)
         stored = 0
         for name, items in by_dest.items():
-            dest = self.destinations.get(name)
+            dest = self.destinations.get(name) or self.markers.get(name)
             if dest is None:
                 self._record(items, error="destination no longer configured", transient=True)
                 continue

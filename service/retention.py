@@ -10,10 +10,13 @@ What is purged (a :class:`PurgePlan` first, then :func:`execute_plan`):
   job that is *purgeable*: its state is final (done, failed, needs_input,
   rejected, superseded), it finished at least ``retention_days`` ago, every
   outbox row of it is ``sent`` or ``cancelled``, a done job with a
-  ``deliver`` stage queued at least one object, and no hold check (e.g. a
-  review in progress, :func:`register_hold_check`) holds it. Any other
-  state (received, queued, running, or a future "awaiting review") holds the
-  job: only the final states listed in ``db.FINAL_STATES`` are purgeable.
+  ``deliver`` stage queued at least one object, it does not await a
+  radiologist's review (``review_state`` "pending") and has no outbox row
+  ``held`` for review, and no hold check (:func:`register_hold_check`) holds
+  it. Any other state (received, queued, running) holds the job: only the
+  final states listed in ``db.FINAL_STATES`` are purgeable. A review needs
+  the workspace (the verified SR and re-issued PDF are built from it) and
+  the outbox folder (a rejection note is built from the delivered files).
 * ``spool``: ``<home>/spool/<study_key>/`` (the received instances, PHI) when
   every job of the study is purgeable, the folder holds as many versions as
   the newest job was built from (nothing new arrived) and its modification
@@ -63,11 +66,11 @@ from typing import Callable, Iterable
 
 from sqlalchemy import func, select
 
-from .db import FINAL_STATES, Job, OutboxItem, OutboxState, Stage, State, VaultEntry, utcnow
+from .db import FINAL_STATES, Job, OutboxItem, OutboxState, ReviewState, Stage, State, VaultEntry, utcnow
 
 log = logging.getLogger("brainline.retention")
 
-#: Job states whose data may be purged; anything else (live, or a future review state) is held.
+#: Job states whose data may be purged; anything else (live) is held, and so is a job awaiting review.
 PURGEABLE_JOB_STATES = frozenset(s.value for s in FINAL_STATES)
 #: Outbox states that count as delivered (or never to be delivered).
 DELIVERED_OUTBOX_STATES = frozenset({OutboxState.SENT.value, OutboxState.CANCELLED.value})
@@ -347,6 +350,7 @@ class _JobInfo:
     created_at: datetime
     finished_at: datetime | None
     has_deliver: bool = False
+    review_state: str | None = None
     outbox: Counter = field(default_factory=Counter)
     hold: str | None = None          # why its data must stay, whatever its age
 
@@ -364,6 +368,12 @@ def _hold_reason(job: _JobInfo, extra: dict[int, str]) -> str | None:
         return f"job {job.id} is {job.state} (not finished)"
     if job.id in extra:
         return extra[job.id]
+    if job.review_state == ReviewState.PENDING.value:
+        return (f"job {job.id} awaits a radiologist's review (accept or reject it; a site that does not review "
+                "sets BRAINLINE_REVIEW_MODE=off)")
+    held = job.outbox.get(OutboxState.HELD.value, 0)
+    if held:
+        return f"{_plural(held, 'result object')} of job {job.id} held until a radiologist's review"
     waiting = {s: n for s, n in job.outbox.items() if s not in DELIVERED_OUTBOX_STATES}
     if waiting:
         n = sum(waiting.values())
@@ -376,12 +386,12 @@ def _hold_reason(job: _JobInfo, extra: dict[int, str]) -> str | None:
 
 def _load_jobs(session, job_ids: Iterable[int] | None = None) -> dict[int, _JobInfo]:
     q = select(Job.id, Job.study_key, Job.state, Job.instance_count, Job.pseudo_patient_id,
-               Job.created_at, Job.finished_at)
+               Job.created_at, Job.finished_at, Job.review_state)
     if job_ids is not None:
         job_ids = list(job_ids)
         q = q.where(Job.id.in_(job_ids))
     jobs = {r.id: _JobInfo(r.id, r.study_key, r.state, r.instance_count or 0, r.pseudo_patient_id,
-                           r.created_at, r.finished_at) for r in session.execute(q)}
+                           r.created_at, r.finished_at, review_state=r.review_state) for r in session.execute(q)}
     if not jobs:
         return jobs
     ids = list(jobs)

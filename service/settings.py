@@ -85,6 +85,26 @@ class Settings:
     stage_lease_seconds: float
     broker_visibility_timeout: float
     extra: dict = field(default_factory=dict)
+    # -- review gating and result lifecycle (issue 12 item 4, service/review.py) --
+    review_mode: str = "preliminary"          # preliminary | hold | off
+    review_mode_by_site: dict = field(default_factory=dict)  # calling AE title -> mode
+    review_organization: str = ""             # Verifying Organization of reviewed SRs
+    dest_orthanc_rest: str = ""               # Orthanc REST URLs whose retracted instances get metadata
+    dest_orthanc_metadata: str = "BrainLineRetracted"  # that metadata's name (Orthanc UserMetadata)
+    # -- quality control (issue 12 items 1-2: service/qc_history.py, pipelines/qc_steps.py) --
+    qc_min_history: int = 20          # earlier studies of a site + scanner + series role before a robust z-score
+    qc_outlier_z: float = 3.5         # |robust z| (dimensionless) from which a metric is an outlier, in words
+    qc_history_studies: int = 200     # most recent studies of a site + scanner (or site + model) used as history
+    qc_workers: int = 2               # series the image-QC stage measures at a time (threads)
+    qc_discord: str = "auto"          # discord candidates: auto | off | list of pipelines.qc_steps.DISCORD_SOURCES
+    qc_discord_grid_mm: float = 2.0   # isotropic grid (mm) of the baseline candidates; 0 = the reference grid
+    qc_discord_alpha: float = 0.1     # alarm below median - alpha x MAD of a candidate's Dice history
+    qc_discord_min_history: int = 10  # earlier studies of a site + model before discord thresholds exist
+    # -- review web UI (issue 12 item 3: service/review_ui.py, service/auth.py) --
+    review_session_minutes: float = 30.0   # a UI session ends after this many minutes without a request
+    review_session_max_hours: float = 12.0  # ... and this many hours after log-in, whatever happens
+    review_login_max_failures: int = 5     # failed log-ins of one username in 15 min before log-ins are refused a while
+    review_secret: str = ""                # key that signs UI sessions; empty = derived from vault_key
 
     # Folders inside home -------------------------------------------------
     @property
@@ -178,6 +198,67 @@ def _check_prior_settings(values: dict) -> None:
         raise SettingsError("BRAINLINE_PRIOR_TIMEOUT_SECONDS must be more than 0")
 
 
+REVIEW_MODES = ("preliminary", "hold", "off")
+
+
+def parse_site_modes(raw: str, name: str = "BRAINLINE_REVIEW_MODE_BY_SITE") -> dict[str, str]:
+    """``"SCANNER1=hold,SCANNER2=preliminary"`` -> {calling AE title: review mode};
+    raise SettingsError naming ``name`` for a malformed entry."""
+    modes: dict[str, str] = {}
+    for entry in str(raw or "").split(","):
+        if not entry.strip():
+            continue
+        ae, sep, mode = entry.partition("=")
+        ae, mode = ae.strip(), mode.strip().lower()
+        if not sep or not ae or len(ae) > 16 or "\\" in ae:
+            raise SettingsError(f"{name}: {entry.strip()!r} is not AE_TITLE=mode (AE title 1 to 16 characters)")
+        if mode not in REVIEW_MODES:
+            raise SettingsError(f"{name}: the mode of {ae} must be one of {', '.join(REVIEW_MODES)}, not {mode!r}")
+        modes[ae] = mode
+    return modes
+
+
+def _check_review_settings(values: dict) -> None:
+    """Validate the review gating settings in place: ``review_mode`` one of
+    REVIEW_MODES, ``review_mode_by_site`` parsed into a dict, the Orthanc REST
+    URLs http(s) and the metadata name a plain word."""
+    mode = str(values.get("review_mode") or "preliminary").strip().lower()
+    if mode not in REVIEW_MODES:
+        raise SettingsError(f"BRAINLINE_REVIEW_MODE must be one of {', '.join(REVIEW_MODES)}")
+    values["review_mode"] = mode
+    by_site = values.get("review_mode_by_site")
+    values["review_mode_by_site"] = (dict(by_site) if isinstance(by_site, dict)
+                                     else parse_site_modes(str(by_site or "")))
+    urls = [u.strip() for u in str(values.get("dest_orthanc_rest") or "").split(",") if u.strip()]
+    if any(not u.startswith(("http://", "https://")) for u in urls):
+        raise SettingsError("BRAINLINE_DEST_ORTHANC_REST must list Orthanc REST base URLs (http://host:8042)")
+    values["dest_orthanc_rest"] = ",".join(u.rstrip("/") for u in urls)
+    name = str(values.get("dest_orthanc_metadata") or "BrainLineRetracted").strip()
+    if not name.replace("_", "").isalnum():
+        raise SettingsError("BRAINLINE_DEST_ORTHANC_METADATA must be a metadata name of letters, digits and _")
+    values["dest_orthanc_metadata"] = name
+    values["review_organization"] = str(values.get("review_organization") or "").strip()[:64]
+
+
+def _check_qc_settings(values: dict) -> None:
+    """Validate the quality-control settings (issue 12), naming the variable."""
+    from brainline.pipelines.qc_steps import parse_discord
+
+    try:
+        parse_discord(values.get("qc_discord", "auto"))
+    except ValueError as exc:
+        raise SettingsError(f"BRAINLINE_QC_DISCORD: {exc}") from None
+    for key, low in (("qc_min_history", 3), ("qc_history_studies", 3), ("qc_workers", 1),
+                     ("qc_discord_min_history", 3)):
+        if key in values and values[key] < low:
+            raise SettingsError(f"BRAINLINE_{key.upper()} must be at least {low}")
+    for key in ("qc_outlier_z", "qc_discord_alpha"):
+        if key in values and not values[key] > 0:
+            raise SettingsError(f"BRAINLINE_{key.upper()} must be more than 0")
+    if values.get("qc_discord_grid_mm", 0) < 0:
+        raise SettingsError("BRAINLINE_QC_DISCORD_GRID_MM must be 0 (the reference grid) or a spacing in mm")
+
+
 def load_settings(env: dict | None = None) -> Settings:
     """Build Settings from the packaged defaults and the environment."""
     env = os.environ if env is None else env
@@ -221,6 +302,8 @@ def load_settings(env: dict | None = None) -> Settings:
         raise SettingsError("BRAINLINE_VAULT_RETENTION_DAYS needs BRAINLINE_RETENTION_DAYS set and not longer: "
                             "the vault records must not go before the data they re-identify")
     _check_prior_settings(values)
+    _check_review_settings(values)
+    _check_qc_settings(values)
     known = {f.name for f in dataclasses.fields(Settings)}
     extra = {k: v for k, v in values.items() if k not in known}
     return Settings(**{k: v for k, v in values.items() if k in known}, extra=extra)

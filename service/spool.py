@@ -20,6 +20,12 @@ silently overwrite the stored one: the stored file is moved to ``.conflicts/``
 (kept, never processed), the new one takes its place, and ``versions()`` grows
 by one so that the completion monitor re-opens the study (a new job after the
 quiet period, also after a restart).
+
+The calling AE title of the association that stored a study's newest
+instances is kept in ``<home>/spool/<study_key>/.calling_ae`` (written when it
+changes; not an instance, so counts ignore it): the job's site
+(``Job.site``), which selects the review gating (``review_mode_by_site``).
+Studies stored outside an association (DICOMweb pull) have none ("").
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SUFFIX = ".dcm"
+CALLING_AE_FILE = ".calling_ae"   # calling AE title of the study's newest sender
 CONFLICTS = ".conflicts"
 INCOMING_SUFFIX = ".incoming"
 _CHUNK = 1 << 20
@@ -70,6 +77,7 @@ class Spool:
         self._tmp_seq = 0
         self._lock = threading.Lock()
         self._uid_locks = [threading.Lock() for _ in range(64)]  # striped by SOP UID
+        self._senders: dict[str, str] = {}  # study_key -> calling AE title last written
 
     # -- space -----------------------------------------------------------
     def free_bytes(self) -> int:
@@ -119,14 +127,16 @@ class Spool:
     def _uid_lock(self, key: str) -> threading.Lock:
         return self._uid_locks[hash(key) % len(self._uid_locks)]
 
-    def store(self, study_key: str, sop_instance_uid: str, data: bytes) -> StoreOutcome:
+    def store(self, study_key: str, sop_instance_uid: str, data: bytes,
+              calling_ae: str | None = None) -> StoreOutcome:
         """Write one instance (bytes of a DICOM Part 10 file) durably.
 
         Returns ``duplicate=True`` when an identical file was already there
         (nothing written), ``conflict=True`` when a different file with the
         same SOP Instance UID was there (moved to ``.conflicts/``). Raises
         OutOfSpace or InvalidInstance; on any error no partial file is left
-        behind.
+        behind. ``calling_ae``: the sender's AE title (default: the DICOM
+        association served by this thread, if any), kept as the study's site.
         """
         if not is_valid_uid(sop_instance_uid):
             raise InvalidInstance("SOP Instance UID is missing or not a valid UID")
@@ -147,32 +157,37 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            return self._commit(study_key, sop_instance_uid, tmp)
+            return self._noted(self._commit(study_key, sop_instance_uid, tmp), study_key, calling_ae)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfSpace(str(exc.strerror)) from None
             raise
 
-    def store_file(self, study_key: str, sop_instance_uid: str, src: Path) -> StoreOutcome:
+    def store_file(self, study_key: str, sop_instance_uid: str, src: Path,
+                   calling_ae: str | None = None, synced: bool = False) -> StoreOutcome:
         """Move a received file (DICOM Part 10, in ``incoming_dir`` or
         elsewhere on the spool's file system) into the study durably: fsync,
         rename, fsync of the folder. ``src`` is consumed (moved or removed)
-        on success and left alone on error. Same outcomes as ``store``."""
+        on success and left alone on error. Same outcomes as ``store``.
+        ``synced=True``: the caller has fdatasync'ed ``src`` after its last
+        write (the DICOM listener does it while it reads the header), so it
+        is not synced again; it is still renamed and its folder fsync'ed."""
         if not is_valid_uid(sop_instance_uid):
             raise InvalidInstance("SOP Instance UID is missing or not a valid UID")
         size = src.stat().st_size
         if not self.has_space(size):
             raise OutOfSpace("free space below threshold")
         try:
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                _fdatasync(fd)
-            finally:
-                os.close(fd)
+            if not synced:
+                fd = os.open(src, os.O_RDONLY)
+                try:
+                    _fdatasync(fd)
+                finally:
+                    os.close(fd)
             folder = self._ensure_study(study_key)
             if src.stat().st_dev == folder.stat().st_dev:
-                return self._commit(study_key, sop_instance_uid, src)
+                return self._noted(self._commit(study_key, sop_instance_uid, src), study_key, calling_ae)
             # incoming folder on another file system: copy, then rename
             tmp = self._new_tmp(folder)
             try:
@@ -187,11 +202,49 @@ class Spool:
                 tmp.unlink(missing_ok=True)
                 raise
             src.unlink(missing_ok=True)
-            return outcome
+            return self._noted(outcome, study_key, calling_ae)
         except OSError as exc:
             if exc.errno in (28, 122):
                 raise OutOfSpace(str(exc.strerror)) from None
             raise
+
+    def _noted(self, outcome: StoreOutcome, study_key: str, calling_ae: str | None) -> StoreOutcome:
+        """Record the sender of a stored (not duplicate) instance; return ``outcome``."""
+        if not outcome.duplicate:
+            ae = calling_ae if calling_ae is not None else _association_calling_ae()
+            if ae:
+                try:
+                    self._note_sender(study_key, ae)
+                except OSError:  # the instance is stored; the site falls back to the default
+                    pass
+        return outcome
+
+    def _note_sender(self, study_key: str, ae: str) -> None:
+        """Write ``<study>/.calling_ae`` (atomically, durably) when the sender changed."""
+        ae = "".join(ch for ch in ae.strip() if ch.isprintable())[:16]
+        folder = self.study_dir(study_key)
+        target = folder / CALLING_AE_FILE
+        if not ae or (self._senders.get(study_key) == ae and target.exists()):
+            return
+        with self._uid_lock(f"{study_key}/{CALLING_AE_FILE}"):
+            tmp = self._new_tmp(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, (ae + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            _fsync_dir(folder)
+            self._senders[study_key] = ae
+
+    def calling_ae(self, study_key: str) -> str:
+        """The calling AE title that sent the study's newest instances ("" when
+        unknown: pulled over DICOMweb, or stored before sites were recorded)."""
+        try:
+            return (self.study_dir(study_key) / CALLING_AE_FILE).read_text().strip()[:16]
+        except (OSError, UnicodeDecodeError):
+            return ""
 
     def _ensure_study(self, study_key: str) -> Path:
         folder = self.study_dir(study_key)
@@ -264,6 +317,21 @@ class Spool:
         except OSError as exc:
             return f"spool {self.root} is not writable: {exc.strerror}"
         return None
+
+
+def _association_calling_ae() -> str | None:
+    """The calling AE title of the DICOM association served by the current
+    thread: pynetdicom runs an association's event handlers (C-STORE) in the
+    association's own thread, an ``Association`` whose ``requestor`` is the
+    peer when we accept. None outside an association (DICOMweb pull, tests)."""
+    thread = threading.current_thread()
+    if not getattr(thread, "is_acceptor", False):
+        return None
+    requestor = getattr(thread, "requestor", None)
+    title = getattr(requestor, "ae_title", None)
+    if isinstance(title, bytes):
+        title = title.decode("ascii", "replace")
+    return str(title).strip() if title else None
 
 
 def _count_dcm(folder: Path) -> int:

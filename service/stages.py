@@ -50,6 +50,7 @@ from brainline.pipelines.series_selection import MissingSeriesError, RulesError
 from brainline.pipelines.skull_strip import SkullStripError
 
 from .deid import DeidContext, DeidProfile, identifying_strings_of, pseudonymize_dataset
+from .qc_history import compare_image_qc, compare_segmentation_qc, qc_config
 from .reidentify import reidentify_dataset
 from .spool import Spool
 from .vault import Vault
@@ -499,12 +500,26 @@ def deliver(ctx: StageContext) -> dict:
     (Superseded); objects of earlier jobs of the study still waiting in the
     outbox are cancelled before this job queues its own, and the result
     lists the earlier objects already stored (``replaces``): the new SEG/SR
-    are new objects (new UIDs) that replace them."""
+    are new objects (new UIDs) that replace them; the earlier objects are
+    retracted with an IHE IOCM rejection note (``retracted``, see
+    service/review.py).
+
+    Review gating (service/review.py, per site = the sender's calling AE
+    title): "preliminary" queues the objects to be sent and the job awaits
+    review; "hold" queues them ``held`` (sent only after ACCEPT); "off"
+    asks for no review."""
+    from . import review  # review.py reads helpers of this module
+
     ctx.check_superseded()
     results = json.loads(ctx.path("results.json").read_text())
+    mode, site = review.gating(ctx)
     if ctx.outbox is None or not ctx.outbox.destinations:
-        return {"queued": 0, "note": "no destination configured (BRAINLINE_DEST_DICOM / "
-                                     "BRAINLINE_DEST_STOWRS); results stay in the workspace"}
+        outcome = {"queued": 0, "note": "no destination configured (BRAINLINE_DEST_DICOM / "
+                                        "BRAINLINE_DEST_STOWRS); results stay in the workspace"}
+        if mode != "off":
+            outcome["review"] = {"mode": mode, "site": site, "state": review.mark_pending(ctx)}
+        return outcome
+    hold = {"state": review.HELD} if mode == "hold" else {}
     pseudo = json.loads(ctx.path("pseudonymize.json").read_text())
     study = ctx.vault.get("study", pseudo["pseudo_study_uid"])
     patient = ctx.vault.get("patient", pseudo["pseudo_patient_id"])
@@ -524,7 +539,7 @@ def deliver(ctx: StageContext) -> dict:
     added, core_queued = 0, False
     for obj in objects:
         if not core_queued and obj["kind"] not in CORE_OBJECTS:
-            added += ctx.outbox.enqueue(ctx.job_id, queued)
+            added += ctx.outbox.enqueue(ctx.job_id, queued, **hold)
             core_queued = True
         if obj["kind"] in skipped:
             continue  # one instance of an overlay series failed: leave the whole series out
@@ -548,8 +563,16 @@ def deliver(ctx: StageContext) -> dict:
         queued.append((obj["kind"], target))
     queued = [(kind, path) for kind, path in queued if kind not in skipped]
     added += ctx.outbox.enqueue(ctx.job_id, [(k, p) for k, p in queued
-                                             if not (core_queued and k in CORE_OBJECTS)])
+                                             if not (core_queued and k in CORE_OBJECTS)], **hold)
+    # the earlier jobs' delivered objects are retracted now, whatever the review of these
+    retracted = review.retract_superseded(ctx, out_dir) if replaces else None
     result = {"objects": len(queued), "queued": added, "destinations": sorted(ctx.outbox.destinations)}
+    if mode != "off":
+        result["review"] = {"mode": mode, "site": site, "state": review.mark_pending(ctx)}
+    if hold:
+        result["held"] = added
+        result["held_note"] = (f"review mode 'hold' for site {site or '(none)'}: the results are sent only after "
+                               "a radiologist accepts them")
     if skipped:
         result["not_delivered"] = [{"kind": k, "error": e} for k, e in skipped.items()]
     if results.get("failed"):
@@ -560,9 +583,17 @@ def deliver(ctx: StageContext) -> dict:
         jobs = sorted({r["job_id"] for r in replaces})
         kinds = sorted({OBJECT_NAMES.get(r["kind"], r["kind"]) for r in replaces})
         result["replaces"] = replaces
+        if retracted and retracted.get("instances"):
+            fate = (f"the earlier ones are retracted with an IHE IOCM rejection note ({retracted['reason']}, "
+                    f"{retracted['instances']} objects)")
+            result["retracted"] = retracted
+        elif retracted is None:
+            fate = "the earlier ones were already retracted (IHE IOCM rejection note)"
+        else:
+            fate = "the earlier ones stay there" + (f" ({retracted['note']})" if retracted.get("note") else "")
         result["note"] = (f"these results replace those of job{'s' if len(jobs) > 1 else ''} "
                           f"{', '.join(map(str, jobs))} ({', '.join(kinds)} already stored at the "
-                          f"destination); the new objects have new UIDs, the earlier ones stay there")
+                          f"destination); the new objects have new UIDs, {fate}")
     return result
 
 
@@ -581,6 +612,7 @@ def pipeline_config(settings, **overrides) -> PipelineConfig:
         skull_strip_backend=settings.skull_strip_backend,
         device=values["device"],
         model=values["model"] or None,
+        qc=qc_config(settings),
     )
 
 
@@ -590,6 +622,28 @@ def _image_step(step):
 
     stage.__doc__ = step.__doc__
     return stage
+
+
+def _qc_step(step, compare):
+    """A QC step of the image pipeline (files only) followed by its
+    comparison with the site's history in the job store
+    (service/qc_history.py: z-scores or discord thresholds, rows stored in
+    qc_metrics, words into the workspace for summarize)."""
+    def stage(ctx: StageContext) -> dict:
+        result = step(ctx.workspace, pipeline_config(ctx.settings))
+        sessions = ctx.sessions or getattr(ctx.vault, "_sessions", None)
+        return compare(sessions, ctx.job_id, ctx.workspace, ctx.settings, result)
+
+    stage.__doc__ = f"{step.__doc__}\n\nThen: {compare.__doc__}"
+    return stage
+
+
+#: Image steps that the service runs with its database history.
+QC_STAGES = {"image_qc": compare_image_qc, "segmentation_qc": compare_segmentation_qc}
+
+
+def _service_step(name, step):
+    return _qc_step(step, QC_STAGES[name]) if name in QC_STAGES else _image_step(step)
 
 
 StageFn = Callable[[StageContext], dict]
@@ -605,7 +659,7 @@ PIPELINES: dict[str, list[tuple[str, StageFn]]] = {
         ("find_priors", find_priors),
         ("select_series", select),
         ("convert", convert),
-        *[(name, _image_step(step)) for name, step in STEPS],
+        *[(name, _service_step(name, step)) for name, step in STEPS],
         ("longitudinal", _image_step(step_longitudinal)),
         ("build_outputs", build_outputs),
         ("deliver", deliver),

@@ -176,6 +176,7 @@ def test_real_skull_stripped_series():
     m = r.metrics
     # published BraTS-style data is skull-stripped: zero background -> noise metrics undefined, said so
     assert m["SNR1"] is None and m["SNR2"] is None and m["FBER"] is None
+    assert m["SNR4"] is None and m["CNR"] is None and m["CJV"] is None   # a zero patch measures the masking
     assert any("exactly zero" in n for n in r.notes)
     for k in ("MEAN", "CV", "CPP", "PSNR", "SNR3", "CVP", "EFC", "CNR_TISSUE", "CJV_TISSUE"):
         assert m[k] is not None and np.isfinite(m[k]), k
@@ -258,3 +259,16 @@ def test_real_flair_with_scanner_noise_and_history():
     assert c.outlier and c.worse and c.z < -3.5
     assert c.words.startswith("FLAIR SNR2 far below this scanner's usual (z = -")
     assert not compare_to_history("SNR2", m["SNR2"], history, series="FLAIR").outlier
+
+
+def test_median_square_and_efc_match_their_definitions():
+    from brainline.pipelines.image_qc import _median_square
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 7, 1000, 1001):
+        x = rng.normal(0, 3, n)
+        assert _median_square(x) == pytest.approx(float(np.median(np.abs(x) ** 2)), rel=1e-12)
+    x = np.clip(rng.normal(50, 20, (20, 30, 30)), -5, None)
+    p = np.clip(x, 0, None).ravel() / math.sqrt(float((np.clip(x, 0, None) ** 2).sum()))
+    nz = p[p > 0]
+    e_max = math.sqrt(p.size) * math.log(1 / math.sqrt(p.size))
+    assert efc(x) == pytest.approx(float((nz * np.log(nz)).sum()) / e_max, rel=1e-6)

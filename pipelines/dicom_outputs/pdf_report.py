@@ -9,6 +9,13 @@ re-render it from the same ReportContent with the real identifiers (the
 content holds no pixel data other than the key image) or accept that the
 document shows the pseudonym.
 
+After a radiologist's review (service/review.py) the report is re-issued
+with a :class:`ReviewInfo`: ACCEPT gives a green "Reviewed by ... on ...,
+score n/5" banner and a Review section; REJECT gives a report *without
+volumes* (no volume table, chart, key image with outlines or follow-up
+section) whose red banner says the segmentation was rejected and cannot be
+used, with the reviewer's reason.
+
 :func:`build_encapsulated_pdf` wraps PDF bytes as an Encapsulated PDF Storage
 instance in the study of the source series. highdicom has no class for this
 IOD, so :class:`EncapsulatedPDF` extends highdicom's ``SOPClass`` base (which
@@ -45,7 +52,7 @@ from .codes import COMPOSITES, LABELS, PDF_CONCEPT_NAME, AlgorithmInfo, QCFindin
 from .seg import SourceSeries, _as_series, labels_on_source_grid, new_uid
 
 __all__ = [
-    "KeyImage", "ReportContent", "FollowUp", "EncapsulatedPDF", "NOT_REVIEWED_STATEMENT",
+    "KeyImage", "ReportContent", "FollowUp", "ReviewInfo", "EncapsulatedPDF", "NOT_REVIEWED_STATEMENT",
     "select_key_slice", "key_image_from_series", "build_pdf_report", "build_encapsulated_pdf",
 ]
 
@@ -100,6 +107,38 @@ class FollowUp:
 
 
 @dataclass
+class ReviewInfo:
+    """A radiologist's decision on the segmentation, printed in the re-issued
+    report. ``at`` is naive UTC; ``score`` 1 (terrible) to 5 (perfect);
+    ``comment`` the reviewer's words (the reason, for a rejection);
+    ``retracted``: result objects delivered earlier that a rejection withdrew."""
+
+    decision: str                 # "accepted" | "rejected"
+    reviewer: str
+    at: _dt.datetime
+    score: int | None = None
+    comment: str = ""
+    organization: str = ""
+    retracted: int = 0
+
+    @property
+    def rejected(self) -> bool:
+        return self.decision == "rejected"
+
+    @property
+    def when(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} UTC"
+
+    def statement(self) -> str:
+        """The banner: "Reviewed by X on D, score 4/5" or "Segmentation REJECTED by X on D ..."."""
+        if self.rejected:
+            return (f"Segmentation REJECTED by {self.reviewer} on {self.when}: it cannot be used and "
+                    "no volumes are reported")
+        score = f", score {self.score}/5" if self.score is not None else ""
+        return f"Reviewed by {self.reviewer} on {self.when}{score}"
+
+
+@dataclass
 class ReportContent:
     """Everything the PDF shows. Identifiers are whatever the caller passes
     (pseudonyms in the worker). ``volumes_ml`` uses the SR summary keys
@@ -125,6 +164,8 @@ class ReportContent:
     title: str = "BrainLine brain tumour volumetry"
     #: follow-up section (change against earlier studies); None = no section
     followup: FollowUp | None = None
+    #: a radiologist's review (re-issued report); None = not reviewed
+    review: ReviewInfo | None = None
 
 
 def select_key_slice(labels: np.ndarray) -> int | None:
@@ -389,14 +430,19 @@ def build_pdf_report(report: ReportContent) -> bytes:
 
     algo = report.algorithm
     generated = report.generated_at or _dt.datetime.now()
-    story: list = [Paragraph(escape(report.title), styles["Title"])]
-    if report.reviewed:
+    review = report.review
+    rejected = review is not None and review.rejected
+    title = "BrainLine brain tumour segmentation - rejected" if rejected else report.title
+    story: list = [Paragraph(escape(title), styles["Title"])]
+    if review is not None:
+        story.append(p(review.statement(), warn if rejected else ok))
+    elif report.reviewed:
         who = f" ({report.reviewed_by})" if report.reviewed_by else ""
         story.append(p(f"Results reviewed by a radiologist{who}", ok))
     else:
         story.append(p(NOT_REVIEWED_STATEMENT, warn))
-    story.append(p(NOT_FOR_DIAGNOSIS + ". Volumes are computed automatically from MRI and must be "
-                   "interpreted together with the images.", small))
+    story.append(p(NOT_FOR_DIAGNOSIS + (". " if rejected else ". Volumes are computed automatically from MRI "
+                                        "and must be interpreted together with the images."), small))
 
     story.append(p("Study", h2))
     study_rows = [["Patient ID", report.patient_id], ["Patient name", report.patient_name],
@@ -417,16 +463,35 @@ def build_pdf_report(report: ReportContent) -> bytes:
     sw_rows += [[label, str(algo.parameters[key])] for key, label in labels.items() if algo.parameters.get(key)]
     story.append(_table([[a, p(b)] for a, b in sw_rows], [38 * mm, 132 * mm], header=False))
 
-    story.append(p("Volumes", h2))
-    tiv = report.tiv_ml
-    vol_rows = [["Region", "BraTS label", "Volume (mL)", "% of TIV"]]
-    for name, lab, vol in _volume_rows(report):
-        pct = f"{100.0 * vol / tiv:.2f}" if (vol is not None and tiv) else "-"
-        vol_rows.append([p(name), lab, "-" if vol is None else f"{vol:.2f}", pct])
-    vol_rows.append(["total intracranial volume (TIV)", "-", "-" if tiv is None else f"{tiv:.1f}", "-"])
-    vt = _table(vol_rows, [78 * mm, 26 * mm, 30 * mm, 24 * mm])
-    vt.setStyle(TableStyle([("ALIGN", (1, 1), (-1, -1), "RIGHT")]))
-    story.append(vt)
+    if review is not None:
+        story.append(p("Radiologist review", h2))
+        who = review.reviewer + (f", {review.organization}" if review.organization else "")
+        rows = [["Decision", "REJECTED: the segmentation cannot be used" if rejected
+                 else "ACCEPTED: the segmentation is acceptable"],
+                ["Reviewer", who], ["Date", review.when]]
+        if review.score is not None:
+            rows.append(["Score", f"{review.score}/5 (5 = perfect, 1 = terrible)"])
+        if review.comment:
+            rows.append(["Reason" if rejected else "Comment", review.comment])
+        story.append(_table([[a, p(b)] for a, b in rows], [38 * mm, 132 * mm], header=False))
+    if rejected:
+        withdrawn = (f" The {review.retracted} BrainLine result object{'s' if review.retracted != 1 else ''} "
+                     "delivered earlier for this study (segmentation, volumes, overlay, report) "
+                     "were withdrawn with an IHE IOCM rejection note (Rejected for Quality Reasons)."
+                     if review.retracted else "")
+        story.append(p("The automated tumour segmentation of this study was rejected by the reviewer. It "
+                       "cannot be used, and no volumes or measurements derived from it are reported." + withdrawn))
+    else:
+        story.append(p("Volumes", h2))
+        tiv = report.tiv_ml
+        vol_rows = [["Region", "BraTS label", "Volume (mL)", "% of TIV"]]
+        for name, lab, vol in _volume_rows(report):
+            pct = f"{100.0 * vol / tiv:.2f}" if (vol is not None and tiv) else "-"
+            vol_rows.append([p(name), lab, "-" if vol is None else f"{vol:.2f}", pct])
+        vol_rows.append(["total intracranial volume (TIV)", "-", "-" if tiv is None else f"{tiv:.1f}", "-"])
+        vt = _table(vol_rows, [78 * mm, 26 * mm, 30 * mm, 24 * mm])
+        vt.setStyle(TableStyle([("ALIGN", (1, 1), (-1, -1), "RIGHT")]))
+        story.append(vt)
 
     story.append(p("Quality control", h2))
     if report.qc_findings:
@@ -442,6 +507,8 @@ def build_pdf_report(report: ReportContent) -> bytes:
         story.append(p("No quality-control findings recorded."))
     for note in report.notes:
         story.append(p(note))
+    if rejected:  # no key image with outlines, no volume chart, no follow-up volumes
+        return _finish(story, report, algo, generated)
 
     images = []
     if report.key_image is not None:
@@ -460,7 +527,11 @@ def build_pdf_report(report: ReportContent) -> bytes:
     story += [Spacer(1, 2 * mm), grid]
     if report.followup is not None:
         story += _followup_story(report.followup, p, body, small, h2)
+    return _finish(story, report, algo, generated)
 
+
+def _finish(story: list, report: ReportContent, algo: AlgorithmInfo, generated: _dt.datetime) -> bytes:
+    """Footer on every page, then the PDF bytes."""
     footer = f"{algo.name} {algo.version} | generated {generated:%Y-%m-%d %H:%M} | {NOT_FOR_DIAGNOSIS}"
 
     def on_page(canvas, doc):

@@ -24,6 +24,11 @@ Content tree (all coded concepts from :mod:`.codes`)::
 Measurement Method is written HAS CONCEPT MOD, as TID 1501 requires
 (:func:`fix_method_relationships`; highdicom 0.28 writes CONTAINS).
 
+:func:`build_verified_sr` writes the verified version of the volumes report
+after a radiologist accepted the segmentation (service/review.py): same
+content plus the review (decision, score, comment), VERIFIED with the
+Verifying Observer Sequence, FINAL, the original as predecessor document.
+
 :func:`build_rano_sr` writes a second TID 1500 document (same observer
 context) with one TID 1501 group per tumour-core lesion (3-D component of
 labels 1 + 3, largest first, at most 5): tracking identifier
@@ -42,6 +47,8 @@ Equipment) and in every group's Algorithm Identification (TID 4019).
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
+from datetime import datetime
 from os import PathLike
 from typing import Any, Mapping, Sequence
 
@@ -49,7 +56,9 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
 
 from ..rano import ComponentMeasurement, label_components, measure_components
 from .codes import (
@@ -57,10 +66,12 @@ from .codes import (
     NON_ENHANCING_LESION, OHIF_BIDIRECTIONAL, PROCEDURE_REPORTED, QUALITATIVE_EVALUATIONS, RANO_METHOD, REPORT_TITLE,
     SHORT_AXIS, TIV, UNIT_ML, UNIT_MM, VOLUME, AlgorithmInfo, QCFinding, label_concept, private_coding_scheme,
 )
+from .codes import PRIVATE_SCHEME
 from .seg import SourceSeries, _as_series, new_uid, read_seg_labels, segment_label_values
 
 __all__ = ["build_sr", "build_rano_sr", "volume_summary", "SR_CLASSES", "bidimensional_measurements", "fix_method_relationships",
-           "MEASUREMENT_METHOD", "observer_document"]
+           "MEASUREMENT_METHOD", "observer_document", "build_verified_sr", "REVIEW_DECISION", "REVIEW_SCORE",
+           "REVIEW_COMMENT", "review_score_code"]
 
 #: (370129005, SCT, "Measurement Method")
 MEASUREMENT_METHOD = "370129005"
@@ -428,3 +439,127 @@ def observer_document(groups: list[Any], texts: hd.sr.ContainerContentItem | Non
     """Public form of the TID 1500 document builder shared by the SR builders
     (keyword arguments as :func:`build_sr`, plus ``other_evidence``)."""
     return _document(groups, texts, seg, series, algorithm, **kwargs)
+
+
+# ------------------------------------------------------------------ review
+
+#: The radiologist's review in a verified report, as items of the root
+#: Qualitative Evaluations container (TID 1500 rows "CONTAINS CODE" / "CONTAINS
+#: TEXT"): the decision and the score are coded so that a query or an export
+#: can select reports by them (no DCM/SCT code exists for a 1-5 segmentation
+#: quality scale, hence the private scheme, declared in every document); the
+#: comment is free text under (121106, DCM, "Comment").
+REVIEW_DECISION = Code("REVIEW", PRIVATE_SCHEME, "Radiologist review of the segmentation")
+REVIEW_ACCEPTED = Code("REVIEW-ACCEPT", PRIVATE_SCHEME, "Segmentation acceptable")
+REVIEW_SCORE = Code("REVIEW-SCORE", PRIVATE_SCHEME, "Segmentation quality score (5 perfect, 1 terrible)")
+REVIEW_COMMENT = Code("121106", "DCM", "Comment")
+_SCORE_WORDS = {1: "terrible", 2: "poor", 3: "acceptable", 4: "good", 5: "perfect"}
+
+
+def review_score_code(score: int) -> Code:
+    """(SCORE-n, 99BRAINLINE, "n of 5 (word)") for a score 1..5."""
+    if score not in _SCORE_WORDS:
+        raise ValueError(f"a review score is 1 to 5, not {score!r}")
+    return Code(f"SCORE-{score}", PRIVATE_SCHEME, f"{score} of 5 ({_SCORE_WORDS[score]})")
+
+
+_EVIDENCE_KEEP = ("SpecificCharacterSet", "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                  "StudyID", "AccessionNumber", "StudyDescription")
+
+
+def _evidence_of(report: Dataset) -> list[Dataset]:
+    """Minimal datasets of the instances an SR lists as evidence (patient and
+    study attributes of the report, the study of each evidence item)."""
+    base = Dataset()
+    for elem in report:
+        if elem.tag.group == 0x0010 or elem.keyword in _EVIDENCE_KEEP:
+            base.add(elem)
+    out = []
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in report.get(keyword, []):
+            for series in study.get("ReferencedSeriesSequence", []):
+                for ref in series.get("ReferencedSOPSequence", []):
+                    ds = Dataset()
+                    ds.update(base)
+                    ds.StudyInstanceUID = study.StudyInstanceUID
+                    ds.SeriesInstanceUID = series.SeriesInstanceUID
+                    ds.SOPInstanceUID = ref.ReferencedSOPInstanceUID
+                    ds.SOPClassUID = ref.ReferencedSOPClassUID
+                    out.append(ds)
+    return out
+
+
+def _software_versions(ds: Dataset) -> list[str] | None:
+    value = ds.get("SoftwareVersions")
+    if value is None or value == "":
+        return None
+    return [str(v) for v in value] if isinstance(value, MultiValue) else [str(value)]
+
+
+def build_verified_sr(
+    report: Dataset,
+    *,
+    verifying_observer: str,
+    organization: str,
+    verified_at: datetime,
+    score: int,
+    comment: str | None = None,
+    uid_root: str | None = None,
+) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
+    """The verified version of a TID 1500 report after a radiologist accepted
+    the segmentation: the same content (volumes, QC findings, observer
+    device) plus the review items (decision, score, comment; see
+    :data:`REVIEW_DECISION`), CompletionFlag COMPLETE, PreliminaryFlag FINAL,
+    VerificationFlag VERIFIED with the Verifying Observer Sequence
+    (``verifying_observer`` as a PN, ``organization``, ``verified_at`` naive
+    UTC), and the original listed in PredecessorDocumentsSequence. Same
+    series as the original, next instance number, new SOP Instance UID.
+    """
+    classes = {"1.2.840.10008.5.1.4.1.1.88.34": hd.sr.Comprehensive3DSR,
+               "1.2.840.10008.5.1.4.1.1.88.33": hd.sr.ComprehensiveSR,
+               "1.2.840.10008.5.1.4.1.1.88.22": hd.sr.EnhancedSR}
+    cls = classes.get(str(report.SOPClassUID))
+    if cls is None:
+        raise ValueError(f"not a TID 1500 SR BrainLine builds (SOP class {report.SOPClassUID})")
+    root = Dataset()
+    for keyword in ("ConceptNameCodeSequence", "ValueType", "ContinuityOfContent", "ContentTemplateSequence",
+                    "ContentSequence"):
+        if keyword in report:
+            setattr(root, keyword, deepcopy(report[keyword].value))
+    container = next((item for item in root.ContentSequence
+                      if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue
+                      == QUALITATIVE_EVALUATIONS.value), None)
+    if container is None:
+        container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        container.ContentSequence = hd.sr.ContentSequence([])
+        root.ContentSequence.append(container)
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items = [hd.sr.CodeContentItem(name=REVIEW_DECISION, value=REVIEW_ACCEPTED, relationship_type=contains),
+             hd.sr.CodeContentItem(name=REVIEW_SCORE, value=review_score_code(score), relationship_type=contains)]
+    text = " ".join(str(comment or "").split())
+    if text:
+        items.append(hd.sr.TextContentItem(name=REVIEW_COMMENT, value=text, relationship_type=contains))
+    container.ContentSequence.extend(items)
+    doc = cls(
+        evidence=_evidence_of(report),
+        content=root,
+        series_instance_uid=str(report.SeriesInstanceUID),
+        series_number=int(report.get("SeriesNumber", 301) or 301),
+        sop_instance_uid=new_uid(uid_root),
+        instance_number=int(report.get("InstanceNumber", 1) or 1) + 1,
+        manufacturer=str(report.get("Manufacturer", "BrainLine") or "BrainLine"),
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=verifying_observer,
+        verifying_organization=organization or "",
+        previous_versions=[report],
+        series_description=str(report.get("SeriesDescription", "") or "") or None,
+        manufacturer_model_name=str(report.get("ManufacturerModelName", "") or "") or None,
+        software_versions=_software_versions(report),
+        device_serial_number=str(report.get("DeviceSerialNumber", "") or "") or None,
+        coding_schemes=[private_coding_scheme()],
+    )
+    doc.VerifyingObserverSequence[0].VerificationDateTime = verified_at.strftime("%Y%m%d%H%M%S") + "+0000"
+    return doc
