@@ -427,6 +427,22 @@ def _remove(paths: list[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
+
+def _add_review_pdf(ctx, ident, job_id: int, kind: str, what: str, info: ReviewInfo, referenced: list,
+                    objects: list, not_delivered: list) -> None:
+    """Build the review's PDF report (``kind``) and append it to ``objects``;
+    a failure is logged and recorded in ``not_delivered`` in words (the SR or
+    the rejection note carries the decision, the PDF is an extra)."""
+    try:
+        pdf = _review_pdf(ctx, ident, info, referenced)
+    except Exception as exc:
+        log.warning("review report not built", exc_info=True, extra={"job_id": job_id, "kind": kind})
+        not_delivered.append(f"{what} not built: {type(exc).__name__}")
+        return
+    if pdf is not None:
+        objects.append((kind, _out_dir(ctx, job_id) / f"review-{kind}-{pdf.SOPInstanceUID}.dcm", pdf))
+
+
 def accept(ctx, job_id: int, reviewer: str, score: int, comment: str | None, user_id: int | None) -> dict:
     """ACCEPT a job's segmentation: verified SR and re-issued PDF queued for
     every destination, held objects released (the unreviewed SR and PDF
@@ -451,14 +467,9 @@ def accept(ctx, job_id: int, reviewer: str, score: int, comment: str | None, use
                                    if seg else [])
         out_ds = reidentify_dataset(verified, ident.study, ident.patient, extra_uid_maps=ident.prior_maps)
         objects.append((VERIFIED_SR, _out_dir(ctx, job_id) / f"review-{VERIFIED_SR}-{out_ds.SOPInstanceUID}.dcm", out_ds))
-        try:
-            pdf = _review_pdf(ctx, ident, ReviewInfo("accepted", reviewer, at, score, comment, org), referenced)
-        except Exception as exc:  # the verified SR carries the decision; the PDF is an extra
-            log.warning("re-issued report not built", exc_info=True, extra={"job_id": job_id})
-            pdf = None
-            not_delivered.append(f"re-issued PDF report not built: {type(exc).__name__}")
-        if pdf is not None:
-            objects.append((REVIEWED_PDF, _out_dir(ctx, job_id) / f"review-{REVIEWED_PDF}-{pdf.SOPInstanceUID}.dcm", pdf))
+        # the verified SR carries the decision; the PDF is an extra
+        _add_review_pdf(ctx, ident, job_id, REVIEWED_PDF, "re-issued PDF report",
+                        ReviewInfo("accepted", reviewer, at, score, comment, org), referenced, objects, not_delivered)
         for _kind, path, ds in objects:
             _write(ds, path)
     built = {kind for kind, _, _ in objects}
@@ -524,14 +535,9 @@ def reject(ctx, job_id: int, reviewer: str, score: int | None, comment: str, use
                     description=f"Segmentation rejected by the reviewer on {at:%Y-%m-%d %H:%M} UTC: {comment}",
                     algorithm=AlgorithmInfo(), uid_root=ctx.settings.uid_root or None)
                 objects.append((KOS, _out_dir(ctx, job_id) / f"review-kos-{note.SOPInstanceUID}.dcm", note))
-        try:
-            pdf = _review_pdf(ctx, ident, ReviewInfo("rejected", reviewer, at, score, comment, org, len(sent)), [])
-        except Exception as exc:
-            log.warning("rejection report not built", exc_info=True, extra={"job_id": job_id})
-            pdf = None
-            not_delivered.append(f"PDF report of the rejection not built: {type(exc).__name__}")
-        if pdf is not None:
-            objects.append((REJECTED_PDF, _out_dir(ctx, job_id) / f"review-{REJECTED_PDF}-{pdf.SOPInstanceUID}.dcm", pdf))
+        _add_review_pdf(ctx, ident, job_id, REJECTED_PDF, "PDF report of the rejection",
+                        ReviewInfo("rejected", reviewer, at, score, comment, org, len(sent)), [], objects,
+                        not_delivered)
         for _kind, path, ds in objects:
             _write(ds, path)
     try:

@@ -597,26 +597,25 @@ def review_router(ctx) -> APIRouter:
                       ("accepted", "rejected") else "", can_identity=who[1].role in IDENTITY_ROLES,
                       **job_context(job))
 
-    @router.get("/jobs/{job_id}/volumes.json")
-    def volumes_meta(request: Request, job_id: int) -> Response:
+    def prepared_volumes(request: Request, job_id: int) -> dict:
+        """The prepared review volumes of a job for a logged-in user (404 in words)."""
         data_user(request)
         job_or_404(job_id)
         try:
-            meta = prepare_volumes(workspace(job_id))
+            return prepare_volumes(workspace(job_id))
         except NoImages as exc:
             raise HTTPException(404, f"job {job_id}: {exc}", headers=SECURITY_HEADERS) from None
+
+    @router.get("/jobs/{job_id}/volumes.json")
+    def volumes_meta(request: Request, job_id: int) -> Response:
+        meta = prepared_volumes(request, job_id)
         body = {k: v for k, v in meta.items() if k not in ("stamp", "files")}
         body["volumes"] = [*meta["roles"], "seg"]
         return headers(JSONResponse(body))
 
     @router.get("/jobs/{job_id}/volume/{name}")
     def volume(request: Request, job_id: int, name: str) -> Response:
-        data_user(request)
-        job_or_404(job_id)
-        try:
-            meta = prepare_volumes(workspace(job_id))
-        except NoImages as exc:
-            raise HTTPException(404, f"job {job_id}: {exc}", headers=SECURITY_HEADERS) from None
+        meta = prepared_volumes(request, job_id)
         filename = meta["files"].get(name)
         if filename is None:
             raise HTTPException(404, f"job {job_id} has no volume {name!r}", headers=SECURITY_HEADERS)
