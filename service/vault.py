@@ -223,14 +223,22 @@ class Vault:
             raise VaultError(f"vault kind {KEYRING_KIND!r} is reserved")
         lookup = self._mac(f"lookup-{kind}", pseudonym).hex()
         token = self._fernet.encrypt(json.dumps(record, sort_keys=True).encode())
-        with self._sessions.begin() as session:
-            entry = session.scalar(
-                select(VaultEntry).where(VaultEntry.kind == kind, VaultEntry.lookup == lookup)
-            )
-            if entry is None:
-                session.add(VaultEntry(kind=kind, lookup=lookup, ciphertext=token))
-            else:
-                entry.ciphertext = token
+        for _attempt in range(3):
+            try:
+                with self._sessions.begin() as session:
+                    entry = session.scalar(
+                        select(VaultEntry).where(VaultEntry.kind == kind, VaultEntry.lookup == lookup)
+                    )
+                    if entry is None:
+                        session.add(VaultEntry(kind=kind, lookup=lookup, ciphertext=token))
+                    else:
+                        entry.ciphertext = token
+                return
+            except IntegrityError:
+                # another job (two studies of one patient pseudonymized at the same
+                # moment) inserted this pseudonym first: replace its record instead
+                continue
+        raise VaultError(f"the vault record ({kind}) cannot be stored: concurrent writers kept conflicting")
 
     def get(self, kind: str, pseudonym: str) -> dict | None:
         lookup = self._mac(f"lookup-{kind}", pseudonym).hex()

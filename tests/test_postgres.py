@@ -43,3 +43,41 @@ def _head_revision() -> str:
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.files("brainline.service").joinpath("migrations")))
     return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_vault_put_of_one_pseudonym_from_many_threads_at_once():
+    """Four studies of one patient pseudonymized at the same moment all store
+    the patient's record (a check-then-insert race gave an IntegrityError and
+    a failed job on PostgreSQL): every writer succeeds, one row remains."""
+    import threading
+
+    from brainline.service.db import VaultEntry, make_engine, make_sessionmaker, migrate
+    from brainline.service.vault import Vault
+
+    with PostgresServer() as pg:
+        migrate(pg.url)
+        engine = make_engine(pg.url)
+        vault = Vault("a-very-secret-vault-key", make_sessionmaker(engine))
+        record = {"PatientID": "PID-4711-XYZ", "PatientName": "DOE^JANE"}
+        errors: list[BaseException] = []
+        for round_ in range(5):
+            barrier = threading.Barrier(8)
+
+            def put(pseudonym: str = f"BL-RACE-{round_}") -> None:
+                barrier.wait()
+                try:
+                    vault.put("patient", pseudonym, record)
+                except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=put) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert errors == []
+        for round_ in range(5):
+            assert vault.get("patient", f"BL-RACE-{round_}") == record
+        with make_sessionmaker(engine)() as s:
+            assert s.query(VaultEntry).filter(VaultEntry.kind == "patient").count() == 5
+        engine.dispose()
