@@ -11,6 +11,12 @@ each push. Unless --no-rest is given, the same files are also POSTed to Orthanc'
 Orthanc build pay a ~40 ms Nagle/delayed-ACK stall per C-STORE response on Linux, and the
 REST figure shows how much of Orthanc's C-STORE time is that stall rather than storage.
 
+Each row also shows the 1-minute load average when the push started (this benchmark
+runs on shared machines: compare figures measured at similar load) and, for BrainLine,
+the CPU seconds the server process used during the push. The summary states BrainLine's
+median against the issue-8 target (620 instances in at most 2.5 s, with streaming to disk
+and an fdatasync before every success status) and the earlier README figure (3.86 s).
+
 Usage::
 
     python bench/ingest.py [--repeat 3] [--targets brainline,orthanc] [--slice-step 1]
@@ -44,6 +50,9 @@ from tests.peers import OrthancServer, free_port, storescu  # noqa: E402
 
 DEFAULT_CASE = Path("/work/shared/data/tcga-du-7294")
 AE_TITLE = "BRAINLINE"
+TARGET_S = 2.5       # issue 8: 620-instance study, streamed to disk, fsync before each status
+PREVIOUS_S = 3.86    # README figure of 2026-11-23 (one storescu association, median of 3)
+TARGET_INSTANCES = 620
 
 
 # ------------------------------------------------------------------- BrainLine
@@ -125,6 +134,16 @@ class BrainLineServer:
         """The exit status if the process has ended, else None."""
         return None if self._process is None else self._process.poll()
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds used so far by the server process (all its threads)."""
+        if self._process is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         """SIGTERM the process group we started, SIGKILL after 15 s; remove BRAINLINE_HOME."""
         if self._process is not None and self._process.poll() is None:
@@ -151,6 +170,8 @@ class Run:
     n_bytes: int
     ok: bool
     note: str = ""
+    load1: float | None = None       # 1-minute load average when the push started
+    server_cpu: float | None = None  # CPU seconds of `brainline serve` during the push
 
     @property
     def instances_per_s(self) -> float:
@@ -179,16 +200,25 @@ class Target:
         good = [r.seconds for r in self.runs if r.ok]
         return statistics.median(good) if good else None
 
+    @property
+    def median_server_cpu(self) -> float | None:
+        cpu = [r.server_cpu for r in self.runs if r.ok and r.server_cpu is not None]
+        return statistics.median(cpu) if cpu else None
+
 
 def push(study_dir: Path, target: Target, n_instances: int, n_bytes: int) -> Run:
     """Time one storescu run (one association) of every file under ``study_dir``."""
+    load1 = os.getloadavg()[0]
+    cpu_before = target.brainline.cpu_seconds() if target.brainline is not None else None
     start = time.perf_counter()
     result = storescu(study_dir, target.port, called_aet=target.aet, calling_aet="BENCH")
     seconds = time.perf_counter() - start
+    cpu_after = target.brainline.cpu_seconds() if target.brainline is not None else None
+    server_cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     problems = [line for line in result.stderr.splitlines() if line.startswith(("E:", "F:"))]
     ok = result.returncode == 0 and not problems
     note = "" if ok else f"storescu rc={result.returncode}: " + " | ".join(problems[:3])
-    return Run(seconds, n_instances, n_bytes, ok, note)
+    return Run(seconds, n_instances, n_bytes, ok, note, load1=load1, server_cpu=server_cpu)
 
 
 def report_brainline_failure(server: BrainLineServer, run: Run) -> None:
@@ -210,17 +240,23 @@ def check_orthanc_count(orthanc: OrthancServer, expected: int, run: Run) -> None
 # ---------------------------------------------------------------------- report
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_table(targets: list[Target]) -> None:
-    print(f"{'target':<22}{'run':>4}{'seconds':>10}{'inst/s':>10}{'MB/s':>9}  status")
+    print(f"{'target':<22}{'run':>4}{'seconds':>10}{'inst/s':>10}{'MB/s':>9}{'load1':>7}{'srv CPU s':>11}  status")
     for target in targets:
         if target.error:
-            print(f"{target.name:<22}{'-':>4}{'-':>10}{'-':>10}{'-':>9}  NOT RUN: {target.error.splitlines()[0]}")
+            print(f"{target.name:<22}{'-':>4}{'-':>10}{'-':>10}{'-':>9}{'-':>7}{'-':>11}  "
+                  f"NOT RUN: {target.error.splitlines()[0]}")
         for i, run in enumerate(target.runs, start=1):
+            extra = f"{_fmt(run.load1, '.2f'):>7}{_fmt(run.server_cpu, '.2f'):>11}"
             if run.ok:
                 print(f"{target.name:<22}{i:>4}{run.seconds:>10.2f}{run.instances_per_s:>10.1f}"
-                      f"{run.mb_per_s:>9.1f}  ok")
+                      f"{run.mb_per_s:>9.1f}{extra}  ok")
             else:
-                print(f"{target.name:<22}{i:>4}{run.seconds:>10.2f}{'-':>10}{'-':>9}  FAILED {run.note}")
+                print(f"{target.name:<22}{i:>4}{run.seconds:>10.2f}{'-':>10}{'-':>9}{extra}  FAILED {run.note}")
 
 
 def print_summary(targets: list[Target], n_instances: int, n_bytes: int) -> None:
@@ -229,9 +265,15 @@ def print_summary(targets: list[Target], n_instances: int, n_bytes: int) -> None
     for target in targets:
         median = target.median_seconds
         if median is not None:
+            loads = [r.load1 for r in target.runs if r.ok and r.load1 is not None]
+            cpu = target.median_server_cpu
             print(f"median {target.name}: {median:.2f} s = {n_instances / median:.1f} inst/s, "
-                  f"{n_bytes / 1e6 / median:.1f} MB/s")
+                  f"{n_bytes / 1e6 / median:.1f} MB/s"
+                  + (f"; server CPU {cpu:.2f} s per push" if cpu is not None else "")
+                  + (f"; 1-min load {min(loads):.2f}-{max(loads):.2f}" if loads else ""))
     brainline = next((t for t in targets if t.name == "BrainLine"), None)
+    if brainline and brainline.median_seconds:
+        print_target_line(brainline.median_seconds, n_instances)
     orthanc = next((t for t in targets if t.orthanc is not None and not t.rest), None)
     if brainline and orthanc and brainline.median_seconds and orthanc.median_seconds:
         ratio = orthanc.median_seconds / brainline.median_seconds
@@ -243,6 +285,17 @@ def print_summary(targets: list[Target], n_instances: int, n_bytes: int) -> None
         print("note: dcmtk-based SCPs (this Orthanc, storescp) answer each C-STORE with two small "
               "writes and no TCP_NODELAY, so storescu waits ~40 ms per instance for a delayed ACK"
               + ("; the REST row shows Orthanc's storage speed without that latency." if has_rest else "."))
+
+
+def print_target_line(median: float, n_instances: int) -> None:
+    """BrainLine's median against the issue-8 target and the earlier figure."""
+    print(f"issue 8 target: BrainLine median {median:.2f} s against the target <= {TARGET_S:.2f} s "
+          f"({median / TARGET_S:.2f}x the target): "
+          f"{'MET' if median <= TARGET_S else 'NOT MET'}; earlier README figure {PREVIOUS_S:.2f} s "
+          f"({PREVIOUS_S / median:.2f}x faster now)")
+    if n_instances != TARGET_INSTANCES:
+        print(f"  (this run pushed {n_instances} instances, the target is for {TARGET_INSTANCES}: "
+              f"not comparable)")
 
 
 # ------------------------------------------------------------------------ main
@@ -289,12 +342,14 @@ def start_targets(names: set[str], startup_timeout: float, stack: list) -> list[
 
 def time_rest_upload(orthanc: OrthancServer, study_dir: Path, n_instances: int, n_bytes: int) -> Run:
     """Reference figure: POST every file to Orthanc's REST /instances (HTTP, no C-STORE)."""
+    load1 = os.getloadavg()[0]
     start = time.perf_counter()
     try:
         orthanc.upload_dir(study_dir)
-        run = Run(time.perf_counter() - start, n_instances, n_bytes, True)
+        run = Run(time.perf_counter() - start, n_instances, n_bytes, True, load1=load1)
     except httpx.HTTPError as exc:
-        run = Run(time.perf_counter() - start, n_instances, n_bytes, False, f"REST upload failed: {exc}")
+        run = Run(time.perf_counter() - start, n_instances, n_bytes, False, f"REST upload failed: {exc}",
+                  load1=load1)
     check_orthanc_count(orthanc, n_instances, run)
     return run
 

@@ -46,6 +46,25 @@ with its reason; log lines about one peer and reason are rate-limited):
   filed as Explicit VR Little Endian; only the header is parsed to route the
   instance; presentation contexts are offered only for
   BRAINLINE_ACCEPTED_SOP_CLASSES (others are rejected at negotiation).
+
+Latency per C-STORE (the durability order is unchanged: fdatasync of the
+data, rename into the study folder, fsync of the folder, then the status):
+
+* The DUL thread waits on events instead of polling every 1 ms
+  (``_GuardedSocket.ready``): select() on the socket while the peer has the
+  turn, the answer queue's condition while the association thread answers.
+* It fdatasyncs a complete received data set itself, while the association
+  thread reads the header; the handler waits for that sync
+  (``_on_dimse_recv``).
+* pynetdicom's association thread polls for complete messages every 1 ms;
+  between our answer and the peer's next complete request it is paused with
+  pynetdicom's own reactor checkpoint and resumed when the request is queued
+  (``_GuardedSocket._pause_reactor``), so the handler starts at once.
+* The routing UIDs of a plain Explicit VR Little Endian header are read
+  without pydicom, giving exactly what pydicom gives; anything else is read
+  by pydicom (``_routing_header``).
+* pynetdicom's INFO/DEBUG logging handlers, whose lines the WARNING level
+  drops anyway, are unbound from our associations.
 """
 
 from __future__ import annotations
@@ -53,6 +72,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -67,6 +87,8 @@ from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
+from pydicom.values import convert_UI
 from pynetdicom import AE, _config, evt, sop_class
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.dsutils import split_dataset
@@ -101,6 +123,13 @@ PDU_OVERHEAD = 6                   # tolerated above max_pdu_size: one PDV item 
 _ROUTING_TAGS = [0x00080016, 0x00080018, 0x0020000D, 0x0020000E]  # SOP class/instance, study, series
 _INFLATE_CHUNK = 1 << 20
 _LOG_EVERY_S = 10.0
+# DUL waits (see _GuardedSocket.ready): waiting for the peer, select() on the
+# socket wakes at once on data, the timeout only bounds how late the DUL
+# notices something queued outside a request (an abort, a timer); answering a
+# request, it waits on the queue the association thread answers into.
+_PEER_WAIT_S = 0.02
+_ANSWER_WAIT_S = 0.001
+_SYNC_WAIT_S = 5.0  # the DUL thread's fdatasync of a received data set (then the handler syncs)
 
 
 class ListenerConfigError(OSError):
@@ -233,6 +262,9 @@ class _BoundedTempFile:
         self.limit = _RECV["limit"]
         self.written = 0
         self.overflow = False
+        self.sync_scheduled = False       # set by _on_dimse_recv, once the data set is complete
+        self._synced = threading.Event()  # set when that fdatasync has ended
+        self._synced_size = -1            # file size the fdatasync covered (-1: failed)
 
     def write(self, data) -> int:
         size = len(data)
@@ -242,8 +274,50 @@ class _BoundedTempFile:
         self.written += size
         return self._file.write(data)
 
+    def datasync(self) -> None:
+        """fdatasync the complete received file (called once, by the DUL
+        thread, after the last fragment was written and flushed)."""
+        try:
+            fd = os.open(self._file.name, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                (getattr(os, "fdatasync", None) or os.fsync)(fd)
+            finally:
+                os.close(fd)
+            self._synced_size = size
+        except OSError:
+            pass  # the C-STORE handler syncs it itself and reports the error
+        finally:
+            self._synced.set()
+
+    def wait_synced(self, timeout: float, size: int) -> bool:
+        """True when ``datasync`` completed without error on the file at
+        ``size`` bytes (nothing was written after it); False when it was not
+        scheduled, failed, covered another size or did not end within
+        ``timeout``."""
+        return self.sync_scheduled and self._synced.wait(timeout) and self._synced_size == size
+
     def __getattr__(self, name):
         return getattr(self._file, name)
+
+
+def _on_dimse_recv(event) -> None:
+    """A complete DIMSE request was received (DUL thread, just before the
+    message is queued for the association thread). On its next loop the DUL
+    resumes the association reactor (paused since our last answer), then
+    fdatasyncs a received C-STORE data set, now complete on disk, while the
+    association thread takes the message and reads the header; then it waits
+    for the answer. The C-STORE handler waits for that sync before filing the
+    instance (see ``_GuardedSocket.ready`` and ``DicomListener._store``)."""
+    sock = event.assoc.dul.socket
+    if not isinstance(sock, _GuardedSocket):
+        return
+    sock._answering = True
+    sock._request_done = True
+    received = getattr(event.message, "_data_set_file", None)
+    if isinstance(received, _BoundedTempFile) and not received.overflow:
+        received.sync_scheduled = True
+        sock._sync_pending = received
 
 
 def _discard_partial(assoc) -> None:
@@ -281,6 +355,12 @@ class _GuardedSocket(AssociationSocket):
         self.saw_eof = False
         self.refused: str | None = None
         self._complete_pdus = 0
+        self._pdu_type = 0
+        self._answering = False  # a request was received; the association thread is answering it
+        self._request_done = False  # set by _on_dimse_recv: resume the association reactor
+        self._sync_pending: _BoundedTempFile | None = None  # see _on_dimse_recv
+        # pynetdicom's pause switch of the association reactor (see _pause_reactor)
+        self._checkpoint = getattr(self.assoc, "_reactor_checkpoint", None)
 
     def _limit(self, pdu_type: int) -> int | None:
         if pdu_type == 0x04:
@@ -295,6 +375,10 @@ class _GuardedSocket(AssociationSocket):
             body = self._read(nr_bytes, self._body_deadline)
             if len(body) == nr_bytes:
                 self._complete_pdus += 1
+                if self._pdu_type in (0x01, 0x05):  # A-ASSOCIATE-RQ, A-RELEASE-RQ: answered at once
+                    self._answering = True
+            if self._pdu_type != 0x04 or len(body) != nr_bytes:
+                self._resume_reactor()  # association PDUs (release, abort) are the reactor's
             return body
         if self.assoc.is_established:
             deadline = time.monotonic() + self._network_timeout
@@ -302,6 +386,7 @@ class _GuardedSocket(AssociationSocket):
             deadline = self._acse_deadline
         header = self._read(nr_bytes, deadline)
         if len(header) != 6 or nr_bytes != 6:
+            self._resume_reactor()
             return header
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in range(1, 8):
@@ -314,9 +399,91 @@ class _GuardedSocket(AssociationSocket):
         if length:
             self._want_header = False
             self._body_deadline = deadline
+            self._pdu_type = pdu_type
         else:
             self._complete_pdus += 1
         return header
+
+    # -- event-driven DUL loop ---------------------------------------------------
+    # pynetdicom's DUL thread loops: send what the association thread queued
+    # on ``dul.to_provider_queue``, else read a PDU if ``ready``, else sleep
+    # ``dul._run_loop_delay`` (1 ms) and poll again. Every C-STORE then waits
+    # for that poll twice (noticing the request, noticing our response), and
+    # an idle association wakes the thread 1000 times a second. _Handler sets
+    # the delay to 0 and ``ready`` does the waiting instead: while the peer
+    # has the turn it blocks in select() on the socket (woken by the first
+    # byte; at most _PEER_WAIT_S, so aborts and timers queued meanwhile are
+    # still seen); while the association thread answers a complete request
+    # (flagged by EVT_DIMSE_RECV, or by an A-ASSOCIATE-RQ / A-RELEASE-RQ read
+    # here) it waits on that queue's condition, which put() notifies, so
+    # the answer leaves at once. Sending anything gives the peer the turn.
+    # Before that, it fdatasyncs a just-received data set (see _on_dimse_recv).
+    @property
+    def ready(self) -> bool:
+        # First thing on the loop after a complete request was queued for the
+        # association thread: wake it, then sync the received data set.
+        if self._request_done:
+            self._request_done = False
+            self._resume_reactor()
+        pending = self._sync_pending
+        if pending is not None:
+            self._sync_pending = None
+            pending.datasync()
+        sock = self.socket
+        if sock is None or getattr(self, "_is_connected", True) is False:
+            self._resume_reactor()
+            time.sleep(0.001)  # closed: the DUL is about to stop; do not spin
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        timeout = _PEER_WAIT_S
+        if self._answering:
+            answers = self.assoc.dul.to_provider_queue
+            with answers.not_empty:
+                if not answers.queue:
+                    answers.not_empty.wait(_ANSWER_WAIT_S)
+                if answers.queue:
+                    return False  # the DUL sends it on its next loop
+            timeout = 0
+        try:
+            readable, _, _ = select.select([sock], [], [], timeout)
+        except (OSError, ValueError):
+            self._resume_reactor()
+            self.event_queue.put("Evt17")  # as AssociationSocket.ready
+            return False
+        if not readable:
+            self._resume_reactor()  # the peer is quiet: the reactor polls as usual
+        return bool(readable)
+
+    def send(self, bytestream: bytes) -> None:
+        self._answering = False
+        if bytestream[:1] == b"\x04" and self.assoc.is_established:
+            self._pause_reactor()  # our answer (P-DATA) is out: the peer has the turn
+        super().send(bytestream)
+
+    # -- pausing the association reactor between requests ----------------------
+    # pynetdicom's association thread polls for complete DIMSE messages every
+    # 1 ms (``time.sleep(0.001)``, not configurable), so a C-STORE waits ~0.5 ms
+    # on average (up to 1 ms) before its handler runs. Its loop also waits on
+    # ``Association._reactor_checkpoint`` on every pass ("Will block until
+    # `_reactor_checkpoint` is set()": pynetdicom's own pause switch for the
+    # reactor). Once our answer has been sent, the reactor has nothing to do
+    # until the peer's next request is complete, so the DUL thread pauses it
+    # then and resumes it the moment the next request is queued (``ready``),
+    # and the handler starts at once. The DUL resumes it as well whenever the
+    # peer is quiet (a select() without data: at most _PEER_WAIT_S), on any
+    # association PDU (release, abort), a short read and a closed socket; and
+    # _Handler resumes it if the DUL thread has ended. While paused, the
+    # reactor would only have polled for what those events bring.
+    # tests/test_listener_latency.py fails if pynetdicom renames the event or
+    # stops waiting on it.
+    def _pause_reactor(self) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint.clear()
+
+    def _resume_reactor(self) -> None:
+        if self._checkpoint is not None and not self._checkpoint.is_set():
+            self._checkpoint.set()
 
     def _read(self, nr_bytes: int, deadline: float) -> bytearray:
         data = bytearray()
@@ -359,6 +526,7 @@ class _GuardedSocket(AssociationSocket):
             self.assoc.dul.to_user_queue.put(None)
 
     def _refuse(self, reason: str, abort_reason: int, detail: str) -> None:
+        self._resume_reactor()
         if self.refused:
             return
         self.refused = reason
@@ -402,9 +570,19 @@ class _Handler(RequestHandler):
             sock = assoc.dul.socket
             sock.__class__ = _GuardedSocket  # same object, bounded reads (see _GuardedSocket)
             sock._guard_setup(listener, ip)
+            # pynetdicom's knob "Controls the minimum delay between loops in
+            # run()" (private, read by the DUL loop on every pass): the DUL
+            # waits in _GuardedSocket.ready instead of sleeping 1 ms per poll.
+            # tests/test_listener_latency.py fails if pynetdicom renames it or
+            # stops honouring it (knobs test, idle wake-ups, echo round trips).
+            assoc.dul._run_loop_delay = 0
+            _unbind_standard_log_handlers(assoc)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
-            assoc.join()
+            while assoc.is_alive():
+                assoc.join(0.5)
+                if not assoc.dul.is_alive():
+                    sock._resume_reactor()  # the DUL ended (e.g. an exception): never stay paused
             if (assoc.requestor.primitive is None and not sock.refused and not sock.saw_data
                     and not sock.saw_eof):
                 listener._count_rejection("timeout", ip, "no association request (idle connection)")
@@ -412,6 +590,22 @@ class _Handler(RequestHandler):
             if assoc is not None:
                 _discard_partial(assoc)
             listener._connection_closed(ip, assoc)
+
+
+def _unbind_standard_log_handlers(assoc) -> None:
+    """pynetdicom binds its own logging handlers to every association
+    (``_config.LOG_HANDLER_LEVEL = "standard"``): on every PDU and DIMSE
+    message they format INFO and DEBUG lines (summaries with UIDs). With the
+    ``pynetdicom`` logger at WARNING (``logs.py``, for PHI) those lines are
+    dropped anyway, so they are unbound from this association (public
+    ``Association.unbind``; they log nothing above INFO) unless someone turned
+    that logger up."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+        for handler, _args in list(assoc.get_handlers(event)):
+            if getattr(handler, "__module__", "") == "pynetdicom._handlers":
+                assoc.unbind(event, handler)
 
 
 class _Server(ThreadedAssociationServer):
@@ -520,6 +714,7 @@ class DicomListener:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, lambda event: _discard_partial(event.assoc)),
+            (evt.EVT_DIMSE_RECV, _on_dimse_recv),
         ]
         ae = self._make_ae()
         tls_context = self._ssl_context() if s.tls_cert and s.dicom_tls_port else None
@@ -689,8 +884,13 @@ class DicomListener:
                 return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
             return self._refuse("io_error", STATUS_CANNOT_FILE, exc.strerror or "I/O error")
         study_key = self.study_key_fn(study_uid)
+        # The DUL thread fdatasyncs the received file meanwhile (_on_dimse_recv);
+        # wait for it. Not scheduled, failed or late: store_file syncs it itself.
+        # Either way the data is on disk before the success status is sent.
+        synced = (not created and isinstance(received, _BoundedTempFile)
+                  and received.wait_synced(_SYNC_WAIT_S, size))
         try:
-            outcome = self.spool.store_file(study_key, sop_uid, path)
+            outcome = self.spool.store_file(study_key, sop_uid, path, synced=synced)
         except OutOfSpace:
             return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
         except InvalidInstance as exc:
@@ -762,16 +962,115 @@ class DicomListener:
         return status
 
 
+# -- reading the routing UIDs --------------------------------------------------
+
+_HEADER_FIRST = 16 * 1024   # read first; headers are a few KiB
+_HEADER_WINDOW = 64 * 1024  # longer headers go to pydicom
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # pydicom's stop_before_pixels
+_VR_LENGTH_16 = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)
+_VR_LENGTH_32 = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32 if len(vr) == 2)
+_EXPLICIT_LE_SYNTAXES = frozenset({  # data set encoded as Explicit VR Little Endian
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5"})
+_ELEMENT = struct.Struct("<HH2sH")
+_LENGTH_32 = struct.Struct("<L")
+
+
+def _walk_explicit_le(buf: bytes, pos: int, wanted: dict[int, str], only_group: int | None):
+    """Walk Explicit VR Little Endian elements of ``buf`` from ``pos``: fill
+    ``wanted`` (tag -> UI value as pydicom converts it) and return the
+    position where the walk ended: the first element outside ``only_group``,
+    a pixel data element, or the end of ``buf``. None when anything is not
+    plainly readable (unknown VR, undefined length, a tag not above the
+    previous one, an element running past ``buf``, a wanted tag not UI)."""
+    end = len(buf)
+    last = -1
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        group, elem, vr, length = _ELEMENT.unpack_from(buf, pos)
+        tag = group << 16 | elem
+        if only_group is not None and group != only_group:
+            return pos
+        if tag in _PIXEL_DATA_TAGS:
+            return pos
+        if tag <= last:
+            return None  # out of order or repeated: pydicom keeps the last one
+        last = tag
+        if vr in _VR_LENGTH_16:
+            value_at = pos + 8
+        elif vr in _VR_LENGTH_32:
+            if pos + 12 > end:
+                return None
+            length = _LENGTH_32.unpack_from(buf, pos + 8)[0]
+            value_at = pos + 12
+        else:
+            return None
+        if length == 0xFFFFFFFF or value_at + length > end:
+            return None
+        if tag in wanted:
+            if vr != b"UI":
+                return None
+            # pydicom's convert_UI: latin-1, trailing NULs and spaces removed,
+            # split at backslashes (then a multi-value, which is never a valid UID)
+            value = buf[value_at:value_at + length].decode("latin-1").rstrip("\x00 ")
+            if "\\" in value:
+                value = str(convert_UI(buf[value_at:value_at + length], True))
+            wanted[tag] = value
+        pos = value_at + length
+    return pos
+
+
+def _routing_header(path: Path) -> dict[int, str] | None:
+    """The routing UIDs of a Part 10 file (tag -> value, "" when absent),
+    read without pydicom when the header is plain Explicit VR Little Endian
+    (preamble, DICM, file meta, then elements with defined lengths in
+    ascending order up to the pixel data, all within the first 64 KiB); None
+    otherwise, and then pydicom reads it (``_routing_uids``). For the files
+    it accepts this gives exactly what ``dcmread(stop_before_pixels=True)``
+    gives (same elements, same UI conversion), in a fifth of the time."""
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = fh.read(min(size, _HEADER_FIRST))
+        header = _parse_routing_header(buf, at_eof=len(buf) >= size)
+        if header is None and size > len(buf):  # a longer header (or not plain: pydicom then)
+            buf += fh.read(min(size, _HEADER_WINDOW) - len(buf))
+            header = _parse_routing_header(buf, at_eof=len(buf) >= size)
+    return header
+
+
+def _parse_routing_header(buf: bytes, at_eof: bool) -> dict[int, str] | None:
+    if len(buf) < 132 or buf[128:132] != b"DICM":
+        return None
+    meta = {0x00020010: ""}
+    pos = _walk_explicit_le(buf, 132, meta, only_group=0x0002)
+    if pos is None or pos == 132 or meta[0x00020010] not in _EXPLICIT_LE_SYNTAXES:
+        return None
+    wanted = dict.fromkeys(_ROUTING_TAGS, "")
+    end = _walk_explicit_le(buf, pos, wanted, only_group=None)
+    if end is None or (end == len(buf) and not at_eof):
+        return None  # not plain, or the header goes on past the window
+    return wanted
+
+
 def _routing_uids(path: Path, req, accepted: dict[str, str]) -> tuple[str, str]:
     """Read only the header elements needed to file the instance (nothing
     past them is decoded, pixel data is never read); raise InvalidInstance."""
     sop_uid = str(req.AffectedSOPInstanceUID or "")
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_ROUTING_TAGS)
-        study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        ds_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-        ds_class = str(ds.get("SOPClassUID", "") or "")
-        has_series = bool(ds.get("SeriesInstanceUID"))
+        header = _routing_header(path)
+    except Exception:  # anything odd: pydicom decides
+        header = None
+    try:
+        if header is None:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=_ROUTING_TAGS)
+            header = {tag: str(ds[tag].value or "") if tag in ds else "" for tag in _ROUTING_TAGS}
+        study_uid = header[0x0020000D]
+        ds_sop_uid = header[0x00080018]
+        ds_class = header[0x00080016]
+        has_series = bool(header[0x0020000E])
     except Exception as exc:  # pydicom raises many types on corrupt data, RecursionError included
         raise InvalidInstance(f"dataset cannot be decoded ({type(exc).__name__})") from None
     if not is_valid_uid(study_uid):
