@@ -301,6 +301,14 @@ class _BoundedTempFile:
         return getattr(self._file, name)
 
 
+def _calling_ae_of(event) -> str:
+    """The calling AE title of the peer that sent this C-STORE (the study's site)."""
+    title = event.assoc.requestor.ae_title
+    if isinstance(title, bytes):
+        title = title.decode("ascii", "replace")
+    return str(title or "").strip()
+
+
 def _on_dimse_recv(event) -> None:
     """A complete DIMSE request was received (DUL thread, just before the
     message is queued for the association thread). On its next loop the DUL
@@ -890,7 +898,8 @@ class DicomListener:
         synced = (not created and isinstance(received, _BoundedTempFile)
                   and received.wait_synced(_SYNC_WAIT_S, size))
         try:
-            outcome = self.spool.store_file(study_key, sop_uid, path, synced=synced)
+            outcome = self.spool.store_file(study_key, sop_uid, path, synced=synced,
+                                            calling_ae=_calling_ae_of(event))
         except OutOfSpace:
             return self._refuse("out_of_resources", STATUS_OUT_OF_RESOURCES)
         except InvalidInstance as exc:

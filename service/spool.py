@@ -135,8 +135,8 @@ class Spool:
         (nothing written), ``conflict=True`` when a different file with the
         same SOP Instance UID was there (moved to ``.conflicts/``). Raises
         OutOfSpace or InvalidInstance; on any error no partial file is left
-        behind. ``calling_ae``: the sender's AE title (default: the DICOM
-        association served by this thread, if any), kept as the study's site.
+        behind. ``calling_ae``: the sender's AE title (None outside a DICOM
+        association, e.g. a DICOMweb pull), kept as the study's site.
         """
         if not is_valid_uid(sop_instance_uid):
             raise InvalidInstance("SOP Instance UID is missing or not a valid UID")
@@ -210,13 +210,11 @@ class Spool:
 
     def _noted(self, outcome: StoreOutcome, study_key: str, calling_ae: str | None) -> StoreOutcome:
         """Record the sender of a stored (not duplicate) instance; return ``outcome``."""
-        if not outcome.duplicate:
-            ae = calling_ae if calling_ae is not None else _association_calling_ae()
-            if ae:
-                try:
-                    self._note_sender(study_key, ae)
-                except OSError:  # the instance is stored; the site falls back to the default
-                    pass
+        if not outcome.duplicate and calling_ae:
+            try:
+                self._note_sender(study_key, calling_ae)
+            except OSError:  # the instance is stored; the site falls back to the default
+                pass
         return outcome
 
     def _note_sender(self, study_key: str, ae: str) -> None:
@@ -317,21 +315,6 @@ class Spool:
         except OSError as exc:
             return f"spool {self.root} is not writable: {exc.strerror}"
         return None
-
-
-def _association_calling_ae() -> str | None:
-    """The calling AE title of the DICOM association served by the current
-    thread: pynetdicom runs an association's event handlers (C-STORE) in the
-    association's own thread, an ``Association`` whose ``requestor`` is the
-    peer when we accept. None outside an association (DICOMweb pull, tests)."""
-    thread = threading.current_thread()
-    if not getattr(thread, "is_acceptor", False):
-        return None
-    requestor = getattr(thread, "requestor", None)
-    title = getattr(requestor, "ae_title", None)
-    if isinstance(title, bytes):
-        title = title.decode("ascii", "replace")
-    return str(title).strip() if title else None
 
 
 def _count_dcm(folder: Path) -> int:
