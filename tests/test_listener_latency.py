@@ -202,6 +202,14 @@ def test_pynetdicom_knobs_still_exist():
     assert callable(AssociationSocket.send)
     assert "_is_connected" in inspect.getsource(AssociationSocket.ready.fget)
     decode = inspect.getsource(DIMSEMessage.decode_msg)
+    # the file meta of a received data set: write_file_meta_info(file, create_file_meta(...)),
+    # both looked up in pynetdicom.dimse_messages (replaced by L._received_meta / _write_received_meta)
+    assert "write_file_meta_info(" in decode and "create_file_meta(" in decode
+    assert decode.index("write_file_meta_info(") < decode.index("create_file_meta(")
+    for keyword in ("sop_class_uid=", "sop_instance_uid=", "transfer_syntax="):
+        assert keyword in decode
+    assert set(inspect.signature(L._received_meta).parameters) >= {"sop_class_uid", "sop_instance_uid",
+                                                                   "transfer_syntax"}
     assert "self._data_set_file.write(" in decode and "self._data_set_file.file.flush()" in decode
     receive = inspect.getsource(pytest.importorskip("pynetdicom.dimse").DIMSEServiceProvider.receive_primitive)
     # EVT_DIMSE_RECV fires once the message (data set included) is complete,
@@ -225,13 +233,42 @@ def test_pynetdicom_knobs_still_exist():
     assert isinstance(standard._reactor_checkpoint, threading.Event)
 
 
+# -- file meta of received instances ----------------------------------------------
+
+@pytest.mark.parametrize("instance_uid", ["1.2.3", "1.2.34", "2.25." + "9" * 37, "1.2.840.113619.2.55.3.4"])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"])
+def test_file_meta_is_byte_identical_to_pydicoms(instance_uid, syntax):
+    """The listener writes the file meta of a received instance itself
+    (pynetdicom would build a pydicom FileMetaDataset and encode it for every
+    C-STORE); the bytes must be exactly pydicom's."""
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta
+
+    args = {"sop_class_uid": UID(MRImageStorage), "sop_instance_uid": UID(instance_uid),
+            "transfer_syntax": UID(syntax)}
+    expected = io.BytesIO()
+    write_file_meta_info(expected, create_file_meta(**args))
+    assert L.encode_file_meta(L._received_meta(**args)) == expected.getvalue()
+    written = io.BytesIO()
+    L._write_received_meta(written, L._received_meta(**args))
+    assert written.getvalue() == expected.getvalue()
+    # anything else still goes through pydicom
+    other = io.BytesIO()
+    L._write_received_meta(other, create_file_meta(**args))
+    assert other.getvalue() == expected.getvalue()
+
+
 # -- a real listener, in this process -----------------------------------------------
 
 @pytest.fixture
 def live_listener(tmp_path):
     from pynetdicom import _config, dimse_messages
 
-    saved = _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile,
+             dimse_messages.create_file_meta, dimse_messages.write_file_meta_info)
     home = tmp_path / "home"
     settings = load_settings({"BRAINLINE_HOME": str(home), "BRAINLINE_VAULT_KEY": "k" * 32,
                               "BRAINLINE_MIN_FREE_MB": "10", "BRAINLINE_DICOM_PORT": str(free_port()),
@@ -251,7 +288,8 @@ def live_listener(tmp_path):
         yield listener, spool, stores
     finally:
         listener.stop()
-        _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = saved
+        (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile,
+         dimse_messages.create_file_meta, dimse_messages.write_file_meta_info) = saved
 
 
 def _associate(port: int, contexts=(MRImageStorage, Verification)):
@@ -307,10 +345,27 @@ def test_instances_are_synced_by_the_dul_thread_before_the_status(live_listener)
     assert len(files) == 20
     got = {str(pydicom.dcmread(p).SOPInstanceUID) for p in files}
     assert got == {str(ds.SOPInstanceUID) for ds in datasets}
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import dimse_messages
+    from pynetdicom.dsutils import create_file_meta
+
+    assert dimse_messages.create_file_meta is L._received_meta  # pynetdicom builds no FileMetaDataset
     for path in files:
         ds = pydicom.dcmread(path)
         sent = next(d for d in datasets if d.SOPInstanceUID == ds.SOPInstanceUID)
         assert ds.PixelData == sent.PixelData
+        meta = ds.file_meta
+        assert meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+        assert meta.MediaStorageSOPClassUID == MRImageStorage
+        assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        expected = io.BytesIO()
+        write_file_meta_info(expected, create_file_meta(sop_class_uid=meta.MediaStorageSOPClassUID,
+                                                        sop_instance_uid=meta.MediaStorageSOPInstanceUID,
+                                                        transfer_syntax=meta.TransferSyntaxUID))
+        raw = path.read_bytes()
+        assert raw[128:132] == b"DICM" and raw[132:132 + len(expected.getvalue())] == expected.getvalue()
 
 
 def test_handler_syncs_itself_when_the_dul_did_not(live_listener, monkeypatch):
