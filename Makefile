@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test bench clean
+.PHONY: install system-deps run test lint lint-imports bench clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or set PYTHON=/path/to/python3.11"; exit 1; }
@@ -27,7 +27,17 @@ system-deps:
 run: install
 	BRAINLINE_DEV_MODE=$${BRAINLINE_DEV_MODE:-1} $(BIN)/brainline serve
 
-test: install system-deps
+# Architecture contracts (pyproject.toml [tool.importlinter]): service ->
+# pipelines -> models one way; compute never imports the gateway (PHI zone).
+lint-imports: install
+	$(BIN)/python scripts/lint_imports.py
+
+# Style and types (pyproject.toml [tool.ruff], [tool.mypy]).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install system-deps lint lint-imports
 	$(BIN)/python -m pytest -ra --durations=30 $(PYTEST_ARGS)
 
 bench: install system-deps

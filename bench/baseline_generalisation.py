@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         for name, values in REGIONS.items():
             r = np.isin(ref, values)
             row[name] = dice(np.isin(labels, values), r) if r.any() else None
-        row["WT_ml"], row["WT_ref_ml"] = round(float((labels > 0).sum()) / 1000, 1), round(float((ref > 0).sum()) / 1000, 1)
+        row["WT_ml"] = round(float((labels > 0).sum()) / 1000, 1)
+        row["WT_ref_ml"] = round(float((ref > 0).sum()) / 1000, 1)
         rows.append(row)
 
     def f(v):

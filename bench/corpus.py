@@ -278,7 +278,8 @@ def generate(args, cases, patterns) -> list[Path]:
     for case, pattern in tqdm([(c, p) for c in cases for p in patterns], desc="corpus", unit="study"):
         study = args.out / study_name(case.case_id, pattern)
         ok = (study / "case.json").exists() and (
-            (load_case_json(study).get("seed"), load_case_json(study).get("corpus_version")) == (args.seed, CORPUS_VERSION))
+            (load_case_json(study).get("seed"), load_case_json(study).get("corpus_version"))
+            == (args.seed, CORPUS_VERSION))
         if not ok or args.regenerate:
             shutil.rmtree(study, ignore_errors=True)
             write_corpus_study(case, pattern, args.out, args.seed)

@@ -49,12 +49,23 @@ if str(REPO_ROOT) not in sys.path:
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE, _config  # noqa: E402
 from pynetdicom.dsutils import split_dataset  # noqa: E402
-from pynetdicom.sop_class import (BasicTextSRStorage, EncapsulatedPDFStorage,  # noqa: E402
-                                  MRImageStorage, SecondaryCaptureImageStorage)
+from pynetdicom.sop_class import (  # noqa: E402
+    BasicTextSRStorage,
+    EncapsulatedPDFStorage,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from tests.peers import ServiceProcess  # noqa: E402
-from tests.test_listener_hardening import (closed_by_server, echo, echoscu, hostile_socket,  # noqa: E402
-                                           mr_instance, peak_rss_mb, send)
+from tests.test_listener_hardening import (  # noqa: E402
+    closed_by_server,
+    echo,
+    echoscu,
+    hostile_socket,
+    mr_instance,
+    peak_rss_mb,
+    send,
+)
 
 ALLOWED_AES = "SCANNER@127.0.0.1,BENCH"
 _config.LOG_HANDLER_LEVEL = "none"
@@ -177,7 +188,8 @@ def run_hostile(port: int, args, tally: Tally, workdir: Path) -> None:
     # 7. Oversize instances and 8. deflate bombs: 0xA700.
     big = mr_instance(extra_bytes=(args.max_instance_mb + 1) * 2**20)
     for i in range(args.oversize):
-        job("oversize_instance", lambda i=i: send(port, [big], calling="BENCH", bind=_source(i), timeout=120) == [0xA700])
+        job("oversize_instance",
+            lambda i=i: send(port, [big], calling="BENCH", bind=_source(i), timeout=120) == [0xA700])
     bomb = workdir / "bomb.dcm"
     write_deflate_bomb(bomb, args.bomb_mb)
     print(f"deflate bomb: {bomb.stat().st_size / 2**10:.0f} KiB inflating to {args.bomb_mb} MiB")

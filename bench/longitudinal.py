@@ -66,7 +66,13 @@ from brainline.pipelines.image_pipeline import STEPS, PipelineConfig  # noqa: E4
 from brainline.pipelines.longitudinal import LongitudinalConfig, step_longitudinal  # noqa: E402
 from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, TUNE_CASES  # noqa: E402
 from tests.synthetic_followup import (  # noqa: E402
-    CASES, GENERATOR_VERSION, VARIANTS, FollowupPair, load_pair, make_pair, pair_name,
+    CASES,
+    GENERATOR_VERSION,
+    VARIANTS,
+    FollowupPair,
+    load_pair,
+    make_pair,
+    pair_name,
 )
 
 TARGETS = {"sensitivity": 0.90, "fp_per_nochange_pair": 1.0, "volume_error": 0.10, "added_s": 90.0}
@@ -136,6 +142,7 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
                      "centroid_lps_mm": t["centroid_lps_mm"], "detected": hit is not None,
                      "reported_id": hit["id"] if hit else None,
                      "reported_volume_mm3": hit["volume_mm3"] if hit else None,
+                     "reported_integrated_mm3": hit.get("volume_integrated_mm3") if hit else None,
                      "reported_sequence": hit.get("sequence") if hit else None,
                      "reported_confidence": hit.get("confidence") if hit else None,
                      "reported_as_other_kind": any_kind})
@@ -145,7 +152,7 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
     return {"truth": rows, "false_positives": fps}
 
 
-def growth_scores(pair: FollowupPair, result: dict) -> dict:
+def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | None = None) -> dict:
     true = pair.truth["change_mm3"]
     change = result.get("change") or {}
     independent = change.get("vs_prior") or {}
@@ -162,9 +169,19 @@ def growth_scores(pair: FollowupPair, result: dict) -> dict:
         out[f"reported_{name}_mm3"] = None if rep_mm3 is None else round(rep_mm3, 1)
         t = true[key]
         out[f"error_{name}"] = (round(abs(rep_mm3 - t) / t, 4) if rep_mm3 is not None and t > 0 else None)
+    # both paired measures the step computes (change.paired_methods), whichever the config chose
+    out["methods"] = {}
+    for method, values in (change.get("paired_methods") or {}).items():
+        m = {}
+        for key, name in (("whole_tumor", "WT"), ("tumor_core", "TC")):
+            rep = (values.get(key) or {}).get("delta_ml")
+            t = true[key]
+            m[f"reported_{name}_mm3"] = None if rep is None else round(1000.0 * rep, 1)
+            m[f"error_{name}"] = None if rep is None or t <= 0 else round((1000.0 * rep - t) / t, 4)  # signed
+        out["methods"][method] = m
     # the RANO-like flag the truth calls for (config thresholds: +progression_percent and min_change_ml on ET/TC)
     before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
-    lc = LongitudinalConfig.load()
+    lc = lc or LongitudinalConfig.load()
     progressed = [k for k in lc.assessed_components
                   if after[k] - before[k] >= lc.min_change_ml
                   and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= lc.progression_percent)]
@@ -234,7 +251,7 @@ def subtraction_spread(work: Path) -> dict:
     return out
 
 
-def score_pair(pair: FollowupPair, result: dict) -> dict:
+def score_pair(pair: FollowupPair, result: dict, lc: LongitudinalConfig | None = None) -> dict:
     row: dict = {"assessment": (result.get("assessment") or {}).get("code"),
                  "note": result.get("note"), "notes": result.get("notes", []), "flags": result.get("flags", []),
                  "n_new": sum(l.get("kind") == "new" for l in result.get("lesions", [])),
@@ -243,12 +260,16 @@ def score_pair(pair: FollowupPair, result: dict) -> dict:
                  "registration_error": registration_error(pair, result),
                  "subtraction": subtraction_spread(pair.current),
                  "step_timings_s": result.get("timings_s", {})}
+    row["paired_methods"] = (result.get("change") or {}).get("paired_methods")
+    row["paired_change_ml"] = {
+        k: (((result.get("change") or {}).get("vs_prior_paired") or {}).get(k) or {}).get("delta_ml")
+        for k in ("whole_tumor", "tumor_core", "3")}
     vs_prior = (result.get("change") or {}).get("vs_prior") or {}
     row["volume_change_ml"] = {k: (vs_prior.get(k) or {}).get("delta_ml") for k in ("whole_tumor", "tumor_core", "3")}
     if pair.variant in ("new", "thick"):
         row["new_lesions"] = match_new_lesions(pair, result)
     if pair.variant == "grown":
-        row["growth"] = growth_scores(pair, result)
+        row["growth"] = growth_scores(pair, result, lc)
     return row
 
 
@@ -273,8 +294,9 @@ def reusable_pair(root: Path, args) -> FollowupPair | None:
     if (pair.truth.get("generator_version") != GENERATOR_VERSION or pair.truth["seed"] != args.seed
             or abs(spacing - (args.spacing or 1.0)) > 1e-6):
         return None
-    reset_work(pair.current)
-    reset_work(pair.prior)
+    if not getattr(args, "reuse_work", False):
+        reset_work(pair.current)
+        reset_work(pair.prior)
     return pair
 
 
@@ -282,7 +304,8 @@ def run_pair(case: str, variant: str, args, cfg: PipelineConfig, lcfg: Longitudi
     row: dict = {"case": case, "variant": variant, "split": "tune" if case in TUNE_CASES else "holdout",
                  "error": None}
     t0 = time.monotonic()
-    pair = reusable_pair(args.out / pair_name(case, variant), args) if args.reuse_pairs else None
+    reuse = args.reuse_pairs or args.reuse_work
+    pair = reusable_pair(args.out / pair_name(case, variant), args) if reuse else None
     if pair is None:
         pair = make_pair(case, variant, args.out, args.seed, data_root=args.data, spacing_mm=args.spacing)
         row["generate_s"] = round(time.monotonic() - t0, 1)
@@ -298,7 +321,7 @@ def run_pair(case: str, variant: str, args, cfg: PipelineConfig, lcfg: Longitudi
     row["load_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine meanwhile
     prep = (result.get("timings_s") or {}).get("prepare_priors")
     row["added_without_prior_prep_s"] = round(added - prep, 1) if prep is not None else None
-    row.update(score_pair(pair, result))
+    row.update(score_pair(pair, result, lcfg))
     if args.matching and variant == "nochange":
         row["matching"] = {}
         for method in args.matching:
@@ -336,6 +359,13 @@ def split_totals(rows: list[dict]) -> dict:
         "sensitivity_thick": round(sum(t["detected"] for t in thick) / len(thick), 4) if thick else None,
         "missed": [{"case": r["case"], **t} for r in ok if r["variant"] == "new"
                    for t in r["new_lesions"]["truth"] if not t["detected"]],
+        "new_volume_ratio_extent": _mean([t["reported_volume_mm3"] / t["volume_mm3"] for t in truth_new
+                                           if t["detected"] and t["reported_volume_mm3"]]),
+        "new_volume_ratio_integrated": _mean([t["reported_integrated_mm3"] / t["volume_mm3"] for t in truth_new
+                                              if t["detected"] and t.get("reported_integrated_mm3")]),
+        "new_volume_abs_error_integrated": _mean([abs(t["reported_integrated_mm3"] / t["volume_mm3"] - 1)
+                                                  for t in truth_new
+                                                  if t["detected"] and t.get("reported_integrated_mm3")]),
         "fp_in_new_pairs_per_pair": _mean([len(r["new_lesions"]["false_positives"]) for r in ok
                                            if r["variant"] == "new"]),
         "nochange_pairs": len(nochange),
@@ -349,6 +379,17 @@ def split_totals(rows: list[dict]) -> dict:
         "volume_error_WT": _mean([r["growth"]["error_WT"] for r in grown]),
         "volume_error_TC": _mean([r["growth"]["error_TC"] for r in grown]),
         "volume_error_lesions": _mean([r["growth"]["error_lesions_vs_WT"] for r in grown]),
+        "volume_error_by_method": {
+            m: {n: _mean([abs(r["growth"]["methods"][m][f"error_{n}"]) for r in grown
+                          if m in r["growth"].get("methods", {})
+                          and r["growth"]["methods"][m][f"error_{n}"] is not None])
+                for n in ("WT", "TC")}
+            for m in sorted({m for r in grown for m in r["growth"].get("methods", {})})},
+        "nochange_paired_abs_ml_by_method": {
+            m: {k: _mean([abs((r.get("paired_methods") or {}).get(m, {}).get(k, {}).get("delta_ml") or 0.0)
+                          for r in nochange if m in (r.get("paired_methods") or {})])
+                for k in ("whole_tumor", "tumor_core")}
+            for m in sorted({m for r in nochange for m in (r.get("paired_methods") or {})})},
         "grown_assessments": {r["case"]: {"reported": r["assessment"], "expected": r["growth"]["expected_assessment"]}
                               for r in grown},
         "grown_assessment_agreement": _mean([float(r["growth"]["assessment_agrees"]) for r in grown]),
@@ -417,13 +458,21 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
         print(f"  false positives per no-change pair: {_f(t['fp_per_nochange_pair'])} over {t['nochange_pairs']} "
               f"pairs (target <= {TARGETS['fp_per_nochange_pair']:g}); growing per no-change pair "
               f"{_f(t['growing_per_nochange_pair'])}; unmatched new lesions per 'new' pair "
-              f"{_f(t['fp_in_new_pairs_per_pair'])}; no-change pairs not 'stable': {t['nochange_not_stable'] or 'none'}")
+              f"{_f(t['fp_in_new_pairs_per_pair'])}; no-change pairs not 'stable': "
+              f"{t['nochange_not_stable'] or 'none'}")
         print(f"  volume-change error of grown tumours ({t['grown_pairs']} pairs): WT {_f(t['volume_error_WT'], 3)}, "
               f"TC {_f(t['volume_error_TC'], 3)}, lesion list vs WT {_f(t['volume_error_lesions'], 3)} "
               f"(target <= {TARGETS['volume_error']}); no-change |delta| mL: {t['nochange_abs_change_ml']}")
+        if t.get("volume_error_by_method"):
+            print("  growth error |reported - true| / true by paired measure: " + "; ".join(
+                f"{m} WT {_f(v['WT'], 3)} TC {_f(v['TC'], 3)}" for m, v in t["volume_error_by_method"].items())
+                  + "; no-change |change| mL: " + "; ".join(
+                f"{m} WT {_f(v['whole_tumor'])} TC {_f(v['tumor_core'])}"
+                for m, v in t["nochange_paired_abs_ml_by_method"].items()))
         if t["grown_pairs"]:
             print(f"  RANO-like flag on grown pairs agrees with the truth in {_f(t['grown_assessment_agreement'])}: "
-                  + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})" for c, v in t["grown_assessments"].items()))
+                  + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})"
+                              for c, v in t["grown_assessments"].items()))
         print(f"  time added per study: median {_f(t['median_added_s'], 1)} s, max {_f(t['max_added_s'], 1)} s "
               f"(target <= {TARGETS['added_s']:g} s; without preparing the prior: median "
               f"{_f(t['median_added_without_prior_prep_s'], 1)} s); registration error mean "
@@ -452,15 +501,26 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="nochange,grown,new", help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spacing", type=float, default=None, help="block-average the sources to this spacing (mm)")
-    parser.add_argument("--model", default="baseline", help="segmentation model (PipelineConfig.model; default baseline)")
-    parser.add_argument("--config", type=Path, default=None, help="longitudinal YAML (default config/longitudinal.yaml)")
-    parser.add_argument("--matching", default="", help="e.g. histogram,linear: compare intensity matching on no-change pairs")
+    parser.add_argument("--model", default="baseline",
+                        help="segmentation model (PipelineConfig.model; default baseline)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="longitudinal YAML (default config/longitudinal.yaml)")
+    parser.add_argument("--mode", default=None, choices=("tumour", "lesion"),
+                        help="force the follow-up mode (default: the YAML's, auto = tumour with the T1c reference); "
+                             "lesion = MS-like new/enlarging FLAIR lesions, scored on the 'new' and 'nochange' "
+                             "variants")
+    parser.add_argument("--matching", default="",
+                        help="e.g. histogram,linear: compare intensity matching on no-change pairs")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="pairs and work folders (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--reuse-pairs", action="store_true",
                         help="reuse pairs already in --out (same seed, spacing, generator version), reprocessed")
+    parser.add_argument("--reuse-work", action="store_true",
+                        help="as --reuse-pairs, and keep their processed work folders (the image steps of both "
+                             "timepoints are cached; only the longitudinal comparison re-runs, so 'added' "
+                             "times then exclude the prior's preparation)")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     variants = [v for v in args.variants.split(",") if v]
@@ -476,6 +536,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = PipelineConfig(model=args.model)
     lcfg = LongitudinalConfig.load(args.config)
+    if args.mode:
+        lcfg = replace(lcfg, mode=args.mode)
     rows = []
     started = time.monotonic()
     for case in cases:

@@ -55,8 +55,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from brainline.models.baseline import VERSION, BaselineSegmenter  # noqa: E402
-from brainline.pipelines.segmentation_qc import (SegmentationQCConfig, dice, discord_alarms,  # noqa: E402
-                                                 flip_segmentations, region_masks)
+from brainline.pipelines.segmentation_qc import (  # noqa: E402
+    SegmentationQCConfig,
+    dice,
+    discord_alarms,
+    flip_segmentations,
+    region_masks,
+)
 from tests.corpus import BRATS18_CASES, corpus_cases  # noqa: E402
 
 FAILURE_DICE = 0.7

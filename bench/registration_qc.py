@@ -327,7 +327,8 @@ def run(cases: list[str], n_wrong: int, deg: float, mm: float, cfg: Registration
                 det = "".join("X" if w["flags"] else "." for w in row["wrong"])
                 print(f"{case:12s} {name:28s} {desc['T1c']:8s} skull={int(desc['skull'])} "
                       f"err {row['error_mean_mm']:5.2f}/{row['error_max_mm']:5.2f} mm  "
-                      f"gain {res.quality.get('similarity_gain')!s:>8s} dice {res.quality.get('foreground_dice')!s:>7s} "
+                      f"gain {res.quality.get('similarity_gain')!s:>8s} "
+                      f"dice {res.quality.get('foreground_dice')!s:>7s} "
                       f"flags {len(res.flags)} wrong [{det}] gains "
                       f"{' '.join(str(w['gain']) for w in row['wrong'])}  reg {row['register_s']} s "
                       f"qc {res.quality.get('elapsed_s')} s", flush=True)

@@ -35,7 +35,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 

@@ -16,7 +16,7 @@ import abc
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -119,15 +119,23 @@ class ChannelInputBackend(SegmentationBackend):
     """A network with one input channel per role of ``self.input_order``:
     it needs every one of them and has no optional input."""
 
-    input_order: tuple[str, ...] = ROLES
+    input_order: Sequence[str] = ROLES
 
     @property
     def required_roles(self) -> tuple[str, ...]:
         return tuple(self.input_order)
 
+    @required_roles.setter
+    def required_roles(self, value: tuple[str, ...]) -> None:
+        raise AttributeError("a ChannelInputBackend's required_roles follow its input_order; set input_order")
+
     @property
     def optional_roles(self) -> tuple[str, ...]:
         return ()
+
+    @optional_roles.setter
+    def optional_roles(self, value: tuple[str, ...]) -> None:
+        raise AttributeError("a ChannelInputBackend has no optional roles")
 
 
 @dataclass(frozen=True)
@@ -251,7 +259,7 @@ def normalize_label_map(mapping: Mapping | None, what: str, base: Mapping | None
         try:
             k_i, v_i = int(k), int(v)
         except (TypeError, ValueError):
-            raise SegmentationError(f"{what}: label mapping entries must be integers, got {k!r}: {v!r}")
+            raise SegmentationError(f"{what}: label mapping entries must be integers, got {k!r}: {v!r}") from None
         if v_i not in (0, NCR, ED, ET):
             raise SegmentationError(
                 f"{what}: label {k_i} maps to {v_i}, which is not a BraTS 2023 label (0, 1, 2, 3)")
@@ -289,7 +297,7 @@ def map_label_values(values: np.ndarray, mapping: Mapping[int, int]) -> np.ndarr
     return out
 
 
-def check_inputs(inputs: SegmentationInput, roles: list[str], what: str) -> sitk.Image:
+def check_inputs(inputs: SegmentationInput, roles: Sequence[str], what: str) -> sitk.Image:
     """Every needed role present and on the reference grid; returns the reference."""
     missing = [r for r in roles if r not in inputs.paths]
     if missing:

@@ -110,7 +110,8 @@ With the clamp on the FLAIR coordinate: 2013_20 T1c+FLAIR 0.87, tuning
 cases unchanged with all sequences (0.901) and 0.878 -> 0.879 with T1c +
 FLAIR; the held-out figure for 2013_20 is not blind. Clamping every
 coordinate was tried and dropped: the T2 surroundings of tcga-du-7294 are
-legitimately bright (z 1.2, CSF) and WT leaked (Dice 0.94 -> 0.71). ``seed_keep_fraction`` = 0.2 came from the ``brainline validate`` test
+legitimately bright (z 1.2, CSF) and WT leaked (Dice 0.94 -> 0.71).
+``seed_keep_fraction`` = 0.2 came from the ``brainline validate`` test
 (tcga-du-7294 point-subsampled to 2 mm pixels and 4 mm slices): a 1.3 mL
 hypothalamic seed, 8 % of the tumour's, grew through the thick slices into
 the lesion (WT 102 mL vs 24 mL, Dice 0.35). Small seeds are now kept only
@@ -134,8 +135,16 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 from scipy import ndimage as ndi
 
-from .base import (ED, ET, NCR, SegmentationBackend, SegmentationError,
-                   SegmentationInput, SegmentationOutput, segmentation_backend)
+from .base import (
+    ED,
+    ET,
+    NCR,
+    SegmentationBackend,
+    SegmentationError,
+    SegmentationInput,
+    SegmentationOutput,
+    segmentation_backend,
+)
 
 VERSION = "baseline-2.1"
 MODEL_NAME = "baseline-classical"
@@ -316,7 +325,7 @@ def _two_means(x: np.ndarray, seeds: np.ndarray, allowed: np.ndarray, fit: np.nd
     c1 = x[seeds & fit].mean(0) if (seeds & fit).any() else x[seeds].mean(0)
     c0 = x[fit & ~seeds].mean(0) if (fit & ~seeds).any() else np.zeros_like(c1)
     it = 0
-    for it in range(1, iterations + 1):
+    for it in range(1, iterations + 1):  # noqa: B007 (``it``, the iterations run, is returned)
         assign = seeds | (allowed & (((x - c1) ** 2).sum(1) < ((x - c0) ** 2).sum(1)))
         a1, a0 = assign & fit, ~assign & fit
         if not a1.any() or not a0.any():
@@ -393,7 +402,7 @@ class BaselineSegmenter(SegmentationBackend):
     def segment(self, inputs: SegmentationInput) -> SegmentationOutput:
         mask = inputs.mask_array()
         spacing_zyx = tuple(float(s) for s in inputs.spacing_mm[::-1])
-        arrays = {role: inputs.array(role) for role in ("t1", "t1c", "t2", "flair")
+        arrays: dict[str, np.ndarray] = {role: inputs.array(role) for role in ("t1", "t1c", "t2", "flair")
                   if role in inputs.paths}
         labels, details = self.segment_arrays(arrays, mask, spacing_zyx)
         return SegmentationOutput(labels=labels, backend=self.name, model_name=MODEL_NAME,
@@ -488,9 +497,11 @@ class BaselineSegmenter(SegmentationBackend):
         if n_seeds:
             feats, names = [p.w_flair * zf], ["flair"]
             if zt2 is not None:
-                feats.append(p.w_t2 * np.minimum(zt2, p.t2_cap_z)); names.append("t2")
+                feats.append(p.w_t2 * np.minimum(zt2, p.t2_cap_z))
+                names.append("t2")
             if zt1 is not None:
-                feats.append(-p.w_t1 * zt1); names.append("-t1")
+                feats.append(-p.w_t1 * zt1)
+                names.append("-t1")
             x = np.stack([f[mask_c] for f in feats], 1).astype(np.float64)
             allowed = ((ev > p.gate_evidence_z) & (zf > p.flair_gate_z))[mask_c]
             in_roi = _near(seeds, p.roi_mm, spacing_zyx)[mask_c]

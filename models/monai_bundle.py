@@ -199,7 +199,7 @@ class MonaiBundleBackend(ChannelInputBackend):
                 raise SegmentationError(
                     f"{what}: metadata names the input channels {in_names}, which are not all "
                     f"MRI sequences we know; give input_order explicitly")
-            self.input_order = roles
+            self.input_order = [r for r in roles if r is not None]  # all of them (checked above)
         else:
             self.input_order = list(DEFAULT_INPUT_ORDER)
         if len(set(self.input_order)) != len(self.input_order):
@@ -283,7 +283,8 @@ class MonaiBundleBackend(ChannelInputBackend):
                     warnings.simplefilter("ignore", FutureWarning)
                     self.network = torch.jit.load(str(self.weights_path), map_location=dev)
             except Exception as exc:  # noqa: BLE001
-                raise SegmentationError(f"{what}: cannot load TorchScript model {self.weights_path}: {_short(exc)}") from exc
+                raise SegmentationError(
+                    f"{what}: cannot load TorchScript model {self.weights_path}: {_short(exc)}") from exc
         else:
             try:
                 self.network = parser.get_parsed_content("network_def")
@@ -373,6 +374,7 @@ class MonaiBundleBackend(ChannelInputBackend):
         t0 = time.monotonic()
         what = self._what
         ref = check_inputs(inputs, self.input_order, what)
+        image: str | list[str]
         with tempfile.TemporaryDirectory(prefix="brainline-bundle-") as tmp:
             if self.input_format == "stacked":
                 image = str(self._write_stacked(inputs, ref, Path(tmp)))

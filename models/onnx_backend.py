@@ -243,7 +243,7 @@ class OnnxBackend(ChannelInputBackend):
             if fixed is not None and roi != fixed:
                 raise SegmentationError(
                     f"{what}: roi_size {roi} does not match the model's fixed input size {fixed}")
-        self.roi_size = roi
+        self.roi_size: str | list[int] = roi
 
         meta = self.session.get_modelmeta()
         custom = dict(getattr(meta, "custom_metadata_map", {}) or {})
@@ -290,7 +290,7 @@ class OnnxBackend(ChannelInputBackend):
     def _infer(self, x: np.ndarray) -> np.ndarray:
         """(C, d1, d2, d3) normalised -> (K, d1, d2, d3) raw model output."""
         spatial = x.shape[1:]
-        if self.roi_size == "whole":
+        if isinstance(self.roi_size, str):  # "whole"
             if self.fixed_spatial is not None and list(spatial) != list(self.fixed_spatial):
                 raise SegmentationError(
                     f"{self._what}: shape mismatch: the model only takes {self.fixed_spatial}, the volume "

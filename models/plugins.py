@@ -6,7 +6,7 @@ Each plugin type has one :class:`Registry`, kept in the module of that type:
   (decorator ``@segmentation_backend(name, *aliases)``);
 * skull-strip backends: ``SKULL_STRIP_BACKENDS`` in ``pipelines/skull_strip.py``
   (``@skull_strip_backend(name, *aliases)``);
-* result destinations: ``DESTINATIONS`` in ``service/destinations.py``
+* result destinations: ``DESTINATIONS`` in ``service/gateway/destinations.py``
   (``@destination(kind)``).
 
 A plugin is registered in one of three ways:

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (ROLES, SegmentationBackend, SegmentationError, SegmentationInput, SegmentationOutput,
-                   segmentation_backend)
+from .base import (
+    ROLES,
+    SegmentationBackend,
+    SegmentationError,
+    SegmentationInput,
+    SegmentationOutput,
+    segmentation_backend,
+)
 
 MODEL_NAME = "brats17-wang-cascade"
 VERSION = "1.0"

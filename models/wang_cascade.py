@@ -218,10 +218,12 @@ class _Runner:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 4, 1, 2, 3), dtype=np.float32))
+        # NDHWC memory is the network's internal layout: pass a channel-first view of it
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            p = torch.softmax(self.net(x.to(self.device), bn_mode="batch"), dim=1)
-        return p.permute(0, 2, 3, 4, 1).cpu().numpy()
+            logits = self.net(x.permute(0, 4, 1, 2, 3), bn_mode="batch")
+            p = torch.softmax(logits.permute(0, 2, 3, 4, 1), dim=-1)
+        return p.cpu().numpy()
 
 
 def volume_probability_prediction(temp_imgs, data_shape, label_shape, data_channel, class_num,

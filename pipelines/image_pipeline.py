@@ -17,6 +17,15 @@ Layout (all images NIfTI, physical space LPS in mm as SimpleITK reads them):
     candidates/<name>.nii.gz       extra label maps a backend exposes, for the discord alarms
     summary.json                   volumes, components, TIV, QC, inputs, versions, timings
 
+Each ``<step>.json`` is written from the step's typed record and read back
+through it (pipelines/records.py: RegistrationRecord, SkullStripRecord,
+BiasCorrectionRecord, SegmentRecord, Summary); a step still returns the JSON
+(a dict) as its result.
+
+Which steps run, in which order, what each reads and writes and which
+errors it raises for people is declared once in the stage table
+(pipelines/stage_table.py); ``STEPS`` here is derived from it.
+
 The reference grid is the native grid of the reference series (T1c by
 default), so the segmentation lies on the grid of that DICOM series.
 """
@@ -30,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,12 +50,36 @@ from brainline.models.registry import load_backend
 from .bias_correction import N4Config, n4_correct
 from .model_space import fit_model_space, labels_to_reference, map_to_model_space
 from .nifti_io import write_nifti
-from .qc_steps import (CANDIDATES_DIR, QCConfig, image_qc_of_study, image_qc_section, segmentation_qc_of_study,
-                       segmentation_qc_section, write_candidates)
+from .qc_steps import (
+    CANDIDATES_DIR,
+    QCConfig,
+    image_qc_of_study,
+    image_qc_section,
+    segmentation_qc_of_study,
+    segmentation_qc_section,
+    write_candidates,
+)
+from .records import (
+    Backends,
+    BiasCorrectionRecord,
+    ModelSpaceRecord,
+    Record,
+    RegistrationRecord,
+    SegmentationProvenance,
+    SegmentRecord,
+    SequenceBiasCorrection,
+    SequenceRegistration,
+    SeriesSelection,
+    SkullStripRecord,
+    SkullStripSummary,
+    Summary,
+    TumourComponent,
+    read_json,
+    read_record,
+)
 from .registration import RegistrationConfig, register, resample_to
+from .roles import ROLE_LABELS
 from .skull_strip import SkullStripBackend, apply_mask, get_backend, skull_strip
-
-ROLE_LABELS = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
 
 
 class PipelineError(RuntimeError):
@@ -72,6 +105,11 @@ class PipelineConfig:
                                                           shrink_factor=5))
     model: dict | str | None = None         # segmentation backend spec (None = "auto", see model_spec)
     qc: QCConfig = field(default_factory=QCConfig)  # image QC and segmentation QC steps
+    # Where a run reads and writes besides the workspace (pipelines/stage_table.py):
+    dicom_dir: str | None = None            # the study's DICOM files (None: <workspace>/dicom)
+    series_rules: str | None = None         # series selection rules (None: config/series_rules.yaml)
+    uid_root: str | None = None             # UID root of the DICOM results (None: pydicom's)
+    results_dir: str = "results"            # workspace folder of the DICOM results
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -85,13 +123,17 @@ def _read(path: Path) -> sitk.Image:
 _write = write_nifti
 
 
-def _cached(work: Path, name: str, fn: Callable[[], dict]) -> dict:
-    """Run ``fn`` unless ``<name>.json`` exists; record its wall time."""
+def _cached(work: Path, name: str, fn: Callable[[], dict | Record]) -> dict:
+    """Run ``fn`` unless ``<name>.json`` exists; record its wall time
+    (``elapsed_s``, s). ``fn`` returns the step's record (or its JSON); the
+    JSON is written and returned."""
     result_file = work / f"{name}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     t0 = time.monotonic()
     result = fn()
+    if isinstance(result, Record):
+        result = result.to_json()
     result["elapsed_s"] = round(time.monotonic() - t0, 3)
     tmp = result_file.with_name(".tmp-" + result_file.name)
     tmp.write_text(json.dumps(result, indent=2, default=str))
@@ -107,7 +149,7 @@ def _workers(roles: list[str], max_workers: int) -> int:
     return max(1, min(len(roles), max_workers, os.cpu_count() or 1))
 
 
-def _per_sequence(fn: Callable[[str], dict], roles: list[str], max_workers: int) -> dict[str, dict]:
+def _per_sequence(fn: Callable[[str], Any], roles: list[str], max_workers: int) -> dict[str, Any]:
     """``{role: fn(role)}``, up to ``max_workers`` sequences at a time (at most
     one per core); the first exception raised by ``fn`` is re-raised."""
     with ThreadPoolExecutor(max_workers=_workers(roles, max_workers)) as pool:
@@ -118,29 +160,29 @@ def _per_sequence(fn: Callable[[str], dict], roles: list[str], max_workers: int)
 def step_register(work: Path, cfg: PipelineConfig) -> dict:
     """Rigid (optionally affine) registration of every sequence to the reference."""
 
-    def run() -> dict:
+    def run() -> RegistrationRecord:
         roles = available_roles(work)
         if cfg.reference not in roles:
             raise PipelineError(f"the reference sequence {ROLE_LABELS.get(cfg.reference, cfg.reference)} "
                                 "is missing, so nothing can be co-registered")
         fixed = _read(work / "nifti" / f"{cfg.reference}.nii.gz")
         _write(fixed, work / "registered" / f"{cfg.reference}.nii.gz")
-        results = {cfg.reference: {"reference": True}}
+        results = {cfg.reference: SequenceRegistration(reference=True)}
         moving_roles = [r for r in roles if r != cfg.reference]
 
-        def one(role: str) -> dict:
+        def one(role: str) -> SequenceRegistration:
             moving = _read(work / "nifti" / f"{role}.nii.gz")
             reg = register(fixed, moving, cfg.registration, moving_name=ROLE_LABELS[role],
                            fixed_name=ROLE_LABELS[cfg.reference])
             _write(resample_to(moving, fixed, reg.transform), work / "registered" / f"{role}.nii.gz")
             sitk.WriteTransform(reg.transform, str(work / "registered" / f"{role}_to_{cfg.reference}.tfm"))
-            return reg.to_dict()
+            return SequenceRegistration.from_json(reg.to_dict())
 
         # Sequences are independent: two at a time (ITK releases the GIL; the
         # per-registration thread count, hence the result, is unchanged).
         results.update(_per_sequence(one, moving_roles, max_workers=2))
-        flags = [f"{ROLE_LABELS[r]}: {flag}" for r, res in results.items() for flag in res.get("flags", [])]
-        return {"reference": cfg.reference, "sequences": results, "flags": flags}
+        return RegistrationRecord(reference=cfg.reference, sequences=results,
+                                  flags=RegistrationRecord.labelled_flags(results))
 
     return _cached(work, "registration", run)
 
@@ -171,7 +213,7 @@ class _LazyBackend(SkullStripBackend):
 def step_skull_strip(work: Path, cfg: PipelineConfig) -> dict:
     """Brain mask on the reference grid, from T1 (or the reference) sequence."""
 
-    def run() -> dict:
+    def run() -> SkullStripRecord:
         roles = [r for r in cfg.skull_strip_on if (work / "registered" / f"{r}.nii.gz").exists()]
         source = roles[0] if roles else cfg.reference
         image = _read(work / "registered" / f"{source}.nii.gz")
@@ -179,9 +221,7 @@ def step_skull_strip(work: Path, cfg: PipelineConfig) -> dict:
         result = skull_strip(image, backend=backend, detect_stripped=True,
                              label=ROLE_LABELS.get(source, source))
         _write(sitk.Cast(result.mask, sitk.sitkUInt8), work / "brain_mask.nii.gz")
-        out = result.to_dict()
-        out["sequence"] = source
-        return out
+        return SkullStripRecord.from_json(result.to_dict()).replace(sequence=source)
 
     return _cached(work, "skull_strip", run)
 
@@ -189,7 +229,7 @@ def step_skull_strip(work: Path, cfg: PipelineConfig) -> dict:
 def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
     """N4 inside the brain mask, per sequence; writes the masked, corrected images."""
 
-    def run() -> dict:
+    def run() -> BiasCorrectionRecord:
         mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
         roles = [r for r in ROLES if (work / "registered" / f"{r}.nii.gz").exists()]
         # One sequence per core, each N4 single-threaded: the fit runs on a
@@ -198,13 +238,13 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
         itk_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
         threads = max(1, itk_threads // _workers(roles, itk_threads))
 
-        def one(role: str) -> dict:
+        def one(role: str) -> SequenceBiasCorrection:
             n4 = n4_correct(_read(work / "registered" / f"{role}.nii.gz"), mask, cfg.n4,
                             name=ROLE_LABELS[role], threads=threads)
             _write(apply_mask(n4.corrected, mask), work / "preprocessed" / f"{role}.nii.gz")
-            return {"elapsed_s": round(n4.elapsed_s, 3)}
+            return SequenceBiasCorrection(elapsed_s=round(n4.elapsed_s, 3))
 
-        return {"sequences": _per_sequence(one, roles, max_workers=itk_threads)}
+        return BiasCorrectionRecord(sequences=_per_sequence(one, roles, max_workers=itk_threads))
 
     return _cached(work, "bias_correction", run)
 
@@ -230,7 +270,7 @@ def model_spec(cfg: PipelineConfig) -> dict:
 
 
 def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
-                            paths: dict[str, Path]) -> tuple[sitk.Image, object, dict]:
+                            paths: dict[str, Path]) -> tuple[sitk.Image, object, ModelSpaceRecord]:
     """Run a backend whose ``input_space`` is a model frame: register the
     study to that frame's template, resample each sequence once from its
     native grid into it, segment there and bring the labels back to the
@@ -252,7 +292,7 @@ def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
     extra = getattr(output, "candidates", None) or {}
     output.candidates = {name: labels_to_reference(_labels_image(a, inputs.reference), ms, mask)
                          for name, a in extra.items()}
-    return labels, output, ms.record()
+    return labels, output, ModelSpaceRecord.from_json(ms.record())
 
 
 def _labels_image(labels, reference: sitk.Image) -> sitk.Image:
@@ -266,16 +306,16 @@ def step_segment(work: Path, cfg: PipelineConfig) -> dict:
     in the backend's input space (the reference grid, or a model frame such
     as BraTS; the labels always end on the reference grid)."""
 
-    def run() -> dict:
+    def run() -> SegmentRecord:
         backend = load_backend(model_spec(cfg))
         paths = {r: work / "preprocessed" / f"{r}.nii.gz" for r in ROLES
                  if (work / "preprocessed" / f"{r}.nii.gz").exists()}
-        result: dict = {}
+        model_choice = space = candidates = None
         shutil.rmtree(work / CANDIDATES_DIR, ignore_errors=True)  # left by an interrupted run
         if hasattr(backend, "for_roles"):  # the default: trained model or baseline by the roles found
-            backend, result["model_choice"] = backend.for_roles(paths)
+            backend, model_choice = backend.for_roles(paths)
         if getattr(backend, "input_space", None):
-            labels, output, result["model_space"] = _segment_in_model_space(work, cfg, backend, paths)
+            labels, output, space = _segment_in_model_space(work, cfg, backend, paths)
         else:
             inputs = SegmentationInput(paths=paths, brain_mask_path=work / "brain_mask.nii.gz")
             output = backend.segment(inputs)
@@ -285,11 +325,11 @@ def step_segment(work: Path, cfg: PipelineConfig) -> dict:
         # label maps a backend exposes besides its result (e.g. a network's
         # separate views): candidates of the segmentation QC's discord alarms
         if output.candidates:
-            result["candidates"] = write_candidates(work, output.candidates)
+            candidates = write_candidates(work, output.candidates)
         _write(labels, work / "segmentation.nii.gz")
-        result.update({"backend": output.backend, "model_name": output.model_name,
-                       "model_version": output.model_version, "details": output.details})
-        return result
+        return SegmentRecord(model_choice=model_choice, model_space=space, candidates=candidates,
+                             backend=output.backend, model_name=output.model_name,
+                             model_version=output.model_version, details=output.details)
 
     return _cached(work, "segment", run)
 
@@ -325,79 +365,76 @@ def components(mask: np.ndarray, image: sitk.Image) -> list[dict]:
     return sorted(out, key=lambda c: -c["volume_ml"])
 
 
-def _inputs_of(work: Path) -> dict:
+def _inputs_of(work: Path):
     """The ``inputs`` record of selection.json (roles the model needs, used and
-    missing, and the sentence for the report); empty without a selection."""
-    path = work / "selection.json"
-    return (json.loads(path.read_text()).get("inputs") or {}) if path.exists() else {}
+    missing, and the sentence for the report); None without a selection."""
+    return read_record(SeriesSelection, work / "selection.json").inputs
+
+
+def summarize(work: Path, cfg: PipelineConfig) -> Summary:
+    """The :class:`.records.Summary` of the workspace: volumes (mL), components,
+    TIV, QC figures and flags, inputs used and missing, versions, timings."""
+    seg = sitk.ReadImage(str(work / "segmentation.nii.gz"))
+    labels = sitk.GetArrayFromImage(seg)
+    voxel_ml = float(np.prod(seg.GetSpacing())) / 1000.0
+    mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"))
+    volumes = {str(k): round(float((labels == k).sum()) * voxel_ml, 3) for k in (NCR, ED, ET)}
+    volumes["tumor_core"] = round(float(np.isin(labels, (NCR, ET)).sum()) * voxel_ml, 3)
+    volumes["whole_tumor"] = round(float((labels > 0).sum()) * voxel_ml, 3)
+    from .stage_table import timed_steps  # the table imports this module
+
+    timings = {name: read_json(work / f"{name}.json").get("elapsed_s") for name in timed_steps()
+               if (work / f"{name}.json").exists()}
+    tiv = float((sitk.GetArrayFromImage(mask) > 0).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
+    registration = read_record(RegistrationRecord, work / "registration.json")
+    skull = read_record(SkullStripRecord, work / "skull_strip.json")
+    segment = read_record(SegmentRecord, work / "segment.json")
+    image_qc, seg_qc = image_qc_section(work), segmentation_qc_section(work)
+    provenance = {k: (segment.details or {}).get(k) for k in ("licence", "citation", "intended_use")}
+    return Summary(
+        label_convention="BraTS 2023",
+        labels={str(k): v for k, v in LABEL_NAMES.items()},
+        volumes_ml=volumes,
+        whole_tumor_components=[TumourComponent.from_json(c) for c in components(labels > 0, seg)],
+        tiv_ml=round(tiv, 1),
+        reference=registration.reference if (work / "registration.json").exists() else cfg.reference,
+        registration={r: res.summary_entry() for r, res in registration.sequences.items()},
+        qc_flags=Summary.collect_flags(registration, skull, segment.model_space, image_qc, seg_qc),
+        image_qc=image_qc,
+        segmentation_qc=seg_qc,
+        model_space=segment.model_space,
+        skull_strip=SkullStripSummary(flags=list(skull.flags), sequence=skull.sequence),
+        inputs=_inputs_of(work),
+        backends=Backends(
+            registration="SimpleITK " + sitk.Version.VersionString(),
+            skull_strip={"backend": skull.backend, "backend_version": skull.backend_version,
+                         "already_stripped": skull.already_stripped},
+            bias_correction="SimpleITK N4 " + sitk.Version.VersionString(),
+            # provenance of a shipped model, and why it was chosen (default "auto")
+            segmentation=SegmentationProvenance(
+                backend=segment.backend, model_name=segment.model_name, model_version=segment.model_version,
+                **{k: v for k, v in provenance.items() if v}, model_choice=segment.model_choice or None)),
+        timings_s=timings,
+    )
 
 
 def step_summarize(work: Path, cfg: PipelineConfig) -> dict:
-    """summary.json: volumes (mL), components, TIV, QC figures, inputs used and
-    missing, versions, timings."""
-
-    def run() -> dict:
-        seg = sitk.ReadImage(str(work / "segmentation.nii.gz"))
-        labels = sitk.GetArrayFromImage(seg)
-        voxel_ml = float(np.prod(seg.GetSpacing())) / 1000.0
-        mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"))
-        volumes = {str(k): round(float((labels == k).sum()) * voxel_ml, 3) for k in (NCR, ED, ET)}
-        volumes["tumor_core"] = round(float(np.isin(labels, (NCR, ET)).sum()) * voxel_ml, 3)
-        volumes["whole_tumor"] = round(float((labels > 0).sum()) * voxel_ml, 3)
-        steps = {name: json.loads((work / f"{name}.json").read_text())
-                 for name in ("registration", "skull_strip", "image_qc", "bias_correction", "segment",
-                              "segmentation_qc")
-                 if (work / f"{name}.json").exists()}
-        tiv = float((sitk.GetArrayFromImage(mask) > 0).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
-        registration = steps.get("registration", {})
-        image_qc, seg_qc = image_qc_section(work), segmentation_qc_section(work)
-        return {
-            "label_convention": "BraTS 2023",
-            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
-            "volumes_ml": volumes,
-            "whole_tumor_components": components(labels > 0, seg),
-            "tiv_ml": round(tiv, 1),
-            "reference": registration.get("reference", cfg.reference),
-            "registration": {r: {k: v for k, v in res.items() if k in ("quality", "flags", "final_metric",
-                                                                      "converged", "parameters")}
-                             for r, res in registration.get("sequences", {}).items()},
-            "qc_flags": (registration.get("flags", []) + steps.get("skull_strip", {}).get("flags", [])
-                         + [f"model space: {f}" for f in steps.get("segment", {}).get("model_space", {})
-                            .get("flags", [])]
-                         # image-quality outliers against the site's history, implausible segmentations;
-                         # discord alarms rank studies for review and stay in segmentation_qc
-                         + (image_qc or {}).get("flags", []) + (seg_qc or {}).get("flags", [])),
-            "image_qc": image_qc,
-            "segmentation_qc": seg_qc,
-            "model_space": steps.get("segment", {}).get("model_space"),
-            "skull_strip": {"flags": list(steps.get("skull_strip", {}).get("flags", [])),
-                            "sequence": steps.get("skull_strip", {}).get("sequence")},
-            "inputs": _inputs_of(work),
-            "backends": {
-                "registration": "SimpleITK " + sitk.Version.VersionString(),
-                "skull_strip": {k: steps.get("skull_strip", {}).get(k)
-                                for k in ("backend", "backend_version", "already_stripped")},
-                "bias_correction": "SimpleITK N4 " + sitk.Version.VersionString(),
-                "segmentation": {
-                    **{k: steps.get("segment", {}).get(k) for k in ("backend", "model_name", "model_version")},
-                    # provenance of a shipped model, and why it was chosen (default "auto")
-                    **{k: v for k, v in ((k, (steps.get("segment", {}).get("details") or {}).get(k))
-                                         for k in ("licence", "citation", "intended_use")) if v},
-                    **({"model_choice": steps["segment"]["model_choice"]}
-                       if steps.get("segment", {}).get("model_choice") else {})},
-            },
-            "timings_s": {name: res.get("elapsed_s") for name, res in steps.items()},
-        }
-
-    return _cached(work, "summary", run)
+    """summary.json (:func:`summarize`): volumes (mL), components, TIV, QC
+    figures, inputs used and missing, versions, timings."""
+    return _cached(work, "summary", lambda: summarize(work, cfg))
 
 
-STEPS: list[tuple[str, Callable[[Path, PipelineConfig], dict]]] = [
-    ("register", step_register),
-    ("skull_strip", step_skull_strip),
-    ("image_qc", step_image_qc),            # native series + brain mask, before N4
-    ("bias_correct", step_bias_correct),
-    ("segment", step_segment),
-    ("segmentation_qc", step_segmentation_qc),
-    ("summarize", step_summarize),
-]
+def __getattr__(name: str) -> Any:
+    """``STEPS``: the image steps after conversion up to the summary, as
+    ``[(name, step)]``, from the stage table (pipelines/stage_table.py, which
+    imports this module); ``TIMED_STEPS``: the result files whose wall time
+    the summary reports."""
+    if name == "STEPS":
+        from .stage_table import image_steps
+
+        return image_steps()
+    if name == "TIMED_STEPS":
+        from .stage_table import timed_steps
+
+        return tuple(timed_steps())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

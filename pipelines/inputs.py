@@ -24,16 +24,15 @@ slices received; instance numbers 36–155 missing"); an optional role is
 dropped and the note says why. Conversion refuses a series dcm2niix would
 interpolate (``_Eq`` output, :class:`UnequalSpacingError`) the same way.
 
-``selection.json`` in the working folder holds the selection record
-(:meth:`SelectionResult.to_dict`), ``files`` (role -> instance files,
+``selection.json`` in the working folder is a :class:`.records.SeriesSelection`:
+the selection record (:meth:`SelectionResult.to_dict`), ``left_out``,
+``inputs`` (:func:`inputs_record`) and ``files`` (role -> instance files,
 relative to the working folder when inside it, absolute otherwise: ``brainline
-process`` reads its input folder in place) and ``inputs`` (:func:`inputs_record`).
+process`` reads its input folder in place).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -41,13 +40,20 @@ from brainline.models.base import ROLES, InputRoles
 from brainline.models.registry import input_roles, load_backend
 
 from .conversion import UnequalSpacingError, convert_series
-from .image_pipeline import ROLE_LABELS, PipelineConfig, model_spec
+from .image_pipeline import PipelineConfig, model_spec
+from .records import SELECTION_FILE, InputsRecord, SeriesSelection, read_record, write_record
+from .roles import ROLE_LABELS
 from .series_completeness import IncompleteSeriesError, check_series_files
 from .series_selection import (
-    MissingSeriesError, RulesError, SeriesHeader, load_rules, scan_series, select_series,
+    MissingSeriesError,
+    RulesError,
+    SeriesHeader,
+    load_rules,
+    scan_series,
+    select_series,
 )
 
-__all__ = ["backend_roles", "inputs_record", "select_inputs", "convert_inputs", "selected_files",
+__all__ = ["backend_roles", "inputs_record", "select_inputs", "convert_inputs", "selected_files", "read_selection",
            "join_and", "series_problem", "IncompleteSeriesError"]
 
 
@@ -90,9 +96,9 @@ def inputs_record(selected: Iterable[str], rule_roles: Iterable[str], backend: s
     note = None
     if parts:
         note = "; ".join(parts) + f"; segmentation used {join_and(_labels(used)) or 'no sequence'} only"
-    return {"backend": backend, "reference": reference, "required": list(roles.required),
-            "optional": list(roles.optional), "used": used, "missing": missing, "dropped": dropped,
-            "note": note}
+    return InputsRecord(backend=backend, reference=reference, required=list(roles.required),
+                        optional=list(roles.optional), used=used, missing=missing, dropped=dropped,
+                        note=note).to_json()
 
 
 def _needed_because(role: str, backend: str, roles: InputRoles, reference: str) -> str:
@@ -179,26 +185,26 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
     for role, why, _ in left_out.values():
         if role not in selection.roles and role not in dropped:
             dropped[role] = why + "; it was left out"
-    record = selection.to_dict()
-    record["left_out"] = [{"role": role, "reason": why, "completeness": rec}
-                          for role, why, rec in left_out.values()]
-    record["inputs"] = inputs_record(selection.roles, rules.roles, backend, roles, cfg.reference, dropped)
-    files = {role: [_stored_path(f, work) for f in header.files] for role, header in selection.roles.items()}
-    _write_selection(work, {**record, "files": files})
-    return record
+    record = SeriesSelection.from_json({
+        **selection.to_dict(),
+        "left_out": [{"role": role, "reason": why, "completeness": rec} for role, why, rec in left_out.values()],
+        "inputs": inputs_record(selection.roles, rules.roles, backend, roles, cfg.reference, dropped),
+        "files": {role: [_stored_path(f, work) for f in header.files] for role, header in selection.roles.items()}})
+    write_record(work / SELECTION_FILE, record)
+    return record.without_files()
 
 
-def _write_selection(work: Path, selection: dict) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = work / ".tmp-selection.json"
-    tmp.write_text(json.dumps(selection, indent=2, default=str))
-    os.replace(tmp, work / "selection.json")
+def read_selection(work: Path) -> SeriesSelection:
+    """``work/selection.json`` (FileNotFoundError when series selection has not run)."""
+    path = work / SELECTION_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: series selection has not run")
+    return read_record(SeriesSelection, path)
 
 
 def selected_files(work: Path, role: str) -> list[Path]:
     """The instance files of the series selected for ``role`` (from selection.json)."""
-    selection = json.loads((work / "selection.json").read_text())
-    return [work / f for f in selection["files"][role]]
+    return read_selection(work).files_of(role, work)
 
 
 def convert_inputs(work: Path) -> dict:
@@ -207,25 +213,24 @@ def convert_inputs(work: Path) -> dict:
     interpolate (unequal slice spacing) is refused: a needed role raises
     IncompleteSeriesError, an optional role is dropped from selection.json
     with a note. Raises ConversionError for other failures."""
-    selection = json.loads((work / "selection.json").read_text())
-    inputs = selection.get("inputs") or {}
-    needed = set(inputs.get("required", [])) | ({inputs["reference"]} if inputs.get("reference") else set())
+    selection = read_selection(work)
+    inputs = selection.inputs
+    needed = set(inputs.required) | ({inputs.reference} if inputs.reference else set()) if inputs else set()
     out: dict = {}
     dropped: dict[str, str] = {}
-    for role, files in sorted(selection["files"].items()):
+    for role, files in sorted(selection.files.items()):
         try:
             out[role] = convert_series([work / f for f in files], work / "nifti", role).to_dict()
         except UnequalSpacingError:
-            header = selection["roles"][role]
+            header = selection.roles[role]
             number = "?" if header.get("series_number") is None else header["series_number"]
             why = (f"{ROLE_LABELS.get(role, role)} series {number} '{header.get('description', '')}' has "
                    f"unequally spaced slices (missing or irregular); dcm2niix would interpolate them")
             if role in needed or not inputs:
                 because = "the pipeline needs it"
                 if inputs:
-                    because = _needed_because(role, inputs["backend"], InputRoles(
-                        required=tuple(inputs["required"]), optional=tuple(inputs["optional"])),
-                        inputs["reference"])
+                    because = _needed_because(role, inputs.backend, InputRoles(
+                        required=tuple(inputs.required), optional=tuple(inputs.optional)), inputs.reference)
                 raise IncompleteSeriesError([role], [why], needed_because={role: because}) from None
             dropped[role] = why + "; it was left out"
     if dropped:
@@ -233,18 +238,19 @@ def convert_inputs(work: Path) -> dict:
     return out
 
 
-def _drop_roles(work: Path, selection: dict, dropped: dict[str, str]) -> None:
+def _drop_roles(work: Path, selection: SeriesSelection, dropped: dict[str, str]) -> None:
     """Remove optional roles from selection.json and say so in its inputs note."""
-    inputs = selection["inputs"]
+    inputs = selection.inputs
+    files = {r: f for r, f in selection.files.items() if r not in dropped}
+    kept = {r: h for r, h in selection.roles.items() if r not in dropped}
     for role in dropped:
-        selection["files"].pop(role, None)
-        selection["roles"].pop(role, None)
         for name in (f"{role}.nii.gz", f"{role}.json", f"{role}.conversion.json"):
             (work / "nifti" / name).unlink(missing_ok=True)
-    rule_roles = list(dict.fromkeys(list(inputs.get("missing", [])) + list(selection["roles"]) + list(dropped)))
-    roles = InputRoles(required=tuple(inputs["required"]), optional=tuple(inputs["optional"]))
-    selection["inputs"] = inputs_record(selection["roles"], [r for r in ROLES if r in rule_roles] or rule_roles,
-                                        inputs["backend"], roles, inputs["reference"],
-                                        {**inputs.get("dropped", {}), **dropped})
-    selection.setdefault("left_out", []).extend({"role": r, "reason": why} for r, why in dropped.items())
-    _write_selection(work, selection)
+    rule_roles = list(dict.fromkeys(list(inputs.missing) + list(kept) + list(dropped)))
+    roles = InputRoles(required=tuple(inputs.required), optional=tuple(inputs.optional))
+    new_inputs = InputsRecord.from_json(inputs_record(
+        kept, [r for r in ROLES if r in rule_roles] or rule_roles, inputs.backend, roles, inputs.reference,
+        {**inputs.dropped, **dropped}))
+    write_record(work / SELECTION_FILE, selection.replace(
+        roles=kept, files=files, inputs=new_inputs,
+        left_out=list(selection.left_out) + [{"role": r, "reason": why} for r, why in dropped.items()]))

@@ -64,10 +64,18 @@ from scipy import ndimage
 
 from brainline.models.base import ET, NCR, ROLES
 
+from .boundary_shift import boundary_band, boundary_shift
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
 from .lesion_location import locate_points
 from .longitudinal_images import (
-    differential_bias, find_lesions, match_intensity, resolution_sigmas, robust_z, smooth_mm, voxel_extent_mm,
+    differential_bias,
+    find_lesions,
+    match_intensity,
+    native_coverage,
+    resolution_sigmas,
+    robust_z,
+    smooth_mm,
+    voxel_extent_mm,
 )
 from .registration import RegistrationError, register, resample_to
 
@@ -115,6 +123,14 @@ class LongitudinalConfig:
     assessed_components: tuple = ("3", "tumor_core")
     paired_support_z: float = 2.0
     paired_margin_mm: float = 5.0
+    paired_method: str = "boundary_shift"
+    bsi_window: tuple = (0.1, 0.5)
+    bsi_band_out_mm: float = 3.0
+    bsi_band_in_mm: float = 3.0
+    bsi_tissue_distance_mm: float = 5.0
+    coverage_note_fraction: float = 0.98
+    new_volume_reference_percentile: float = 95.0
+    new_volume_dilate_mm: float = 2.0
     locate: bool = True
 
     @classmethod
@@ -130,7 +146,7 @@ class LongitudinalConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path or 'config/longitudinal.yaml'}: unknown key(s) {', '.join(unknown)}")
-        for k in ("linear_percentiles", "assessed_components"):
+        for k in ("linear_percentiles", "assessed_components", "bsi_window"):
             if k in data:
                 data[k] = tuple(str(v) if k == "assessed_components" else v for v in data[k])
         cfg = cls(**data)
@@ -138,6 +154,8 @@ class LongitudinalConfig:
             raise ValueError(f"mode must be auto, tumour or lesion, not {cfg.mode!r}")
         if cfg.intensity_match not in ("histogram", "linear"):
             raise ValueError(f"intensity_match must be histogram or linear, not {cfg.intensity_match!r}")
+        if cfg.paired_method not in ("boundary_shift", "confirmed_voxels"):
+            raise ValueError(f"paired_method must be boundary_shift or confirmed_voxels, not {cfg.paired_method!r}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -239,6 +257,66 @@ def paired_change(current_labels: np.ndarray, prior_labels: np.ndarray, z_maps: 
         entry = _change({key: prior_ml}, {key: current_ml})[key]
         entry.update(gained_ml=round(gained * voxel_mm3 / 1000.0, 3), lost_ml=round(lost * voxel_mm3 / 1000.0, 3),
                      sequence=role)
+        out[key] = entry
+    return out
+
+
+def bsi_inputs(current_labels: np.ndarray, prior_labels: np.ndarray, images: dict[str, tuple], spacing_zyx,
+               tissue_distance_mm: float) -> dict:
+    """What the boundary shift integral of each component needs (see
+    :func:`bsi_change`): component -> (current image, matched prior, where both
+    were imaged, prior mask, current mask, tissue level, lesion level, sequence).
+    A component that cannot be integrated (no sequence, too few lesion or tissue
+    voxels, a lesion not brighter than the tissue, e.g. a core without
+    enhancement on T1c) is left out."""
+    out = {}
+    any_tumour = (current_labels > 0) | (prior_labels > 0)
+    far = (ndimage.distance_transform_edt(~any_tumour, sampling=spacing_zyx) > tissue_distance_mm
+           if any_tumour.any() else np.ones(any_tumour.shape, bool))
+    for key, (select, role) in PAIRED_COMPONENTS.items():
+        if role not in images:
+            continue
+        cur, pri, within = images[role]
+        before, now = select(prior_labels), select(current_labels)
+        lesion = ((current_labels == 2) if key == "whole_tumor" else (current_labels == ET)) & within
+        if lesion.sum() < 20:
+            lesion = now & within
+        tissue = far & within
+        if lesion.sum() < 20 or tissue.sum() < 1000:
+            continue
+        t_level, l_level = float(np.median(cur[tissue])), float(np.median(cur[lesion]))
+        if l_level > t_level:
+            out[key] = (cur, pri, within, before, now, t_level, l_level, role)
+    return out
+
+
+def bsi_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dict[str, tuple], spacing_zyx,
+               lcfg: "LongitudinalConfig", inputs: dict | None = None) -> dict:
+    """Volume change of each component by the boundary shift integral
+    (:mod:`.boundary_shift`) on the registered, intensity-matched pair: WT on
+    FLAIR (lesion level: the current oedema, label 2), TC and ET on T1c (lesion
+    level: the current enhancing tumour); tissue level: the brain more than
+    ``bsi_tissue_distance_mm`` from either whole tumour; clip window
+    ``bsi_window``, band ``bsi_band_out_mm`` / ``bsi_band_in_mm``. The prior's
+    component volume (its labels on the current grid) plus the integral is the
+    current volume. ``images``: role -> (current, matched prior, mask where both
+    were imaged), (z, y, x) on the grid of the label maps; spacing in mm
+    (z, y, x); ``inputs``: :func:`bsi_inputs`, when already computed.
+    Components that cannot be integrated are left out."""
+    out = {}
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    if inputs is None:
+        inputs = bsi_inputs(current_labels, prior_labels, images, spacing_zyx, lcfg.bsi_tissue_distance_mm)
+    for key, (cur, pri, within, before, now, t_level, l_level, role) in inputs.items():
+        band = boundary_band(before, now, spacing_zyx, lcfg.bsi_band_out_mm, lcfg.bsi_band_in_mm, within)
+        r = boundary_shift(cur, pri, band, t_level, l_level, tuple(lcfg.bsi_window), voxel_mm3)
+        if r["delta_mm3"] is None:
+            continue
+        prior_ml = float(np.count_nonzero(before)) * voxel_mm3 / 1000.0
+        entry = _change({key: prior_ml}, {key: max(0.0, prior_ml + r["delta_mm3"] / 1000.0)})[key]
+        entry.update(gained_ml=round(r["gained_mm3"] / 1000.0, 3), lost_ml=round(r["lost_mm3"] / 1000.0, 3),
+                     sequence=role, method="boundary shift integral",
+                     clip_levels=r["clip_levels"], band_ml=round(r["band_voxels"] * voxel_mm3 / 1000.0, 1))
         out[key] = entry
     return out
 
@@ -359,6 +437,36 @@ def _native_max_mm(work: Path, role: str) -> float | None:
     return None if reader is None else float(max(reader.GetSpacing()))
 
 
+def _header_image(reader: sitk.ImageFileReader) -> sitk.Image:
+    """An empty uint8 image with the geometry (size, spacing, origin, direction) a header describes."""
+    img = sitk.Image([int(v) for v in reader.GetSize()[:3]], sitk.sitkUInt8)
+    img.SetSpacing(reader.GetSpacing()[:3])
+    img.SetOrigin(reader.GetOrigin()[:3])
+    img.SetDirection(reader.GetDirection()[:9])
+    return img
+
+
+def _coverage(work: Path, role: str, reference: str, grid: sitk.Image,
+              to_reference: sitk.Transform | None = None) -> np.ndarray | None:
+    """Where ``work``'s native ``role`` acquisition (``nifti/<role>.nii.gz``)
+    covers ``grid`` (see :func:`native_coverage`: one native voxel, e.g. one
+    slice thickness, inside its edges). ``to_reference`` maps ``grid`` points to
+    ``work``'s reference grid (the registration of a prior; None = the same
+    frame); the study's own ``registered/<role>_to_<reference>.tfm`` carries
+    them on to the native acquisition. None when the native header is missing."""
+    reader = _native_header(work, role)
+    if reader is None:
+        return None
+    chain = []
+    tfm = work / "registered" / f"{role}_to_{reference}.tfm"
+    if role != reference and tfm.exists():
+        chain.append(sitk.ReadTransform(str(tfm)))
+    if to_reference is not None:
+        chain.append(to_reference)
+    tx = sitk.CompositeTransform(chain) if chain else sitk.Transform(3, sitk.sitkIdentity)  # applies the last first
+    return native_coverage(_header_image(reader), grid, tx)
+
+
 def _neighbourhood_max(z: np.ndarray, grid: sitk.Image, radius_mm: float) -> np.ndarray:
     """Maximum of ``z`` within an ellipsoid of ``radius_mm`` (per axis of the grid)."""
     r = [int(np.floor(radius_mm / s + 1e-6)) for s in grid.GetSpacing()[::-1]]  # (z, y, x)
@@ -470,6 +578,8 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     axes = _axes(grid)
     out_dir = work / "longitudinal"
     subtractions, resolution, z_maps, prior_z, current_z, matched_rec, sd_rec = {}, {}, {}, {}, {}, {}, {}
+    coverage_rec: dict = {}
+    pair_images: dict = {}
     flair_bright_cur = flair_bright_pri = None
     den_cache: dict = {}
     for role in common_roles:
@@ -501,7 +611,20 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             pri = _norm_smooth(pri, pm_img, np.sqrt(s_pri ** 2 + light ** 2), den_cache)
         c_arr = sitk.GetArrayFromImage(cur)
         p_arr = sitk.GetArrayFromImage(pri)
-        matched, mrec = match_intensity(p_arr, c_arr, common, prior_mask, lcfg.intensity_match,
+        covered = common
+        if role in SUBTRACTION_ROLES:
+            # only where both acquisitions imaged the brain (a thick prior FLAIR may stop short of the
+            # cerebellum): the subtraction and the candidates are limited to the common native coverage
+            covered = common.copy()
+            for c in (_coverage(work, role, cfg.reference, grid), _coverage(prior_dir, role, cfg.reference, grid, tx)):
+                if c is not None:
+                    covered &= c
+            fraction = float(covered.sum()) / max(1, int(common.sum()))
+            coverage_rec[role] = round(100.0 * fraction, 1)
+            if fraction < lcfg.coverage_note_fraction:
+                rec["notes"].append(f"{ROLE_LABELS.get(role, role)} of the two studies overlaps on "
+                                    f"{100.0 * fraction:.0f} % of the brain only: no subtraction outside it")
+        matched, mrec = match_intensity(p_arr, c_arr, covered, prior_mask, lcfg.intensity_match,
                                         lcfg.histogram_levels, lcfg.histogram_match_points,
                                         tuple(lcfg.linear_percentiles))
         if lcfg.differential_bias_sigma_mm > 0 and role in SUBTRACTION_ROLES:
@@ -511,12 +634,13 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         matched_rec[role] = mrec
         write_full(matched, out_dir / f"prior{index}_{role}.nii.gz")
         if role in SUBTRACTION_ROLES:
-            d = np.where(common, c_arr - matched, 0.0).astype(np.float32)
+            d = np.where(covered, c_arr - matched, 0.0).astype(np.float32)
             d[~cur_mask] = 0.0
             write_full(d, out_dir / f"subtraction_{role}.nii.gz")
             subtractions[role] = f"longitudinal/subtraction_{role}.nii.gz"
             floor = lcfg.min_sd_percent / 100.0 * float(np.median(c_arr[common])) if common.any() else 0.0
-            z_maps[role], _, sd_used = robust_z(d, common, floor)
+            z_maps[role], _, sd_used = robust_z(d, covered, floor)
+            pair_images[role] = (c_arr, matched, covered)
             sd_rec[role] = {"robust_sd": round(float(sd_used), 4), "floor": round(floor, 4)}
             prior_z[role] = _neighbourhood_max(robust_z(matched, common)[0], grid, lcfg.prior_bright_radius_mm)
             current_z[role] = robust_z(c_arr, common)[0]
@@ -543,12 +667,23 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         detect = sitk.GetArrayFromImage(sitk.BinaryErode(common_img, [max(1, int(round(lcfg.edge_margin_mm / s)))
                                                                        for s in grid.GetSpacing()])) > 0
     cands, dropped = find_lesions(z_maps, prior_z, current_z, common, cur_lesion, pri_lesion, voxel_mm3, lcfg,
-                                  segmentation_extent=(mode == "tumour"), detect=detect)
+                                  segmentation_extent=(mode == "tumour"), detect=detect,
+                                  spacing_zyx=tuple(grid.GetSpacing()[::-1]))
     margin = (tuple(max(0, int(round(lcfg.paired_margin_mm / s))) for s in grid.GetSpacing()[::-1])
               if lcfg.paired_margin_mm > 0 else None)
-    rec["paired_change"] = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z, margin)
+    voxels = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z, margin)
+    for entry in voxels.values():
+        entry["method"] = "subtraction-confirmed voxels"
+    bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg)
+    rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
+    # the configured measure; a component it cannot give (e.g. no enhancement for the BSI on T1c)
+    # comes from the other one, its "method" says which
+    first, second = (bsi, voxels) if lcfg.paired_method == "boundary_shift" else (voxels, bsi)
+    rec["paired_change"] = {k: first.get(k) or second.get(k) for k in PAIRED_COMPONENTS
+                            if first.get(k) or second.get(k)}
     rec.update(ok=True, subtractions=subtractions, resolution=resolution, intensity_match=lcfg.intensity_match,
-               intensity_mapping=matched_rec, subtraction_sd=sd_rec, candidates=cands, dropped=dropped, grid=grid,
+               intensity_mapping=matched_rec, subtraction_sd=sd_rec, coverage_percent=coverage_rec,
+               candidates=cands, dropped=dropped, grid=grid,
                full_grid=full_grid, crop=crop)
     return rec
 
@@ -643,6 +778,7 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
                              "resolution": rec.get("resolution", {}),
                              "intensity_mapping": rec.get("intensity_mapping", {}),
                              "subtraction_sd": rec.get("subtraction_sd", {}),
+                             "coverage_percent": rec.get("coverage_percent", {}),
                              "candidates_dropped": rec.get("dropped", {})}
         lesions = None
         if rec.get("ok"):
@@ -664,6 +800,7 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
             # the most recent prior is measured on the registered pair (see paired_change);
             # a nadir or baseline further back still compares two segmentations
             out["change"]["vs_prior_paired"] = paired
+            out["change"]["paired_methods"] = rec.get("paired_methods")
             assessed = {**out["change"], "vs_prior": paired}
             if len(usable) == 1:
                 baseline_change = paired
@@ -697,7 +834,8 @@ def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict],
             note = f"lesion location unknown: {_words(exc)}"
     out = []
     for i, (c, p, loc) in enumerate(zip(cands, points, locs), start=1):
-        out.append({"id": i, "kind": c.kind, "volume_mm3": c.volume_mm3, "prior_volume_mm3": c.prior_volume_mm3,
+        out.append({"id": i, "kind": c.kind, "volume_mm3": c.volume_mm3, "volume_integrated_mm3": c.integrated_mm3,
+                    "prior_volume_mm3": c.prior_volume_mm3,
                     "growth_mm3": round(c.volume_mm3 - c.prior_volume_mm3, 1),
                     "centroid_lps_mm": [round(float(v), 1) for v in p], "hemisphere": loc["hemisphere"],
                     "lobe": loc["lobe"], "confidence": c.confidence, "sequence": c.sequence,

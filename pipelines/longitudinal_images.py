@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 __all__ = ["robust_z", "match_intensity", "differential_bias", "voxel_extent_mm", "resolution_sigmas",
-           "smooth_mm", "Candidate", "find_lesions", "STRUCTURE_26"]
+           "smooth_mm", "native_coverage", "Candidate", "find_lesions", "STRUCTURE_26"]
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -143,6 +143,26 @@ def smooth_mm(image: sitk.Image, sigma_mm: np.ndarray) -> sitk.Image:
     return sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigma)
 
 
+def native_coverage(native: sitk.Image, grid: sitk.Image, transform: sitk.Transform,
+                    margin_voxels: int = 1) -> np.ndarray:
+    """Where the voxel centres of ``grid`` lie inside the field of view that the
+    voxels of ``native`` actually cover (an acquisition's own grid, e.g. a
+    prior's 5 mm axial FLAIR), less ``margin_voxels`` native voxels at each end
+    of every native axis: one slice thickness along the slice axis, where the
+    edge slice is partial volume with what was never imaged. ``transform`` maps
+    ``grid`` physical points (LPS mm) to ``native`` physical points (the ITK
+    fixed -> moving convention). Returns a (z, y, x) bool array on ``grid``."""
+    size = list(native.GetSize())
+    ones = np.zeros(size[::-1], np.uint8)
+    m = int(max(0, margin_voxels))
+    inner = tuple(slice(m, n - m) if n > 2 * m else slice(0, 0) for n in size[::-1])
+    ones[inner] = 1
+    img = sitk.GetImageFromArray(ones)
+    img.CopyInformation(native)
+    out = sitk.Resample(img, grid, transform, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out) > 0
+
+
 # ---------------------------------------------------------------------------
 @dataclass
 class Candidate:
@@ -156,6 +176,7 @@ class Candidate:
     sequence: str
     centroid_index: tuple[float, float, float]   # (x, y, z) continuous index
     confidence: float
+    integrated_mm3: float | None = None   # new lesions: partial-volume integral of the subtraction (see find_lesions)
 
 
 def _confidence(peak_z: float, volume_mm3: float, cfg) -> float:
@@ -166,8 +187,8 @@ def _confidence(peak_z: float, volume_mm3: float, cfg) -> float:
 
 def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], current_z: dict[str, np.ndarray],
                  brain: np.ndarray, current_lesion: np.ndarray, prior_lesion: np.ndarray, voxel_mm3: float,
-                 cfg, segmentation_extent: bool = True, detect: np.ndarray | None = None
-                 ) -> tuple[list[Candidate], dict]:
+                 cfg, segmentation_extent: bool = True, detect: np.ndarray | None = None,
+                 spacing_zyx: tuple[float, float, float] | None = None) -> tuple[list[Candidate], dict]:
     """New and growing lesions.
 
     z_maps: robust z of each subtraction (role -> (z, y, x) array);
@@ -200,8 +221,17 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
     half-maximum subtraction region and a growing lesion's growth is the new
     subtraction voxels only (v = p + new voxels), as the bright masks of two
     differently blurred timepoints are not comparable voxel for voxel.
+    A new lesion also gets ``integrated_mm3``: its volume as the integral of
+    the subtraction over its extent dilated by ``new_volume_dilate_mm``,
+    each voxel counting min(z / z_ref, 1) with z_ref the
+    ``new_volume_reference_percentile`` of z inside the extent (the lesion's
+    plateau contrast): partial-volume voxels count in part, noise cancels
+    (no clipping at 0). spacing_zyx: voxel size in mm (default: isotropic
+    from voxel_mm3).
     Returns (candidates, counts of what was dropped and why).
     """
+    if spacing_zyx is None:
+        spacing_zyx = (voxel_mm3 ** (1.0 / 3.0),) * 3
     roles = list(z_maps)
     zmax = np.max(np.stack([z_maps[r] for r in roles]), axis=0) if roles else np.zeros(brain.shape, np.float32)
     zarg = np.argmax(np.stack([z_maps[r] for r in roles]), axis=0) if roles else np.zeros(brain.shape, int)
@@ -247,7 +277,10 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
                 dropped["below_min_volume"] += 1
                 continue
             vol = float(region.sum() * voxel_mm3)
-            out.append(_candidate("new", region, sl, lab.shape, vol, 0.0, peak_z, role, vol, cfg))
+            cand = _candidate("new", region, sl, lab.shape, vol, 0.0, peak_z, role, vol, cfg)
+            cand.integrated_mm3 = _integrated_volume(z_maps[role][sl], region, brain[sl], voxel_mm3, spacing_zyx,
+                                                     cfg)
+            out.append(cand)
             continue
         grown = support & ~p_vox
         if grown.any():
@@ -265,6 +298,22 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
         role = roles[int(zarg[sl][pk])]
         out.append(_candidate("growing", region, sl, lab.shape, v, p, float(zc[pk]), role, v - p, cfg))
     return out, dropped
+
+
+def _integrated_volume(z: np.ndarray, region: np.ndarray, brain: np.ndarray, voxel_mm3: float, spacing_zyx,
+                       cfg) -> float | None:
+    """Partial-volume volume (mm^3) of a new lesion from its subtraction z (see find_lesions)."""
+    if not region.any():
+        return None
+    ref = float(np.percentile(z[region], cfg.new_volume_reference_percentile))
+    if ref <= 0:
+        return None
+    r = [max(0, int(round(cfg.new_volume_dilate_mm / s))) for s in spacing_zyx]
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    ball = ((zz * spacing_zyx[0]) ** 2 + (yy * spacing_zyx[1]) ** 2 + (xx * spacing_zyx[2]) ** 2
+            <= cfg.new_volume_dilate_mm ** 2 + 1e-6)
+    around = ndimage.binary_dilation(region, structure=ball) & brain
+    return round(float(np.minimum(z[around] / ref, 1.0).sum()) * voxel_mm3, 1)
 
 
 def _largest_touching(region: np.ndarray, peak: tuple) -> np.ndarray:

@@ -3,10 +3,12 @@
 and conversion as in the service (:mod:`.inputs`), then the image pipeline
 steps, the longitudinal comparison with the prior studies given (folders of
 DICOM files of earlier studies of the same patient; :mod:`.longitudinal`) and
-the DICOM results. No network, no database."""
+the DICOM results: every stage of the stage table (pipelines/stage_table.py)
+in order. No network, no database."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,22 +16,11 @@ from typing import Callable, Sequence
 
 import pydicom
 
-from .image_pipeline import STEPS, PipelineConfig
-from .inputs import convert_inputs, select_inputs, selected_files
-from .longitudinal import step_longitudinal
-from .results import build_results
+from .image_pipeline import PipelineConfig
+from .records import Summary
+from .stage_table import INPUT_STAGES, stages
 
 log = logging.getLogger("brainline.process")
-
-
-def select_and_convert(input_dir: Path, out: Path, rules_path: Path | None = None,
-                       cfg: PipelineConfig | None = None) -> dict:
-    """Pick the series of each role in ``input_dir`` (the roles the configured
-    model needs, plus the reference) and convert them to ``out/nifti``.
-    Raises MissingSeriesError (its message names the missing role, why it is
-    needed and the series considered) or ConversionError (names the series)."""
-    selection = select_inputs(input_dir, out, cfg or PipelineConfig(), rules_path)
-    return {"selection": selection, "conversion": convert_inputs(out)}
 
 
 class PriorError(ValueError):
@@ -99,28 +90,34 @@ def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
     of the same patient (PriorError when one cannot be used); the follow-up
     comparison goes to ``longitudinal.json`` and its DICOM objects to
     ``out/dicom``."""
-    cfg = cfg or PipelineConfig()
+    cfg = dataclasses.replace(cfg or PipelineConfig(), dicom_dir=str(input_dir),
+                              series_rules=str(rules_path) if rules_path else None,
+                              uid_root=uid_root, results_dir="dicom")
     out.mkdir(parents=True, exist_ok=True)
     if priors:
         write_offline_priors(input_dir, priors, out)
-    select_and_convert(input_dir, out, rules_path, cfg)
-    if on_step:
-        on_step("select_and_convert")
-    result: dict = {}
-    for name, step in STEPS:
-        result = step(out, cfg)
-        if on_step:
-            on_step(name)
-    longitudinal = step_longitudinal(out, cfg)
-    if on_step:
-        on_step("longitudinal")
-    record = build_results(out, selected_files(out, cfg.reference), uid_root=uid_root, subdir="dicom")
-    if on_step:
-        on_step("dicom_results")
-    note = (result.get("inputs") or {}).get("note")
-    if note:
-        log.warning("%s", note)  # output failures were logged when they happened
-    return {**result, "outputs": record, "longitudinal": longitudinal}
+    results: dict[str, dict] = {}
+    for stage in stages():
+        if stage.zone != "compute":
+            continue
+        results[stage.name] = stage.function()(out, cfg)
+        if on_step and stage.name != INPUT_STAGES[0]:
+            on_step(_OFFLINE_NAMES.get(stage.name, stage.name))
+    result = results["summarize"]
+    inputs = Summary.from_json(result).inputs
+    if inputs and inputs.note:
+        log.warning("%s", inputs.note)  # output failures were logged when they happened
+    return {**result, "outputs": results["build_outputs"], "longitudinal": results["longitudinal"]}
 
 
-STEP_NAMES = ["select_and_convert"] + [name for name, _ in STEPS] + ["longitudinal", "dicom_results"]
+#: Progress names of ``brainline process`` that differ from the stage names:
+#: selection and conversion report once, the DICOM results as "dicom_results".
+_OFFLINE_NAMES = {INPUT_STAGES[-1]: "select_and_convert", "build_outputs": "dicom_results"}
+
+
+def __getattr__(name: str):
+    """``STEP_NAMES``: the names ``on_step`` reports, in order (from the stage table)."""
+    if name == "STEP_NAMES":
+        return [_OFFLINE_NAMES.get(s.name, s.name) for s in stages()
+                if s.zone == "compute" and s.name != INPUT_STAGES[0]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,8 +64,8 @@ named ``model`` is the delivered one. Candidate sources
   lesion/surroundings split moved to its tried neighbours (parameter
   perturbation);
 * ``flip``: the delivered model run again on left-right flipped inputs,
-  flipped back (test-time flip; a second inference: about 200 s on 2 CPU
-  cores for the trained model, so not in "auto" on the CPU).
+  flipped back (test-time flip; a second inference: about 100 CPU-seconds on
+  1 core for the trained model, so not in "auto" on the CPU).
 
 "auto": ``exposed``; with the baseline delivered ``baseline_t1c_flair`` (when
 it used more than T1c and FLAIR), ``baseline_split_0.3``,
@@ -105,8 +105,9 @@ import SimpleITK as sitk
 
 from .image_qc import METRICS, TISSUE_METRICS, ImageQCConfig, head_mask_from_image, image_quality
 from .nifti_io import write_nifti
-from .segmentation_qc import (SegmentationQCConfig, discord_from_dice, fusion_dice, lr_array_axis,
-                              segmentation_qc)
+from .records import SELECTION_FILE, ImageQCSection, SegmentationQCSection, SeriesSelection, read_record
+from .roles import ROLE_LABELS
+from .segmentation_qc import SegmentationQCConfig, discord_from_dice, fusion_dice, lr_array_axis, segmentation_qc
 
 __all__ = [
     "QCConfig", "DISCORD_SOURCES", "IMAGE_QC_FILE", "IMAGE_QC_HISTORY_FILE", "SEGMENTATION_QC_FILE",
@@ -123,7 +124,8 @@ SEGMENTATION_QC_HISTORY_FILE = "segmentation_qc_history.json"
 CANDIDATES_DIR = "candidates"
 #: Candidate name of the delivered segmentation.
 MODEL_CANDIDATE = "model"
-ROLE_WORDS = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
+#: Role spellings (the one table, :data:`.roles.ROLE_LABELS`; this name is kept for importers).
+ROLE_WORDS = ROLE_LABELS
 _ROLES = ("t1", "t1c", "t2", "flair")
 
 #: Candidate sources of the discord alarms (see the module doc).
@@ -218,7 +220,7 @@ def series_header(work: Path, role: str) -> dict:
     Empty strings when the selection or the file is missing."""
     out = {"manufacturer": "", "model": "", "scanner": "", "protocol": "", "series_description": "",
            "field_strength_t": None}
-    files = (_json(work / "selection.json").get("files") or {}).get(role) or []
+    files = read_record(SeriesSelection, work / SELECTION_FILE).files.get(role) or []
     if not files:
         return out
     try:
@@ -580,7 +582,7 @@ def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1] if words else ""
 
 
-def image_qc_section(work: Path) -> dict | None:
+def image_qc_section(work: Path) -> ImageQCSection | None:
     """``summary.json["image_qc"]``: per series the scanner, protocol,
     metrics and notes; ``history`` (compared with the site's earlier studies,
     or why not), ``outliers`` (words) and ``flags`` ("iqm_outlier: ...").
@@ -599,11 +601,11 @@ def image_qc_section(work: Path) -> dict | None:
                         "z": h.get("z"), "n_history": h.get("n_history"), "outliers": h.get("outliers", [])}
     history = hist.get("history") if hist else base.get("history")
     flags = list(hist.get("flags", [])) if hist else []
-    return {"series": series, "history": history or {"compared": False}, "flags": flags,
-            "outliers": [w for s in series.values() for w in s["outliers"]]}
+    return ImageQCSection.from_json({"series": series, "history": history or {"compared": False}, "flags": flags,
+                                     "outliers": [w for s in series.values() for w in s["outliers"]]})
 
 
-def segmentation_qc_section(work: Path) -> dict | None:
+def segmentation_qc_section(work: Path) -> SegmentationQCSection | None:
     """``summary.json["segmentation_qc"]``: components (volumes, centroids,
     hemispheres, in words too), plausibility flags, candidates, discord (with
     the history when the service compared it) and the risk score. None when
@@ -614,25 +616,30 @@ def segmentation_qc_section(work: Path) -> dict | None:
     hist = _json(work / SEGMENTATION_QC_HISTORY_FILE)
     discord = hist.get("discord") if hist else base.get("discord")
     plausibility = [f for f in base.get("flags", []) if not f.startswith(("discord_alarm", "discord_no_history"))]
-    return {"components": base.get("components", []), "component_words": base.get("component_words", []),
-            "volumes_ml": base.get("volumes_ml"), "flags": plausibility, "model": base.get("model"),
-            "regions": base.get("regions"), "candidates": base.get("candidates"),
-            "dice_to_fusion": base.get("dice_to_fusion"), "discord": discord,
-            "risk_score": None if discord is None else discord.get("risk_score"),
-            "history": (hist.get("history") if hist else base.get("history")) or {"compared": False}}
+    return SegmentationQCSection.from_json({
+        "components": base.get("components", []), "component_words": base.get("component_words", []),
+        "volumes_ml": base.get("volumes_ml"), "flags": plausibility, "model": base.get("model"),
+        "regions": base.get("regions"), "candidates": base.get("candidates"),
+        "dice_to_fusion": base.get("dice_to_fusion"), "discord": discord,
+        "risk_score": None if discord is None else discord.get("risk_score"),
+        "history": (hist.get("history") if hist else base.get("history")) or {"compared": False}})
 
 
-def image_quality_finding(section: dict) -> tuple[str, str]:
+def image_quality_finding(section: ImageQCSection | dict) -> tuple[str, str]:
     """(status, detail) of the "image quality" QC finding: flagged with the
-    outliers in words; acceptable when every series was compared with its
+    outliers in words (and any flag of the section not worded by an
+    outlier); acceptable when every series was compared with its
     history without one; not_assessed when some series had no history to
     compare with (the detail says why: too few earlier studies of the site
     and scanner, or no history at all offline)."""
-    series = section.get("series") or {}
-    history = section.get("history") or {}
-    label = {r: s.get("label") or r for r, s in series.items()}
-    outliers = list(section.get("outliers") or [])
-    compared = [r for r, s in series.items() if s.get("z")]
+    section = ImageQCSection.from_json(section)
+    series = section.series
+    history = section.history or {}
+    label = {r: s.label or r for r, s in series.items()}
+    # the outliers in words, and any flag whose words are not among them (every flag is reported)
+    outliers = list(section.outliers)
+    outliers += [f for f in section.flags if f.split(": ", 1)[-1] not in outliers]
+    compared = [r for r, s in series.items() if s.z]
     waiting = [r for r in series if r not in compared]
     parts = list(outliers)
     if outliers:
@@ -644,28 +651,29 @@ def image_quality_finding(section: dict) -> tuple[str, str]:
     else:
         status = "not_assessed"
     if waiting:
-        counted = [r for r in waiting if series[r].get("n_history") is not None]
+        counted = [r for r in waiting if series[r].n_history is not None]
         if counted:
             need = history.get("min_history", 20)
             parts.append("not compared: " + "; ".join(
-                f"{label[r]}: {series[r]['n_history']} earlier stud{'y' if series[r]['n_history'] == 1 else 'ies'} "
+                f"{label[r]}: {series[r].n_history} earlier stud{'y' if series[r].n_history == 1 else 'ies'} "
                 f"of this site and scanner, {need} needed" for r in counted))
         if len(counted) < len(waiting):
             parts.append(f"MRQy metrics of {_join([label[r] for r in waiting if r not in counted])} recorded, "
                          + (history.get("note") or "not compared with a history"))
-    parts += [f"{label[r]}: metrics not computed ({s['error']})" for r, s in series.items() if s.get("error")]
-    zero = [label[r] for r, s in series.items() if s.get("zero_background")]
+    parts += [f"{label[r]}: metrics not computed ({s.error})" for r, s in series.items() if s.error]
+    zero = [label[r] for r, s in series.items() if s.zero_background]
     if zero:
         parts.append(f"{_join(zero)}: noise metrics undefined (zero-filled background: skull-stripped or "
                      "masked series)")
     return status, "; ".join(parts)
 
 
-def segmentation_finding(section: dict) -> tuple[str, str]:
+def segmentation_finding(section: SegmentationQCSection | dict) -> tuple[str, str]:
     """(status, detail) of the "segmentation quality" QC finding: the
     plausibility flags (flagged) and the components in words."""
-    flags = section.get("flags") or []
-    comps = section.get("component_words") or []
+    section = SegmentationQCSection.from_json(section)
+    flags = section.flags
+    comps = section.component_words
     parts = list(flags)
     if comps:
         shown = comps[:5] + ([f"{len(comps) - 5} more components"] if len(comps) > 5 else [])
@@ -675,7 +683,7 @@ def segmentation_finding(section: dict) -> tuple[str, str]:
     return ("flagged" if flags else "acceptable"), "; ".join(parts)
 
 
-def ensemble_finding(section: dict, flag_fraction: float = 0.5) -> tuple[str, str] | None:
+def ensemble_finding(section: SegmentationQCSection | dict, flag_fraction: float = 0.5) -> tuple[str, str] | None:
     """(status, detail) of the "ensemble agreement" QC finding (None without
     candidates): the risk score (number of discord alarms), the candidates'
     WT Dice to their majority vote and the alarms in words (how each
@@ -684,7 +692,8 @@ def ensemble_finding(section: dict, flag_fraction: float = 0.5) -> tuple[str, st
     about half alarm on an ordinary study: the score ranks studies for
     review), not_assessed when no alarm threshold exists yet and no Dice is
     undefined."""
-    discord = section.get("discord")
+    section = SegmentationQCSection.from_json(section)
+    discord = section.discord
     if not discord:
         return None
     rows = discord.get("rows") or []
@@ -706,7 +715,7 @@ def ensemble_finding(section: dict, flag_fraction: float = 0.5) -> tuple[str, st
     if alarms:
         parts.append("alarms: " + "; ".join(alarm_words(r) for r in alarms))
     no_threshold = all(r.get("threshold") is None for r in rows)
-    history = section.get("history") or {}
+    history = section.history or {}
     if any(r.get("threshold") is None and r.get("dice") is not None for r in rows):
         parts.append(history.get("note") or "no alarm thresholds yet (no Dice history)")
     if alarms and len(alarms) > flag_fraction * max(top, 1):

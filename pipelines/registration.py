@@ -68,6 +68,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .jsonable import jsonable
+
 __all__ = [
     "RegistrationConfig",
     "RegistrationError",
@@ -237,7 +239,7 @@ class RegistrationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (no images; the transform as parameters)."""
-        return _jsonable({
+        return jsonable({
             "moving_name": self.moving_name,
             "fixed_name": self.fixed_name,
             "transform_type": self.transform_type,
@@ -263,23 +265,6 @@ class RegistrationResult:
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
 
 
 def _check_image(image: sitk.Image, name: str, what: str) -> sitk.Image:
@@ -867,7 +852,7 @@ class _Stage:
             R.SetOptimizerScalesFromPhysicalShift()
             R.SetInitialTransform(tx, inPlace=True)
             count = [0]
-            R.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))
+            R.AddCommand(sitk.sitkIterationEvent, lambda count=count: count.__setitem__(0, count[0] + 1))
             R.Execute(fixed, moving)
             metric = float(R.GetMetricValue())
             stop = R.GetOptimizerStopConditionDescription()
@@ -982,7 +967,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig |
         start_tx = type(tx)(tx)  # the optimiser changes tx in place
         iterations_per_level: list[int] = []
         final_metric, stop, converged = float("nan"), "", False
-        for i, kind in enumerate(kinds):
+        for i, _kind in enumerate(kinds):
             if i > 0:  # affine stage from the rigid result, skip the coarsest level
                 tx = _affine_from(tx, ref_center)
                 lv = slice(1, None) if len(shrink) > 1 else slice(None)

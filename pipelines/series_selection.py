@@ -32,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from .roles import ROLE_LABELS
+
 __all__ = [
     "ROLE_LABELS",
     "MissingSeriesError",
@@ -51,8 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Conventional spelling of the standard roles in messages and reports.
-ROLE_LABELS: dict[str, str] = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
 
 #: Header attributes read from every file (pixel data is never read).
 _HEADER_TAGS: tuple[str, ...] = (

@@ -47,6 +47,8 @@ import SimpleITK as sitk
 
 from brainline.models.plugins import Registry
 
+from .jsonable import jsonable
+
 __all__ = [
     "DETECTOR_VERSION",
     "DeepBetBackend",
@@ -685,33 +687,20 @@ class SkullStripResult:
     flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary (no images)."""
+        """JSON-serialisable summary (no images; volume in mL, spacing in mm).
+        ``evidence`` goes through :func:`.jsonable.jsonable`: a ratio that is
+        infinite (no core voxels) is written ``null``."""
         return {
             "backend": self.backend,
             "backend_version": self.backend_version,
             "already_stripped": self.already_stripped,
             "brain_volume_ml": round(self.brain_volume_ml, 1),
             "elapsed_s": round(self.elapsed_s, 3),
-            "evidence": _jsonable(self.evidence),
+            "evidence": jsonable(self.evidence),
             "flags": list(self.flags),
             "mask_size": list(self.mask.GetSize()),
             "mask_spacing_mm": [round(s, 4) for s in self.mask.GetSpacing()],
         }
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if np.isfinite(f) else str(f)
-    return obj
 
 
 def skull_strip(image: sitk.Image, backend: SkullStripBackend | None = None, *,

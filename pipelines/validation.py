@@ -2,7 +2,7 @@
 comparison of a validation run with the last accepted one, and the HTML
 report. Pure processing on files and dicts: no network, no database; the
 command (``brainline validate``) that runs the pipeline on every case is in
-``brainline.service.validate``.
+``brainline.service.compute.validate``.
 
 Scoring
 -------

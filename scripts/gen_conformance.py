@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import re
 import sys
 from pathlib import Path
 
@@ -62,17 +61,17 @@ _STATUS_TEXT = {
 
 
 def _listener() -> dict:
-    from brainline.service import listener
+    from brainline.service.gateway import listener
     statuses = []
     for name, value in vars(listener).items():
         if name.startswith("STATUS_") and isinstance(value, int):
             if name not in _STATUS_TEXT:
-                raise SystemExit(f"service/listener.py defines {name} = 0x{value:04X}; describe it in "
+                raise SystemExit(f"service/gateway/listener.py defines {name} = 0x{value:04X}; describe it in "
                                  f"scripts/gen_conformance.py (_STATUS_TEXT)")
             statuses.append((value, name, *_STATUS_TEXT[name]))
     sop = getattr(listener, "BRAIN_MR_SOP_CLASSES", None)
     if sop is None:
-        raise SystemExit("service/listener.py has no BRAIN_MR_SOP_CLASSES; update scripts/gen_conformance.py")
+        raise SystemExit("service/gateway/listener.py has no BRAIN_MR_SOP_CLASSES; update scripts/gen_conformance.py")
     return {
         "sop_classes": sorted((str(uid), str(name)) for uid, name in dict(sop).items()),
         "transfer_syntaxes": [str(ts) for ts in listener.ALL_TRANSFER_SYNTAXES],
@@ -86,19 +85,25 @@ def _settings() -> dict:
 
 
 def _scu() -> dict:
-    from brainline.service import destinations
+    from brainline.service.gateway import destinations
     source = inspect.getsource(destinations)
     proposed = "[ExplicitVRLittleEndian, ImplicitVRLittleEndian]"
     if f"add_requested_context(sop_class, {proposed})" not in source:
-        raise SystemExit("service/destinations.py no longer proposes Explicit + Implicit VR Little Endian; "
+        raise SystemExit("service/gateway/destinations.py no longer proposes Explicit + Implicit VR Little Endian; "
                          "update scripts/gen_conformance.py")
     return {"transfer_syntaxes": ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
             "stored": sorted(destinations.STORED_STATUSES)}
 
 
 def _priors() -> dict:
-    from brainline.service import priors
-    return {"find": priors.STUDY_ROOT_FIND, "get": priors.STUDY_ROOT_GET, "stored": list(priors.MR_STORAGE)}
+    from brainline.service.gateway import prior_move, priors
+    from brainline.service.gateway.pseudonymize import ENCAPSULATED_SYNTAXES, NATIVE_SYNTAXES
+    from brainline.service.settings import BY_NAME
+
+    return {"find": priors.STUDY_ROOT_FIND, "get": priors.STUDY_ROOT_GET, "move": prior_move.STUDY_ROOT_MOVE,
+            "stored": list(priors.MR_STORAGE), "not_wanted": prior_move.STATUS_NOT_WANTED,
+            "move_ae": BY_NAME["prior_move_ae"].default, "move_port": BY_NAME["prior_move_port"].default,
+            "syntaxes": sorted(NATIVE_SYNTAXES) + sorted(ENCAPSULATED_SYNTAXES)}
 
 
 def _default(func, name: str):
@@ -109,7 +114,16 @@ def _objects() -> list[dict]:
     import highdicom as hd
     from pydicom.uid import EncapsulatedPDFStorage, MRImageStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
-    from brainline.pipelines.dicom_outputs import kos, lesion_seg, longitudinal_sr, overlay, pdf_report, seg, sr, subtraction
+    from brainline.pipelines.dicom_outputs import (
+        kos,
+        lesion_seg,
+        longitudinal_sr,
+        overlay,
+        pdf_report,
+        seg,
+        sr,
+        subtraction,
+    )
     sr_classes = {key: cls for key, cls in sr.SR_CLASSES.items()}
     default_sr = _default(sr.build_sr, "sr_class")
 
@@ -178,7 +192,7 @@ def _objects() -> list[dict]:
 def _deid() -> dict:
     import yaml
 
-    from brainline.service import deid
+    from brainline.service.gateway import deid
     profile = deid.DeidProfile.load()
     data = yaml.safe_load((ROOT / "config" / "deid_profile.yaml").read_text())
     return {
@@ -242,6 +256,10 @@ def render() -> str:
       "section 1.4) |")
     w(f"| Study Root Query/Retrieve Information Model - GET | {priors['get']} | SCU, with the storage SCP role "
       "for " + ", ".join(_uid_name(u) for u in priors["stored"]) + " (prior studies, section 1.4) |")
+    w(f"| Study Root Query/Retrieve Information Model - MOVE | {priors['move']} | SCU (prior studies with "
+      "BRAINLINE_PRIOR_RETRIEVE=move, section 1.4) |")
+    w("| " + ", ".join(_uid_name(u) for u in priors["stored"]) + " | | SCP (C-STORE) of the C-MOVE destination, "
+      "open only while a prior is retrieved (section 1.4) |")
     w("")
     w("### 1.1 Association acceptance (Storage SCP)")
     w("")
@@ -256,7 +274,7 @@ def render() -> str:
     w("* Presentation contexts are accepted only for the storage SOP classes above (or the set configured in "
       "BRAINLINE_ACCEPTED_SOP_CLASSES) and Verification; all others are rejected at negotiation.")
     w("* Limits on associations per peer and in total, and ACSE / network / DIMSE timeouts, apply "
-      "(documented in service/listener.py).")
+      "(documented in service/gateway/listener.py).")
     w("")
     w("Transfer syntaxes accepted for every storage SOP class (instances are stored as received; a deflated "
       "data set is inflated, within the size limit, and filed as Explicit VR Little Endian):")
@@ -270,7 +288,7 @@ def render() -> str:
     w("")
     w("| Status | Meaning | When |")
     w("|---|---|---|")
-    for value, name, meaning, when in lst["statuses"]:
+    for value, _name, meaning, when in lst["statuses"]:
         w(f"| 0x{value:04X} | {meaning} | {when} |")
     w("")
     w("C-ECHO is always answered with 0x0000 on an accepted association.")
@@ -287,14 +305,23 @@ def render() -> str:
       + ". Any other status is a permanent refusal of that object (recorded in words); an unreachable "
         "destination, a rejected association or a timeout is retried later.")
     w("")
-    w("### 1.4 Prior studies (C-FIND / C-GET SCU, QIDO-RS / WADO-RS)")
+    w("### 1.4 Prior studies (C-FIND / C-GET / C-MOVE SCU, QIDO-RS / WADO-RS)")
     w("")
     w("For the longitudinal comparison the gateway looks for earlier MR studies of the patient at "
       "BRAINLINE_PRIOR_PACS_DICOMWEB (QIDO-RS with PatientID and ModalitiesInStudy=MR, then WADO-RS of the MR "
       "series) or BRAINLINE_PRIOR_PACS_DICOM (AET@host:port: a Study Root C-FIND at STUDY level keyed on "
       "PatientID, then a C-GET per study, BrainLine taking the SCP role of the storage classes listed in "
       "section 1 on the same association). Only MR series are retrieved; the instances are pseudonymised "
-      "like a received study. C-MOVE is not used.")
+      "like a received study.")
+    w("")
+    w("With BRAINLINE_PRIOR_RETRIEVE=move the gateway sends a Study Root C-MOVE per MR series instead, naming "
+      f"as destination its own storage SCP (AE title BRAINLINE_PRIOR_MOVE_AE, default {priors['move_ae']}, on "
+      f"BRAINLINE_PRIOR_MOVE_PORT, default {priors['move_port']}), which the PACS must have configured. That SCP "
+      "is opened only while a prior is retrieved, accepts the storage classes above in the transfer syntaxes "
+      f"{', '.join(priors['syntaxes'])}, requires its called AE title, refuses associations from other hosts "
+      "than the PACS, "
+      f"and answers 0x{priors['not_wanted']:04X} to an instance that is not MR of the requested study (not "
+      "kept). One C-MOVE retrieval runs at a time.")
     w("")
     w("## 2. De-identification before processing")
     w("")

@@ -75,7 +75,7 @@ def secure_home(settings) -> None:
 def _check_vault_key(ctx) -> None:
     """Refuse a BRAINLINE_VAULT_KEY other than the one the database was set
     up with (raises VaultKeyMismatch, answered in words by main)."""
-    from .vault import VaultKeyMismatch
+    from .gateway.vault import VaultKeyMismatch
 
     try:
         ctx.vault.verify_key()
@@ -112,7 +112,7 @@ def cmd_serve(args, settings) -> int:
 
     import uvicorn
 
-    from .api import create_app
+    from .api.app import create_app
     from .context import ServiceContext
     from .logs import configure_logging
 
@@ -144,8 +144,8 @@ def cmd_serve(args, settings) -> int:
 
 
 def cmd_worker(args, settings) -> int:
+    from .compute.worker import Worker, WorkerError, worker_queues
     from .logs import configure_logging
-    from .worker import Worker, WorkerError, worker_queues
 
     configure_logging(settings.log_level, settings.log_dir / "worker.log")
     try:
@@ -160,7 +160,7 @@ def cmd_pull(args, settings) -> int:
     from tqdm import tqdm
 
     from .context import ServiceContext
-    from .dicomweb_pull import PullError, pull_study
+    from .gateway.dicomweb_pull import PullError, pull_study
     from .logs import configure_logging
 
     configure_logging("WARNING")
@@ -206,7 +206,7 @@ def _client_tls(settings, url: str, default: bool):
             context.load_verify_locations(cafile=settings.tls_cert)
         except (OSError, ssl.SSLError) as exc:
             raise SystemExit(_fail(f"BRAINLINE_TLS_CERT={settings.tls_cert} cannot be loaded: "
-                                   f"{getattr(exc, 'strerror', None) or exc}"))
+                                   f"{getattr(exc, 'strerror', None) or exc}")) from None
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
@@ -221,7 +221,7 @@ def _api(settings, args, method: str, path: str):
                              verify=_client_tls(settings, url, default))
     except httpx.HTTPError as exc:
         raise SystemExit(_fail(f"the service at {url} cannot be reached ({type(exc).__name__}); "
-                               "is `brainline serve` running?", 1))
+                               "is `brainline serve` running?", 1)) from None
     if resp.status_code >= 400:
         try:
             detail = resp.json().get("detail", resp.text)
@@ -259,7 +259,8 @@ def cmd_process(args, settings) -> int:
 
     from brainline.pipelines.process import STEP_NAMES, PriorError, process_study
 
-    from .stages import PIPELINE_ERRORS, pipeline_config
+    from .compute.stages import pipeline_config
+    from .jobs.errors import pipeline_errors
 
     overrides = {k: v for k, v in (("reference_role", args.reference), ("model", args.model),
                                    ("device", args.device)) if v}
@@ -273,11 +274,12 @@ def cmd_process(args, settings) -> int:
         bar.set_postfix_str(name)
         bar.update(1)
 
+    caught: tuple[type[BaseException], ...] = (*pipeline_errors(), PriorError)
     try:
         summary = process_study(source, out, cfg, rules_path=_opt_path(settings.series_rules),
                                 uid_root=settings.uid_root or None, on_step=on_step,
                                 priors=[Path(p) for p in args.prior or ()])
-    except (*PIPELINE_ERRORS, PriorError) as exc:
+    except caught as exc:
         bar.close()
         return _fail(str(exc), 1)
     bar.close()
@@ -313,7 +315,7 @@ def _print_followup(record: dict) -> None:
 
 
 def cmd_purge(args, settings) -> int:
-    from .retention import run_purge_cli
+    from .gateway.retention import run_purge_cli
 
     return run_purge_cli(settings, dry_run=args.dry_run, days=args.days, vault_days=args.vault_days,
                          as_json=args.json)
@@ -324,8 +326,8 @@ def cmd_validate(args, settings) -> int:
 
     from brainline.pipelines.validation import Thresholds
 
-    from .stages import pipeline_config
-    from .validate import ACCEPTED_NAME, ValidationUsageError, default_out, validate
+    from .compute.stages import pipeline_config
+    from .compute.validate import ACCEPTED_NAME, ValidationUsageError, default_out, validate
 
     overrides = {k: v for k, v in (("reference_role", args.reference), ("model", args.model),
                                    ("device", args.device)) if v}
@@ -424,7 +426,7 @@ def _read_old_key(args) -> str:
         try:
             text = sys.stdin.read() if args.old_key_file == "-" else Path(args.old_key_file).expanduser().read_text()
         except OSError as exc:
-            raise SystemExit(_fail(f"--old-key-file {args.old_key_file}: {exc.strerror}"))
+            raise SystemExit(_fail(f"--old-key-file {args.old_key_file}: {exc.strerror}")) from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise SystemExit(_fail(f"--old-key-file {args.old_key_file} is empty"))
@@ -461,7 +463,7 @@ def _service_answers(settings) -> bool:
 
 def cmd_vault(args, settings) -> int:
     from .db import make_engine, make_sessionmaker, migrate
-    from .vault import VaultError, resolve_vault_key, rotate_key, Vault
+    from .gateway.vault import Vault, VaultError, resolve_vault_key, rotate_key
 
     settings.home.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
@@ -511,7 +513,7 @@ def _read_new_password(args) -> str:
 def cmd_user(args, settings) -> int:
     import getpass
 
-    from . import auth
+    from .api import auth
     from .db import make_engine, make_sessionmaker, migrate
 
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -610,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("input", help="folder with the DICOM files of one study")
     proc.add_argument("--out", required=True, help="output folder")
     proc.add_argument("--reference", help="reference sequence: t1c (default), t1, t2 or flair")
-    proc.add_argument("--model", help="auto (default: BRAINLINE_MODEL, else the trained model with all four sequences, the baseline otherwise), baseline, brats17-wang, or a MONAI bundle / ONNX folder")
+    proc.add_argument("--model", help="auto (default: BRAINLINE_MODEL, else the trained model with all four "
+                                      "sequences, the baseline otherwise), baseline, brats17-wang, or a MONAI "
+                                      "bundle / ONNX folder")
     proc.add_argument("--device", choices=["cpu", "cuda"])
     proc.add_argument("--prior", action="append", metavar="PRIOR",
                       help="folder with the DICOM files of an earlier study of the same patient "
@@ -717,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, settings)
     except Exception as exc:
-        from .vault import VaultError
+        from .gateway.vault import VaultError
 
         if isinstance(exc, VaultError):
             return _fail(str(exc))

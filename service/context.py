@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .completion import CompletionMonitor
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+
 from .db import make_engine, make_sessionmaker, migrate
-from .executor import Executor, LocalExecutor
-from .jobs import JobRunner, JobStore
-from .listener import DicomListener
-from .destinations import parse_destinations
+from .gateway.completion import CompletionMonitor
+from .gateway.destinations import parse_destinations
+from .gateway.listener import DicomListener
+from .gateway.outbox import Outbox
+from .gateway.spool import Spool
+from .gateway.vault import Vault, resolve_vault_key
+from .jobs.executor import Executor, LocalExecutor
+from .jobs.runner import JobRunner
+from .jobs.store import JobStore
 from .metrics import Metrics
-from .outbox import Outbox
 from .settings import Settings
-from .spool import Spool
-from .vault import Vault, resolve_vault_key
+
+if TYPE_CHECKING:
+    from .gateway.retention import RetentionScheduler
 
 log = logging.getLogger("brainline.service")
 
@@ -24,8 +32,8 @@ log = logging.getLogger("brainline.service")
 @dataclass
 class ServiceContext:
     settings: Settings
-    engine: object
-    sessions: object
+    engine: Engine
+    sessions: sessionmaker
     vault: Vault
     spool: Spool
     metrics: Metrics
@@ -37,7 +45,7 @@ class ServiceContext:
     monitor: CompletionMonitor | None = None
     dev_key: bool = False
     started: bool = field(default=False)
-    retention: object | None = None  # retention.RetentionScheduler: daily purge, bytes-held gauges
+    retention: RetentionScheduler | None = None  # daily purge, bytes-held gauges
 
     @classmethod
     def build(cls, settings: Settings) -> "ServiceContext":
@@ -56,17 +64,19 @@ class ServiceContext:
         metrics.add_jobs_by_state(store.counts_by_state)
         outbox = Outbox(sessions, parse_destinations(settings), settings, metrics)
         runner = JobRunner(store, spool, vault, settings, metrics, outbox)
+        executor: Executor
+        queue_depths = None  # the Celery queues' lengths, for the gateway's gauges
         if settings.executor == "celery":
-            from .executor import CeleryExecutor
+            from .jobs.executor import CeleryExecutor
 
-            executor = CeleryExecutor(settings, store, runner)
+            celery = CeleryExecutor(settings, store, runner)
+            executor, queue_depths = celery, celery.queue_depths
         else:
             executor = LocalExecutor(runner.run, settings.workers)
         from .scaleout_metrics import add_gateway_metrics
 
-        add_gateway_metrics(metrics, spool, outbox,
-                            executor.queue_depths if settings.executor == "celery" else None)
-        from .retention import RetentionScheduler
+        add_gateway_metrics(metrics, spool, outbox, queue_depths)
+        from .gateway.retention import RetentionScheduler
 
         retention = RetentionScheduler(settings, sessions, metrics, vault)
         return cls(settings=settings, engine=engine, sessions=sessions, vault=vault, spool=spool,
@@ -94,7 +104,7 @@ class ServiceContext:
             self.executor.submit(job_id)
         self.listener = DicomListener(s, self.spool, self.vault.study_key, self.metrics)
         self.listener.start()
-        from .retention import purged_spool_jobs
+        from .gateway.retention import purged_spool_jobs
 
         self.monitor = CompletionMonitor(self.spool, self.store, self.executor.submit,
                                          s.stable_seconds, self.metrics,

@@ -39,7 +39,7 @@ class Metrics:
                                         ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.studies_pending = Gauge("brainline_studies_receiving",
                                      "Studies in the spool waiting for their quiet period", registry=r)
-        # Retention (service/retention.py); area: spool, conflicts, quarantine, priors,
+        # Retention (service/gateway/retention.py); area: spool, conflicts, quarantine, priors,
         # incoming, workspace, outbox, leftover, vault (rows for vault).
         self.retention_purged_files = Counter("brainline_retention_purged_files",
                                               "Files (vault: rows) deleted by the retention purge, by area",

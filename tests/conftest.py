@@ -10,6 +10,7 @@ import pytest
 
 from tests.dicom_factory import write_study
 from tests.peers import OrthancServer, ServiceProcess
+from tests.shared_data import BRATS, BRATS18, DATA, TCGA, require  # noqa: F401 - the one place for the data path
 
 # The suite pins the classical baseline (seconds per job) for every service
 # and `brainline process` run unless a test asks for a model itself: the
@@ -19,9 +20,17 @@ from tests.peers import OrthancServer, ServiceProcess
 os.environ.setdefault("BRAINLINE_MODEL", "baseline")
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data").resolve()
-TCGA = DATA / "tcga-du-7294"
-BRATS = DATA / "brats-gli-00001-000"
+
+
+def pytest_report_header(config) -> str:
+    state = "found" if TCGA.is_dir() else "MISSING: tests that read it are skipped"
+    return f"shared data: {DATA} ({state})"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder (tests/shared_data.py); skips the test when it is missing."""
+    return require(DATA)
 
 # Identity written into every test study: must never leave the gateway.
 PHI = {
@@ -38,14 +47,14 @@ PHI_STRINGS = ["DOE^JANE", "DOE", "JANE", "PID-4711-XYZ", "19640229", "ACC-98765
 def small_study(tmp_path_factory):
     """4-series study, every 5th slice (4 x 31 = 124 instances)."""
     out = tmp_path_factory.mktemp("small_study")
-    return write_study(out, TCGA, slice_step=5, **PHI)
+    return write_study(out, require(TCGA), slice_step=5, **PHI)
 
 
 @pytest.fixture(scope="session")
 def full_study(tmp_path_factory):
     """4-series 240x240x155 study (620 instances)."""
     out = tmp_path_factory.mktemp("full_study")
-    return write_study(out, TCGA, **PHI)
+    return write_study(out, require(TCGA), **PHI)
 
 
 @pytest.fixture

@@ -62,9 +62,10 @@ from tests.dicom_factory import (
     study_level_dataset,
     window_for,
 )
+from tests.shared_data import DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
+DEFAULT_DATA = DATA  # tests/shared_data.py
 CORPUS_VERSION = 1
 
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")

@@ -10,11 +10,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from brainline.models.base import SegmentationInput
+from tests.shared_data import BRATS, DATA, TCGA  # noqa: F401 - re-exported for the segmentation tests
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data").resolve()
-TCGA = DATA / "tcga-du-7294"
-BRATS = DATA / "brats-gli-00001-000"
 TCGA_FILES = {"t1": "t1", "t1c": "t1c", "t2": "t2", "flair": "flair"}
 BRATS_FILES = {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f"}
 REFERENCES = ("fusion_simple", "fusion_mav", "hnfnetv1-20", "isen-20", "sanet0-20",

@@ -89,7 +89,7 @@ from tests.corpus import (
     sample,
 )
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
 VARIANTS: tuple[str, ...] = ("nochange", "grown", "new", "thick")
 CASES: tuple[str, ...] = BRATS18_CASES
@@ -110,6 +110,7 @@ LESION_SPACING_MM = 10.0             # gap between two new lesions
 WT_GROWTH = (0.10, 0.30)             # fraction of the grown component's WT volume
 TC_GROWTH = (0.20, 0.50)             # fraction of its TC volume
 GROWTH_MAX_MM = 15.0                 # growth candidates this close to the region
+GROWTH_EDGE_MM = 0.7                 # Gaussian sigma of a grown region's soft edge
 THICK_MM = 5.0
 TEXTURE_SCALE = 0.6                  # painted texture SD = this x the label's robust CV (grown tumour)
 LESION_TEXTURE_SCALE = 0.3           # ... for new lesions (small lesions are fairly homogeneous)
@@ -316,12 +317,19 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
     changed = growth > 0
     if changed.any():
         box = _bbox(changed, int(math.ceil(4.0 / min(spacing))), labels.shape)
-        sigma = [0.7 / s for s in spacing]
+        sigma = [GROWTH_EDGE_MM / s for s in spacing]
         tex_sigma = [TEXTURE_MM / s for s in spacing]
-        for lab, region in ((ED, shell), (core_label, core)):
+        # soft edges: a = the old region's smoothed fraction, b = the grown one's (old | grown); the
+        # painted weight is the part of what was not yet tumour that now is, (b - a) / (1 - a). Inside
+        # a grown region it is ~1 (the voxel looks like the label it now has, however thin the shell),
+        # the 0.5 level of b is the new outer boundary, an old boundary that did not move gets 0, and
+        # the intensity change summed over the image is the grown voxel count x the contrast.
+        for lab, old, region in ((ED, comp, shell), (core_label, tc, core)):
             if region.any() and lab in stats:
-                w = ndimage.gaussian_filter(region[box].astype(np.float32), sigma)
-                _paint(arrays, w, box, stats[lab], rng, tex_sigma)
+                a = ndimage.gaussian_filter(old[box].astype(np.float32), sigma)
+                b = ndimage.gaussian_filter((old[box] | region[box]).astype(np.float32), sigma)
+                w = np.where(b - a > 1e-3, (b - a) / np.maximum(1.0 - a, 1e-3), 0.0)
+                _paint(arrays, np.clip(w, 0.0, 1.0).astype(np.float32), box, stats[lab], rng, tex_sigma)
     centroid = _physical(image, np.argwhere(comp).mean(axis=0, keepdims=True))[0]
     info = {
         "component_centroid_lps_mm": [round(float(c), 2) for c in centroid],
@@ -705,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = pair.truth
             extra = (f"growth WT {t['change_mm3']['whole_tumor']:.0f} mm3 TC {t['change_mm3']['tumor_core']:.0f} mm3"
                      if variant == "grown" else
-                     f"{len(t['new_lesions'])} new lesions " + ", ".join(f"{l['volume_mm3']:.0f}" for l in t["new_lesions"])
+                     f"{len(t['new_lesions'])} new lesions "
+                     + ", ".join(f"{l['volume_mm3']:.0f}" for l in t["new_lesions"])
                      + " mm3" if t["new_lesions"] else "")
             print(f"{pair.root}: motion {t['prior']['motion']['rotation_deg']:.1f} deg "
                   f"{t['prior']['motion']['translation_norm_mm']:.1f} mm; {extra} ({t['generation_s']:.1f} s)")

@@ -16,8 +16,8 @@ import time
 import httpx
 import pytest
 
-from brainline.service.api import in_words
-from brainline.service.spool import is_valid_uid
+from brainline.service.api.app import in_words
+from brainline.service.gateway.spool import is_valid_uid
 from tests.peers import free_port
 
 pytestmark = pytest.mark.integration

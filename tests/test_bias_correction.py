@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from brainline.pipelines.bias_correction import N4Config, N4Error, n4_correct
+from tests.shared_data import TCGA, needs_data
 
-_REPO = Path(__file__).resolve().parents[1]
-DATA = next((root / "shared" / "data" for root in (_REPO, _REPO.parent)
-             if (root / "shared" / "data" / "tcga-du-7294").is_dir()), _REPO.parent / "shared" / "data")
-TCGA = DATA / "tcga-du-7294"
-
-pytestmark = pytest.mark.skipif(not (TCGA / "flair.nii.gz").is_file(), reason="real MRI volumes not available")
+pytestmark = needs_data(TCGA / "flair.nii.gz")
 
 FAST = N4Config(iterations=(20, 20, 10))
 

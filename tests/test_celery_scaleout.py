@@ -216,7 +216,7 @@ def test_worker_refuses_the_vault_key_and_the_gateway_queue(tmp_path, redis_serv
 
 
 def test_segment_goes_to_gpu_only_when_a_gpu_worker_is_live(redis_server):
-    from brainline.service.celery_app import StageRuntime, WORKER_KEY
+    from brainline.service.jobs.celery_app import WORKER_KEY, StageRuntime
     from brainline.service.settings import load_settings
 
     settings = load_settings({"BRAINLINE_EXECUTOR": "celery", "BRAINLINE_BROKER_URL": redis_server.url})

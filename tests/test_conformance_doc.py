@@ -34,7 +34,7 @@ def test_statement_names_what_the_code_does():
     from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
     from brainline.pipelines.dicom_outputs.codes import BACKEND_FAMILIES
-    from brainline.service import listener
+    from brainline.service.gateway import listener
     text = DOC.read_text()
     for uid in listener.BRAIN_MR_SOP_CLASSES:
         assert f"| {uid} | SCP (C-STORE) |" in text

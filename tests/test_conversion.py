@@ -14,12 +14,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from brainline.pipelines import conversion
 from brainline.pipelines.conversion import ConversionError, convert_series
+from tests.shared_data import TCGA, require
 
-_REPO = Path(__file__).resolve().parents[1]
-DATA = next((root / "shared" / "data" / "tcga-du-7294" for root in (_REPO, _REPO.parent)
-             if (root / "shared" / "data" / "tcga-du-7294").is_dir()),
-            _REPO.parent / "shared" / "data" / "tcga-du-7294")
-FLAIR = DATA / "flair.nii.gz"
+FLAIR = TCGA / "flair.nii.gz"
 SLICE_STEP = 5
 
 # ----------------------------------------------------------------------------
@@ -94,9 +91,7 @@ def _slice_dataset(pixels: np.ndarray, study_uid: str, series_uid: str, frame_ui
 @pytest.fixture(scope="module")
 def flair_series(tmp_path_factory) -> list[Path]:
     """31 axial slices (every 5th) of the TCGA FLAIR as DICOM files."""
-    if not FLAIR.is_file():
-        pytest.skip(f"test data missing: {FLAIR}")
-    return write_dicom_series(FLAIR, tmp_path_factory.mktemp("dicom") / "flair", SLICE_STEP)
+    return write_dicom_series(require(FLAIR), tmp_path_factory.mktemp("dicom") / "flair", SLICE_STEP)
 
 
 # ----------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import yaml
 
 from brainline.pipelines.conversion import convert_series
 from brainline.pipelines.series_selection import load_rules, rules_from_dict, scan_series, select_series
+from tests import shared_data
 from tests.corpus import (
     CASE_IDS,
-    DEFAULT_DATA,
     HOLDOUT_CASES,
     PATTERNS,
     TUNE_CASES,
@@ -32,7 +32,7 @@ from tests.corpus import (
 )
 
 CASE = "2013_11"
-needs_data = pytest.mark.skipif(not (DEFAULT_DATA / "brats18").is_dir(), reason="shared brats18 data not available")
+needs_data = shared_data.needs_data(shared_data.BRATS18)
 pytestmark = needs_data
 
 

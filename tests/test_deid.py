@@ -1,4 +1,4 @@
-"""Tests for the DICOM de-identification engine (brainline.service.deid).
+"""Tests for the DICOM de-identification engine (brainline.service.gateway.deid).
 
 Synthetic MR datasets are built in code with identifying values planted in
 every place the profile must handle (patient module, physicians, device,
@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from brainline.service.deid import (
+from brainline.service.gateway.deid import (
     DeidContext,
     DeidError,
     DeidProfile,
@@ -37,6 +37,7 @@ from brainline.service.deid import (
     pseudonymize_dataset,
 )
 from tests.phi import find_phi
+from tests.shared_data import TCGA, needs_data
 
 SHIFT = -1234
 STUDY_UID = "1.2.826.0.1.3680043.8.498.11111111111111111111"
@@ -502,7 +503,7 @@ def test_fast_enough_for_a_study(profile: DeidProfile):
     """~600 instances of 240x240 in a few seconds."""
     template = make_mr(0, rows=240, cols=240)
     studies = []
-    for i in range(600):
+    for _ in range(600):
         ds = copy.deepcopy(template)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         studies.append(ds)
@@ -518,7 +519,7 @@ def test_fast_enough_for_a_study(profile: DeidProfile):
 # Real image, validated with dciodvfy
 # --------------------------------------------------------------------------
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga-du-7294" / "t1.nii.gz"
+DATA = TCGA / "t1.nii.gz"
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 
 
@@ -556,7 +557,7 @@ def dciodvfy_errors(ds: Dataset, path: Path) -> set[str]:
     return {line for line in output.splitlines() if line.startswith("Error")}
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not available")
+@needs_data(DATA)
 @pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dciodvfy (dicom3tools) not installed")
 def test_real_slice_passes_dciodvfy_after_deid(profile: DeidProfile, tmp_path: Path):
     original = mr_slice_from_nifti(DATA)

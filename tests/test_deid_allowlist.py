@@ -1,4 +1,4 @@
-"""De-identification is an allowlist (brainline.service.deid, issue 8 part 4).
+"""De-identification is an allowlist (brainline.service.gateway.deid, issue 8 part 4).
 
 Hostile instances carry the patient's identity where a denylist would miss
 it: a referral PDF (Encapsulated PDF Storage), a Comprehensive SR with the
@@ -39,7 +39,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from brainline.service.deid import (
+from brainline.service.gateway.deid import (
     NON_IMAGE_PAYLOADS,
     BurnedInAnnotation,
     DeidError,

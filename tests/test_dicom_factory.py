@@ -13,14 +13,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from tests import shared_data
 from tests.dicom_factory import ROLES, find_role_file, write_study
+from tests.shared_data import BRATS, TCGA, require
 
-DATA = Path("/work/shared/data")
-TCGA = DATA / "tcga-du-7294"
-BRATS = DATA / "brats-gli-00001-000"
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 
-needs_data = pytest.mark.skipif(not TCGA.is_dir(), reason="shared data not available")
+needs_data = shared_data.needs_data(TCGA)
 
 
 def read_series(directory: Path) -> sitk.Image:
@@ -147,8 +146,7 @@ def test_full_study_is_fast(tmp_path):
 
 
 def test_cli(tmp_path):
-    if not TCGA.is_dir():
-        pytest.skip("shared data not available")
+    require(TCGA)
     from tests.dicom_factory import main
 
     assert main([str(TCGA), str(tmp_path), "--slice-step", "50", "--roles", "t1"]) == 0

@@ -21,20 +21,40 @@ import SimpleITK as sitk
 from matplotlib.image import imread
 
 from brainline.pipelines.dicom_outputs import (
-    LABELS, AlgorithmInfo, EmptySegmentationError, QCFinding, ReportContent, bidimensional_measurements,
-    build_encapsulated_pdf, build_overlay_series, build_pdf_report, build_rano_sr, build_seg, build_sr,
-    key_image_from_series, labels_on_source_grid, new_uid, read_seg_labels, read_source_series, volume_summary,
+    LABELS,
+    AlgorithmInfo,
+    EmptySegmentationError,
+    QCFinding,
+    ReportContent,
+    bidimensional_measurements,
+    build_encapsulated_pdf,
+    build_overlay_series,
+    build_pdf_report,
+    build_rano_sr,
+    build_seg,
+    build_sr,
+    key_image_from_series,
+    labels_on_source_grid,
+    new_uid,
+    read_seg_labels,
+    read_source_series,
+    volume_summary,
 )
 from brainline.pipelines.dicom_outputs.codes import (
-    AI_FAMILY, MULTISPECTRAL_FAMILY, OHIF_BIDIRECTIONAL, PRIVATE_SCHEME, algorithm_family, default_device_serial,
-    qc_concept, qc_value,
+    AI_FAMILY,
+    MULTISPECTRAL_FAMILY,
+    OHIF_BIDIRECTIONAL,
+    PRIVATE_SCHEME,
+    algorithm_family,
+    default_device_serial,
+    qc_concept,
+    qc_value,
 )
-from brainline.pipelines.dicom_outputs.seg import content_description, truncate_words
 from brainline.pipelines.dicom_outputs.pdf_report import NOT_REVIEWED_STATEMENT
+from brainline.pipelines.dicom_outputs.seg import content_description, truncate_words
 from tests.dicom_factory import write_study
+from tests.shared_data import TCGA, require
 
-DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
-TCGA = DATA / "tcga-du-7294"
 SEGMENTATIONS = TCGA / "segmentations"
 
 ALGORITHM = AlgorithmInfo(name="BrainLine", version="0.1.0", backend="onnx", model_name="brats-ensemble",
@@ -68,7 +88,7 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 def load_brats2020(name: str) -> sitk.Image:
-    img = sitk.ReadImage(str(SEGMENTATIONS / f"{name}.nii.gz"))
+    img = sitk.ReadImage(str(require(SEGMENTATIONS / f"{name}.nii.gz")))
     arr = sitk.GetArrayFromImage(img).astype(np.uint8)
     arr[arr == 4] = 3  # BraTS 2020 -> 2023
     out = sitk.GetImageFromArray(arr)
@@ -126,7 +146,7 @@ def measurement_groups(sr: pydicom.Dataset) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    return write_study(tmp_path_factory.mktemp("dicom_outputs_study"), TCGA, slice_step=5, roles=("t1c",))
+    return write_study(tmp_path_factory.mktemp("dicom_outputs_study"), require(TCGA), slice_step=5, roles=("t1c",))
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +369,8 @@ def test_seg_content_identification(case):
 
 def test_content_description_never_cut_mid_word():
     long_model = AlgorithmInfo(version="0.1.0", backend="monai_bundle",
-                               model_name="brats mri segmentation with a very long descriptive name", model_version="0.5.3")
+                               model_name="brats mri segmentation with a very long descriptive name",
+                               model_version="0.5.3")
     for algo in (ALGORITHM, long_model, AlgorithmInfo(version="0.1.0", backend="baseline",
                                                       model_name="brainline-baseline", model_version="2")):
         text = content_description(algo)

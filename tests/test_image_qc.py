@@ -4,17 +4,23 @@ series, and the robust history comparison (pipelines/image_qc.py)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from brainline.pipelines.image_qc import (METRICS, TISSUE_METRICS, compare_metrics_to_history,
-                                          compare_to_history, efc, head_mask_from_image, image_quality,
-                                          otsu_threshold, robust_z)
-
-DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+from brainline.pipelines.image_qc import (
+    METRICS,
+    TISSUE_METRICS,
+    compare_metrics_to_history,
+    compare_to_history,
+    efc,
+    head_mask_from_image,
+    image_quality,
+    otsu_threshold,
+    robust_z,
+)
+from tests.shared_data import DATA, needs_data
 
 MU_LOW, MU_HIGH, SIGMA = 100.0, 200.0, 10.0
 
@@ -168,7 +174,7 @@ def test_otsu_and_head_mask():
     assert m["SNR2"] == pytest.approx(MU_HIGH / (math.sqrt(1 - 2 / math.pi) * SIGMA), rel=0.06)
 
 
-@pytest.mark.skipif(not (DATA / "tcga-du-7294" / "flair.nii.gz").exists(), reason="shared data missing")
+@needs_data(DATA / "tcga-du-7294" / "flair.nii.gz")
 def test_real_skull_stripped_series():
     flair = sitk.ReadImage(str(DATA / "tcga-du-7294" / "flair.nii.gz"), sitk.sitkFloat32)[:, :, 50:110]
     brain = sitk.GetArrayFromImage(flair) > 0
@@ -230,7 +236,7 @@ def _rician(clean: np.ndarray, sigma: float, rng) -> np.ndarray:
     return np.hypot(clean + rng.normal(0, sigma, clean.shape), rng.normal(0, sigma, clean.shape))
 
 
-@pytest.mark.skipif(not (DATA / "tcga-du-7294" / "flair.nii.gz").exists(), reason="shared data missing")
+@needs_data(DATA / "tcga-du-7294" / "flair.nii.gz")
 def test_real_flair_with_scanner_noise_and_history():
     """A slab of the real FLAIR given Rician background noise like an unmasked
     scanner series: SNR follows the noise, and a noisier study is called out

@@ -21,10 +21,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import (EncapsulatedPDFStorage, EnhancedMRImageStorage, MRImageStorage,
-                                  SecondaryCaptureImageStorage, Verification)
+from pynetdicom.sop_class import (
+    EncapsulatedPDFStorage,
+    EnhancedMRImageStorage,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -39,10 +39,10 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import MRImageStorage, Verification
 from pynetdicom.transport import AssociationSocket
 
-from brainline.service import listener as L
+from brainline.service.gateway import listener as L
+from brainline.service.gateway.spool import InvalidInstance, Spool
 from brainline.service.metrics import Metrics
 from brainline.service.settings import load_settings
-from brainline.service.spool import InvalidInstance, Spool
 from tests.peers import free_port
 from tests.test_listener_hardening import mr_instance
 
@@ -408,8 +408,8 @@ def test_answers_do_not_wait_for_a_poll_and_idle_dul_sleeps(live_listener):
 
 def _c_store_command_only(assoc, ds) -> None:
     """Send the command of a C-STORE request and never its data set."""
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu_primitives import P_DATA
 
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)

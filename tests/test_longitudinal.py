@@ -26,12 +26,12 @@ from scipy import ndimage
 from brainline.pipelines.image_pipeline import PipelineConfig
 from brainline.pipelines.lesion_location import LobeMap
 from brainline.pipelines.longitudinal import LongitudinalConfig, assess, step_longitudinal, volume_change
+from tests.shared_data import BRATS18, needs_data
 
-DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
-CASE = DATA / "brats18" / "Brats18_CBICA_ABM_1"
+CASE = BRATS18 / "Brats18_CBICA_ABM_1"
 FILES = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
 
-pytestmark = pytest.mark.skipif(not CASE.exists(), reason="shared BraTS data not available")
+pytestmark = needs_data(CASE)
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +243,8 @@ def test_new_lesion_is_found_with_its_volume(tmp_path, case, cfg):
     near = [l for l in new if np.linalg.norm(np.subtract(l["centroid_lps_mm"], truth)) < 6.0]
     assert len(near) == 1, res["lesions"]
     assert near[0]["volume_mm3"] == pytest.approx(200.0, rel=0.25)
+    # the partial-volume integral of the subtraction reads the lesion closer than its half-maximum extent
+    assert near[0]["volume_integrated_mm3"] == pytest.approx(200.0, rel=0.15), near[0]
     assert near[0]["prior_volume_mm3"] == 0 and 0 < near[0]["confidence"] <= 1
     assert near[0]["hemisphere"] in ("left", "right", "midline") and near[0]["lobe"] != "unknown"
     assert len(res["lesions"]) <= 2
@@ -401,3 +403,54 @@ def test_paired_change_counts_only_changes_the_subtraction_confirms():
     both = paired_change(current, prior, z, voxel_mm3=1.0, support_z=2.0)
     assert both["whole_tumor"]["delta_ml"] == pytest.approx(0.05)
     assert both["whole_tumor"]["sequence"] == "flair" and both["tumor_core"]["sequence"] == "t1c"
+
+
+def test_native_coverage_is_the_acquired_slab_less_one_slice():
+    """The region a 5 mm axial acquisition covers, carried onto a 2 mm grid:
+    its voxel boxes less one slice at each end (partial volume with what was
+    never imaged); a transform moves it."""
+    from brainline.pipelines.longitudinal_images import native_coverage
+
+    native = sitk.Image([10, 10, 6], sitk.sitkUInt8)   # slices at z = 0, 5, ..., 25 mm: boxes -2.5 .. 27.5
+    native.SetSpacing((2.0, 2.0, 5.0))
+    grid = sitk.Image([10, 10, 20], sitk.sitkUInt8)     # z = -6, -4, ..., 32 mm
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    grid.SetOrigin((0.0, 0.0, -6.0))
+    z = -6.0 + 2.0 * np.arange(20)
+    covered = native_coverage(native, grid, sitk.Transform(3, sitk.sitkIdentity))[:, 5, 5]
+    assert list(z[covered]) == [4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 22.0]   # inside 2.5 .. 22.5
+    everything = native_coverage(native, grid, sitk.Transform(3, sitk.sitkIdentity), margin_voxels=0)[:, 5, 5]
+    assert z[everything].min() == -2.0 and z[everything].max() == 26.0
+    shifted = native_coverage(native, grid, sitk.TranslationTransform(3, (0.0, 0.0, 10.0)))[:, 5, 5]
+    assert list(z[shifted]) == [v - 10.0 for v in z[covered] if v - 10.0 >= -6.0]
+
+
+def test_prior_flair_coverage_limits_the_subtraction(tmp_path, case, cfg):
+    """A prior whose FLAIR stops short of the lower quarter of the brain (a
+    limited slab): no subtraction and no lesion there, and a note in words.
+    Without the coverage mask the missing slab reads as a large FLAIR rise."""
+    images, seg = case
+    prior, prior_seg = make_prior(images, seg)
+    fl = prior["flair"]
+    a = sitk.GetArrayFromImage(fl)
+    brain_z = np.nonzero(a.reshape(a.shape[0], -1).max(axis=1) > 0)[0]
+    cut = int(brain_z[0] + 0.25 * (brain_z[-1] - brain_z[0]))
+    slab = sitk.RegionOfInterest(fl, [fl.GetSize()[0], fl.GetSize()[1], fl.GetSize()[2] - cut], [0, 0, cut])
+    work = write_work(tmp_path / "current", images, seg)
+    pdir = write_work(work / "priors" / "0", prior, prior_seg)
+    sitk.WriteImage(slab, str(pdir / "nifti" / "flair.nii.gz"))          # the native acquisition
+    on_grid = sitk.Resample(slab, fl, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0)
+    sitk.WriteImage(on_grid, str(pdir / "preprocessed" / "flair.nii.gz"))  # 0 where it was not imaged
+    write_priors(work, ["20240101"])
+    res = step_longitudinal(work, cfg)
+    assert res["comparison"]["registration"]["flags"] == [], res["note"]
+    d = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "longitudinal" / "subtraction_flair.nii.gz")))
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "longitudinal" / "lesions.nii.gz")))
+    # the prior's motion moves its slab edge by a few mm: nothing within the missing quarter
+    low = slice(0, max(0, cut - 6))
+    assert not d[low].any() and not lab[low].any()
+    assert sum(1 for l in res["lesions"] if l["kind"] == "new") <= 1, res["lesions"]
+    assert res["assessment"]["code"] == "stable", res["assessment"]
+    cov = res["comparison"]["coverage_percent"]
+    assert 50.0 < cov["flair"] < 95.0 and cov["t1c"] > 98.0, cov
+    assert any("FLAIR of the two studies overlaps on" in n for n in res["notes"]), res["notes"]

@@ -29,8 +29,16 @@ from pydicom.pixels import apply_modality_lut
 from brainline.pipelines import results as results_module
 from brainline.pipelines.dicom_outputs import volume_summary
 from brainline.pipelines.dicom_outputs.codes import (
-    FOLLOWUP_ASSESSMENT, INCREASE_IN_SIZE, LESION, NEW_FINDING, PERCENT_CHANGE_PRIOR, PRIOR_STUDY_COMPARED,
-    QC_CHECKS, VOLUME_CHANGE_PRIOR, VOLUME_NADIR, VOLUME_PRIOR,
+    FOLLOWUP_ASSESSMENT,
+    INCREASE_IN_SIZE,
+    LESION,
+    NEW_FINDING,
+    PERCENT_CHANGE_PRIOR,
+    PRIOR_STUDY_COMPARED,
+    QC_CHECKS,
+    VOLUME_CHANGE_PRIOR,
+    VOLUME_NADIR,
+    VOLUME_PRIOR,
 )
 from brainline.pipelines.dicom_outputs.seg import image_on_source_grid, read_source_series
 from brainline.pipelines.results import build_results, rerender_pdf
@@ -244,7 +252,7 @@ def test_subtraction_values_round_trip(followup):
     expected = image_on_source_grid(sitk.ReadImage(str(followup.work / "longitudinal" / "subtraction_flair.nii.gz")),
                                     followup.source)
     assert np.abs(values - expected).max() <= slope / 2 + 1e-4
-    for lid, (_, ks, rs, cs, value) in LESIONS.items():                 # known voxels
+    for _lid, (_, ks, rs, cs, value) in LESIONS.items():                 # known voxels
         assert values[ks.start, rs.start, cs.start] == pytest.approx(value, abs=slope / 2)
     assert values[0, 0, 0] == 0.0 and np.isclose(values[15, 120, 120], followup.flair[15, 120, 120], atol=slope)
 

@@ -19,22 +19,24 @@ from brainline.models.registry import input_roles, load_backend
 from brainline.pipelines.image_pipeline import PipelineConfig
 from brainline.pipelines.inputs import inputs_record, select_inputs
 from brainline.pipelines.series_selection import MissingSeriesError
-from brainline.service import stages
+from brainline.service.compute import stages
+from brainline.service.jobs.context import StageContext
+from brainline.service.jobs.errors import NeedsInput
 from tests.conftest import PHI, REPO, TCGA
 from tests.dicom_factory import write_study
-from tests.test_result_objects import sr_texts
 from tests.test_process import whole_tumour_dice
+from tests.test_result_objects import sr_texts
 
 NOTE = "T1 and T2 not found; segmentation used T1c and FLAIR only"
 CLI = [sys.executable, "-m", "brainline.service.cli", "process", "--quiet"]
 
 
-def select_context(tmp_path, roles, **settings) -> stages.StageContext:
+def select_context(tmp_path, roles, **settings) -> StageContext:
     write_study(tmp_path / "ws" / "dicom", TCGA, roles=roles, slice_step=5, **PHI)
     values = dict(uid_root="", reference_role="t1c", model="", device="cpu", registration_transform="rigid",
                   skull_strip_backend="deepbet", series_rules="")
     values.update(settings)
-    return stages.StageContext(job_id=1, study_key="k", workspace=tmp_path / "ws", spool=None, vault=None,
+    return StageContext(job_id=1, study_key="k", workspace=tmp_path / "ws", spool=None, vault=None,
                                settings=SimpleNamespace(**values))
 
 
@@ -65,7 +67,7 @@ def test_inputs_record_words():
 
 def test_select_stage_accepts_t1c_and_flair(tmp_path):
     ctx = select_context(tmp_path, ("t1c", "flair"))
-    result = stages.select(ctx)
+    result = stages.select_series(ctx)
     assert set(result["roles"]) == {"t1c", "flair"}
     assert result["inputs"]["note"] == NOTE
     assert result["missing_optional"] == ["t1", "t2"]
@@ -76,8 +78,8 @@ def test_select_stage_accepts_t1c_and_flair(tmp_path):
 
 def test_select_stage_without_flair_needs_input(tmp_path):
     ctx = select_context(tmp_path, ("t1", "t1c", "t2"))
-    with pytest.raises(stages.NeedsInput) as info:
-        stages.select(ctx)
+    with pytest.raises(NeedsInput) as info:
+        stages.select_series(ctx)
     message = str(info.value)
     assert message.startswith("no FLAIR series found (FLAIR: the segmentation model (auto) needs it); "
                               "series considered: ")

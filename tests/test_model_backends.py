@@ -31,9 +31,9 @@ from brainline.models.base import ED, ET, NCR, SegmentationError, SegmentationIn
 from brainline.models.monai_bundle import MonaiBundleBackend  # noqa: E402
 from brainline.models.onnx_backend import OnnxBackend  # noqa: E402
 from brainline.models.registry import load_backend  # noqa: E402
+from tests.shared_data import TCGA, require  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TCGA = (REPO / ".." / "shared" / "data" / "tcga-du-7294").resolve()
 ORDER = ["t1c", "t1", "t2", "flair"]          # the zoo bundle's channel order
 RULE = {"TC": ("t1", 1.5), "WT": ("flair", 1.0), "ET": ("t1c", 2.0)}
 REGIONS = ["TC", "WT", "ET"]                  # the zoo bundle's output channels
@@ -79,8 +79,7 @@ def region_dice(pred: np.ndarray, ref: np.ndarray) -> dict:
 def case(tmp_path_factory):
     """4 sequences + brain mask on a 3 mm grid whose axes are permuted
     (direction is not identity), written as NIfTI."""
-    if not (TCGA / "flair.nii.gz").is_file():
-        pytest.skip(f"test data {TCGA} not available")
+    require(TCGA / "flair.nii.gz")
     out = tmp_path_factory.mktemp("case")
     arrays, paths = {}, {}
     for role in ORDER:
@@ -447,10 +446,10 @@ def shifted_label_model(tmp_path: Path, name: str):
     come from the z-scores at voxel i-1 along the model's FIRST spatial axis."""
     w = np.zeros((5, 4, 3, 1, 1), np.float32)
     b = np.zeros(5, np.float32)
-    w[1, ORDER.index("t2"), 0] = 10.0; b[1] = -15.0     # NCR
-    w[2, ORDER.index("flair"), 0] = 10.0; b[2] = -10.0  # ED
-    b[3] = -1e3                                          # never
-    w[4, ORDER.index("t1c"), 0] = 20.0; b[4] = -35.0    # ET (BraTS 2020 label 4)
+    w[1, ORDER.index("t2"), 0], b[1] = 10.0, -15.0     # NCR
+    w[2, ORDER.index("flair"), 0], b[2] = 10.0, -10.0  # ED
+    b[3] = -1e3                                         # never
+    w[4, ORDER.index("t1c"), 0], b[4] = 20.0, -35.0    # ET (BraTS 2020 label 4)
     d = conv_model(tmp_path / name, w, b, pads=[1, 0, 0, 1, 0, 0])
     return d, w[:, :, 0, 0, 0], b
 

@@ -2,8 +2,9 @@
 labels back (pipelines/model_space.py), on a held-out BraTS 2018 case.
 
 The head is physically turned by 15 degrees (pitch) and 5 degrees (yaw) and
-shifted 8 mm; the reference labels travel with it (nearest neighbour). Mapped into the model frame they must land where the
-original BraTS labels are (the template registration recovers the tilt), and
+shifted 8 mm; the reference labels travel with it (nearest neighbour).
+Mapped into the model frame they must land where the original BraTS labels
+are (the template registration recovers the tilt), and
 mapped back they must land on the tilted labels.
 """
 
@@ -15,17 +16,23 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from brainline.pipelines.model_space import (ModelSpaceError, fit_model_space, labels_to_reference,
-                                              map_to_model_space, template_image)
-from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, dice
+from brainline.pipelines.model_space import (
+    ModelSpaceError,
+    fit_model_space,
+    labels_to_reference,
+    map_to_model_space,
+    template_image,
+)
+from tests.corpus import HOLDOUT_CASES, dice
 from tests.reslice import pad_to_head_fov
+from tests.shared_data import BRATS18, require
 
 CASE = "CBICA_ALU"
 assert CASE in HOLDOUT_CASES  # the templates are built from the tuning half only
 
 
 def _case(name: str) -> sitk.Image:
-    return sitk.ReadImage(str(DEFAULT_DATA / "brats18" / f"Brats18_{CASE}_1" / f"Brats18_{CASE}_1_{name}.nii.gz"))
+    return sitk.ReadImage(str(require(BRATS18 / f"Brats18_{CASE}_1" / f"Brats18_{CASE}_1_{name}.nii.gz")))
 
 
 def _tilted(image: sitk.Image, nearest: bool = False) -> sitk.Image:

@@ -1,6 +1,6 @@
 """The one plugin mechanism (models/plugins.py) and its three registries:
 segmentation backends (models/base.py), skull-strip backends
-(pipelines/skull_strip.py) and destination kinds (service/destinations.py).
+(pipelines/skull_strip.py) and destination kinds (service/gateway/destinations.py).
 
 Third-party plugins are found through real ``importlib.metadata`` entry
 points: the tests write a small package plus its ``*.dist-info`` (METADATA and
@@ -30,7 +30,7 @@ from brainline.pipelines.skull_strip import (
     available_backends,
     get_backend,
 )
-from brainline.service.destinations import DESTINATIONS, DestinationConfigError, parse_destinations
+from brainline.service.gateway.destinations import DESTINATIONS, DestinationConfigError, parse_destinations
 from brainline.service.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_builtin_segmentation_backends_are_registered_by_decorator():
 
 def test_builtin_skull_strip_backends_and_destinations():
     from brainline.pipelines.skull_strip import DeepBetBackend, HDBetBackend
-    from brainline.service.destinations import DicomDestination, StowRsDestination
+    from brainline.service.gateway.destinations import DicomDestination, StowRsDestination
 
     assert SKULL_STRIP_BACKENDS.names()[:2] == ("deepbet", "hd-bet")
     assert SKULL_STRIP_BACKENDS.get("DeepBet") is DeepBetBackend
@@ -213,7 +213,7 @@ import SimpleITK as sitk
 
 from brainline.models.base import SegmentationBackend, SegmentationOutput
 from brainline.pipelines.skull_strip import SkullStripBackend
-from brainline.service.destinations import Destination, DestinationConfigError
+from brainline.service.gateway.destinations import Destination, DestinationConfigError
 
 
 class ThresholdBackend(SegmentationBackend):

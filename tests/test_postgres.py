@@ -24,7 +24,8 @@ def test_service_on_postgresql(service_factory, small_study):
         with engine.connect() as conn:
             version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
             stages = conn.execute(text("SELECT count(*) FROM stages WHERE state = 'done'")).scalar()
-            blobs = [row[0] for row in conn.execute(text("SELECT ciphertext FROM vault_entries WHERE kind != '_keyring'"))]
+            rows = conn.execute(text("SELECT ciphertext FROM vault_entries WHERE kind != '_keyring'"))
+            blobs = [row[0] for row in rows]
         engine.dispose()
         assert version == _head_revision()
         assert stages == len(job["stages"])
@@ -52,7 +53,7 @@ def test_vault_put_of_one_pseudonym_from_many_threads_at_once():
     import threading
 
     from brainline.service.db import VaultEntry, make_engine, make_sessionmaker, migrate
-    from brainline.service.vault import Vault
+    from brainline.service.gateway.vault import Vault
 
     with PostgresServer() as pg:
         migrate(pg.url)
@@ -63,7 +64,7 @@ def test_vault_put_of_one_pseudonym_from_many_threads_at_once():
         for round_ in range(5):
             barrier = threading.Barrier(8)
 
-            def put(pseudonym: str = f"BL-RACE-{round_}") -> None:
+            def put(pseudonym: str = f"BL-RACE-{round_}", barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
                 try:
                     vault.put("patient", pseudonym, record)

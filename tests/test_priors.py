@@ -1,4 +1,4 @@
-"""Prior studies found automatically (service/priors.py, gateway stage
+"""Prior studies found automatically (service/gateway/priors.py, gateway stage
 find_priors): against a real Orthanc over QIDO-RS/WADO-RS and over
 C-FIND/C-GET, and within BrainLine (an earlier done job of the same
 pseudonymous patient). Small synthetic studies (16 x 16 x 6 voxels, T1c and
@@ -16,11 +16,14 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from brainline.service import priors, stages
 from brainline.service.db import Job, State, make_engine, make_sessionmaker, migrate
-from brainline.service.reidentify import reidentify_dataset
-from brainline.service.spool import Spool
-from brainline.service.vault import Vault
+from brainline.service.gateway import priors
+from brainline.service.gateway.deliver import prior_uid_maps
+from brainline.service.gateway.pseudonymize import pseudonymize
+from brainline.service.gateway.reidentify import reidentify_dataset
+from brainline.service.gateway.spool import Spool
+from brainline.service.gateway.vault import Vault
+from brainline.service.jobs.context import StageContext
 from tests.conftest import PHI
 from tests.dicom_factory import write_study
 from tests.peers import OrthancServer, free_port
@@ -31,6 +34,7 @@ OTHER = {"patient_name": "ROE^RICHARD", "patient_id": "PID-0815-ABC", "birth_dat
 X_VALUES = {"name": "DOE^JANE", "id": "PID-4711-XYZ", "birth": "19640229", "accession": "ACC-98765"}
 Y_VALUES = {"name": "ROE^RICHARD", "id": "PID-0815-ABC", "accession": "ACC-55555"}
 CURRENT_DATE = "20240115"
+MOVE_AE = "BRAINLINE_PRIOR"
 
 
 def _tiny_case(folder: Path, seed: int) -> Path:
@@ -68,10 +72,11 @@ def pacs(tmp_path_factory):
                             ("later", "20250101", PHI), ("other", "20230601", OTHER)):
         studies[name] = write_study(root / name, case, roles=("t1c", "flair"), study_date=date, **who)
     _add_non_mr_series(root / "recent")
-    with OrthancServer() as orthanc:
+    move_port = free_port()   # BrainLine's C-MOVE destination, known to the PACS (DicomModalities)
+    with OrthancServer(modalities={"brainline-prior": [MOVE_AE, "127.0.0.1", move_port]}) as orthanc:
         for name in studies:
             orthanc.upload_dir(root / name)
-        yield SimpleNamespace(orthanc=orthanc, studies=studies, root=root)
+        yield SimpleNamespace(orthanc=orthanc, studies=studies, root=root, move_port=move_port)
 
 
 def _settings(**values) -> SimpleNamespace:
@@ -83,7 +88,7 @@ def _settings(**values) -> SimpleNamespace:
     return SimpleNamespace(**base)
 
 
-def _context(tmp_path: Path, study, job_id: int, settings, sessions=None) -> stages.StageContext:
+def _context(tmp_path: Path, study, job_id: int, settings, sessions=None) -> StageContext:
     """A job workspace whose study went through ``pseudonymize``."""
     if sessions is None:
         url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -94,10 +99,10 @@ def _context(tmp_path: Path, study, job_id: int, settings, sessions=None) -> sta
     key = vault.study_key(study.study_uid)
     for path in study.paths:
         spool.store(key, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID), path.read_bytes())
-    ctx = stages.StageContext(job_id=job_id, study_key=key, workspace=tmp_path / "ws" / f"job-{job_id:06d}",
+    ctx = StageContext(job_id=job_id, study_key=key, workspace=tmp_path / "ws" / f"job-{job_id:06d}",
                               spool=spool, vault=vault, settings=settings)
     ctx.workspace.mkdir(parents=True)
-    stages.pseudonymize(ctx)
+    pseudonymize(ctx)
     return ctx
 
 
@@ -146,23 +151,85 @@ def _check_pacs_priors(ctx, pacs, result, source: str) -> None:
 def test_priors_found_over_qido_and_wado(tmp_path, pacs):
     settings = _settings(prior_pacs_dicomweb=pacs.orthanc.dicomweb_url)
     ctx = _context(tmp_path, pacs.studies["current"], 7, settings)
-    result = stages.find_priors(ctx)
+    result = priors.find_priors(ctx)
     _check_pacs_priors(ctx, pacs, result, "PACS (QIDO-RS/WADO-RS)")
-    assert stages.find_priors(ctx) == result  # idempotent: the stage is done
+    assert priors.find_priors(ctx) == result  # idempotent: the stage is done
 
 
 def test_priors_found_over_cfind_and_cget(tmp_path, pacs):
     o = pacs.orthanc
     settings = _settings(prior_pacs_dicom=f"{o.aet}@127.0.0.1:{o.dicom_port}")
     ctx = _context(tmp_path, pacs.studies["current"], 8, settings)
-    _check_pacs_priors(ctx, pacs, stages.find_priors(ctx), "PACS (C-FIND/C-GET)")
+    _check_pacs_priors(ctx, pacs, priors.find_priors(ctx), "PACS (C-FIND/C-GET)")
+
+
+def _move_settings(pacs, **values) -> SimpleNamespace:
+    o = pacs.orthanc
+    base = dict(prior_pacs_dicom=f"{o.aet}@127.0.0.1:{o.dicom_port}", prior_retrieve="move",
+                prior_move_ae=MOVE_AE, prior_move_port=pacs.move_port, dicom_bind="127.0.0.1")
+    return _settings(**{**base, **values})
+
+
+def test_priors_found_over_cfind_and_cmove(tmp_path, pacs):
+    """C-MOVE: Orthanc sends the prior's MR series to BrainLine's own
+    short-lived storage SCP (not the OT series; the port is closed after)."""
+    ctx = _context(tmp_path, pacs.studies["current"], 10, _move_settings(pacs))
+    _check_pacs_priors(ctx, pacs, priors.find_priors(ctx), "PACS (C-FIND/C-MOVE)")
+    import socket
+
+    with socket.socket() as probe:   # the destination is gone once the prior is in
+        assert probe.connect_ex(("127.0.0.1", pacs.move_port)) != 0
+
+
+def test_cmove_to_a_destination_the_pacs_does_not_know_gives_a_note(tmp_path, pacs):
+    settings = _move_settings(pacs, prior_move_ae="NOT_REGISTERED", prior_timeout_seconds=10.0)
+    ctx = _context(tmp_path, pacs.studies["current"], 11, settings)
+    result = priors.find_priors(ctx)
+    record = json.loads(ctx.path("priors.json").read_text())
+    assert result["priors"] == 0 and record["priors"] == []
+    assert record["notes"] and all("the C-MOVE at the DICOM PACS failed" in n and "is the AE title "
+                                   "NOT_REGISTERED registered at the PACS" in n for n in record["notes"])
+    _assert_no_phi(ctx.workspace)
+
+
+def test_cmove_destination_keeps_only_the_requested_study(tmp_path, pacs):
+    """The destination SCP answers 0xA900 to an instance of another study
+    (or not MR) and writes nothing for it; the requested study's MR instances
+    are written."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    from brainline.service.gateway.prior_move import STATUS_NOT_WANTED, DimseMovePacs
+
+    o = pacs.orthanc
+    mover = DimseMovePacs(f"{o.aet}@127.0.0.1:{o.dicom_port}", _move_settings(pacs), 10.0)
+    wanted = pacs.studies["recent"]
+    written, refused = [0], []
+    server = mover._destination(priors.PacsStudy(wanted.study_uid, ""), tmp_path, written, refused)
+    try:
+        scu = AE(ae_title="ORTHANC")
+        scu.add_requested_context(MRImageStorage)
+        assoc = scu.associate("127.0.0.1", pacs.move_port, ae_title=MOVE_AE)
+        assert assoc.is_established
+        try:
+            mine = pydicom.dcmread(next(iter(wanted.paths)))
+            other = pydicom.dcmread(next(iter(pacs.studies["other"].paths)))
+            assert assoc.send_c_store(other).Status == STATUS_NOT_WANTED
+            assert assoc.send_c_store(mine).Status == 0x0000
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert written == [1] and refused == ["an instance of another study or modality"]
+    [kept] = list(tmp_path.glob("*.dcm"))
+    assert pydicom.dcmread(kept).SOPInstanceUID == mine.SOPInstanceUID
 
 
 def test_unreachable_pacs_gives_a_note_and_the_job_goes_on(tmp_path, pacs):
     settings = _settings(prior_pacs_dicomweb=f"http://127.0.0.1:{free_port()}/dicom-web",
                          prior_pacs_dicom=f"NOBODY@127.0.0.1:{free_port()}", prior_timeout_seconds=5.0)
     ctx = _context(tmp_path, pacs.studies["current"], 9, settings)
-    result = stages.find_priors(ctx)
+    result = priors.find_priors(ctx)
     record = json.loads(ctx.path("priors.json").read_text())
     assert result["priors"] == 0 and record["priors"] == []
     assert len(record["notes"]) == 2
@@ -199,7 +266,7 @@ def test_brainline_job_outputs_reused_and_pacs_copy_deduplicated(tmp_path, pacs)
         s.add(Job(id=1, study_key=earlier.study_key, state=State.DONE.value,
                   pseudo_study_uid=pseudo["pseudo_study_uid"], pseudo_patient_id=pseudo["pseudo_patient_id"]))
     ctx = _context(tmp_path, pacs.studies["current"], 2, settings, sessions)
-    result = stages.find_priors(ctx)
+    result = priors.find_priors(ctx)
     record = json.loads(ctx.path("priors.json").read_text())
     assert result["priors"] == 2
     recent, baseline = record["priors"]
@@ -228,7 +295,7 @@ def test_brainline_job_outputs_reused_and_pacs_copy_deduplicated(tmp_path, pacs)
     obj.ReferencedSeriesSequence = [ref]
     obj.file_meta = pydicom.dataset.FileMetaDataset()
     obj.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    out = reidentify_dataset(obj, study, patient, extra_uid_maps=stages.prior_uid_maps(ctx))
+    out = reidentify_dataset(obj, study, patient, extra_uid_maps=prior_uid_maps(ctx))
     assert out.StudyInstanceUID == pacs.studies["current"].study_uid
     recent_series = {s.series_uid for s in pacs.studies["recent"].series.values()}
     assert ref_uid not in recent_series

@@ -14,7 +14,11 @@ import SimpleITK as sitk
 
 from brainline.pipelines.dicom_outputs import read_source_series
 from brainline.pipelines.rano import (
-    MEASURABLE_MM, bidimensional, label_components, measure_components, to_patient,
+    MEASURABLE_MM,
+    bidimensional,
+    label_components,
+    measure_components,
+    to_patient,
 )
 from tests.dicom_factory import write_study
 from tests.test_dicom_outputs import TCGA, dicom_grid, load_brats2020

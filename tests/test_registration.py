@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,14 +23,9 @@ from brainline.pipelines.registration import (
     registration_quality,
     resample_to,
 )
+from tests.shared_data import BRATS, TCGA, needs_data
 
-_REPO = Path(__file__).resolve().parents[1]
-DATA = next((root / "shared" / "data" for root in (_REPO, _REPO.parent)
-             if (root / "shared" / "data" / "tcga-du-7294").is_dir()), _REPO.parent / "shared" / "data")
-TCGA = DATA / "tcga-du-7294"
-BRATS = DATA / "brats-gli-00001-000"
-
-pytestmark = pytest.mark.skipif(not (TCGA / "t1c.nii.gz").is_file(), reason="real MRI volumes not available")
+pytestmark = needs_data(TCGA / "t1c.nii.gz")
 
 ANGLES_DEG = (4.0, -3.0, 6.0)
 SHIFT_MM = (6.0, -4.0, 5.0)

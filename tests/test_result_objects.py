@@ -23,12 +23,14 @@ import pytest
 import SimpleITK as sitk
 
 from brainline.pipelines import results as results_module
-from brainline.pipelines.dicom_outputs import labels_on_source_grid, read_seg_labels, volume_summary
-from brainline.pipelines.dicom_outputs import build_rano_sr
+from brainline.pipelines.dicom_outputs import build_rano_sr, labels_on_source_grid, read_seg_labels, volume_summary
 from brainline.pipelines.dicom_outputs.codes import MULTISPECTRAL_FAMILY, QC_CHECKS, QUALITATIVE_EVALUATIONS
 from brainline.pipelines.dicom_outputs.overlay import patient_orientation
+from brainline.pipelines.records import Summary
 from brainline.pipelines.results import OutputsError, build_results
-from brainline.service import stages
+from brainline.service.compute.stages import build_outputs
+from brainline.service.gateway.deliver import deliver
+from brainline.service.jobs.context import StageContext
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import write_study
 from tests.reslice import reslice
@@ -264,14 +266,14 @@ class FakeVault:
         return self.records.get((kind, key))
 
 
-def stage_context(oblique, tmp_path) -> stages.StageContext:
+def stage_context(oblique, tmp_path) -> StageContext:
     work = fresh_work(oblique, tmp_path)
     (work / "pseudonymize.json").write_text(json.dumps({"pseudo_study_uid": "pseudo-study",
                                                         "pseudo_patient_id": "pseudo-patient"}))
     settings = SimpleNamespace(uid_root="", reference_role="t1c", model="", device="cpu",
                                registration_transform="rigid", skull_strip_backend="deepbet",
                                outbox_dir=tmp_path / "outbox", series_rules="")
-    return stages.StageContext(job_id=7, study_key="k", workspace=work, spool=None,
+    return StageContext(job_id=7, study_key="k", workspace=work, spool=None,
                                vault=FakeVault(oblique.study.study_uid), settings=settings,
                                outbox=FakeOutbox())
 
@@ -280,9 +282,9 @@ def test_service_delivers_seg_and_sr_when_the_overlay_fails(oblique, tmp_path, m
     monkeypatch.setattr(results_module, "build_overlay_series",
                         lambda *a, **k: (_ for _ in ()).throw(ValueError(OVERLAY_ERROR)))
     ctx = stage_context(oblique, tmp_path)
-    built = stages.build_outputs(ctx)  # the stage result stored in the job store
+    built = build_outputs(ctx)  # the stage result stored in the job store
     assert built["failed"][0]["error"].startswith("overlay series not built: ValueError")
-    delivered = stages.deliver(ctx)
+    delivered = deliver(ctx)
     assert sorted(kind for kind, _ in ctx.outbox.queued) == sorted(["pdf", "seg", "sr", *RANO])
     assert delivered["queued"] == 3 + len(RANO) and delivered["not_built"] == [built["failed"][0]["error"]]
     seg = pydicom.dcmread(dict(ctx.outbox.queued)["seg"], stop_before_pixels=True)
@@ -293,10 +295,10 @@ def test_failing_pdf_rerender_does_not_sink_delivery(oblique, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("font missing")
 
-    monkeypatch.setattr(stages, "rerender_pdf", broken)
+    monkeypatch.setattr("brainline.service.gateway.deliver.rerender_pdf", broken)
     ctx = stage_context(oblique, tmp_path)
-    stages.build_outputs(ctx)
-    delivered = stages.deliver(ctx)
+    build_outputs(ctx)
+    delivered = deliver(ctx)
     queued = [kind for kind, _ in ctx.outbox.queued]
     assert "pdf" not in queued and {"seg", "sr", "overlay"} <= set(queued)
     assert delivered["not_delivered"] == [{"kind": "pdf", "error": "PDF report not delivered: "
@@ -305,13 +307,17 @@ def test_failing_pdf_rerender_does_not_sink_delivery(oblique, tmp_path, monkeypa
 
 
 # Flags worded as the stages word them (pipelines/skull_strip.py, registration.py,
-# model_space.py): the SR and the PDF once dropped every skull-stripping flag
-# because results.py kept only flags starting with "skull".
+# model_space.py, service/compute/qc_history.py, segmentation_qc.py): the SR and
+# the PDF once dropped every skull-stripping flag because results.py kept only
+# flags starting with "skull".
+IQM_WORDS = "FLAIR cjv far above this scanner's usual (robust z 5.10, 23 earlier studies)"
 STAGE_FLAGS = {
     "registration": {"flair": ["misregistration: a 3 mm shift along S-I (z) matches better"]},
     "skull_strip": ["implausible brain volume 2410 mL (expected 800-2000 mL)",
                     "the brain mask of T1 touches the edge of the field of view (1892 voxels)"],
     "model_space": ["low foreground Dice 0.62 on the common region"],
+    "image_qc": [f"iqm_outlier: {IQM_WORDS}"],
+    "segmentation_qc": ["implausible_volume: whole tumour 512 mL exceeds 400 mL"],
     "other": ["a flag from a future stage"],
 }
 
@@ -323,14 +329,30 @@ def test_every_stage_flag_reaches_the_sr_and_the_pdf(oblique, tmp_path):
     summary["registration"] = {"t1c": {"reference": True}, "flair": {"flags": reg_flags}}
     summary["skull_strip"] = {"flags": STAGE_FLAGS["skull_strip"]}
     summary["model_space"] = {"space": "brats", "flags": STAGE_FLAGS["model_space"]}
+    summary["image_qc"] = {"series": {"flair": {"label": "FLAIR", "metrics": {"cjv": 0.9}, "z": {"cjv": 5.1},
+                                                "n_history": 23, "outliers": [IQM_WORDS]}},
+                           "history": {"compared": True}, "flags": STAGE_FLAGS["image_qc"], "outliers": [IQM_WORDS]}
+    summary["segmentation_qc"] = {"components": [], "component_words": ["512 mL, left frontal"],
+                                  "flags": STAGE_FLAGS["segmentation_qc"], "discord": None}
     summary["qc_flags"] = ([f"FLAIR: {f}" for f in reg_flags] + STAGE_FLAGS["skull_strip"]
-                           + [f"model space: {f}" for f in STAGE_FLAGS["model_space"]] + STAGE_FLAGS["other"])
+                           + [f"model space: {f}" for f in STAGE_FLAGS["model_space"]] + STAGE_FLAGS["image_qc"]
+                           + STAGE_FLAGS["segmentation_qc"] + STAGE_FLAGS["other"])
     (work / "summary.json").write_text(json.dumps(summary))
+    # every section of the summary that carries flags is one of its QC findings (pipelines/records.py)
+    checks = Summary.from_json(summary).flags_by_check()
+    assert {name for name, _ in checks} == {"registration flair", "skull stripping", "model space registration",
+                                            "image quality", "segmentation quality"}
     record = build_results(work, oblique.files)
     out = work / "results"
     sr_words = " ".join(t for texts in sr_texts(out / "sr.dcm").values() for t in texts)
     pdf_words = " ".join(pdf_text(out / "report.dcm").split())
-    for flag in reg_flags + STAGE_FLAGS["skull_strip"] + STAGE_FLAGS["model_space"] + STAGE_FLAGS["other"]:
-        assert flag in sr_words, f"{flag!r} missing from the SR"
-        assert " ".join(flag.split()) in pdf_words, f"{flag!r} missing from the PDF"
+    every_flag = [f for _, flags in checks for f in flags] + STAGE_FLAGS["other"]
+    assert sorted(every_flag) == sorted(summary["qc_flags"])
+    for flag in every_flag:
+        # image-quality flags ("iqm_outlier: words") are reported by their words
+        words = flag.split(": ", 1)[1] if flag.startswith("iqm_outlier: ") else flag
+        words = words.split(": ", 1)[1] if words.startswith("FLAIR: ") else words        # the finding names the role
+        words = words.split(": ", 1)[1] if words.startswith("model space: ") else words  # ... and model space
+        assert words in sr_words, f"{flag!r} missing from the SR"
+        assert " ".join(words.split()) in pdf_words, f"{flag!r} missing from the PDF"
     assert record["complete"]

@@ -18,14 +18,24 @@ import pytest
 from prometheus_client import generate_latest
 
 from brainline.service.db import Job, OutboxItem, VaultEntry, make_engine, make_sessionmaker, migrate, utcnow
-from brainline.service.jobs import JobStore
-from brainline.service.metrics import Metrics
-from brainline.service.retention import (
-    LOG_NAME, RetentionConfig, RetentionScheduler, StorageUsage, execute_plan, plan_purge, purge,
-    purged_jobs, register_hold_check, run_purge_cli, tree_size, unregister_hold_check,
+from brainline.service.gateway.retention import (
+    LOG_NAME,
+    RetentionConfig,
+    RetentionScheduler,
+    StorageUsage,
+    execute_plan,
+    plan_purge,
+    purge,
+    purged_jobs,
+    register_hold_check,
+    run_purge_cli,
+    tree_size,
+    unregister_hold_check,
 )
+from brainline.service.gateway.vault import Vault
+from brainline.service.jobs.store import JobStore
+from brainline.service.metrics import Metrics
 from brainline.service.settings import load_settings
-from brainline.service.vault import Vault
 
 DAY = 86400
 KEY = "test-vault-key-0123456789abcdef"

@@ -34,13 +34,13 @@ import pytest
 from sqlalchemy import select
 
 from brainline.pipelines.dicom_outputs.kos import person_name, retracted_instances
-from brainline.service import review
-from brainline.service.completion import CompletionMonitor
 from brainline.service.context import ServiceContext
 from brainline.service.db import AuditEvent, Job, utcnow
-from brainline.service.listener import DicomListener
-from brainline.service.retention import RetentionConfig, plan_purge
-from brainline.service.review import ReviewError
+from brainline.service.gateway import review
+from brainline.service.gateway.completion import CompletionMonitor
+from brainline.service.gateway.listener import DicomListener
+from brainline.service.gateway.retention import RetentionConfig, plan_purge
+from brainline.service.gateway.review import ReviewError
 from brainline.service.settings import SettingsError, load_settings
 from tests.peers import OrthancServer, free_port, storescu
 from tests.test_dicom_outputs import dciodvfy
@@ -262,7 +262,7 @@ def test_hold_keeps_results_out_of_the_pacs_until_accept(service, processed, pac
 def test_reject_retracts_the_delivered_objects_with_a_rejection_note(service, processed, pacs, tmp_path):
     from fastapi.testclient import TestClient
 
-    from brainline.service.api import create_app
+    from brainline.service.api.app import create_app
 
     job_id = processed[1]
     ctx = service(BRAINLINE_API_TOKEN="review-token")

@@ -5,7 +5,7 @@ FastAPI's TestClient; and one test in real headless Chromium against a real
 `brainline serve` that processed a study pushed with storescu and delivers to
 a real Orthanc: log in, open the job, toggle labels, scroll (load time and
 frames per second measured and printed), show the identity, accept with
-score 4 and, when service/review.py is there, find the VERIFIED SR in
+score 4 and, when service/gateway/review.py is there, find the VERIFIED SR in
 Orthanc; then, in the same service, REJECT a second study's job with a
 reason and find in Orthanc the IOCM rejection note (KOS, 113001) that
 references exactly the job's delivered instances, those instances flagged
@@ -37,11 +37,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from brainline.pipelines.dicom_outputs.kos import retracted_instances
-from brainline.service import auth, cli
-from brainline.service.api import create_app
+from brainline.service import cli
+from brainline.service.api import auth
+from brainline.service.api.app import create_app
+from brainline.service.api.review_ui import prepare_volumes, short_uid
 from brainline.service.context import ServiceContext
 from brainline.service.db import AuditEvent, Job, QCMetric, Review, User
-from brainline.service.review_ui import prepare_volumes, short_uid
 from brainline.service.settings import load_settings
 from tests.browser import Browser, chromium_binary
 from tests.conftest import PHI, PHI_STRINGS, TCGA
@@ -52,7 +53,7 @@ from tests.phi import find_phi, scan
 PASSWORD = "correct horse battery"
 PHI_VALUES = {"name": PHI["patient_name"], "id": PHI["patient_id"], "birth": PHI["birth_date"],
               "accession": PHI["accession"]}
-HAVE_REVIEW = importlib.util.find_spec("brainline.service.review") is not None
+HAVE_REVIEW = importlib.util.find_spec("brainline.service.gateway.review") is not None
 
 
 # ------------------------------------------------------------------ fixtures
@@ -338,7 +339,7 @@ def test_review_form_checks_its_fields(parts, client):
         assert answer.status_code == 422 and words in answer.text.lower(), answer.text[-500:]
 
 
-@pytest.mark.skipif(not HAVE_REVIEW, reason="service/review.py (review.accept/reject) is not there yet")
+@pytest.mark.skipif(not HAVE_REVIEW, reason="service/gateway/review.py (review.accept/reject) is not there yet")
 def test_review_of_a_job_that_cannot_be_reviewed_is_refused_in_words(parts, client):
     ctx, job = parts
     job_id = job(state="failed", review_state=None)

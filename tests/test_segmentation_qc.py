@@ -5,19 +5,27 @@ tcga-du-7294."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from brainline.pipelines.segmentation_qc import (SegmentationQCConfig, alarm_threshold, dice, discord_alarms,
-                                                 flip_segmentations, fuse_labels, lr_array_axis, majority_vote,
-                                                 midline_x_mm, plausibility_flags, region_masks,
-                                                 segmentation_qc, tumour_components)
+from brainline.pipelines.segmentation_qc import (
+    SegmentationQCConfig,
+    alarm_threshold,
+    dice,
+    discord_alarms,
+    flip_segmentations,
+    fuse_labels,
+    lr_array_axis,
+    majority_vote,
+    midline_x_mm,
+    plausibility_flags,
+    region_masks,
+    segmentation_qc,
+    tumour_components,
+)
+from tests.shared_data import TCGA, require
 
-DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
-TCGA = DATA / "tcga-du-7294"
 ALGORITHMS = ("hnfnetv1-20", "isen-20", "sanet0-20", "scan-20", "yixinmpl-20")
 
 
@@ -215,8 +223,7 @@ def test_lr_array_axis():
 
 @pytest.fixture(scope="module")
 def tcga():
-    if not (TCGA / "segmentations" / "scan-20.nii.gz").exists():
-        pytest.skip("shared data missing")
+    require(TCGA / "segmentations" / "scan-20.nii.gz")
     segs = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(TCGA / "segmentations" / f"{n}.nii.gz")))
             for n in (*ALGORITHMS, "fusion_mav")}
     ref = sitk.ReadImage(str(TCGA / "flair.nii.gz"))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, EnhancedMRImageStorage, MRImageStorage, generate_uid
+from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from brainline.pipelines.series_selection import (
     MissingSeriesError,

@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from brainline.service.completion import CompletionMonitor
 from brainline.service.db import Job, State, make_engine, make_sessionmaker, migrate
-from brainline.service.jobs import JobConflict, JobStore
+from brainline.service.gateway.completion import CompletionMonitor
+from brainline.service.gateway.spool import InvalidInstance, OutOfSpace, Spool
+from brainline.service.gateway.vault import Vault, VaultError, resolve_vault_key
+from brainline.service.jobs.store import JobConflict, JobStore
 from brainline.service.metrics import Metrics
 from brainline.service.settings import SettingsError, load_settings
-from brainline.service.spool import InvalidInstance, OutOfSpace, Spool
-from brainline.service.vault import Vault, VaultError, resolve_vault_key
 
 
 @pytest.fixture

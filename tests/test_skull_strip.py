@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,16 +25,15 @@ from brainline.pipelines.skull_strip import (
     looks_skull_stripped,
     skull_strip,
 )
+from tests.shared_data import DATA, needs_data
 
-DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 VOLUMES = [
     "tcga-du-7294/t1", "tcga-du-7294/t1c", "tcga-du-7294/t2", "tcga-du-7294/flair",
     "brats-gli-00001-000/t1n", "brats-gli-00001-000/t1c", "brats-gli-00001-000/t2w",
     "brats-gli-00001-000/t2f",
 ]
 
-pytestmark = pytest.mark.skipif(not (DATA / "tcga-du-7294" / "t1c.nii.gz").is_file(),
-                                reason="shared/data not available")
+pytestmark = needs_data(DATA / "tcga-du-7294" / "t1c.nii.gz")
 
 
 # --------------------------------------------------------------------------- #

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from brainline.service.completion import CompletionMonitor
 from brainline.service.db import make_engine, make_sessionmaker, migrate
-from brainline.service.jobs import JobStore
+from brainline.service.gateway.completion import CompletionMonitor
+from brainline.service.gateway.spool import Spool
+from brainline.service.jobs.store import JobStore
 from brainline.service.metrics import Metrics
-from brainline.service.spool import Spool
 from tests.test_listener_hardening import QUIET, mr_instance, send, spool_files
 
 

@@ -21,13 +21,13 @@ import pytest
 
 from brainline.service.context import ServiceContext
 from brainline.service.db import Job, OutboxItem
-from brainline.service.jobs import JobConflict, in_words
+from brainline.service.jobs.errors import SUPERSEDED, Superseded, in_words
+from brainline.service.jobs.store import JobConflict
 from brainline.service.settings import load_settings
-from brainline.service.stages import SUPERSEDED, Superseded
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import write_study
 from tests.peers import storescu
-from tests.test_quarantine import spool_study
+from tests.test_pseudonymize_quarantine import spool_study
 
 
 @pytest.fixture
@@ -156,7 +156,8 @@ def test_resent_study_replaces_delivered_results(service_factory, orthanc, study
     assert storescu(study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
     [first] = svc.wait_jobs(1, timeout=600)
     assert first["state"] == "done", first
-    assert "T2 series 4 'AX T2 FSE' is incomplete" in next(s for s in first["stages"] if s["name"] == "select_series")["result"]["inputs"]["note"]
+    selection = next(s for s in first["stages"] if s["name"] == "select_series")
+    assert "T2 series 4 'AX T2 FSE' is incomplete" in selection["result"]["inputs"]["note"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         items = svc.api("GET", "/api/v1/outbox").json()["items"]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests.corpus import DEFAULT_DATA
+from tests.shared_data import BRATS18, needs_data
 from tests.synthetic_followup import ROLES, load_pair, load_source, make_pair
 
 CASE = "CBICA_ABM"
-pytestmark = pytest.mark.skipif(not (DEFAULT_DATA / "brats18").is_dir(), reason="shared brats18 data not available")
+pytestmark = needs_data(BRATS18)
 
 
 def arr(path) -> np.ndarray:

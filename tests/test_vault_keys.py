@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from brainline.service.db import VaultEntry, make_engine, make_sessionmaker, migrate
-from brainline.service.vault import (
+from brainline.service.gateway.vault import (
     KEYRING_KIND,
     Vault,
     VaultError,

@@ -50,8 +50,15 @@ import pytest
 import SimpleITK as sitk
 
 from brainline.pipelines.dicom_outputs import (
-    LABELS, AlgorithmInfo, QCFinding, bidimensional_measurements, build_rano_sr, build_seg, build_sr,
-    read_source_series, volume_summary,
+    LABELS,
+    AlgorithmInfo,
+    QCFinding,
+    bidimensional_measurements,
+    build_rano_sr,
+    build_seg,
+    build_sr,
+    read_source_series,
+    volume_summary,
 )
 from tests.browser import Browser, chromium_binary
 from tests.dicom_factory import write_study

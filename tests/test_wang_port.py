@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from brainline.models.wang_msnet import NETWORKS, WEIGHTS_DIR, load_msnet
+from tests.shared_data import BRATS18, require
 
 FIX = Path(__file__).parent / "fixtures" / "wang"
-BRATS18 = Path("/work/shared/data/brats18")
 DICE_CASE = "Brats18_TCIA02_135_1"
 STEM_TO_KEY = {stem: key for key, (stem, _) in NETWORKS.items()}
 # DICE_CASE's fused result before the views were exposed (CPU, torch 2.13,
@@ -92,6 +92,44 @@ def test_network_matches_tensorflow(stem, manifest, real_inputs):
         assert ref.min() < 0.5 or kind == "random"
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_batch_norm_prelu_is_batch_norm_then_prelu(inplace):
+    """The chunked CPU BN + PReLU of the port (wang_msnet.bn_prelu) against
+    torch's batch norm (training mode) and PReLU in float64: a row count that
+    is not a multiple of the chunk, channels far from zero mean (mean/std up
+    to 1e3: a naive one-pass variance would lose it in float32), and
+    negative, small and large PReLU slopes (the published ones span -1.5 to
+    2.8). The float32 result must be as close to the float64 reference as
+    torch's own float32 batch norm is."""
+    import torch.nn.functional as F
+
+    from brainline.models.wang_msnet import BN, CL, PReLU, bn_prelu
+
+    g = torch.Generator().manual_seed(3)
+    c = 6
+    bn, pr = BN(c), PReLU(c)
+    with torch.no_grad():
+        bn.gamma.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.beta.copy_(torch.randn(c, generator=g))
+        pr.alpha.copy_(torch.tensor([-1.5, 0.0, 0.1, 0.7, 1.0, 2.8]))
+    centre = torch.tensor([0.0, 3.0, -50.0, 1e3, 0.5, -2e3]).view(1, c, 1, 1)
+    spread = torch.tensor([1.0, 0.1, 5.0, 1.0, 20.0, 4.0]).view(1, c, 1, 1)
+    x64 = torch.randn(37, c, 23, 29, generator=g, dtype=torch.float64) * spread + centre  # 24679 rows
+    with torch.inference_mode():
+        ref = F.prelu(F.batch_norm(x64, None, None, bn.gamma.double(), bn.beta.double(), training=True,
+                                   momentum=0.0, eps=1e-5), pr.alpha.double())
+        x32 = x64.float().contiguous(memory_format=CL)
+        torch_err = float((F.prelu(bn(x32, "batch"), pr.alpha).double() - ref).abs().max())
+        got = bn_prelu(x32.clone(memory_format=CL), bn, pr, "batch", inplace=inplace)
+        err = float((got.double() - ref).abs().max())
+        assert got.shape == x32.shape and got.is_contiguous(memory_format=CL)
+        assert err <= max(torch_err, 1e-4), (err, torch_err)
+        # float64 through the same code: the same mathematics, to rounding
+        got64 = bn_prelu(x64.contiguous(memory_format=CL), bn.double(), pr.double(), "batch", inplace=inplace)
+        assert float((got64 - ref).abs().max()) < 1e-10
+        assert ref.min() < -1 and ref.max() > 1  # both PReLU branches are exercised
+
+
 def _read_zyx(path: Path) -> np.ndarray:
     import SimpleITK as sitk
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
@@ -106,9 +144,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_cascade_on_brats18_case():
     from brainline.models.wang_cascade import segment_brats
 
-    case = BRATS18 / DICE_CASE
-    if not case.is_dir():
-        pytest.skip(f"shared BraTS 2018 data not available at {case}")
+    case = require(BRATS18 / DICE_CASE)
     vols = [_read_zyx(case / f"{DICE_CASE}_{m}.nii.gz") for m in ("flair", "t1", "t1ce", "t2")]
     ref = _read_zyx(case / f"{DICE_CASE}_seg.nii.gz").astype(np.uint8)
     res = segment_brats(*vols, device="cpu", seed=0)

@@ -60,6 +60,8 @@ from typing import Mapping
 import highdicom as hd
 from pydicom.sr.coding import Code
 
+from ..roles import ROLE_LABELS
+
 try:
     from brainline import __version__ as _BRAINLINE_VERSION
 except ImportError:  # pipelines imported outside the brainline package
@@ -257,7 +259,6 @@ QC_VALUES: Mapping[str, Code] = MappingProxyType({
 
 _QC_ALIASES = {"skull_stripping": "skull_strip_quality", "registration": "registration_quality",
                "segmentation": "segmentation_quality", "ensemble": "ensemble_agreement"}
-_ROLE_WORDS = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
 _CODE_VALUE_MAX = 16  # Code Value is SH
 
 
@@ -293,7 +294,7 @@ def qc_concept(name: str) -> Code:
     if key.startswith("registration_"):
         role = key[len("registration_"):]
         return _private(_unique_value("QC-REG-", role),
-                        f"Registration quality ({_ROLE_WORDS.get(role, role.replace('_', ' '))})"[:64])
+                        f"Registration quality ({ROLE_LABELS.get(role, role.replace('_', ' '))})"[:64])
     return _private(_unique_value("QC-", key), name.replace("_", " ").strip().capitalize()[:64])
 
 

@@ -28,9 +28,13 @@ from pydicom.dataset import Dataset
 
 from .codes import BRAIN, CATEGORY_ABNORMAL, LESION, AlgorithmInfo, lesion_kind
 from .seg import (
-    SourceSeries, _as_series, _on_source_grid, algorithm_identification, binary_segmentation, new_uid,
+    _on_source_grid,
+    algorithm_identification,
+    binary_segmentation,
+    new_uid,
     truncate_words,
 )
+from .source_series import SourceSeries, as_source_series
 
 __all__ = ["build_lesion_seg", "lesions_on_source_grid", "lesion_segment_numbers", "lesion_label"]
 
@@ -46,7 +50,7 @@ def lesions_on_source_grid(lesion_map: sitk.Image, source: SourceSeries | Sequen
     if lesion_map.GetDimension() != 3 or lesion_map.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("the lesion map must be a 3-D scalar label image")
     image = sitk.Cast(lesion_map, sitk.sitkUInt16)
-    return _on_source_grid(image, _as_series(source), sitk.sitkNearestNeighbor, sitk.sitkUInt16, np.uint16)
+    return _on_source_grid(image, as_source_series(source), sitk.sitkNearestNeighbor, sitk.sitkUInt16, np.uint16)
 
 
 def lesion_segment_numbers(seg: Dataset) -> dict[int, int]:
@@ -73,7 +77,7 @@ def build_lesion_seg(
 ) -> hd.seg.Segmentation | None:
     """BINARY SEG with one segment per lesion of ``lesions`` present on the
     source grid (see the module doc); None when none is."""
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     frames = lesions_on_source_grid(lesion_map, series)
     algo_id = algorithm_identification(algorithm, manufacturer)
     descriptions, masks = [], []

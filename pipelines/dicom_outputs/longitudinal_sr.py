@@ -43,14 +43,39 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from .codes import (
-    BRAIN, CATEGORY_ABNORMAL, CERTAINTY_OF_FINDING, COMPOSITES, FOLLOWUP_ASSESSMENT, INTERVAL_SINCE_PRIOR, LABELS,
-    LESION, LESION_CHANGE, NUMBER_GROWING_LESIONS, NUMBER_NEW_LESIONS, PERCENT_CHANGE_NADIR, PERCENT_CHANGE_PRIOR,
-    PRIOR_STUDY_COMPARED, UNIT_COUNT, UNIT_DAY, UNIT_ML, UNIT_MM3, UNIT_PERCENT, VOLUME, VOLUME_CHANGE_NADIR,
-    VOLUME_CHANGE_PRIOR, VOLUME_NADIR, VOLUME_PRIOR, AlgorithmInfo, QCFinding, assessment_code, lesion_kind,
+    BRAIN,
+    CATEGORY_ABNORMAL,
+    CERTAINTY_OF_FINDING,
+    COMPOSITES,
+    FOLLOWUP_ASSESSMENT,
+    INTERVAL_SINCE_PRIOR,
+    LABELS,
+    LESION,
+    LESION_CHANGE,
+    NUMBER_GROWING_LESIONS,
+    NUMBER_NEW_LESIONS,
+    PERCENT_CHANGE_NADIR,
+    PERCENT_CHANGE_PRIOR,
+    PRIOR_STUDY_COMPARED,
+    UNIT_COUNT,
+    UNIT_DAY,
+    UNIT_ML,
+    UNIT_MM3,
+    UNIT_PERCENT,
+    VOLUME,
+    VOLUME_CHANGE_NADIR,
+    VOLUME_CHANGE_PRIOR,
+    VOLUME_NADIR,
+    VOLUME_PRIOR,
+    AlgorithmInfo,
+    QCFinding,
+    assessment_code,
+    lesion_kind,
     lesion_site,
 )
 from .lesion_seg import lesion_segment_numbers
-from .seg import SourceSeries, _as_series, new_uid
+from .seg import new_uid
+from .source_series import SourceSeries, as_source_series
 from .sr import _algorithm_id, _qc_texts, fix_method_relationships, observer_document
 
 __all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence"]
@@ -200,7 +225,7 @@ def build_change_sr(
     :func:`prior_evidence`); ``interval_days``: days between the prior and
     this study.
     """
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     if lesion_seg is not None and str(lesion_seg.StudyInstanceUID) != str(series.first.StudyInstanceUID):
         raise ValueError("lesion SEG and source series belong to different studies")
     algo_id = _algorithm_id(algorithm)

@@ -31,12 +31,12 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 from .codes import DERIVATION_SEGMENTATION, LABELS, PURPOSE_SOURCE_IMAGE, AlgorithmInfo
-from .seg import SourceSeries, _as_series, labels_on_source_grid, new_uid
+from .seg import labels_on_source_grid, new_uid
+from .source_series import SourceSeries, as_source_series
 
 __all__ = ["build_overlay_series", "render_overlay", "outline", "patient_orientation", "window_of",
            "DRAW_ORDER", "DEFAULT_SERIES_DESCRIPTION"]
@@ -126,9 +126,9 @@ def build_overlay_series(
     """One RGB Secondary Capture per source instance (sorted along the slice
     normal, InstanceNumber 1..N) with the label outlines burned in."""
     algorithm = algorithm or AlgorithmInfo()
-    series = _as_series(source_files, pixels=True)
+    series = as_source_series(source_files)
     frames = labels_on_source_grid(labels, series)
-    volume = np.stack([apply_modality_lut(ds.pixel_array, ds).astype(np.float64) for ds in series.datasets])
+    volume = series.modality_volume()
     low, high = window_of(series, volume)
     series_uid = new_uid(uid_root)
     description = (f"Outlines of the {algorithm.name} {algorithm.version} tumour segmentation "

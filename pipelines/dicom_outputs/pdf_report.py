@@ -9,7 +9,7 @@ re-render it from the same ReportContent with the real identifiers (the
 content holds no pixel data other than the key image) or accept that the
 document shows the pseudonym.
 
-After a radiologist's review (service/review.py) the report is re-issued
+After a radiologist's review (service/gateway/review.py) the report is re-issued
 with a :class:`ReviewInfo`: ACCEPT gives a green "Reviewed by ... on ...,
 score n/5" banner and a Review section; REJECT gives a report *without
 volumes* (no volume table, chart, key image with outlines or follow-up
@@ -40,7 +40,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
@@ -49,7 +48,8 @@ from reportlab.lib.units import mm
 from reportlab.platypus import Image, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from .codes import COMPOSITES, LABELS, PDF_CONCEPT_NAME, AlgorithmInfo, QCFinding
-from .seg import SourceSeries, _as_series, labels_on_source_grid, new_uid
+from .seg import labels_on_source_grid, new_uid
+from .source_series import SourceSeries, as_source_series
 
 __all__ = [
     "KeyImage", "ReportContent", "FollowUp", "ReviewInfo", "EncapsulatedPDF", "NOT_REVIEWED_STATEMENT",
@@ -181,14 +181,14 @@ def key_image_from_series(
 ) -> KeyImage:
     """Key image from the reference series: the instance with the largest tumour
     area (the middle instance if nothing is segmented), labels on its grid."""
-    series = _as_series(source_files, pixels=True)
+    series = as_source_series(source_files)
     frames = labels_on_source_grid(labels, series)
     index = select_key_slice(frames)
     caption_tail = ""
     if index is None:
         index, caption_tail = len(series) // 2, " (no tumour segmented)"
     ds = series.datasets[index]
-    image = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    image = series.modality_image(index)
     window = None
     if "WindowCenter" in ds and "WindowWidth" in ds:
         c = float(ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter)
@@ -244,8 +244,8 @@ def _volume_rows(content: ReportContent) -> list[tuple[str, str, float | None]]:
     for value, concept in LABELS.items():
         rows.append((concept.description, str(value), _get(content.volumes_ml, str(value))))
     for key, comp in COMPOSITES.items():
-        rows.append((f"{comp.name.lower().replace('tumor', 'tumour')} ({comp.method.value[-2:]})", "+".join(str(v) for v in comp.labels),
-                     _get(content.volumes_ml, key)))
+        rows.append((f"{comp.name.lower().replace('tumor', 'tumour')} ({comp.method.value[-2:]})",
+                     "+".join(str(v) for v in comp.labels), _get(content.volumes_ml, key)))
     return rows
 
 
@@ -640,7 +640,7 @@ def build_encapsulated_pdf(
     YES: the PDF prints patient identifiers.
     """
     algorithm = algorithm or AlgorithmInfo()
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     return EncapsulatedPDF(
         pdf_bytes,
         series.first,

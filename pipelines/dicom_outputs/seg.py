@@ -12,35 +12,34 @@ that geometry and matches every slice to its source instance by position
 plane). :func:`build_seg` then writes one BINARY segment per label present.
 :func:`read_seg_labels` reads a SEG back into a label map on the source grid.
 
-Also home to the helpers the other output builders share: reading and sorting
-the source series (:func:`read_source_series`) and minting UIDs
-(:func:`new_uid`).
+The source series is a :class:`.source_series.SourceSeries`, read once by
+the caller (``build_results``) and handed to every builder; its grid comes
+from the headers (:attr:`.source_series.SourceSeries.grid`). Builders still
+accept a list of files (they then read the series themselves).
+
+Also home to the helpers the other output builders share: minting UIDs
+(:func:`new_uid`) and resampling onto the source grid.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Sequence
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from .codes import BRAIN, LABELS, AlgorithmInfo, label_concept
+from .source_series import SourceSeries, as_source_series, read_source_series
 
 __all__ = [
-    "EmptySegmentationError", "SourceSeries", "new_uid", "read_source_series",
+    "EmptySegmentationError", "SourceSeries", "new_uid", "read_source_series", "as_source_series",
     "labels_on_source_grid", "image_on_source_grid", "build_seg", "read_seg_labels", "segment_label_values",
     "algorithm_identification", "truncate_words", "content_description", "CONTENT_CREATOR_NAME",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Tolerance (in voxels) when matching an instance position to a grid slice.
 _GRID_TOLERANCE = 1e-3
@@ -59,76 +58,6 @@ def new_uid(uid_root: str | None = None) -> str:
         return str(generate_uid(prefix=None))
     prefix = uid_root if uid_root.endswith(".") else uid_root + "."
     return str(generate_uid(prefix=prefix))
-
-
-# ---------------------------------------------------------------- source series
-
-
-@dataclass
-class SourceSeries:
-    """The single-frame instances of one series, sorted along the slice normal
-    (the order of ``sitk.GetArrayFromImage`` axis 0 after ImageSeriesReader)."""
-
-    datasets: list[Dataset]
-    paths: list[Path]
-    normal: np.ndarray
-
-    @property
-    def first(self) -> Dataset:
-        return self.datasets[0]
-
-    @property
-    def series_instance_uid(self) -> str:
-        return str(self.first.SeriesInstanceUID)
-
-    @property
-    def sop_instance_uids(self) -> list[str]:
-        return [str(ds.SOPInstanceUID) for ds in self.datasets]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (len(self.datasets), int(self.first.Rows), int(self.first.Columns))
-
-    def __len__(self) -> int:
-        return len(self.datasets)
-
-
-def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool = False) -> SourceSeries:
-    """Read the instances of one single-frame series and sort them along the slice normal.
-
-    Raises ValueError (in words) for an empty list, mixed series, multi-frame
-    instances, missing geometry or mixed orientations.
-    """
-    paths = [Path(p) for p in source_files]
-    if not paths:
-        raise ValueError("no source DICOM files given")
-    datasets = [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in paths]
-    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
-    if len(series_uids) != 1:
-        raise ValueError(f"source files belong to {len(series_uids)} series; expected exactly one")
-    for ds, path in zip(datasets, paths):
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise ValueError(f"{path.name}: multi-frame source images are not supported")
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
-            raise ValueError(f"{path.name}: source image has no image plane geometry (position/orientation/spacing)")
-    iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
-    for ds, path in zip(datasets, paths):
-        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
-            raise ValueError(f"{path.name}: orientation differs from the rest of the series")
-        if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
-            raise ValueError(f"{path.name}: matrix size differs from the rest of the series")
-    normal = np.cross(iop[:3], iop[3:])
-    order = sorted(range(len(datasets)),
-                   key=lambda i: float(np.dot(np.array(datasets[i].ImagePositionPatient, dtype=float), normal)))
-    return SourceSeries([datasets[i] for i in order], [paths[i] for i in order], normal)
-
-
-def _as_series(source: SourceSeries | Sequence[str | PathLike], pixels: bool = False) -> SourceSeries:
-    if isinstance(source, SourceSeries):
-        if pixels and "PixelData" not in source.first:
-            return read_source_series(source.paths, pixels=True)
-        return source
-    return read_source_series(source, pixels=pixels)
 
 
 # ---------------------------------------------------------------- label resampling
@@ -170,27 +99,21 @@ def _on_source_grid(image: sitk.Image, series: SourceSeries, interpolator: int, 
                     dtype: type) -> np.ndarray:
     """``image`` resampled onto every instance of ``series``: array ``[instance, row, column]``.
 
-    The series geometry is read with SimpleITK's ImageSeriesReader; each
-    instance is matched to a slice of that grid by its ImagePositionPatient.
-    Instances off the regular grid (uneven spacing, gaps) are resampled on
-    their own plane, so every frame is exactly on its source instance.
+    The image is resampled once onto the series grid (:attr:`SourceSeries.grid`,
+    from the headers; no file is read); each instance is matched to a slice of
+    that grid by its ImagePositionPatient. Instances off the regular grid
+    (uneven spacing, gaps) are resampled on their own plane, so every frame is
+    exactly on its source instance.
     """
     n, rows, cols = series.shape
     out = np.zeros((n, rows, cols), dtype=dtype)
-    grid = None
-    if n > 1:
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(p) for p in series.paths])
-        try:
-            grid = reader.Execute()
-        except RuntimeError as exc:  # unreadable by ITK: fall back to per-instance planes
-            log.warning("ImageSeriesReader could not read the source series (%s); resampling per instance", exc)
-    volume = _resample(image, grid, interpolator, pixel_id) if grid is not None else None
+    grid = series.grid
+    volume = grid.resample(image, interpolator, pixel_id) if grid is not None else None
 
     for i, ds in enumerate(series.datasets):
         k = None
-        if volume is not None and grid.GetSize()[:2] == (cols, rows):
-            ci = grid.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
+        if volume is not None:
+            ci = grid.continuous_index([float(v) for v in ds.ImagePositionPatient])
             kr = int(round(ci[2]))
             if (abs(ci[0]) < _GRID_TOLERANCE and abs(ci[1]) < _GRID_TOLERANCE
                     and abs(ci[2] - kr) < _GRID_TOLERANCE and 0 <= kr < volume.shape[0]):
@@ -203,7 +126,7 @@ def labels_on_source_grid(labels: sitk.Image, source: SourceSeries | Sequence[st
     """Label map resampled (nearest neighbour) onto the source series: uint8 array
     ``[instance, row, column]`` in the sorted order of :func:`read_source_series`
     (see :func:`_on_source_grid` for how instances are matched)."""
-    return _on_source_grid(_check_labels(labels), _as_series(source), sitk.sitkNearestNeighbor,
+    return _on_source_grid(_check_labels(labels), as_source_series(source), sitk.sitkNearestNeighbor,
                            sitk.sitkUInt8, np.uint8)
 
 
@@ -215,7 +138,7 @@ def image_on_source_grid(image: sitk.Image, source: SourceSeries | Sequence[str 
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("image must be a 3-D scalar image")
     image = sitk.Cast(image, sitk.sitkFloat32)
-    return _on_source_grid(image, _as_series(source), interpolator, sitk.sitkFloat32, np.float32)
+    return _on_source_grid(image, as_source_series(source), interpolator, sitk.sitkFloat32, np.float32)
 
 
 # -------------------------------------------------------------------------- SEG
@@ -283,7 +206,7 @@ def build_seg(
     and study attributes are copied from the source by highdicom. Raises
     :class:`EmptySegmentationError` when no label is present.
     """
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     frames = labels_on_source_grid(labels, series)
     present = [v for v in sorted(LABELS) if np.any(frames == v)]
     if not present:
@@ -370,7 +293,7 @@ def read_seg_labels(
     """Read a BrainLine SEG back into a uint8 label map ``[instance, row, column]``
     on the source grid (same order as :func:`labels_on_source_grid`)."""
     seg = seg_path if isinstance(seg_path, hd.seg.Segmentation) else hd.seg.segread(seg_path)
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     mapping = segment_label_values(seg)
     numbers = sorted(mapping)
     masks = seg.get_pixels_by_source_instance(

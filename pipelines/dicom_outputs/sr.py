@@ -25,7 +25,7 @@ Measurement Method is written HAS CONCEPT MOD, as TID 1501 requires
 (:func:`fix_method_relationships`; highdicom 0.28 writes CONTAINS).
 
 :func:`build_verified_sr` writes the verified version of the volumes report
-after a radiologist accepted the segmentation (service/review.py): same
+after a radiologist accepted the segmentation (service/gateway/review.py): same
 content plus the review (decision, score, comment), VERIFIED with the
 Verifying Observer Sequence, FINAL, the original as predecessor document.
 
@@ -61,15 +61,38 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
 
 from ..rano import ComponentMeasurement, label_components, measure_components
+from ..records import Summary
 from .codes import (
-    BRAIN, CATEGORY_ABNORMAL, CATEGORY_ANATOMY, COMPOSITES, ENHANCING_LESION, INTRACRANIAL, LABELS, LONG_AXIS,
-    NON_ENHANCING_LESION, OHIF_BIDIRECTIONAL, PROCEDURE_REPORTED, QUALITATIVE_EVALUATIONS, RANO_METHOD, REPORT_TITLE,
-    SHORT_AXIS, TIV, UNIT_ML, UNIT_MM, VOLUME, AlgorithmInfo, QCFinding, label_concept, private_coding_scheme,
+    BRAIN,
+    CATEGORY_ABNORMAL,
+    CATEGORY_ANATOMY,
+    COMPOSITES,
+    ENHANCING_LESION,
+    INTRACRANIAL,
+    LABELS,
+    LONG_AXIS,
+    NON_ENHANCING_LESION,
+    OHIF_BIDIRECTIONAL,
+    PRIVATE_SCHEME,
+    PROCEDURE_REPORTED,
+    QUALITATIVE_EVALUATIONS,
+    RANO_METHOD,
+    REPORT_TITLE,
+    SHORT_AXIS,
+    TIV,
+    UNIT_ML,
+    UNIT_MM,
+    VOLUME,
+    AlgorithmInfo,
+    QCFinding,
+    label_concept,
+    private_coding_scheme,
 )
-from .codes import PRIVATE_SCHEME
-from .seg import SourceSeries, _as_series, new_uid, read_seg_labels, segment_label_values
+from .seg import new_uid, read_seg_labels, segment_label_values
+from .source_series import SourceSeries, as_source_series
 
-__all__ = ["build_sr", "build_rano_sr", "volume_summary", "SR_CLASSES", "bidimensional_measurements", "fix_method_relationships",
+__all__ = ["build_sr", "build_rano_sr", "volume_summary", "SR_CLASSES", "bidimensional_measurements",
+           "fix_method_relationships",
            "MEASUREMENT_METHOD", "observer_document", "build_verified_sr", "REVIEW_DECISION", "REVIEW_SCORE",
            "REVIEW_COMMENT", "review_score_code"]
 
@@ -217,7 +240,7 @@ def _bidimensional_group(m: ComponentMeasurement, enhancing: bool, series: Sourc
 def build_sr(
     seg: Dataset | None,
     source_files: Sequence[str | PathLike] | SourceSeries,
-    summary: Mapping[str, Any],
+    summary: Summary | Mapping[str, Any],
     qc_findings: Sequence[QCFinding],
     algorithm: AlgorithmInfo,
     *,
@@ -235,14 +258,16 @@ def build_sr(
 
     ``seg`` is the SEG built by :func:`~.seg.build_seg` (or None when nothing was
     segmented: label groups then carry no segment reference). ``summary`` is
-    ``{"volumes_ml": {"1": .., "2": .., "3": .., "tumor_core": .., "whole_tumor": ..},
-    "tiv_ml": ..}``; every SEG segment needs a volume. The document is complete,
+    the job's :class:`...records.Summary` (or its JSON; only ``volumes_ml``, mL
+    by "1", "2", "3", "tumor_core", "whole_tumor", and ``tiv_ml`` are used);
+    every SEG segment needs a volume. The document is complete,
     unverified and preliminary unless ``is_final`` (set it only after review).
     """
     if sr_class not in SR_CLASSES:
         raise ValueError(f"sr_class must be one of {sorted(SR_CLASSES)}")
-    series = _as_series(source_files)
-    volumes = summary.get("volumes_ml", {}) or {}
+    series = as_source_series(source_files)
+    summary = Summary.from_json(summary)
+    volumes = summary.volumes_ml or {}
     algo_id = _algorithm_id(algorithm)
     groups: list[Any] = []
 
@@ -312,7 +337,7 @@ def build_sr(
         )))
 
     # --- total intracranial volume
-    tiv = summary.get("tiv_ml")
+    tiv = summary.tiv_ml
     if tiv is not None:
         groups.append(fix_method_relationships(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier="Total intracranial volume"),
@@ -420,7 +445,7 @@ def build_rano_sr(
     """
     if sr_class not in SR_CLASSES:
         raise ValueError(f"sr_class must be one of {sorted(SR_CLASSES)}")
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     if str(seg.StudyInstanceUID) != str(series.first.StudyInstanceUID):
         raise ValueError("SEG and source series belong to different studies")
     algo_id = _algorithm_id(algorithm)

@@ -38,13 +38,16 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
+from ..roles import ROLE_LABELS
 from .codes import DERIVATION_SUBTRACTION, PURPOSE_SOURCE_IMAGE, AlgorithmInfo
-from .seg import SourceSeries, _as_series, image_on_source_grid, new_uid, truncate_words
+from .seg import image_on_source_grid, new_uid, truncate_words
+from .source_series import SourceSeries, as_source_series
 
 __all__ = ["build_subtraction_series", "subtraction_description", "encode_signed", "ROLE_WORDS",
            "STUDY_SOP_CLASS"]
 
-ROLE_WORDS = {"flair": "FLAIR", "t1c": "T1c", "t1": "T1", "t2": "T2"}
+#: Role spellings (the one table, :data:`..roles.ROLE_LABELS`; this name is kept for importers).
+ROLE_WORDS = ROLE_LABELS
 #: SOP Class UID written in ReferencedStudySequence items (PS3.3 C.7.2.1: the
 #: Study Instance UID is the Referenced SOP Instance UID).
 STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
@@ -114,7 +117,7 @@ def build_subtraction_series(
     (registration, intensity matching), for DerivationDescription.
     """
     algorithm = algorithm or AlgorithmInfo()
-    series = _as_series(source_files)
+    series = as_source_series(source_files)
     values = image_on_source_grid(subtraction, series)
     stored, slope = encode_signed(values)
     inside = values

@@ -29,7 +29,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "brainline.commonEnv" -}}
 - {name: BRAINLINE_HOME, value: /var/lib/brainline}
 - {name: BRAINLINE_WORKSPACES, value: /var/lib/brainline-workspaces}
-- {name: BRAINLINE_LOG_LEVEL, value: {{ .Values.logLevel | quote }}}
 - {name: BRAINLINE_EXECUTOR, value: {{ .Values.executor | quote }}}
 - {name: HOME, value: /tmp}
 - {name: MPLCONFIGDIR, value: /tmp/matplotlib}

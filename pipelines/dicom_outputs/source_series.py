@@ -1,0 +1,216 @@
+"""The source series every result object is built on, read once.
+
+Every DICOM result of a job (SEG, SR, overlay, PDF, RANO SR, and for a
+follow-up the subtraction series, lesion SEG and change SR) lies on the
+current study's reference series and references its instances one by one.
+:func:`read_source_series` reads that series once and gives a
+:class:`SourceSeries`: the instances sorted along the slice normal, their
+headers, the regular grid they span (:class:`SeriesGrid`, LPS millimetres)
+and, when asked, their pixel values. ``build_results`` makes one and hands it
+to every builder; no builder reads the series again.
+
+Geometry
+--------
+All coordinates are DICOM patient coordinates (LPS: +x left, +y posterior,
++z head), millimetres, as SimpleITK uses them. :attr:`SourceSeries.grid` is
+the grid SimpleITK's ``ImageSeriesReader`` would build from the sorted files,
+computed from the headers alone (the reader would decode every pixel again):
+
+* origin: ImagePositionPatient of the first instance;
+* direction: ImageOrientationPatient made orthonormal as GDCM does: slice
+  axis n = unit(row x column), column = unit(column), row = unit(column x n)
+  (ITK 5.4 keeps this orthogonal direction for a series);
+* spacing: PixelSpacing's column then row spacing, and the distance from the
+  first to the last position divided by (instances - 1).
+
+An instance off that grid (uneven spacing, a gap) is resampled on its own
+plane by :func:`.seg.labels_on_source_grid` and friends.
+
+Pixels
+------
+``read_source_series(files, pixels=True)`` keeps each instance's pixel data
+(one read per file; the overlay needs every slice). Without it the headers
+alone are read, and :meth:`SourceSeries.pixel_array` reads one instance's
+pixel data when a builder first asks for it (the PDF's key image needs one
+slice) and keeps it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from os import PathLike
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+__all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series"]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+@dataclass(frozen=True)
+class SeriesGrid:
+    """A regular 3-D grid in LPS millimetres, in SimpleITK's terms.
+
+    size: (columns, rows, instances) = SimpleITK (x, y, z) voxels.
+    origin: centre of the first voxel of the first instance (mm, LPS).
+    spacing: (column spacing, row spacing, slice step) in mm.
+    direction: 3 x 3 row-major, columns = row direction, column direction,
+        slice direction (unit vectors in LPS); SimpleITK's ``GetDirection``.
+    """
+
+    size: tuple[int, int, int]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    def continuous_index(self, point_mm: Sequence[float]) -> np.ndarray:
+        """(x, y, z) voxel coordinates of a physical point (mm, LPS)."""
+        matrix = np.array(self.direction, dtype=float).reshape(3, 3) * np.array(self.spacing, dtype=float)
+        return np.linalg.solve(matrix, np.asarray(point_mm, dtype=float) - np.array(self.origin, dtype=float))
+
+    def resample(self, image: sitk.Image, interpolator: int, pixel_id: int) -> np.ndarray:
+        """``image`` (any grid, LPS mm) resampled onto this grid with the
+        identity transform, 0 outside it: array ``[z, y, x]``."""
+        out = sitk.Resample(image, list(self.size), sitk.Transform(), interpolator, list(self.origin),
+                            list(self.spacing), list(self.direction), 0.0, pixel_id)
+        return sitk.GetArrayFromImage(out)
+
+    def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
+        """An empty image with this geometry (allocates size voxels)."""
+        image = sitk.Image([int(v) for v in self.size], pixel_id)
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+
+@dataclass(frozen=True, eq=False)
+class SourceSeries:
+    """The single-frame instances of one series, sorted along the slice normal
+    (ascending position along ``normal``: the order of axis 0 of
+    ``sitk.GetArrayFromImage`` of the grid).
+
+    datasets: one per instance, in that order (headers; with pixel data when
+        read with ``pixels=True``).
+    paths: the file of each dataset, same order.
+    normal: unit slice normal (row cosines x column cosines), LPS.
+    """
+
+    datasets: list[Dataset]
+    paths: list[Path]
+    normal: np.ndarray
+    _pixels: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.first.SeriesInstanceUID)
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        return [str(ds.SOPInstanceUID) for ds in self.datasets]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(instances, rows, columns): the shape of every ``[instance, row, column]`` array."""
+        return (len(self.datasets), int(self.first.Rows), int(self.first.Columns))
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+    @cached_property
+    def grid(self) -> SeriesGrid | None:
+        """The regular grid the instances span (see the module doc); None for
+        a single instance or when every instance lies at the same position."""
+        if len(self.datasets) < 2:
+            return None
+        first, last = self.datasets[0], self.datasets[-1]
+        iop = np.array(first.ImageOrientationPatient, dtype=float)
+        column = _unit(iop[3:])
+        row = _unit(np.cross(column, self.normal))
+        p0 = np.array(first.ImagePositionPatient, dtype=float)
+        length = float(np.linalg.norm(np.array(last.ImagePositionPatient, dtype=float) - p0))
+        if length < 1e-9:
+            return None
+        row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+        direction = np.column_stack([row, column, self.normal])
+        return SeriesGrid(size=(int(first.Columns), int(first.Rows), len(self.datasets)),
+                          origin=tuple(float(v) for v in p0),
+                          spacing=(col_spacing, row_spacing, length / (len(self.datasets) - 1)),
+                          direction=tuple(float(v) for v in direction.ravel()))
+
+    @property
+    def has_pixels(self) -> bool:
+        """Whether the datasets hold their pixel data (read with ``pixels=True``)."""
+        return all("PixelData" in ds for ds in self.datasets)
+
+    def pixel_array(self, index: int) -> np.ndarray:
+        """Stored pixel values of instance ``index`` (sorted order), ``[row,
+        column]``; read from its file on first use when the dataset is a header."""
+        ds = self.datasets[index]
+        if "PixelData" in ds:
+            return ds.pixel_array
+        with self._lock:
+            if index not in self._pixels:
+                self._pixels[index] = pydicom.dcmread(self.paths[index]).pixel_array
+            return self._pixels[index]
+
+    def modality_image(self, index: int) -> np.ndarray:
+        """Instance ``index`` in modality units (Modality LUT / rescale applied), float64 ``[row, column]``."""
+        return apply_modality_lut(self.pixel_array(index), self.datasets[index]).astype(np.float64)
+
+    def modality_volume(self) -> np.ndarray:
+        """Every instance in modality units, float64 ``[instance, row, column]``."""
+        return np.stack([self.modality_image(i) for i in range(len(self.datasets))])
+
+
+def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool = False) -> SourceSeries:
+    """Read the instances of one single-frame series (each file once) and sort
+    them along the slice normal. ``pixels``: keep the pixel data too.
+
+    Raises ValueError (in words) for an empty list, mixed series, multi-frame
+    instances, missing geometry, mixed orientations or matrix sizes.
+    """
+    paths = [Path(p) for p in source_files]
+    if not paths:
+        raise ValueError("no source DICOM files given")
+    datasets = [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in paths]
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) != 1:
+        raise ValueError(f"source files belong to {len(series_uids)} series; expected exactly one")
+    for ds, path in zip(datasets, paths):
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise ValueError(f"{path.name}: multi-frame source images are not supported")
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
+            raise ValueError(f"{path.name}: source image has no image plane geometry (position/orientation/spacing)")
+    iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
+    for ds, path in zip(datasets, paths):
+        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
+            raise ValueError(f"{path.name}: orientation differs from the rest of the series")
+        if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
+            raise ValueError(f"{path.name}: matrix size differs from the rest of the series")
+    normal = _unit(np.cross(iop[:3], iop[3:]))
+    order = sorted(range(len(datasets)),
+                   key=lambda i: float(np.dot(np.array(datasets[i].ImagePositionPatient, dtype=float), normal)))
+    return SourceSeries([datasets[i] for i in order], [paths[i] for i in order], normal)
+
+
+def as_source_series(source: SourceSeries | Sequence[str | PathLike]) -> SourceSeries:
+    """``source`` when it is a :class:`SourceSeries`, else the series read from
+    its files (headers only). For builders called with a list of files by
+    callers that have no SourceSeries; ``build_results`` passes one."""
+    return source if isinstance(source, SourceSeries) else read_source_series(source)

@@ -1,0 +1,1 @@
+../../brainline/__init__.py
