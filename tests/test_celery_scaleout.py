@@ -72,12 +72,19 @@ def _dest(pacs: OrthancServer) -> dict:
 
 
 def _wait_sent(cluster: Cluster, n_jobs: int, timeout: float = 120) -> list[dict]:
+    """The outbox's sent items once ``n_jobs`` jobs have sent items, nothing
+    is pending and the sent list stayed the same over two polls. Pending is
+    asked first: asked after "sent", items sent in between would be in
+    neither answer."""
     deadline = time.monotonic() + timeout
+    previous = None
     while time.monotonic() < deadline:
-        items = cluster.gateway.api("GET", "/api/v1/outbox", params={"state": "sent"}).json()["items"]
         pending = cluster.gateway.api("GET", "/api/v1/outbox", params={"state": "pending"}).json()["items"]
-        if len({i["job_id"] for i in items}) >= n_jobs and not pending:
+        items = cluster.gateway.api("GET", "/api/v1/outbox", params={"state": "sent"}).json()["items"]
+        ids = sorted(i["id"] for i in items)
+        if len({i["job_id"] for i in items}) >= n_jobs and not pending and ids == previous:
             return items
+        previous = ids
         time.sleep(0.5)
     raise AssertionError("results not delivered in time")
 
