@@ -37,7 +37,6 @@ from .priors import (
     PriorSearchError,
     _save_part10,
     _setting,
-    check_retrieve_status,
 )
 from .pseudonymize import ENCAPSULATED_SYNTAXES, NATIVE_SYNTAXES
 
@@ -63,6 +62,11 @@ class DimseMovePacs(DimsePacs):
     """C-FIND (Study Root) + C-MOVE to BrainLine's own short-lived storage SCP."""
 
     source = MOVE_SOURCE
+    what = "C-MOVE"
+
+    def send_retrieve(self, assoc, request: pydicom.Dataset):
+        """C-MOVE of ``request`` to our own destination AE."""
+        return assoc.send_c_move(request, self.move_ae, STUDY_ROOT_MOVE)
 
     def __init__(self, address: str, settings, timeout: float):
         super().__init__(address, settings, timeout)
@@ -118,14 +122,7 @@ class DimseMovePacs(DimsePacs):
             try:
                 assoc = self._associate(ae)
                 try:
-                    study.series = self.series_of(assoc, study)
-                    for series_uid in study.series:
-                        move = pydicom.Dataset()
-                        move.QueryRetrieveLevel = "SERIES"
-                        move.StudyInstanceUID = study.study_uid
-                        move.SeriesInstanceUID = series_uid
-                        for status, _identifier in assoc.send_c_move(move, self.move_ae, STUDY_ROOT_MOVE):
-                            check_retrieve_status(status, "C-MOVE", deadline, self.hint)
+                    self.retrieve_series(assoc, study, deadline)
                 except PriorSearchError:
                     assoc.abort()
                     raise

@@ -437,6 +437,25 @@ class DimsePacs:
                 studies.append(PacsStudy(str(ds.StudyInstanceUID), str(ds.get("StudyDate", "") or "")))
         return studies
 
+    what = "C-GET"
+    hint = ""   # added to a failure status, in words
+
+    def send_retrieve(self, assoc, request: pydicom.Dataset):
+        """The responses of one retrieve request (C-GET here) on ``assoc``."""
+        return assoc.send_c_get(request, STUDY_ROOT_GET)
+
+    def retrieve_series(self, assoc, study: PacsStudy, deadline: float) -> None:
+        """List the study's MR series on ``assoc`` and retrieve each one
+        (``send_retrieve``); PriorSearchError, in words, when one fails."""
+        study.series = self.series_of(assoc, study)
+        for series_uid in study.series:
+            request = pydicom.Dataset()
+            request.QueryRetrieveLevel = "SERIES"
+            request.StudyInstanceUID = study.study_uid
+            request.SeriesInstanceUID = series_uid
+            for status, _identifier in self.send_retrieve(assoc, request):
+                check_retrieve_status(status, self.what, deadline, self.hint)
+
     def series_of(self, assoc, study: PacsStudy) -> list[str]:
         """The MR series of ``study`` (C-FIND at SERIES level on ``assoc``)."""
         query = pydicom.Dataset()
@@ -470,14 +489,7 @@ class DimsePacs:
 
         assoc = self._associate(ae, [(evt.EVT_C_STORE, on_store)], roles)
         try:
-            study.series = self.series_of(assoc, study)
-            for series_uid in study.series:
-                get = pydicom.Dataset()
-                get.QueryRetrieveLevel = "SERIES"
-                get.StudyInstanceUID = study.study_uid
-                get.SeriesInstanceUID = series_uid
-                for status, _identifier in assoc.send_c_get(get, STUDY_ROOT_GET):
-                    check_retrieve_status(status, "C-GET", deadline)
+            self.retrieve_series(assoc, study, deadline)
         except PriorSearchError:
             assoc.abort()
             raise
