@@ -120,14 +120,7 @@ class DimseMovePacs(DimsePacs):
         with _ONE_RETRIEVAL:
             server = self._destination(study, folder, written, refused)
             try:
-                assoc = self._associate(ae)
-                try:
-                    self.retrieve_series(assoc, study, deadline)
-                except PriorSearchError:
-                    assoc.abort()
-                    raise
-                else:
-                    assoc.release()
+                self.retrieve_on(self._associate(ae), study, deadline)
             finally:
                 server.shutdown()
         if refused and not written[0]:

@@ -46,7 +46,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,8 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from sqlalchemy import select
+
+from brainline.pipelines.dicom_dates import parse_da, shift_da
 
 from ..db import Job, State
 from ..jobs.context import StageContext
@@ -116,11 +118,10 @@ def search_mode(settings) -> str:
 
 
 def _shift(yyyymmdd: str, days: int) -> str:
-    """``yyyymmdd`` moved by ``days`` (the vault's date shift); '' when invalid."""
-    try:
-        return (datetime.strptime(yyyymmdd[:8], "%Y%m%d").date() + timedelta(days=days)).strftime("%Y%m%d")
-    except (TypeError, ValueError):
-        return ""
+    """``yyyymmdd`` (a DA, or the date part of a longer value) moved by
+    ``days`` (the vault's date shift, pipelines/dicom_dates.py, the same rule
+    the de-identification applies); '' when invalid."""
+    return shift_da(str(yyyymmdd or "")[:8], days) or ""
 
 
 def _vault(ctx: StageContext) -> Vault:
@@ -138,10 +139,8 @@ def _spool(ctx: StageContext) -> Spool:
 
 
 def _as_date(yyyymmdd: str) -> date | None:
-    try:
-        return datetime.strptime(yyyymmdd[:8], "%Y%m%d").date()
-    except (TypeError, ValueError):
-        return None
+    """The calendar date of ``yyyymmdd`` (its first 8 characters); None when invalid."""
+    return parse_da(str(yyyymmdd or "")[:8])
 
 
 def study_date_of(work: Path) -> str:
@@ -456,6 +455,16 @@ class DimsePacs:
             for status, _identifier in self.send_retrieve(assoc, request):
                 check_retrieve_status(status, self.what, deadline, self.hint)
 
+    def retrieve_on(self, assoc, study: PacsStudy, deadline: float) -> None:
+        """``retrieve_series`` on an established ``assoc``, then release it;
+        aborted instead when the retrieval fails."""
+        try:
+            self.retrieve_series(assoc, study, deadline)
+        except PriorSearchError:
+            assoc.abort()
+            raise
+        assoc.release()
+
     def series_of(self, assoc, study: PacsStudy) -> list[str]:
         """The MR series of ``study`` (C-FIND at SERIES level on ``assoc``)."""
         query = pydicom.Dataset()
@@ -487,14 +496,7 @@ class DimsePacs:
             written[0] += 1
             return 0x0000
 
-        assoc = self._associate(ae, [(evt.EVT_C_STORE, on_store)], roles)
-        try:
-            self.retrieve_series(assoc, study, deadline)
-        except PriorSearchError:
-            assoc.abort()
-            raise
-        else:
-            assoc.release()
+        self.retrieve_on(self._associate(ae, [(evt.EVT_C_STORE, on_store)], roles), study, deadline)
         return written[0]
 
 
