@@ -40,6 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from brainline.pipelines.records import REGISTRATION_FILE, SUMMARY_FILE, existing_file  # noqa: E402
 from tests.corpus import (  # noqa: E402
     CASE_IDS,
     CORPUS_VERSION,
@@ -173,10 +174,10 @@ def run_study(study: Path, service: Service, orthanc: OrthancServer, args, scrat
         row["floor_WT"] = score(naive_flair_floor(work), reference)["WT"]
     except Exception as exc:
         row["floor_error"] = f"{type(exc).__name__}: {exc}"
-    for name, key in (("registration.json", "registration_flags"), ("summary.json", "qc_flags")):
+    for name, key in ((REGISTRATION_FILE, "registration_flags"), (SUMMARY_FILE, "qc_flags")):
         try:
-            row[key] = list(json.loads((work / name).read_text()).get("flags" if key == "registration_flags"
-                                                                       else "qc_flags", []))
+            record = json.loads(existing_file(work / name).read_text())
+            row[key] = list(record.get("flags" if key == "registration_flags" else "qc_flags", []))
         except (OSError, ValueError):
             pass
     return row

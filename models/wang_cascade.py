@@ -56,11 +56,19 @@ non-enhancing core, 3 = enhancing tumour (``models/base.py``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
+
+if TYPE_CHECKING:  # torch is imported where it runs, not with this module
+    import torch
+
+    from .wang_msnet import MSNet
 
 NCR, ED, ET = 1, 2, 3  # BrainLine labels (models/base.py)
 
@@ -79,6 +87,12 @@ WT_THRESHOLD = 2000  # voxels, test.py
 CLASS_NUM = 2
 DATA_CHANNEL = 4
 
+#: ([min_z, min_y, min_x], [max_z, max_y, max_x]), inclusive (get_ND_bounding_box)
+BBox = Sequence[Sequence[int]]
+#: one network's inference: NDHWC float32 batch -> NDHWC softmax
+Runner = Callable[[np.ndarray], np.ndarray]
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
+
 
 # ---------------------------------------------------------------------------
 # util/data_process.py (verbatim semantics)
@@ -95,7 +109,7 @@ def itensity_normalize_one_volume(volume: np.ndarray, rng: np.random.RandomState
     return out
 
 
-def get_ND_bounding_box(label: np.ndarray, margin) -> tuple[list[int], list[int]]:
+def get_ND_bounding_box(label: np.ndarray, margin: int | Sequence[int]) -> tuple[list[int], list[int]]:
     """Inclusive [min, max] index of the nonzero region, widened by margin, clipped."""
     input_shape = label.shape
     if isinstance(margin, int):
@@ -106,16 +120,18 @@ def get_ND_bounding_box(label: np.ndarray, margin) -> tuple[list[int], list[int]
     return idx_min, idx_max
 
 
-def crop_ND_volume_with_bounding_box(volume, min_idx, max_idx):
+def crop_ND_volume_with_bounding_box(volume: npt.NDArray[_ScalarT], min_idx: Sequence[int],
+                                     max_idx: Sequence[int]) -> npt.NDArray[_ScalarT]:
     return volume[tuple(slice(a, b + 1) for a, b in zip(min_idx, max_idx))]
 
 
-def set_ND_volume_roi_with_bounding_box_range(volume, bb_min, bb_max, sub_volume):
+def set_ND_volume_roi_with_bounding_box_range(volume: npt.NDArray[_ScalarT], bb_min: Sequence[int],
+                                              bb_max: Sequence[int], sub_volume: np.ndarray) -> npt.NDArray[_ScalarT]:
     volume[tuple(slice(a, b + 1) for a, b in zip(bb_min, bb_max))] = sub_volume
     return volume
 
 
-def transpose_volumes(volumes, slice_direction):
+def transpose_volumes(volumes: Sequence[np.ndarray], slice_direction: str) -> Sequence[np.ndarray]:
     if slice_direction == "axial":
         return volumes
     if slice_direction == "sagittal":
@@ -125,7 +141,8 @@ def transpose_volumes(volumes, slice_direction):
     raise ValueError(slice_direction)
 
 
-def extract_roi_from_volume(volume, in_center, output_shape, rng, fill="random"):
+def extract_roi_from_volume(volume: np.ndarray, in_center: Sequence[int], output_shape: Sequence[int],
+                            rng: np.random.RandomState, fill: str = "random") -> npt.NDArray[np.float64]:
     """ROI of output_shape centred at in_center; outside the volume: N(0,1) noise."""
     input_shape = volume.shape
     if fill == "random":
@@ -142,7 +159,8 @@ def extract_roi_from_volume(volume, in_center, output_shape, rng, fill="random")
     return output
 
 
-def set_roi_to_volume(volume, center, sub_volume):
+def set_roi_to_volume(volume: npt.NDArray[_ScalarT], center: Sequence[int],
+                      sub_volume: np.ndarray) -> npt.NDArray[_ScalarT]:
     volume_shape = volume.shape
     patch_shape = sub_volume.shape
     for i in range(len(center)):
@@ -159,13 +177,14 @@ def set_roi_to_volume(volume, center, sub_volume):
     return volume
 
 
-def _component_mask(labeled_array, labels):
+def _component_mask(labeled_array: np.ndarray, labels: np.ndarray) -> npt.NDArray[np.bool_]:
     # upstream compares with np.where(sizes == s)[0] + 1, which breaks when two
     # components have the same size; np.isin keeps all of them instead.
     return np.isin(labeled_array, labels)
 
 
-def get_largest_two_component(img, print_info=False, threshold=None):
+def get_largest_two_component(img: np.ndarray, print_info: bool = False,
+                              threshold: int | None = None) -> np.ndarray:
     """Largest component (plus the second if it is > 1/10 of the first), or, with
     threshold, every component larger than threshold voxels."""
     s = ndimage.generate_binary_structure(3, 2)
@@ -191,7 +210,7 @@ def get_largest_two_component(img, print_info=False, threshold=None):
     return component1
 
 
-def remove_external_core(lab_main, lab_ext):
+def remove_external_core(lab_main: np.ndarray, lab_ext: np.ndarray) -> np.ndarray:
     """Keep the components of lab_ext that lie at least half inside lab_main."""
     s = ndimage.generate_binary_structure(3, 2)
     labeled_array, numpatches = ndimage.label(lab_ext, s)
@@ -212,7 +231,7 @@ def remove_external_core(lab_main, lab_ext):
 class _Runner:
     """Runs one MSNet on NDHWC numpy batches, returning NDHWC softmax."""
 
-    def __init__(self, net, device):
+    def __init__(self, net: MSNet, device: torch.device) -> None:
         self.net, self.device = net, device
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -226,13 +245,15 @@ class _Runner:
         return p.cpu().numpy()
 
 
-def volume_probability_prediction(temp_imgs, data_shape, label_shape, data_channel, class_num,
-                                  batch_size, run, rng, upstream_tail_overwrite=True):
+def volume_probability_prediction(temp_imgs: Sequence[np.ndarray], data_shape: Sequence[int],
+                                  label_shape: Sequence[int], data_channel: int, class_num: int,
+                                  batch_size: int, run: Runner, rng: np.random.RandomState,
+                                  upstream_tail_overwrite: bool = True) -> npt.NDArray[np.float64]:
     """Slab-wise prediction along axis 0 of (D, H, W) volumes -> (D, H, W, class_num)."""
     [D, H, W] = temp_imgs[0].shape
     input_center = [int(D / 2), int(H / 2), int(W / 2)]
     temp_prob = np.zeros([D, H, W, class_num])
-    sub_image_baches = []
+    sub_image_baches: list[np.ndarray] = []
     half = int(label_shape[0] / 2)
     for center_slice in range(half, D + half, label_shape[0]):
         center_slice = min(center_slice, D - half)
@@ -251,9 +272,8 @@ def volume_probability_prediction(temp_imgs, data_shape, label_shape, data_chann
         if mini_batch_idx == max_mini_batch - 1:
             for _ in range(batch_size - (total_batch - mini_batch_idx * batch_size)):
                 data_mini_batch.append(rng.normal(0, 1, size=[data_channel] + list(data_shape)))
-        data_mini_batch = np.asarray(data_mini_batch, np.float32)
-        data_mini_batch = np.transpose(data_mini_batch, [0, 2, 3, 4, 1])
-        prob_mini_batch = run(data_mini_batch)
+        batch = np.transpose(np.asarray(data_mini_batch, np.float32), [0, 2, 3, 4, 1])
+        prob_mini_batch = run(batch)
         n_write = prob_mini_batch.shape[0] if upstream_tail_overwrite else n_real
         for batch_idx in range(n_write):
             center_slice = sub_label_idx * label_shape[0] + half
@@ -265,7 +285,8 @@ def volume_probability_prediction(temp_imgs, data_shape, label_shape, data_chann
     return temp_prob
 
 
-def _dynamic_shapes(shape_dhw, data_shape, label_shape):
+def _dynamic_shapes(shape_dhw: Sequence[int], data_shape: Sequence[int],
+                    label_shape: Sequence[int]) -> tuple[list[int], list[int]]:
     [D, H, W] = shape_dhw
     Hx = max(int((H + 3) / 4) * 4, data_shape[1])
     Wx = max(int((W + 3) / 4) * 4, data_shape[2])
@@ -275,8 +296,10 @@ def _dynamic_shapes(shape_dhw, data_shape, label_shape):
 VIEWS = ("axial", "sagittal", "coronal")
 
 
-def test_one_image_three_nets_adaptive_shape(temp_imgs, keys, runners, shape_mode, batch_size, rng,
-                                             upstream_tail_overwrite=True, view_masks=None):
+def test_one_image_three_nets_adaptive_shape(temp_imgs: Sequence[np.ndarray], keys: Sequence[str],
+                                             runners: Mapping[str, Runner], shape_mode: int, batch_size: int,
+                                             rng: np.random.RandomState, upstream_tail_overwrite: bool = True,
+                                             view_masks: list[np.ndarray] | None = None) -> np.ndarray:
     """Average of the axial, sagittal and coronal networks' probabilities, (D, H, W, 2).
 
     shape_mode 1: fixed tensor shape when the image fits, else adaptive; 2: adaptive.
@@ -286,7 +309,7 @@ def test_one_image_three_nets_adaptive_shape(temp_imgs, keys, runners, shape_mod
     of ``temp_imgs``) is appended to it in :data:`VIEWS` order: the same
     probabilities that are averaged, so no extra inference and no change to
     the returned average."""
-    out = []
+    out: list[np.ndarray] = []
     for key, direction, back in zip(keys, VIEWS, (None, [1, 2, 0, 3], [1, 0, 2, 3])):
         data_shape, label_shape = SHAPES[key]
         vols = transpose_volumes(temp_imgs, direction)
@@ -306,7 +329,8 @@ def test_one_image_three_nets_adaptive_shape(temp_imgs, keys, runners, shape_mod
 # test.py
 # ---------------------------------------------------------------------------
 
-def fuse_cascade_levels(pred1, pred2, pred3, bbox1, bbox2) -> np.ndarray:
+def fuse_cascade_levels(pred1: np.ndarray, pred2: np.ndarray, pred3: np.ndarray,
+                        bbox1: BBox, bbox2: BBox) -> npt.NDArray[np.uint8]:
     """test.py 5.4 (fuse the three levels, post-process) and 5.5 (labels).
 
     pred1: whole-tumour decision on the brain crop; pred2: core decision on
@@ -346,7 +370,8 @@ def fuse_cascade_levels(pred1, pred2, pred3, bbox1, bbox2) -> np.ndarray:
     return out_label
 
 
-def view_label_maps(view_masks, weights, bbox1, bbox2) -> dict[str, np.ndarray]:
+def view_label_maps(view_masks: Sequence[Sequence[np.ndarray]], weights: Sequence[np.ndarray],
+                    bbox1: BBox, bbox2: BBox) -> dict[str, np.ndarray]:
     """Each view's own labels, built exactly like the fused labels.
 
     view_masks: for each level (whole tumour, core, enhancing) the list of the
@@ -363,7 +388,7 @@ def view_label_maps(view_masks, weights, bbox1, bbox2) -> dict[str, np.ndarray]:
     normalisation, noise and padding are shared as well. Returns
     {view: uint8 labels on the brain crop}."""
     w1, w2, w3 = weights
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for i, view in enumerate(VIEWS):
         out[view] = fuse_cascade_levels(view_masks[0][i] * w1, view_masks[1][i] * w2,
                                         view_masks[2][i] * w3, bbox1, bbox2)
@@ -376,16 +401,16 @@ class WangResult:
 
     labels: np.ndarray                      # uint8, 0 / NCR=1 / ED=2 / ET=3
     probabilities: dict[str, np.ndarray]    # float32 foreground probability: "wt", "tc", "et"
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     #: "axial" / "sagittal" / "coronal": uint8 labels (like ``labels``) of each
     #: view alone; see :func:`view_label_maps` for what is applied per view.
     view_labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-_NET_CACHE: dict = {}
+_NET_CACHE: dict[tuple[str, str], dict[str, MSNet]] = {}
 
 
-def load_networks(device: str = "cpu", weights_dir: str | Path | None = None) -> dict:
+def load_networks(device: str = "cpu", weights_dir: str | Path | None = None) -> dict[str, MSNet]:
     """The nine networks (cached per device and folder)."""
     from .wang_msnet import NETWORKS, load_msnet
 
@@ -424,7 +449,7 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
     runners = {k: _Runner(n, dev) for k, n in load_networks(str(dev), weights_dir).items()}
     rng = np.random.RandomState(seed)
     t0 = time.perf_counter()
-    timings = {}
+    timings: dict[str, float] = {}
 
     # data_loader.load_data: crop to FLAIR > 0 with margin 5, weight, normalise
     vols_in = [np.asarray(v, np.float32) for v in (flair, t1, t1c, t2)]
@@ -434,12 +459,10 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
     if not (vols_in[0] > 0).any():
         raise ValueError("the FLAIR volume is empty")
     temp_bbox = get_ND_bounding_box(vols_in[0], MARGIN)
-    temp_imgs, temp_weight = [], None
-    for idx, v in enumerate(vols_in):
-        v = crop_ND_volume_with_bounding_box(v, *temp_bbox).astype(np.float64)
-        if idx == 0:
-            temp_weight = np.asarray(v > 0, np.float32)
-        temp_imgs.append(itensity_normalize_one_volume(v, rng))
+    # FLAIR > 0 on the crop (float32 -> float64 is exact: same as testing the float64 crop)
+    temp_weight = np.asarray(crop_ND_volume_with_bounding_box(vols_in[0], *temp_bbox) > 0, np.float32)
+    temp_imgs = [itensity_normalize_one_volume(crop_ND_volume_with_bounding_box(v, *temp_bbox).astype(np.float64), rng)
+                 for v in vols_in]  # in channel order: the noise is drawn in upstream's order
 
     struct = ndimage.generate_binary_structure(3, 2)
     margin = MARGIN
@@ -451,8 +474,7 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
                                                      batch_size, rng, upstream_tail_overwrite,
                                                      view_masks[0])
     timings["wt_s"] = time.perf_counter() - t
-    pred1 = np.asarray(np.argmax(prob1, axis=3), np.uint16)
-    pred1 = pred1 * temp_weight
+    pred1 = np.asarray(np.argmax(prob1, axis=3), np.uint16) * temp_weight
 
     # 5.2 tumour core
     fallback = False
@@ -473,13 +495,12 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
                                                      batch_size, rng, upstream_tail_overwrite,
                                                      view_masks[1])
     timings["tc_s"] = time.perf_counter() - t
-    pred2 = np.asarray(np.argmax(prob2, axis=3), np.uint16)
-    pred2 = pred2 * sub_weight
+    pred2 = np.asarray(np.argmax(prob2, axis=3), np.uint16) * sub_weight
 
     # 5.3 enhancing core
     if pred2.sum() == 0:
         [roid, roih, roiw] = sub_imgs[0].shape
-        bbox2 = [[0, 0, 0], [roid - 1, roih - 1, roiw - 1]]
+        bbox2 = [0, 0, 0], [roid - 1, roih - 1, roiw - 1]
         subsub_imgs = sub_imgs
         subsub_weight = sub_weight
     else:
@@ -493,8 +514,7 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
                                                      batch_size, rng, upstream_tail_overwrite,
                                                      view_masks[2])
     timings["en_s"] = time.perf_counter() - t
-    pred3 = np.asarray(np.argmax(prob3, axis=3), np.uint16)
-    pred3 = pred3 * subsub_weight
+    pred3 = np.asarray(np.argmax(prob3, axis=3), np.uint16) * subsub_weight
 
     # 5.4 fuse results at 3 levels, 5.5 labels
     out_label = fuse_cascade_levels(pred1, pred2, pred3, bbox1, bbox2)
@@ -502,7 +522,7 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
     final_label = set_ND_volume_roi_with_bounding_box_range(final_label, temp_bbox[0], temp_bbox[1], out_label)
 
     # fused probabilities on the full grid
-    def _full(p_roi, boxes):
+    def _full(p_roi: np.ndarray, boxes: Sequence[BBox]) -> npt.NDArray[np.float32]:
         """Foreground probability of a nested ROI (boxes outermost first) on the full grid."""
         full = np.zeros(shape0, np.float32)
         offs = [sum(bb[0][i] for bb in boxes) for i in range(3)]
@@ -516,7 +536,7 @@ def segment_brats(flair: np.ndarray, t1: np.ndarray, t1c: np.ndarray, t2: np.nda
 
     # the three views alone, on the same crops (derived from the fused result)
     t = time.perf_counter()
-    view_labels = {}
+    view_labels: dict[str, np.ndarray] = {}
     for view, lab in view_label_maps(view_masks, (temp_weight, sub_weight, subsub_weight),
                                      bbox1, bbox2).items():
         full = np.zeros(shape0, np.uint8)

@@ -56,6 +56,7 @@ layout ``(out, in, kD, kH, kW)`` and transposed-conv kernels to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -152,7 +153,11 @@ class BN(nn.Module):
     Works on the slice-batch layout ``(N*D, C, H, W)``: statistics over
     (N*D, H, W) are those of tf.nn.moments over (N, D, H, W)."""
 
-    def __init__(self, ch: int):
+    # registered buffers (nn.Module.__getattr__ is typed Tensor | Module)
+    moving_mean: torch.Tensor
+    moving_variance: torch.Tensor
+
+    def __init__(self, ch: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(ch))
         self.beta = nn.Parameter(torch.zeros(ch))
@@ -172,7 +177,7 @@ class BN(nn.Module):
 class PReLU(nn.Module):
     """NiftyNet prelu: relu(x) + alpha * (x - |x|) / 2, alpha per channel."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(ch))
 
@@ -186,8 +191,8 @@ class Conv(nn.Module):
     convolutions, across-slice kernels (kd, 1, 1) as a sum of kd matrix
     products over the (H*W, C) planes of each slab."""
 
-    def __init__(self, cin: int, cout: int, k, stride=(1, 1, 1), dilation=(1, 1, 1),
-                 padding: str = "SAME"):
+    def __init__(self, cin: int, cout: int, k: Sequence[int], stride: Sequence[int] = (1, 1, 1),
+                 dilation: Sequence[int] = (1, 1, 1), padding: str = "SAME") -> None:
         super().__init__()
         self.w = nn.Parameter(torch.zeros(cout, cin, *k))
         self.k, self.stride, self.dilation, self.padding = tuple(k), tuple(stride), tuple(dilation), padding
@@ -212,7 +217,7 @@ class Conv(nn.Module):
                 for t in range(1, kd):
                     yi.addmm_(xv[i, t:t + dd].reshape(dd * h * w, c), wt[t])
             return y.view(n * dd, h, w, -1).permute(0, 3, 1, 2)
-        pads = []
+        pads: list[int] = []
         if self.padding == "SAME":
             for ax in (2, 1):  # F.pad order: W then H
                 pads.extend(_same_pad(x.shape[1 + ax], self.k[ax], self.stride[ax], self.dilation[ax]))
@@ -225,7 +230,7 @@ class Conv(nn.Module):
         return F.conv2d(_pad_cl(x, pads), w2, None, self.stride[1:], 0, self.dilation[1:])
 
 
-def _pad_cl(x: torch.Tensor, pads) -> torch.Tensor:
+def _pad_cl(x: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
     """Zero padding (w_before, w_after, h_before, h_after) of a channels-last
     slice-batch tensor into a new channels-last tensor; only the border is zeroed."""
     wb, wa, hb, ha = pads
@@ -243,7 +248,7 @@ class Deconv(nn.Module):
     """NiftyNet DeconvolutionalLayer's conv3d_transpose, 'SAME', output = input * stride
     (in-slice kernels only, slice-batch layout)."""
 
-    def __init__(self, cin: int, cout: int, k, stride):
+    def __init__(self, cin: int, cout: int, k: Sequence[int], stride: Sequence[int]) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.zeros(cin, cout, *k))
         self.k, self.stride = tuple(k), tuple(stride)
@@ -265,7 +270,8 @@ class ConvBNPReLU(nn.Module):
     (variable scope ``<name>_bn_prelu`` with ``conv_``/``deconv_``, ``bn_``,
     ``prelu_acti_``)."""
 
-    def __init__(self, cin, cout, k, stride=(1, 1, 1), padding="SAME", deconv=False):
+    def __init__(self, cin: int, cout: int, k: Sequence[int], stride: Sequence[int] = (1, 1, 1),
+                 padding: str = "SAME", deconv: bool = False) -> None:
         super().__init__()
         if deconv:
             self.deconv_ = Deconv(cin, cout, k, stride)
@@ -275,7 +281,7 @@ class ConvBNPReLU(nn.Module):
         self.prelu_acti_ = PReLU(cout)
         self.is_deconv = deconv
 
-    def forward(self, x, n, bn_mode):
+    def forward(self, x: torch.Tensor, n: int, bn_mode: str) -> torch.Tensor:
         x = self.deconv_(x, n) if self.is_deconv else self.conv_(x, n)
         return bn_prelu(_cl(x), self.bn_, self.prelu_acti_, bn_mode, inplace=True)
 
@@ -283,7 +289,7 @@ class ConvBNPReLU(nn.Module):
 class ResBlock(nn.Module):
     """Two pre-activation (BN, PReLU, conv 1x3x3) units plus identity."""
 
-    def __init__(self, cin, cout, dilation=1):
+    def __init__(self, cin: int, cout: int, dilation: int = 1) -> None:
         super().__init__()
         d = (1, dilation, dilation)
         self.bn_0, self.prelu_acti_0 = BN(cin), PReLU(cin)
@@ -292,7 +298,7 @@ class ResBlock(nn.Module):
         self.conv_1 = Conv(cout, cout, (1, 3, 3), dilation=d)
         self.cin, self.cout = cin, cout
 
-    def forward(self, x, n, bn_mode):
+    def forward(self, x: torch.Tensor, n: int, bn_mode: str) -> torch.Tensor:
         y = self.conv_0(bn_prelu(x, self.bn_0, self.prelu_acti_0, bn_mode, inplace=False), n)
         y = self.conv_1(bn_prelu(y, self.bn_1, self.prelu_acti_1, bn_mode, inplace=True), n)
         if self.cout > self.cin:  # ElementwiseLayer('SUM'): pad channels symmetrically
@@ -324,7 +330,7 @@ class MSNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 2, downsample_twice: bool = True, in_chns: int = 4,
-                 base_chns=(32, 32, 32, 32)):
+                 base_chns: Sequence[int] = (32, 32, 32, 32)) -> None:
         super().__init__()
         c = base_chns
         if len(set(c)) != 1:

@@ -60,6 +60,10 @@ from .qc_steps import (
     write_candidates,
 )
 from .records import (
+    REGISTRATION_FILE,
+    SEGMENT_FILE,
+    SELECTION_FILE,
+    SKULL_STRIP_FILE,
     Backends,
     BiasCorrectionRecord,
     ModelSpaceRecord,
@@ -74,8 +78,10 @@ from .records import (
     SkullStripSummary,
     Summary,
     TumourComponent,
+    existing_file,
     read_json,
     read_record,
+    stage_file,
 )
 from .registration import RegistrationConfig, register, resample_to
 from .roles import ROLE_LABELS
@@ -124,10 +130,10 @@ _write = write_nifti
 
 
 def _cached(work: Path, name: str, fn: Callable[[], dict | Record]) -> dict:
-    """Run ``fn`` unless ``<name>.json`` exists; record its wall time
-    (``elapsed_s``, s). ``fn`` returns the step's record (or its JSON); the
-    JSON is written and returned."""
-    result_file = work / f"{name}.json"
+    """Run ``fn`` unless the stage's record file ``<name>.json`` exists;
+    record its wall time (``elapsed_s``, s). ``fn`` returns the step's record
+    (or its JSON); the JSON is written and returned."""
+    result_file = work / stage_file(name)
     if result_file.exists():
         return json.loads(result_file.read_text())
     t0 = time.monotonic()
@@ -184,7 +190,7 @@ def step_register(work: Path, cfg: PipelineConfig) -> dict:
         return RegistrationRecord(reference=cfg.reference, sequences=results,
                                   flags=RegistrationRecord.labelled_flags(results))
 
-    return _cached(work, "registration", run)
+    return _cached(work, "register", run)
 
 
 class _LazyBackend(SkullStripBackend):
@@ -246,7 +252,7 @@ def step_bias_correct(work: Path, cfg: PipelineConfig) -> dict:
 
         return BiasCorrectionRecord(sequences=_per_sequence(one, roles, max_workers=itk_threads))
 
-    return _cached(work, "bias_correction", run)
+    return _cached(work, "bias_correct", run)
 
 
 def model_spec(cfg: PipelineConfig) -> dict:
@@ -366,9 +372,9 @@ def components(mask: np.ndarray, image: sitk.Image) -> list[dict]:
 
 
 def _inputs_of(work: Path):
-    """The ``inputs`` record of selection.json (roles the model needs, used and
+    """The ``inputs`` record of select_series.json (roles the model needs, used and
     missing, and the sentence for the report); None without a selection."""
-    return read_record(SeriesSelection, work / "selection.json").inputs
+    return read_record(SeriesSelection, work / SELECTION_FILE).inputs
 
 
 def summarize(work: Path, cfg: PipelineConfig) -> Summary:
@@ -383,12 +389,12 @@ def summarize(work: Path, cfg: PipelineConfig) -> Summary:
     volumes["whole_tumor"] = round(float((labels > 0).sum()) * voxel_ml, 3)
     from .stage_table import timed_steps  # the table imports this module
 
-    timings = {name: read_json(work / f"{name}.json").get("elapsed_s") for name in timed_steps()
-               if (work / f"{name}.json").exists()}
+    timings = {name: read_json(work / stage_file(name)).get("elapsed_s") for name in timed_steps()
+               if existing_file(work / stage_file(name)).exists()}
     tiv = float((sitk.GetArrayFromImage(mask) > 0).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
-    registration = read_record(RegistrationRecord, work / "registration.json")
-    skull = read_record(SkullStripRecord, work / "skull_strip.json")
-    segment = read_record(SegmentRecord, work / "segment.json")
+    registration = read_record(RegistrationRecord, work / REGISTRATION_FILE)
+    skull = read_record(SkullStripRecord, work / SKULL_STRIP_FILE)
+    segment = read_record(SegmentRecord, work / SEGMENT_FILE)
     image_qc, seg_qc = image_qc_section(work), segmentation_qc_section(work)
     provenance = {k: (segment.details or {}).get(k) for k in ("licence", "citation", "intended_use")}
     return Summary(
@@ -397,7 +403,7 @@ def summarize(work: Path, cfg: PipelineConfig) -> Summary:
         volumes_ml=volumes,
         whole_tumor_components=[TumourComponent.from_json(c) for c in components(labels > 0, seg)],
         tiv_ml=round(tiv, 1),
-        reference=registration.reference if (work / "registration.json").exists() else cfg.reference,
+        reference=registration.reference if existing_file(work / REGISTRATION_FILE).exists() else cfg.reference,
         registration={r: res.summary_entry() for r, res in registration.sequences.items()},
         qc_flags=Summary.collect_flags(registration, skull, segment.model_space, image_qc, seg_qc),
         image_qc=image_qc,

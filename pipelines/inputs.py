@@ -24,7 +24,7 @@ slices received; instance numbers 36–155 missing"); an optional role is
 dropped and the note says why. Conversion refuses a series dcm2niix would
 interpolate (``_Eq`` output, :class:`UnequalSpacingError`) the same way.
 
-``selection.json`` in the working folder is a :class:`.records.SeriesSelection`:
+``select_series.json`` in the working folder is a :class:`.records.SeriesSelection`:
 the selection record (:meth:`SelectionResult.to_dict`), ``left_out``,
 ``inputs`` (:func:`inputs_record`) and ``files`` (role -> instance files,
 relative to the working folder when inside it, absolute otherwise: ``brainline
@@ -41,7 +41,7 @@ from brainline.models.registry import input_roles, load_backend
 
 from .conversion import UnequalSpacingError, convert_series
 from .image_pipeline import PipelineConfig, model_spec
-from .records import SELECTION_FILE, InputsRecord, SeriesSelection, read_record, write_record
+from .records import SELECTION_FILE, InputsRecord, SeriesSelection, existing_file, read_record, write_record
 from .roles import ROLE_LABELS
 from .series_completeness import IncompleteSeriesError, check_series_files
 from .series_selection import (
@@ -138,7 +138,7 @@ def series_problem(role: str, header: SeriesHeader, reference: str) -> tuple[str
 
 
 def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: Path | None = None) -> dict:
-    """Pick the series of each role in ``dicom_dir``; writes ``work/selection.json``.
+    """Pick the series of each role in ``dicom_dir``; writes ``work/select_series.json``.
 
     Every selected series must be complete (and the reference series
     single-frame); one that is not is left out and the selection runs again
@@ -195,15 +195,15 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
 
 
 def read_selection(work: Path) -> SeriesSelection:
-    """``work/selection.json`` (FileNotFoundError when series selection has not run)."""
-    path = work / SELECTION_FILE
+    """``work/select_series.json`` (FileNotFoundError when series selection has not run)."""
+    path = existing_file(work / SELECTION_FILE)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: series selection has not run")
     return read_record(SeriesSelection, path)
 
 
 def selected_files(work: Path, role: str) -> list[Path]:
-    """The instance files of the series selected for ``role`` (from selection.json)."""
+    """The instance files of the series selected for ``role`` (from select_series.json)."""
     return read_selection(work).files_of(role, work)
 
 
@@ -211,7 +211,7 @@ def convert_inputs(work: Path) -> dict:
     """dcm2niix every selected series into ``work/nifti/<role>.nii.gz`` + JSON
     sidecar; returns the conversion record per role. A series dcm2niix would
     interpolate (unequal slice spacing) is refused: a needed role raises
-    IncompleteSeriesError, an optional role is dropped from selection.json
+    IncompleteSeriesError, an optional role is dropped from select_series.json
     with a note. Raises ConversionError for other failures."""
     selection = read_selection(work)
     inputs = selection.inputs
@@ -239,7 +239,7 @@ def convert_inputs(work: Path) -> dict:
 
 
 def _drop_roles(work: Path, selection: SeriesSelection, dropped: dict[str, str]) -> None:
-    """Remove optional roles from selection.json and say so in its inputs note."""
+    """Remove optional roles from select_series.json and say so in its inputs note."""
     inputs = selection.inputs
     files = {r: f for r, f in selection.files.items() if r not in dropped}
     kept = {r: h for r, h in selection.roles.items() if r not in dropped}

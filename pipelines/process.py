@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import pydicom
 
 from .image_pipeline import PipelineConfig
-from .records import Summary
+from .records import Summary, migrate_workspace
 from .stage_table import INPUT_STAGES, stages
 
 log = logging.getLogger("brainline.process")
@@ -81,7 +81,7 @@ def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
                   on_step: Callable[[str], None] | None = None,
                   priors: Sequence[Path] = ()) -> dict:
     """Run everything; returns summary.json's content plus ``outputs`` (the
-    ``results.json`` record: objects written, ``failed``, ``notes``).
+    ``build_outputs.json`` record: objects written, ``failed``, ``notes``).
     ``on_step(name)`` is called after each step (for progress bars). The DICOM
     results (SEG, SR, overlay, PDF) reference the input instances and go to
     ``out/dicom``; an overlay or PDF that cannot be built is logged (a warning
@@ -94,6 +94,7 @@ def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
                               series_rules=str(rules_path) if rules_path else None,
                               uid_root=uid_root, results_dir="dicom")
     out.mkdir(parents=True, exist_ok=True)
+    migrate_workspace(out)   # an OUT folder of an earlier version: record files under their stage names
     if priors:
         write_offline_priors(input_dir, priors, out)
     results: dict[str, dict] = {}
@@ -103,7 +104,7 @@ def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
         results[stage.name] = stage.function()(out, cfg)
         if on_step and stage.name != INPUT_STAGES[0]:
             on_step(_OFFLINE_NAMES.get(stage.name, stage.name))
-    result = results["summarize"]
+    result = results["summary"]
     inputs = Summary.from_json(result).inputs
     if inputs and inputs.note:
         log.warning("%s", inputs.note)  # output failures were logged when they happened

@@ -214,7 +214,7 @@ def is_prior_folder(work: Path) -> bool:
 
 def series_header(work: Path, role: str) -> dict:
     """Scanner and protocol of the series selected for ``role`` (first DICOM
-    instance listed in ``selection.json``): manufacturer, model,
+    instance listed in ``select_series.json``): manufacturer, model,
     ``scanner`` ("Manufacturer ManufacturerModelName"), ``protocol``
     (ProtocolName, else SeriesDescription), ``field_strength_t`` (tesla).
     Empty strings when the selection or the file is missing."""

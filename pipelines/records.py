@@ -1,25 +1,33 @@
 """Typed records of what the image stages hand on, and the JSON files they live in.
 
-Every stage of the image pipeline writes one JSON file into the workspace
-(``<stage>.json``; see pipelines/image_pipeline.py) and later stages, the
+Every stage of the image pipeline writes one JSON file into the workspace,
+named after the stage (``<stage>.json``, :func:`stage_file`; see
+pipelines/stage_table.py and pipelines/image_pipeline.py) and later stages, the
 result builders, the service and ``brainline process`` read them back. The
 records below are those files' one definition: a stage builds its record and
 writes ``record.to_json()``; a reader calls ``Record.from_json(data)`` (or
 :func:`read_record`) and uses attributes instead of string keys.
 
-==========================  =======================  ==================================
-record                      file                     written by
-==========================  =======================  ==================================
-:class:`SeriesSelection`    ``selection.json``       series selection (pipelines/inputs.py)
-:class:`RegistrationRecord` ``registration.json``    ``register``
-:class:`SkullStripRecord`   ``skull_strip.json``     ``skull_strip``
-:class:`BiasCorrectionRecord` ``bias_correction.json``  ``bias_correct``
-:class:`SegmentRecord`      ``segment.json``         ``segment`` (with :class:`ModelSpaceRecord`)
-:class:`Summary`            ``summary.json``         ``summarize`` (QC sections:
-                                                     :class:`ImageQCSection`,
-                                                     :class:`SegmentationQCSection`)
-:class:`ResultsRecord`      ``results.json``         ``build_results`` (pipelines/results.py)
-==========================  =======================  ==================================
+============================  =========================  ==================================
+record                        file                       written by the stage
+============================  =========================  ==================================
+:class:`SeriesSelection`      ``select_series.json``     ``select_series`` (pipelines/inputs.py)
+(conversion per role)         ``convert.json``           ``convert``
+:class:`RegistrationRecord`   ``register.json``          ``register``
+:class:`SkullStripRecord`     ``skull_strip.json``       ``skull_strip``
+:class:`BiasCorrectionRecord` ``bias_correct.json``      ``bias_correct``
+:class:`SegmentRecord`        ``segment.json``           ``segment`` (with :class:`ModelSpaceRecord`)
+:class:`Summary`              ``summary.json``           ``summary`` (QC sections:
+                                                         :class:`ImageQCSection`,
+                                                         :class:`SegmentationQCSection`)
+:class:`ResultsRecord`        ``build_outputs.json``     ``build_outputs`` (pipelines/results.py)
+============================  =========================  ==================================
+
+Workspaces written before the files were named after their stages
+(``selection.json``, ``registration.json``, ``bias_correction.json``,
+``results.json``) are brought up to date by :func:`migrate_workspace`
+(renames in place), which the service and ``brainline process`` call before
+a stage runs and the prior-study reuse calls before it copies.
 
 Rules shared by every record (:class:`Record`):
 
@@ -61,16 +69,42 @@ __all__ = [
     "TumourComponent", "SequenceQC", "SkullStripSummary", "SegmentationProvenance", "Backends", "Summary",
     "ResultObject", "ObjectFailure", "ResultsRecord",
     "SELECTION_FILE", "REGISTRATION_FILE", "SKULL_STRIP_FILE", "BIAS_CORRECTION_FILE", "SEGMENT_FILE",
-    "SUMMARY_FILE", "RESULTS_FILE",
+    "SUMMARY_FILE", "RESULTS_FILE", "CONVERT_FILE", "stage_file", "LEGACY_FILES", "migrate_workspace",
+    "existing_file",
 ]
 
-SELECTION_FILE = "selection.json"
-REGISTRATION_FILE = "registration.json"
-SKULL_STRIP_FILE = "skull_strip.json"
-BIAS_CORRECTION_FILE = "bias_correction.json"
-SEGMENT_FILE = "segment.json"
-SUMMARY_FILE = "summary.json"
-RESULTS_FILE = "results.json"
+
+def stage_file(stage: str) -> str:
+    """The workspace file of a stage's record: ``<stage>.json``."""
+    return f"{stage}.json"
+
+
+SELECTION_FILE = stage_file("select_series")
+CONVERT_FILE = stage_file("convert")
+REGISTRATION_FILE = stage_file("register")
+SKULL_STRIP_FILE = stage_file("skull_strip")
+BIAS_CORRECTION_FILE = stage_file("bias_correct")
+SEGMENT_FILE = stage_file("segment")
+SUMMARY_FILE = stage_file("summary")
+RESULTS_FILE = stage_file("build_outputs")
+
+#: Record files of workspaces written before the files were named after their
+#: stages (new name -> old name).
+LEGACY_FILES = {SELECTION_FILE: "selection.json", REGISTRATION_FILE: "registration.json",
+                BIAS_CORRECTION_FILE: "bias_correction.json", RESULTS_FILE: "results.json"}
+
+
+def migrate_workspace(work: Path) -> list[str]:
+    """Rename a workspace's record files from their old names to their stage
+    names (:data:`LEGACY_FILES`), where only the old one exists; returns the
+    new names it wrote. Idempotent; a workspace already up to date is left
+    alone."""
+    done = []
+    for new, old in LEGACY_FILES.items():
+        if (work / old).is_file() and not (work / new).exists():
+            os.replace(work / old, work / new)
+            done.append(new)
+    return done
 
 #: Field metadata: leave the key out of ``to_json()`` while the value is None.
 OMIT_NONE = {"omit_none": True}
@@ -163,10 +197,21 @@ def _encode(value: Any) -> Any:
     return jsonable(value)
 
 
+def existing_file(path: Path) -> Path:
+    """``path``, or its old name (:data:`LEGACY_FILES`) when only that exists
+    (a workspace written before the files were named after their stages)."""
+    path = Path(path)
+    old = LEGACY_FILES.get(path.name)
+    if old and not path.exists() and (path.parent / old).exists():
+        return path.parent / old
+    return path
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    """A workspace JSON file's content; {} when it is missing or not JSON."""
+    """A workspace JSON file's content (under its old name in an older
+    workspace, :func:`existing_file`); {} when it is missing or not JSON."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(existing_file(path).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -201,7 +246,7 @@ def _dict() -> Any:
 
 @dataclass(frozen=True)
 class InputsRecord(Record):
-    """What the segmentation gets (``selection.json["inputs"]``, copied to
+    """What the segmentation gets (``select_series.json["inputs"]``, copied to
     ``summary.json["inputs"]``); role keys (t1, t1c, t2, flair)."""
 
     backend: str | None = None           # segmentation backend name
@@ -216,7 +261,7 @@ class InputsRecord(Record):
 
 @dataclass(frozen=True)
 class SeriesSelection(Record):
-    """``selection.json``: the series chosen per role and why.
+    """``select_series.json``: the series chosen per role and why.
 
     ``roles``: role -> series header (``SeriesHeader.to_dict()``: series_uid,
     series_number, description, protocol_name, slice_thickness_mm (mm),
@@ -255,7 +300,7 @@ class SeriesSelection(Record):
 
 @dataclass(frozen=True)
 class SequenceRegistration(Record):
-    """One sequence of ``registration.json``: ``{"reference": true}`` for the
+    """One sequence of ``register.json``: ``{"reference": true}`` for the
     reference, else ``RegistrationResult.to_dict()`` of pipelines/registration.py
     (transform fixed -> moving, LPS mm; metrics are Mattes MI, lower is better)."""
 
@@ -297,7 +342,7 @@ class SequenceRegistration(Record):
 
 @dataclass(frozen=True)
 class RegistrationRecord(Record):
-    """``registration.json``: every sequence registered to the reference.
+    """``register.json``: every sequence registered to the reference.
     ``flags``: the sequences' flags prefixed with their label ("FLAIR: ...")."""
 
     reference: str | None = None
@@ -338,7 +383,7 @@ class SequenceBiasCorrection(Record):
 
 @dataclass(frozen=True)
 class BiasCorrectionRecord(Record):
-    """``bias_correction.json``: N4 per sequence (inside the brain mask)."""
+    """``bias_correct.json``: N4 per sequence (inside the brain mask)."""
 
     sequences: dict[str, SequenceBiasCorrection] = _dict()
     elapsed_s: float | None = field(default=None, metadata=OMIT_NONE)
@@ -521,14 +566,14 @@ class Summary(Record):
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
-        if self.inputs is None:          # no selection.json: written as {} (as before the records)
+        if self.inputs is None:          # no select_series.json: written as {} (as before the records)
             out["inputs"] = {}
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> Self:
         record = super().from_json(data)
-        if isinstance(data, Mapping) and not data.get("inputs"):   # {}: no selection.json
+        if isinstance(data, Mapping) and not data.get("inputs"):   # {}: no select_series.json
             return replace(record, inputs=None)
         return record
 
@@ -594,7 +639,7 @@ class ObjectFailure(Record):
 
 @dataclass(frozen=True)
 class ResultsRecord(Record):
-    """``results.json``: the result objects of a job, what failed and why.
+    """``build_outputs.json``: the result objects of a job, what failed and why.
     ``complete``: SEG and SR were built (else nothing is delivered)."""
 
     objects: list[ResultObject] = _list()

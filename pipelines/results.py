@@ -2,27 +2,27 @@
 DICOM SEG, TID 1500 SR, an overlay series and an Encapsulated PDF report.
 
 Inputs: ``segmentation.nii.gz``, ``summary.json`` (a :class:`.records.Summary`;
-and ``selection.json`` when present) in the working folder and the DICOM
+and ``select_series.json`` when present) in the working folder and the DICOM
 instances of the reference series (the series whose native grid the
 segmentation lies on), read once into a
 :class:`.dicom_outputs.source_series.SourceSeries` that every builder gets.
 The objects copy patient and study attributes from those instances: in the
 service they are pseudonymized and the gateway re-identifies the objects;
 offline (``brainline process``) they are the originals. Output: ``results/``
-with one file per object and ``results.json`` (a :class:`.records.ResultsRecord`).
+with one file per object and ``build_outputs.json`` (a :class:`.records.ResultsRecord`).
 
 Every object is built on its own, so one failing builder costs only its own
 object:
 
 * the **overlay series** and the **PDF report** are extras: when one fails,
-  the failure is recorded in words in ``results.json`` (``failed``, ``notes``;
+  the failure is recorded in words in ``build_outputs.json`` (``failed``, ``notes``;
   the job store keeps it as the stage result) and as a "Result objects
   completeness" QC finding in the SR (and in the PDF when the overlay failed);
   the other objects are written and delivered as usual;
 * the **SEG** and the **SR** are the core result. Each is still built when
   the other fails (the SR then records the missing SEG; nothing is lost for
   inspection), but a SEG or SR failure raises :class:`OutputsError` after
-  ``results.json`` is written: the job fails loudly and nothing is delivered,
+  ``build_outputs.json`` is written: the job fails loudly and nothing is delivered,
   because the SR is the object that carries the volumes and every QC finding
   (failures included) into the PACS, and a SEG without it would reach
   readers with no quality information. A re-run rebuilds everything.
@@ -88,6 +88,7 @@ from .records import (
     ResultsRecord,
     SeriesSelection,
     Summary,
+    existing_file,
     read_record,
     write_record,
 )
@@ -111,13 +112,13 @@ class OutputsError(PipelineError):
 
 def read_summary(work: Path) -> Summary:
     """``work/summary.json`` as a :class:`.records.Summary` (FileNotFoundError
-    when the summarize stage has not run)."""
+    when the summary stage has not run)."""
     return Summary.from_json(json.loads((work / SUMMARY_FILE).read_text()))
 
 
 def read_results(work: Path) -> ResultsRecord | None:
-    """``work/results.json`` as a :class:`.records.ResultsRecord`; None when it does not exist."""
-    path = work / RESULTS_FILE
+    """``work/build_outputs.json`` as a :class:`.records.ResultsRecord`; None when it does not exist."""
+    path = existing_file(work / RESULTS_FILE)
     return ResultsRecord.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
@@ -146,7 +147,7 @@ def qc_findings_of(summary: Summary | Mapping[str, Any],
     and "ensemble agreement" (discord alarms and risk score) when the QC steps
     ran, one for series selection when inputs the model could use were
     missing, and one for the result objects when some were not built
-    (``failed``: the ``results.json`` entries). Every flag in
+    (``failed``: the ``build_outputs.json`` entries). Every flag in
     ``summary.qc_flags`` reaches one of them (:meth:`.records.Summary.flags_by_check`):
     flags no stage claims are reported as "other checks"."""
     summary = Summary.from_json(summary)
@@ -229,7 +230,7 @@ def report_content(work: Path, source: SourceSeries, summary: Summary | Mapping[
                    failed: Iterable[ObjectFailure | Mapping[str, Any]] | None = None) -> ReportContent:
     """What the PDF shows. ``identity``: patient_id, patient_name, study_date,
     accession_number (pseudonyms on the processing side, originals at the
-    gateway); ``failed``: result objects not built (``results.json`` entries)."""
+    gateway); ``failed``: result objects not built (``build_outputs.json`` entries)."""
     summary = Summary.from_json(summary)
     failed = list(failed or ())
     labels = sitk.ReadImage(str(work / "segmentation.nii.gz"))
@@ -321,7 +322,7 @@ def build_results(work: Path, source_files: list[Path], uid_root: str | None = N
     is read once (``source_files``, pixel data included: the overlay shows
     every slice) and handed to every builder.
 
-    Returns (and writes to ``results.json``) the JSON of a
+    Returns (and writes to ``build_outputs.json``) the JSON of a
     :class:`.records.ResultsRecord`: ``{"objects": [{kind, file,
     sop_instance_uid, sop_class_uid[, prior_study_uids]}], "segmented": bool,
     "failed": [{kind, error}], "notes": [sentences], "complete": bool[,

@@ -1,6 +1,6 @@
 """The sequence roles of a study and how messages and reports spell them.
 
-Role keys (``t1``, ``t1c``, ``t2``, ``flair``) are what selection.json, the
+Role keys (``t1``, ``t1c``, ``t2``, ``flair``) are what select_series.json, the
 workspace file names (``nifti/<role>.nii.gz``) and the stage records use;
 :data:`ROLE_LABELS` is the one conventional spelling for words ("T1c
 series 5", "FLAIR: misregistration ...", "Registration quality (T1c)").

@@ -13,7 +13,10 @@ else is derived from this table:
   these, wrapped by service/compute/stages.py (``service_stage``);
 * the job labels ("co-registration failed: ...") and the people-facing
   errors (``PIPELINE_ERRORS`` of service/jobs/errors.py);
-* summarize's timings (``timed_steps``).
+* the summary's timings (``timed_steps``).
+
+Each stage writes its record to ``<stage name>.json`` in the workspace
+(:func:`.records.stage_file`); the table's ``writes`` lists it.
 
 Adding an image stage is one module plus one entry: in this list, or at run
 time with :func:`register_stage` (``after=`` a named stage), or from another
@@ -51,6 +54,18 @@ from .image_pipeline import (
     step_summarize,
 )
 from .inputs import convert_inputs, read_selection, select_inputs, selected_files
+from .records import (
+    BIAS_CORRECTION_FILE,
+    CONVERT_FILE,
+    REGISTRATION_FILE,
+    RESULTS_FILE,
+    SEGMENT_FILE,
+    SELECTION_FILE,
+    SKULL_STRIP_FILE,
+    SUMMARY_FILE,
+    stage_file,
+    write_record,
+)
 from .registration import RegistrationError
 from .results import build_results
 from .series_completeness import IncompleteSeriesError
@@ -108,7 +123,7 @@ class Stage:
 def step_select_series(work: Path, cfg: PipelineConfig) -> dict:
     """Assign roles T1, T1c, T2, FLAIR to the series in ``cfg.dicom_dir``
     (default ``work/dicom``) with the rules in ``cfg.series_rules`` (default
-    config/series_rules.yaml); writes ``selection.json``. A role the model
+    config/series_rules.yaml); writes ``select_series.json``. A role the model
     needs (or the reference) that is missing raises MissingSeriesError, which
     names it; other missing roles are recorded (``inputs``)."""
     dicom = Path(cfg.dicom_dir) if cfg.dicom_dir else work / "dicom"
@@ -118,14 +133,15 @@ def step_select_series(work: Path, cfg: PipelineConfig) -> dict:
 
 def step_convert(work: Path, cfg: PipelineConfig) -> dict:
     """dcm2niix every selected series into ``nifti/<role>.nii.gz`` + JSON
-    sidecar (``series``: the conversion record per role; ``note``: the
-    selection's sentence on missing optional sequences). A needed series
-    dcm2niix would interpolate raises IncompleteSeriesError; an optional one
-    is dropped with a note."""
+    sidecar; writes ``convert.json`` (``series``: the conversion record per
+    role; ``note``: the selection's sentence on missing optional sequences).
+    A needed series dcm2niix would interpolate raises IncompleteSeriesError;
+    an optional one is dropped with a note."""
     result: dict = {"series": convert_inputs(work)}
     inputs = read_selection(work).inputs
     if inputs and inputs.note:
         result["note"] = inputs.note
+    write_record(work / CONVERT_FILE, result)
     return result
 
 
@@ -150,39 +166,39 @@ def step_build_outputs(work: Path, cfg: PipelineConfig) -> dict:
 _IMAGE = (PipelineError,)
 STAGES: list[Stage] = [
     Stage("select_series", "series selection", step_select_series,
-          reads=("dicom/",), writes=("selection.json",),
+          reads=("dicom/",), writes=(SELECTION_FILE,),
           errors=(MissingSeriesError, RulesError), needs_input=(MissingSeriesError,)),
     Stage("convert", "conversion", step_convert,
-          reads=("dicom/", "selection.json"), writes=("nifti/", "conversion.json"),
+          reads=("dicom/", SELECTION_FILE), writes=("nifti/", CONVERT_FILE),
           errors=(ConversionError,), needs_input=(IncompleteSeriesError,)),
     Stage("register", "co-registration", step_register,
-          reads=("nifti/",), writes=("registered/", "registration.json"),
+          reads=("nifti/",), writes=("registered/", REGISTRATION_FILE),
           errors=(RegistrationError, *_IMAGE)),
     Stage("skull_strip", "skull stripping", step_skull_strip,
-          reads=("registered/",), writes=("brain_mask.nii.gz", "skull_strip.json"),
+          reads=("registered/",), writes=("brain_mask.nii.gz", SKULL_STRIP_FILE),
           errors=(SkullStripError, *_IMAGE)),
     Stage("image_qc", "image quality control", step_image_qc,   # native series + brain mask, before N4
-          reads=("nifti/", "brain_mask.nii.gz", "registered/"), writes=("image_qc.json",),
+          reads=("nifti/", "brain_mask.nii.gz", "registered/"), writes=(stage_file("image_qc"),),
           errors=_IMAGE, hook="image_qc_history"),
     Stage("bias_correct", "N4 bias correction", step_bias_correct,
-          reads=("registered/", "brain_mask.nii.gz"), writes=("preprocessed/", "bias_correction.json"),
+          reads=("registered/", "brain_mask.nii.gz"), writes=("preprocessed/", BIAS_CORRECTION_FILE),
           errors=(N4Error, *_IMAGE)),
     Stage("segment", "tumour segmentation", step_segment,
           reads=("preprocessed/", "brain_mask.nii.gz"),
-          writes=("segmentation.nii.gz", "candidates/", "model_space/", "segment.json"),
+          writes=("segmentation.nii.gz", "candidates/", "model_space/", SEGMENT_FILE),
           errors=(SegmentationError, *_IMAGE)),
     Stage("segmentation_qc", "segmentation quality control", step_segmentation_qc,
-          reads=("segmentation.nii.gz", "candidates/", "preprocessed/"), writes=("segmentation_qc.json",),
+          reads=("segmentation.nii.gz", "candidates/", "preprocessed/"), writes=(stage_file("segmentation_qc"),),
           errors=_IMAGE, hook="segmentation_qc_history"),
-    Stage("summarize", "summary", step_summarize,
-          reads=("segmentation.nii.gz", "brain_mask.nii.gz", "selection.json"), writes=("summary.json",),
+    Stage("summary", "summary", step_summarize,
+          reads=("segmentation.nii.gz", "brain_mask.nii.gz", SELECTION_FILE), writes=(SUMMARY_FILE,),
           errors=_IMAGE),
     Stage("longitudinal", "longitudinal comparison", step_longitudinal,
-          reads=("priors.json", "priors/", "summary.json"), writes=("longitudinal.json",),
+          reads=("priors.json", "priors/", SUMMARY_FILE), writes=(stage_file("longitudinal"),),
           errors=_IMAGE),
     Stage("build_outputs", "building the DICOM results", step_build_outputs,
-          reads=("dicom/", "selection.json", "segmentation.nii.gz", "summary.json"),
-          writes=("results/", "results.json"), errors=_IMAGE),
+          reads=("dicom/", SELECTION_FILE, "segmentation.nii.gz", SUMMARY_FILE),
+          writes=("results/", RESULTS_FILE), errors=_IMAGE),
 ]
 #: The stages before and after the image steps proper (pipelines/image_pipeline.py ``STEPS``).
 INPUT_STAGES = ("select_series", "convert")
@@ -281,15 +297,17 @@ def image_steps() -> list[tuple[str, StepFn]]:
 
 
 def timed_steps() -> list[str]:
-    """Result files (without ``.json``) whose wall time the summary reports:
-    each image step's ``.json`` result before the summary."""
+    """Stages whose wall time the summary reports (``timings_s``, keyed by
+    stage name; from each one's ``<stage>.json``): the image steps before the
+    summary."""
     out = []
     for s in stages():
-        if s.name == "summarize":
+        if s.name == "summary":
             break
         if s.name in INPUT_STAGES:
             continue
-        out += [w[:-5] for w in s.writes if w.endswith(".json") and "/" not in w]
+        if stage_file(s.name) in s.writes:
+            out.append(s.name)
     return out
 
 

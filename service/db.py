@@ -252,8 +252,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def migrate(url: str) -> None:
-    """Bring the database schema to the newest Alembic revision."""
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database schema to the newest Alembic revision (or to
+    ``revision``)."""
     from alembic import command
     from alembic.config import Config
 
@@ -262,7 +263,7 @@ def migrate(url: str) -> None:
         "script_location", str(resources.files("brainline.service").joinpath("migrations"))
     )
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    command.upgrade(cfg, revision)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

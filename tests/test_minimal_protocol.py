@@ -71,7 +71,7 @@ def test_select_stage_accepts_t1c_and_flair(tmp_path):
     assert set(result["roles"]) == {"t1c", "flair"}
     assert result["inputs"]["note"] == NOTE
     assert result["missing_optional"] == ["t1", "t2"]
-    selection = json.loads(ctx.path("selection.json").read_text())
+    selection = json.loads(ctx.path("select_series.json").read_text())
     assert all(not f.startswith("/") and f.startswith("dicom/") for f in selection["files"]["flair"])
     json.dumps(result)  # the job store keeps it
 
@@ -109,7 +109,7 @@ def test_process_minimal_protocol(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["inputs"]["missing"] == ["t1", "t2"] and summary["inputs"]["note"] == NOTE
     assert set(summary["registration"]) == {"t1c", "flair"}
-    record = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "build_outputs.json").read_text())
     assert record["complete"] and record["failed"] == [] and NOTE in record["notes"]
     kinds = {o["kind"] for o in record["objects"]}
     assert {"seg", "sr", "overlay", "pdf"} <= kinds

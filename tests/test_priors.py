@@ -252,7 +252,8 @@ def test_brainline_job_outputs_reused_and_pacs_copy_deduplicated(tmp_path, pacs)
     (work / "segmentation.nii.gz").write_bytes(b"labels")
     (work / "summary.json").write_text(json.dumps({"volumes_ml": {"tumor_core": 4.5}}))
     ref_uid = pydicom.dcmread(next((work / "dicom").rglob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
-    (work / "selection.json").write_text(json.dumps({"reference": "t1c", "roles": {"t1c": {"series_uid": ref_uid}}}))
+    (work / "select_series.json").write_text(
+        json.dumps({"reference": "t1c", "roles": {"t1c": {"series_uid": ref_uid}}}))
     seg = pydicom.Dataset()
     seg.SeriesInstanceUID, seg.SOPInstanceUID = "2.25.11", "2.25.12"
     seg.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -260,7 +261,7 @@ def test_brainline_job_outputs_reused_and_pacs_copy_deduplicated(tmp_path, pacs)
     seg.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     (work / "results").mkdir()
     seg.save_as(work / "results" / "seg.dcm", enforce_file_format=True)
-    (work / "results.json").write_text(json.dumps({"objects": [
+    (work / "build_outputs.json").write_text(json.dumps({"objects": [
         {"kind": "seg", "file": "results/seg.dcm", "sop_instance_uid": "2.25.12"}]}))
     with sessions.begin() as s:
         s.add(Job(id=1, study_key=earlier.study_key, state=State.DONE.value,

@@ -60,9 +60,9 @@ ALGORITHMS = ("hnfnetv1-20", "isen-20", "sanet0-20", "scan-20", "yixinmpl-20")
 def test_qc_stages_in_the_pipelines_and_offline_steps():
     names = [n for n, _ in PIPELINES["neuro_onco"]]
     assert names[names.index("skull_strip") + 1] == "image_qc"        # native series + brain mask, before N4
-    assert names.index("segment") < names.index("segmentation_qc") < names.index("summarize")
+    assert names.index("segment") < names.index("segmentation_qc") < names.index("summary")
     assert [n for n, _ in STEPS] == ["register", "skull_strip", "image_qc", "bias_correct", "segment",
-                                     "segmentation_qc", "summarize"]
+                                     "segmentation_qc", "summary"]
     assert {"image_qc", "segmentation_qc"} <= set(STEP_NAMES)           # brainline process runs them too
     stage = dict(PIPELINES["neuro_onco"])["image_qc"]
     assert "history" in stage.__doc__                                   # the service wrapper, not the bare step
@@ -96,7 +96,7 @@ def stand_in(ctx: StageContext) -> dict:
         sitk.WriteImage(sitk.Mask(img, mask), str(ws / "preprocessed" / p.name))
         if role != "t1c":
             sitk.WriteTransform(sitk.Euler3DTransform(), str(ws / "registered" / f"{role}_to_t1c.tfm"))
-    (ws / "registration.json").write_text(json.dumps({"reference": "t1c", "sequences": {}, "flags": []}))
+    (ws / "register.json").write_text(json.dumps({"reference": "t1c", "sequences": {}, "flags": []}))
     (ws / "skull_strip.json").write_text(json.dumps({"flags": [], "sequence": "t1c", "already_stripped": True}))
     return {"stand_in": True}
 
@@ -113,7 +113,7 @@ def service_ctx(tmp_path, monkeypatch):
         ("pseudonymize", stage["pseudonymize"]), ("select_series", stage["select_series"]),
         ("convert", stage["convert"]), ("stand_in", stand_in), ("image_qc", stage["image_qc"]),
         ("segment", stage["segment"]), ("segmentation_qc", stage["segmentation_qc"]),
-        ("summarize", stage["summarize"]), ("build_outputs", stage["build_outputs"])])
+        ("summary", stage["summary"]), ("build_outputs", stage["build_outputs"])])
     yield ctx
     ctx.engine.dispose()
 
@@ -223,7 +223,7 @@ def test_image_and_segmentation_qc_stages_with_history_reach_sr_pdf_and_api(serv
             for c, per in dtf.items() for r, d in per.items() if d is not None]
     add_rows(ctx, jobs[:12], rows)
     assert ctx.runner.run_stage(job_id, "segmentation_qc") == "done"
-    for name in ("summarize", "build_outputs"):
+    for name in ("summary", "build_outputs"):
         assert ctx.runner.run_stage(job_id, name) == "done", ctx.store.get(job_id).error
     job = ctx.store.get(job_id)
     seg_result = json.loads(next(s for s in job.stages if s.name == "segmentation_qc").result_json)

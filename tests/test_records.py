@@ -162,3 +162,53 @@ def test_every_flag_bearing_summary_section_is_a_qc_finding():
     assert "other checks" not in {f.name for f in findings}
     for name, flag in own.items():
         assert any(flag in f.detail for f in findings if f.status == "flagged"), f"{name}: not a flagged finding"
+
+
+def test_record_files_are_named_after_their_stages(tmp_path):
+    """Each stage's record is ``<stage>.json``; a workspace of an earlier
+    version (``selection.json``, ``registration.json``, ...) is read through
+    the old names and renamed in place by ``migrate_workspace``, which leaves
+    a current workspace alone."""
+    from brainline.pipelines.stage_table import stages
+
+    assert R.SELECTION_FILE == "select_series.json" and R.RESULTS_FILE == "build_outputs.json"
+    names = {s.name for s in stages()}
+    for const in (R.SELECTION_FILE, R.CONVERT_FILE, R.REGISTRATION_FILE, R.SKULL_STRIP_FILE,
+                  R.BIAS_CORRECTION_FILE, R.SEGMENT_FILE, R.SUMMARY_FILE, R.RESULTS_FILE):
+        assert const[:-len(".json")] in names, const
+    old = {"selection.json": {"reference": "t1c"}, "registration.json": {"reference": "t1c", "flags": ["x"]},
+           "bias_correction.json": {"elapsed_s": 1.0}, "results.json": {"objects": []}}
+    for name, data in old.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    assert R.read_record(R.RegistrationRecord, tmp_path / R.REGISTRATION_FILE).flags == ["x"]
+    assert R.read_json(tmp_path / R.SELECTION_FILE) == {"reference": "t1c"}
+    assert R.existing_file(tmp_path / R.SEGMENT_FILE) == tmp_path / R.SEGMENT_FILE   # no old name
+    assert sorted(R.migrate_workspace(tmp_path)) == sorted(R.LEGACY_FILES)
+    assert not any((tmp_path / name).exists() for name in old)
+    assert json.loads((tmp_path / R.RESULTS_FILE).read_text()) == {"objects": []}
+    assert R.migrate_workspace(tmp_path) == []
+    # both present (the new one written after an upgrade): the new one wins, the old stays
+    (tmp_path / "selection.json").write_text("{}")
+    assert R.migrate_workspace(tmp_path) == [] and R.read_json(tmp_path / R.SELECTION_FILE) == {"reference": "t1c"}
+
+
+def test_stage_rename_migration(tmp_path):
+    """Alembic 0004 renames the stage rows of jobs begun before "summarize"
+    became "summary" (a job in flight at the upgrade resumes by name)."""
+    from sqlalchemy import text
+
+    from brainline.service.db import make_engine, migrate
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url, "0003")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (id, study_key, source, pipeline, instance_count, state, attempts, "
+                          "created_at, updated_at) "
+                          "VALUES (1, 'k', 'dimse', 'neuro_onco', 1, 'running', 1, '2026-11-30', '2026-11-30')"))
+        conn.execute(text("INSERT INTO stages (job_id, name, position, state, attempts) VALUES "
+                          "(1, 'segment', 0, 'succeeded', 1), (1, 'summarize', 1, 'queued', 0)"))
+    migrate(url)
+    with engine.begin() as conn:
+        names = [r[0] for r in conn.execute(text("SELECT name FROM stages ORDER BY position"))]
+    assert names == ["segment", "summary"]

@@ -66,7 +66,7 @@ def oblique(tmp_path_factory):
                                              "model_version": "1"}},
                "inputs": {"missing": ["t1", "t2"], "used": ["t1c", "flair"], "note": INPUTS_NOTE}}
     (work / "summary.json").write_text(json.dumps(summary))
-    (work / "selection.json").write_text(json.dumps({
+    (work / "select_series.json").write_text(json.dumps({
         "roles": {"t1c": {"description": study.series["t1c"].description}},
         "inputs": summary["inputs"], "files": {"t1c": [str(p) for p in files]}}))
     return SimpleNamespace(study=study, files=files, labels=labels, work=work)
@@ -126,7 +126,7 @@ def test_all_objects_on_an_oblique_series_are_valid_dicom(oblique, tmp_path):
     record = build_results(work, oblique.files)
     assert record["failed"] == [] and record["complete"] and record["segmented"]
     assert kinds(record) == {"seg": 1, "overlay": len(oblique.files), "sr": 1, "pdf": 1, **RANO}
-    assert json.loads((work / "results.json").read_text()) == record
+    assert json.loads((work / "build_outputs.json").read_text()) == record
     files = {o["kind"]: work / o["file"] for o in record["objects"]}
     for kind, path in files.items():
         errors, _ = dciodvfy(path)
@@ -204,7 +204,7 @@ def test_failing_overlay_costs_only_the_overlay(oblique, tmp_path, monkeypatch):
     words = f"overlay series not built: ValueError: {OVERLAY_ERROR}"
     assert record["failed"] == [{"kind": "overlay", "error": words}]
     assert words in record["notes"] and INPUTS_NOTE in record["notes"]
-    assert json.loads((work / "results.json").read_text())["failed"] == record["failed"]
+    assert json.loads((work / "build_outputs.json").read_text())["failed"] == record["failed"]
     files = {o["kind"]: work / o["file"] for o in record["objects"]}
     assert sorted(p.name for p in (work / "results").iterdir()) == sorted(
         ["report.dcm", "seg.dcm", "sr.dcm", *RANO_FILES])
@@ -226,7 +226,7 @@ def test_failing_seg_fails_loudly_but_keeps_the_sr(oblique, tmp_path, monkeypatc
     work = fresh_work(oblique, tmp_path)
     with pytest.raises(OutputsError, match=r"DICOM SEG not built: RuntimeError: disk on fire \(built: "):
         build_results(work, oblique.files)
-    record = json.loads((work / "results.json").read_text())
+    record = json.loads((work / "build_outputs.json").read_text())
     assert not record["complete"] and {"sr", "pdf", "overlay"} <= set(kinds(record))
     assert "DICOM SEG not built" in sr_texts(work / "results" / "sr.dcm")["Result objects completeness"][0]
     monkeypatch.undo()

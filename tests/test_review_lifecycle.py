@@ -338,7 +338,7 @@ def test_a_superseding_job_retracts_the_earlier_results(service, processed, pacs
 
     # the new job: the same pseudonymized inputs, its results built anew (new UIDs)
     shutil.copytree(ctx.runner.workspace(first), ctx.runner.workspace(second),
-                    ignore=shutil.ignore_patterns("results", "results.json"))
+                    ignore=shutil.ignore_patterns("results", "build_outputs.json"))
     with ctx.sessions.begin() as s:
         before = {st.name: st.result_json for st in s.get(Job, first).stages}
         for st in s.get(Job, second).stages:

@@ -133,7 +133,7 @@ def test_needed_series_with_a_run_missing_is_refused_in_words(study, tmp_path):
                               "15 slice positions missing along the slice normal")
     assert "FLAIR is needed because the segmentation model (auto) needs it" in message
     assert "not segmented" in message
-    assert not (tmp_path / "work" / "selection.json").exists()
+    assert not (tmp_path / "work" / "select_series.json").exists()
 
 
 def test_optional_series_incomplete_is_dropped_with_a_note(study, tmp_path):
@@ -178,7 +178,7 @@ def test_dcm2niix_interpolation_is_refused(study, tmp_path):
     assert not list((tmp_path / "nifti").glob("t2*.nii.gz"))
     converted = convert_inputs(work)  # T2 is optional: dropped with a note
     assert set(converted) == {"t1", "t1c", "flair"}
-    selection = json.loads((work / "selection.json").read_text())
+    selection = json.loads((work / "select_series.json").read_text())
     assert "t2" not in selection["files"] and not (work / "nifti" / "t2.nii.gz").exists()
     assert selection["inputs"]["note"].startswith("T2 series 4 'AX T2 FSE' has unequally spaced slices")
     shift_slice(study.series["flair"].paths[10], 2.0)

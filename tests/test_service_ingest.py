@@ -47,7 +47,7 @@ def test_push_study_runs_job_and_leaks_no_phi(service, small_study):
     assert job["instance_count"] == 124
     assert [s["name"] for s in job["stages"]] == [
         "pseudonymize", "find_priors", "select_series", "convert", "register", "skull_strip", "image_qc",
-        "bias_correct", "segment", "segmentation_qc", "summarize", "longitudinal", "build_outputs", "deliver"]
+        "bias_correct", "segment", "segmentation_qc", "summary", "longitudinal", "build_outputs", "deliver"]
     assert all(s["state"] == "done" and s["duration_s"] is not None for s in job["stages"])
     selection = next(s for s in job["stages"] if s["name"] == "select_series")["result"]
     assert set(selection["roles"]) == {"t1", "t1c", "t2", "flair"}

@@ -13,6 +13,7 @@ import pytest
 from brainline.pipelines import stage_table
 from brainline.pipelines.image_pipeline import PipelineConfig, PipelineError
 from brainline.pipelines.process import process_study
+from brainline.pipelines.records import stage_file
 from brainline.service.jobs import errors
 from brainline.service.jobs.stage_table import GATEWAY_STAGES, PIPELINES, table
 from tests import dummy_stage
@@ -32,6 +33,9 @@ def test_every_stage_is_declared_once():
     # the hook is declared on the entry, the QC stages only
     assert {s.name for s in table() if s.hook} == {"image_qc", "segmentation_qc"}
     assert PipelineError in errors.PIPELINE_ERRORS
+    # every image stage writes its record under its own name
+    for s in stage_table.stages():
+        assert stage_file(s.name) in s.writes, s.name
 
 
 def test_register_stage_reaches_every_consumer():
@@ -66,6 +70,10 @@ def test_dummy_stage_runs_in_process(small_study, tmp_path):
     assert record["voxels"] > 0
     assert record["voxels"] * record["voxel_ml"] == pytest.approx(summary["volumes_ml"]["whole_tumor"], rel=0.01)
     assert "tumour_voxels" in summary["timings_s"]
+    # every stage's record is <stage>.json (what the table declares is written)
+    for s in stage_table.stages():
+        assert (out / stage_file(s.name)).is_file(), s.name
+    assert {"register", "skull_strip", "bias_correct", "segment"} <= set(summary["timings_s"])
 
 
 def _entry_point_site(tmp_path: Path) -> Path:

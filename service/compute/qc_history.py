@@ -51,6 +51,7 @@ from brainline.pipelines.qc_steps import (
     SEGMENTATION_QC_HISTORY_FILE,
     QCConfig,
 )
+from brainline.pipelines.records import SELECTION_FILE, read_json
 from brainline.pipelines.roles import ROLE_LABELS
 from brainline.pipelines.segmentation_qc import SegmentationQCConfig, discord_from_dice
 
@@ -202,7 +203,7 @@ def _image_stage_result(result: dict, record: dict) -> dict:
 
 def _reference_scanner(work: Path) -> str:
     try:
-        selection = json.loads((work / "selection.json").read_text())
+        selection = read_json(work / SELECTION_FILE)
         series: dict[str, Any] = json.loads((work / IMAGE_QC_FILE).read_text()).get("series") or {}
         entry: dict[str, Any] = series.get(selection.get("reference", "")) or next(iter(series.values()), {})
         return str(entry.get("scanner") or "")

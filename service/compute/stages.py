@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from brainline.pipelines.image_pipeline import PipelineConfig
 from brainline.pipelines.inputs import selected_files
+from brainline.pipelines.records import migrate_workspace
 from brainline.pipelines.registration import RegistrationConfig
 from brainline.pipelines.stage_table import Stage
 
@@ -64,7 +65,7 @@ Hook = Callable[[StageContext, dict], dict]
 #: the step with its result. The QC stages compare with the site's history in
 #: the job store (service/compute/qc_history.py: z-scores or discord
 #: thresholds, rows stored in qc_metrics, words into the workspace for
-#: summarize).
+#: the summary).
 HOOKS: dict[str, Hook] = {"image_qc_history": _qc_history(compare_image_qc),
                           "segmentation_qc_history": _qc_history(compare_segmentation_qc)}
 
@@ -79,6 +80,7 @@ def service_stage(entry: Stage) -> StageFn:
     hook = HOOKS[entry.hook] if entry.hook else None
 
     def stage(ctx: StageContext) -> dict:
+        migrate_workspace(ctx.workspace)   # a job begun by an earlier version: files named after stages
         try:
             result = step(ctx.workspace, _run_config(ctx))
         except entry.needs_input as exc:  # IncompleteSeriesError: names the series, what is missing

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pydicom
 
-from brainline.pipelines.records import ResultObject
+from brainline.pipelines.records import RESULTS_FILE, ResultObject
 from brainline.pipelines.results import CORE_OBJECTS, OBJECT_NAMES, read_results, rerender_pdf
 
 from ..compute.stages import reference_files
@@ -102,7 +102,7 @@ def deliver(ctx: StageContext) -> dict:
     ctx.check_superseded()
     results = read_results(ctx.workspace)
     if results is None:
-        raise FileNotFoundError("results.json does not exist: build_outputs has not run")
+        raise FileNotFoundError(f"{RESULTS_FILE} does not exist: build_outputs has not run")
     mode, site = review.gating(ctx)
     if ctx.outbox is None or not ctx.outbox.destinations:
         outcome = {"queued": 0, "note": "no destination configured (BRAINLINE_DEST_DICOM / "

@@ -56,6 +56,16 @@ from dicomweb_client.api import DICOMwebClient
 from sqlalchemy import select
 
 from brainline.pipelines.dicom_dates import parse_da, shift_da
+from brainline.pipelines.records import (
+    BIAS_CORRECTION_FILE,
+    REGISTRATION_FILE,
+    RESULTS_FILE,
+    SEGMENT_FILE,
+    SELECTION_FILE,
+    SKULL_STRIP_FILE,
+    SUMMARY_FILE,
+    migrate_workspace,
+)
 
 from ..db import Job, State
 from ..jobs.context import StageContext
@@ -74,8 +84,8 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 #: Processed outputs of an earlier job reused for a prior (hard-linked).
 REUSED_DIRS = ("dicom", "nifti", "registered", "preprocessed")
-REUSED_FILES = ("selection.json", "brain_mask.nii.gz", "segmentation.nii.gz", "registration.json",
-                "skull_strip.json", "bias_correction.json", "segment.json", "summary.json")
+REUSED_FILES = (SELECTION_FILE, "brain_mask.nii.gz", "segmentation.nii.gz", REGISTRATION_FILE,
+                SKULL_STRIP_FILE, BIAS_CORRECTION_FILE, SEGMENT_FILE, SUMMARY_FILE)
 WEB_SOURCE = "PACS (QIDO-RS/WADO-RS)"
 DIMSE_SOURCE = "PACS (C-FIND/C-GET)"
 
@@ -233,6 +243,7 @@ def reuse_job_outputs(candidate: Candidate, out: Path, reference_role: str) -> d
     if src is None:
         raise ValueError(f"the prior of {candidate.study_date} is not a BrainLine job (no workspace to reuse)")
     out.mkdir(parents=True, exist_ok=True)
+    migrate_workspace(src)   # an earlier version's job: its record files under their stage names
     for name in REUSED_DIRS:
         if (src / name).is_dir():
             _link_tree(src / name, out / name)
@@ -241,7 +252,7 @@ def reuse_job_outputs(candidate: Candidate, out: Path, reference_role: str) -> d
             _link_tree_file(src / name, out / name)
     extra: dict = {}
     try:
-        selection = json.loads((src / "selection.json").read_text())
+        selection = json.loads((src / SELECTION_FILE).read_text())
         reference = (selection.get("inputs") or {}).get("reference") or selection.get("reference") or reference_role
         roles = selection.get("roles") or {}
         entry = roles.get(reference) or roles.get(reference_role) or {}
@@ -250,7 +261,7 @@ def reuse_job_outputs(candidate: Candidate, out: Path, reference_role: str) -> d
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        objects = json.loads((src / "results.json").read_text()).get("objects") or []
+        objects = json.loads((src / RESULTS_FILE).read_text()).get("objects") or []
         seg = next((o for o in objects if o.get("kind") == "seg"), None)
         if seg:
             extra["seg_sop_instance_uid"] = seg["sop_instance_uid"]

@@ -18,6 +18,7 @@ routes them to the ``gateway`` queue (service/jobs/celery_app.py).
 from __future__ import annotations
 
 from brainline.pipelines import stage_table as image_table
+from brainline.pipelines.records import RESULTS_FILE
 from brainline.pipelines.stage_table import GATEWAY, Stage
 
 from ..compute.stages import service_stage
@@ -30,7 +31,7 @@ GATEWAY_TABLE: dict[str, Stage] = {s.name: s for s in (
     Stage("find_priors", "prior-study search", "brainline.service.gateway.priors:find_priors",
           reads=("pseudonymize.json", "vault", "PACS"), writes=("priors.json", "priors/"), zone=GATEWAY),
     Stage("deliver", "delivery", "brainline.service.gateway.deliver:deliver",
-          reads=("results/", "results.json", "vault"), writes=("outbox",), zone=GATEWAY),
+          reads=("results/", RESULTS_FILE, "vault"), writes=("outbox",), zone=GATEWAY),
 )}
 #: Stages that read the spool, the vault (find_priors: the real patient ID
 #: for the PACS query) or write the PHI outbox: gateway only.
