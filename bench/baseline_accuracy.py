@@ -7,8 +7,8 @@ the volumes in mL. For context, the same Dice of each algorithm against
 ``fusion_simple`` (how far apart trained networks are on this case).
 
 brats-gli-00001-000 (glioblastoma, no reference): volumes per region, as
-distributed (not bias-corrected) and, with ``--n4``, after SimpleITK N4 as the
-image pipeline would run it.
+distributed (not bias-corrected) and, with ``--n4``, after the image
+pipeline's own N4 (``PipelineConfig().n4``, pipelines/bias_correction.py).
 
 Tumour-free variants: WT volume when the healthy hemisphere is mirrored over
 the tumour, and when only the tumour region is replaced by mirrored tissue.
@@ -41,6 +41,9 @@ if str(REPO_ROOT) not in sys.path:
 from brainline.models.base import ED, ET, NCR  # noqa: E402
 from brainline.models.baseline import BaselineSegmenter  # noqa: E402
 from brainline.models.metrics import dice, volume_ml  # noqa: E402
+from brainline.pipelines.bias_correction import n4_correct  # noqa: E402
+from brainline.pipelines.image_pipeline import PipelineConfig  # noqa: E402
+from brainline.pipelines.skull_strip import apply_mask  # noqa: E402
 from tests.segmentation_cases import (  # noqa: E402
     BRATS,
     BRATS_FILES,
@@ -56,18 +59,19 @@ WT_DICE_REQUIRED = 0.85
 
 
 def n4(arrays: dict) -> dict:
-    """SimpleITK N4 inside image > 0 (fit on a 4x shrunk copy), like the pipeline."""
-    out = {}
-    for role, a in arrays.items():
-        img = sitk.GetImageFromArray(a.astype(np.float32))
-        mask = sitk.GetImageFromArray((a > 0).astype(np.uint8))
-        f = sitk.N4BiasFieldCorrectionImageFilter()
-        f.SetMaximumNumberOfIterations([50, 50, 30])
-        f.Execute(sitk.Shrink(img, [4] * 3), sitk.Shrink(mask, [4] * 3))
-        log_bias = sitk.GetArrayFromImage(f.GetLogBiasFieldAsImage(img))
-        log_bias -= log_bias[a > 0].mean()
-        out[role] = np.where(a > 0, a / np.exp(log_bias), 0).astype(np.float32)
-    return out
+    """N4 exactly as the image pipeline runs it (``PipelineConfig().n4``,
+    pipelines/bias_correction.n4_correct) inside the union of non-zero voxels
+    (holes filled), then masked. Arrays are (z, y, x) of a 1 mm isotropic
+    BraTS case (the images get 1 mm spacing, which N4's knot distance uses)."""
+    images = {role: sitk.GetImageFromArray(a.astype(np.float32)) for role, a in arrays.items()}
+    mask = None
+    for image in images.values():
+        nonzero = sitk.Cast(image > 0, sitk.sitkUInt8)
+        mask = nonzero if mask is None else (mask | nonzero)
+    mask = sitk.BinaryFillhole(mask)
+    config = PipelineConfig().n4
+    return {role: sitk.GetArrayFromImage(apply_mask(n4_correct(image, mask, config, name=role).corrected, mask))
+            for role, image in images.items()}
 
 
 def regions(labels: np.ndarray, brats2020: bool = False) -> dict:
