@@ -2,7 +2,10 @@
 # Installs the Debian packages the tests need when missing: Orthanc with its
 # DICOMweb plugin (the PACS peer), dcmtk (storescu/echoscu: the scanner),
 # dicom3tools (dciodvfy), poppler-utils (pdftoppm), PostgreSQL (scaled-out job store),
-# chromium and npm (the OHIF viewer test, tests/test_viewer.py).
+# redis-server (the Celery broker of the scaled-out tests), chromium and npm
+# (the OHIF viewer test, tests/test_viewer.py). Each is looked for first: on a
+# machine that has them all, apt-get is not run at all; otherwise the missing
+# ones are installed with one apt-get update and one apt-get install.
 # Then caches the prebuilt OHIF viewer (npm package @ohif/app) under
 # ${XDG_CACHE_HOME:-~/.cache}/brainline/ohif-<version>/package/dist, where
 # tests/test_viewer.py looks for it.
@@ -17,15 +20,17 @@ command -v pdftoppm  >/dev/null 2>&1 || need+=(poppler-utils)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v chromium  >/dev/null 2>&1 || need+=(chromium)
 command -v npm       >/dev/null 2>&1 || need+=(npm)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "installing Debian packages: ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  # The Debian package starts a system Orthanc; the tests run their own.
+  # The Debian packages start a system Orthanc, PostgreSQL and Redis; the tests run their own.
   $SUDO service orthanc stop >/dev/null 2>&1 || true
   $SUDO service postgresql stop >/dev/null 2>&1 || true
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
 fi
 
 # The prebuilt OHIF viewer (about 50 MB), fetched once with the npm client.
@@ -37,15 +42,3 @@ if [ ! -f "$cache/package/dist/index.html" ] && command -v npm >/dev/null 2>&1; 
      && tar xzf "ohif-app-${OHIF_VERSION}.tgz" && rm -f "ohif-app-${OHIF_VERSION}.tgz") \
     || echo "warning: could not fetch @ohif/app; tests/test_viewer.py will try again" >&2
 fi
-
-# --- redis-server (issue 13: Celery broker for the scaled-out tests) -------
-if ! command -v redis-server >/dev/null 2>&1; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "installing Debian package: redis-server"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-  # The Debian package may start a system redis; the tests run their own.
-  $SUDO service redis-server stop >/dev/null 2>&1 || true
-fi
-# --- end redis-server -------------------------------------------------------

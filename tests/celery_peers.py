@@ -11,11 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
 
 from tests.peers import PostgresServer, ServiceProcess, free_port
 
@@ -100,12 +98,20 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 60) -> "WorkerProcess":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "WorkerProcess":
+        """Start the process without waiting for it (see ``wait_ready``)."""
         self.home.mkdir(parents=True, exist_ok=True)
         out = open(self.stdout_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "brainline.service.cli", "worker",
                                       "--queues", self.queues], env=self.env, stdout=out,
                                      stderr=subprocess.STDOUT)
         out.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> "WorkerProcess":
+        """Wait until the launched worker answers /readyz (RuntimeError if it exits or times out)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -146,9 +152,14 @@ class WorkerProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM) without waiting; ``stop`` waits."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -157,13 +168,8 @@ class WorkerProcess:
 
 
 def new_database(pg: PostgresServer) -> str:
-    """A fresh database on ``pg``; returns its SQLAlchemy URL."""
-    name = "bl_" + uuid.uuid4().hex[:10]
-    engine = create_engine(pg.url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return pg.url.rsplit("/", 1)[0] + "/" + name
+    """A fresh database on ``pg``; returns its SQLAlchemy URL (PostgresServer.new_database)."""
+    return pg.new_database()
 
 
 class Cluster:
@@ -186,8 +192,11 @@ class Cluster:
 
     def start(self) -> "Cluster":
         self.gateway.start()  # migrates the database first
+        # the workers start side by side (each spends seconds importing), then each must be ready
         for w in self.workers:
-            w.start()
+            w.launch()
+        for w in self.workers:
+            w.wait_ready()
         return self
 
     def add_worker(self) -> WorkerProcess:
@@ -196,6 +205,8 @@ class Cluster:
         return w.start()
 
     def stop(self) -> None:
+        for w in self.workers:  # all workers shut down side by side, then the gateway
+            w.terminate()
         for w in self.workers:
             w.stop()
         self.gateway.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.dicom_factory import write_study
-from tests.peers import OrthancServer, ServiceProcess
+from tests.peers import OrthancServer, PostgresServer, ServiceProcess
 from tests.shared_data import BRATS, BRATS18, DATA, TCGA, require  # noqa: F401 - the one place for the data path
 
 # The suite pins the classical baseline (seconds per job) for every service
@@ -81,4 +81,12 @@ def service(service_factory):
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory):
     with OrthancServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throw-away PostgreSQL server for the session (initdb and start cost
+    seconds): a test takes its own database with ``postgres.new_database()``."""
+    with PostgresServer() as server:
         yield server

@@ -305,6 +305,23 @@ class PostgresServer:
                   "brainline")
         return self
 
+    def new_database(self) -> str:
+        """A fresh, empty database on this server; returns its SQLAlchemy URL.
+        Tests that share one server (the session fixture ``postgres``) each
+        take their own database, so no test sees another's rows."""
+        import uuid
+
+        from sqlalchemy import create_engine, text
+
+        name = "bl_" + uuid.uuid4().hex[:10]
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f"CREATE DATABASE {name}"))
+        finally:
+            engine.dispose()
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def __exit__(self, *exc) -> None:
         try:
             self._run(_postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")

@@ -20,7 +20,7 @@ import pytest
 from tests.celery_peers import Cluster, RedisServer
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import write_study
-from tests.peers import OrthancServer, PostgresServer, storescu
+from tests.peers import OrthancServer, storescu
 from tests.phi import BINARY_SAFE, TEXT_EXTRA
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,9 @@ VAULT_KEY = "test-vault-key-0123456789abcdef"  # ServiceProcess's key
 
 
 @pytest.fixture(scope="module")
-def pg():
-    with PostgresServer() as server:
-        yield server
+def pg(postgres):
+    """The session's PostgreSQL server (conftest); each Cluster makes its own database."""
+    return postgres
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 
+from brainline.pipelines.records import BIAS_CORRECTION_FILE, REGISTRATION_FILE, SEGMENT_FILE, SKULL_STRIP_FILE
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import write_study
 from tests.reslice import clinical_variant
@@ -55,7 +57,10 @@ def test_process_full_study(full_study, tmp_path):
     assert set(summary["registration"]) == {"t1", "t1c", "t2", "flair"}
     assert summary["qc_flags"] == []
     assert summary["backends"]["segmentation"]["backend"] == "baseline"
-    assert set(summary["timings_s"]) >= {"registration", "skull_strip", "bias_correction", "segment"}
+    # timings_s is keyed by stage name, the stem of each stage's record file
+    timed = {Path(f).stem for f in (REGISTRATION_FILE, SKULL_STRIP_FILE, BIAS_CORRECTION_FILE, SEGMENT_FILE)}
+    assert timed == {"register", "skull_strip", "bias_correct", "segment"}
+    assert set(summary["timings_s"]) >= timed
     assert whole_tumour_dice(out / "segmentation.nii.gz") >= 0.85
     # DICOM results reference the input study.
     kinds = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in (out / "dicom").glob("*.dcm")}
@@ -65,12 +70,32 @@ def test_process_full_study(full_study, tmp_path):
     assert seg_ds.PatientID == PHI["patient_id"]
 
 
-def test_process_oblique_thick_slices_in_head_fov(tmp_path):
-    case = clinical_variant(TCGA, tmp_path / "case")
-    study = write_study(tmp_path / "dicom", case, **PHI)
+@pytest.fixture(scope="module")
+def followup_run(tmp_path_factory):
+    """One `brainline process CURRENT --out OUT --prior PRIOR` run, shared by
+    the oblique-study test and the follow-up test: the same patient's tumour
+    (tcga-du-7294) acquired twice, the prior as the 1 mm 3D study (every 2nd
+    slice) and the current as oblique 5 mm 2D series in a head-sized field of
+    view. Every stage up to and including ``summary`` reads only the current
+    study (the prior is read by the ``longitudinal`` stage alone, which writes
+    only longitudinal.json; pipelines/stage_table.py), so the oblique test's
+    files (summary.json, nifti/, preprocessed/, segmentation.nii.gz) are
+    those of a run without --prior; the run without --prior itself is
+    test_process_full_study. Returns (current study, prior study, OUT, the
+    CompletedProcess)."""
+    root = tmp_path_factory.mktemp("followup_run")
+    prior = write_study(root / "prior", TCGA, study_date="20231016", slice_step=2, **PHI)
+    current = write_study(root / "current", clinical_variant(TCGA, root / "case"), **PHI)
+    out = root / "out"
+    result = subprocess.run(CLI + [str(current.series["t1"].dir.parent), "--out", str(out),
+                                   "--prior", str(prior.series["t1"].dir.parent)],
+                            capture_output=True, text=True, timeout=900)
+    return current, prior, out, result
+
+
+def test_process_oblique_thick_slices_in_head_fov(followup_run):
+    study, _, out, result = followup_run
     assert study.series["flair"].n_instances == 36
-    out = tmp_path / "out"
-    result = run_process(study.series["t1"].dir.parent, out)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["qc_flags"] == []
@@ -91,18 +116,12 @@ def test_process_missing_series_is_named(tmp_path):
     assert "AX T2 FSE" in result.stderr
 
 
-def test_process_with_prior_no_change_pair(tmp_path):
-    """`brainline process CURRENT --prior PRIOR`: the same patient's tumour
-    (tcga-du-7294) acquired twice, the prior as the 1 mm 3D study (every 2nd
-    slice) and the current as oblique 5 mm 2D series in a head-sized field of
-    view. Nothing changed, so the comparison must say stable with at most one
-    new lesion, and the follow-up objects land in the current study."""
-    prior = write_study(tmp_path / "prior", TCGA, study_date="20231016", slice_step=2, **PHI)
-    current = write_study(tmp_path / "current", clinical_variant(TCGA, tmp_path / "case"), **PHI)
-    out = tmp_path / "out"
-    result = subprocess.run(CLI + [str(current.series["t1"].dir.parent), "--out", str(out),
-                                   "--prior", str(prior.series["t1"].dir.parent)],
-                            capture_output=True, text=True, timeout=900)
+def test_process_with_prior_no_change_pair(followup_run):
+    """`brainline process CURRENT --prior PRIOR` (the ``followup_run``
+    fixture): nothing changed between the two acquisitions, so the comparison
+    must say stable with at most one new lesion, and the follow-up objects
+    land in the current study."""
+    current, _, out, result = followup_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "follow-up:" in result.stdout
     record = json.loads((out / "longitudinal.json").read_text())
