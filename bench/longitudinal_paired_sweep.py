@@ -6,10 +6,11 @@ current grid what the step compared (the current image = subtraction + matched
 prior where the subtraction is defined; the prior segmentation carried by the
 registration recorded in ``longitudinal.json``), and evaluates the boundary shift
 integral (``pipelines.longitudinal.bsi_change``) over a grid of clip windows and
-band widths. The setting is chosen on the tune cases only (``tests.corpus.TUNE_CASES``:
-smallest mean relative growth error of WT and TC on grown pairs, with every no-change
-pair within ``--nochange-ml`` mL); the held-out cases are then reported with that
-setting, apart.
+band widths, per component (WT on FLAIR; TC on T1c, also over the core's tissue level,
+brain or oedema, and whether its integral is limited to the tumour). Each component's
+setting is chosen on the tune cases only (``tests.corpus.TUNE_CASES``: smallest mean
+relative growth error on grown pairs, with every no-change pair within ``--nochange-ml``
+mL); the held-out cases are then reported with that setting, apart.
 
     .venv/bin/python bench/longitudinal_paired_sweep.py --out /tmp/followup [--json /tmp/sweep.json]
 
@@ -81,58 +82,69 @@ def load_compared(root: Path) -> dict | None:
             "step_methods": (rec.get("change") or {}).get("paired_methods")}
 
 
-def prepare(p: dict, tissue_distance_mm: float) -> None:
-    """Levels and boundary distances of each component, once per pair."""
+CORE_OPTIONS = [("oedema", True), ("brain", False), ("oedema", False), ("brain", True)]
+
+
+def prepare(p: dict, lc: LongitudinalConfig) -> None:
+    """Levels and boundary distances of each component, once per pair: the whole
+    tumour as the step sets it, the core (TC) for every level / band option of
+    CORE_OPTIONS (``bsi_core_tissue``, ``bsi_core_within_tumour``)."""
     p["bsi"] = {}
-    for key, (cur, pri, within, before, now, t, l, _role) in bsi_inputs(
-            p["cur_lab"], p["prior_lab"], p["images"], p["spacing_zyx"], tissue_distance_mm).items():
-        outside, inside = boundary_distances(before, now, p["spacing_zyx"])
-        p["bsi"][key] = (cur[within], pri[within], outside[within],
-                         None if inside is None else inside[within], t, l)
+    for core_tissue, within_tumour in CORE_OPTIONS:
+        inputs = bsi_inputs(p["cur_lab"], p["prior_lab"], p["images"], p["spacing_zyx"], lc.bsi_tissue_distance_mm,
+                            core_tissue, within_tumour)
+        for key, (cur, pri, within, before, now, t, l, _role) in inputs.items():
+            option = None if key == "whole_tumor" else (core_tissue, within_tumour)
+            if key not in COMPONENTS or (key, option) in p["bsi"]:
+                continue
+            outside, inside = boundary_distances(before, now, p["spacing_zyx"])
+            keep = within & (outside <= max(BANDS_OUT))             # no band reaches further
+            p["bsi"][(key, option)] = (cur[keep], pri[keep], outside[keep].astype(np.float32),
+                                       None if inside is None else inside[keep].astype(np.float32), t, l)
 
 
-def evaluate(pairs: list[dict], window, out_mm: float, in_mm: float) -> list[dict]:
+def evaluate(pairs: list[dict], key: str, option, window, out_mm: float, in_mm: float) -> list[dict]:
+    """One component, one setting: signed relative growth error (grown pairs) or the
+    change in mL (no-change pairs), per pair."""
     rows = []
     for p in pairs:
-        row = {"name": p["name"], "split": p["split"], "variant": p["variant"]}
+        row = {"name": p["name"], "split": p["split"], "variant": p["variant"], "value": None}
         vox = float(np.prod(p["spacing_zyx"]))
-        for k in COMPONENTS:
-            delta = None
-            if k in p["bsi"]:
-                cur, pri, outside, inside, t, l = p["bsi"][k]
-                band = outside <= out_mm
-                if inside is not None:
-                    band &= ~(inside > in_mm)
-                delta = boundary_shift(cur, pri, band, t, l, window, vox)["delta_mm3"]
-            if p["variant"] == "grown":
-                true = float(p["true_mm3"][k])
-                row[k] = None if delta is None or true <= 0 else (delta - true) / true   # signed
-            else:
-                row[k] = None if delta is None else delta / 1000.0
+        if (key, option) in p["bsi"]:
+            cur, pri, outside, inside, t, l = p["bsi"][(key, option)]
+            band = outside <= out_mm
+            if inside is not None:
+                band &= ~(inside > in_mm)
+            delta = boundary_shift(cur, pri, band, t, l, window, vox)["delta_mm3"]
+            if delta is not None:
+                true = float(p["true_mm3"][key])
+                if p["variant"] == "grown":
+                    row["value"] = (delta - true) / true if true > 0 else None
+                else:
+                    row["value"] = delta / 1000.0
         rows.append(row)
     return rows
 
 
 def summary(rows: list[dict], split: str) -> dict:
-    grown = [r for r in rows if r["split"] == split and r["variant"] == "grown"]
-    still = [r for r in rows if r["split"] == split and r["variant"] == "nochange"]
-    errs = [abs(r[k]) for r in grown for k in COMPONENTS if r[k] is not None]
+    grown = [r for r in rows if r["split"] == split and r["variant"] == "grown" and r["value"] is not None]
+    still = [r for r in rows if r["split"] == split and r["variant"] == "nochange" and r["value"] is not None]
+    errs = [abs(r["value"]) for r in grown]
     return {"grown_pairs": len(grown), "mean_error": float(np.mean(errs)) if errs else None,
             "max_error": float(np.max(errs)) if errs else None,
-            "signed_errors": {r["name"]: {k: None if r[k] is None else round(r[k], 3) for k in COMPONENTS}
-                              for r in grown},
-            "nochange_max_abs_ml": max([abs(r[k]) for r in still for k in COMPONENTS if r[k] is not None],
-                                       default=None),
-            "nochange_ml": {r["name"]: {k: None if r[k] is None else round(r[k], 2) for k in COMPONENTS}
-                            for r in still}}
+            "signed_errors": {r["name"]: round(r["value"], 3) for r in grown},
+            "nochange_max_abs_ml": max([abs(r["value"]) for r in still], default=None),
+            "nochange_ml": {r["name"]: round(r["value"], 2) for r in still}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the --out folder of bench/longitudinal.py")
     ap.add_argument("--nochange-ml", type=float, default=1.0, help="largest |change| allowed on no-change pairs")
+    ap.add_argument("--config", type=Path, default=None, help="config/longitudinal.yaml (tissue distance)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    lc = LongitudinalConfig.load(args.config)
     pairs = []
     for root in sorted(args.out.iterdir()):
         if not (root / "truth.json").exists() or not root.name.endswith(("_grown", "_nochange")):
@@ -141,27 +153,35 @@ def main(argv=None) -> int:
             continue
         p = load_compared(root)
         if p is not None:
-            prepare(p, LongitudinalConfig.load().bsi_tissue_distance_mm)
+            prepare(p, lc)
             del p["images"], p["cur_lab"], p["prior_lab"]
             pairs.append(p)
     print(f"{len(pairs)} processed pairs: " + ", ".join(f"{p['name']} ({p['split']})" for p in pairs), flush=True)
+    chosen = {}
     results = []
-    for window, out_mm, in_mm in itertools.product(WINDOWS, BANDS_OUT, BANDS_IN):
-        rows = evaluate(pairs, window, out_mm, in_mm)
-        res = {"window": window, "band_out_mm": out_mm, "band_in_mm": in_mm,
-               "tune": summary(rows, "tune"), "holdout": summary(rows, "holdout")}
-        results.append(res)
-        t = res["tune"]
-        print(f"window {window} out {out_mm:g} in {in_mm:g}: tune mean error {t['mean_error']}, "
-              f"no-change max {t['nochange_max_abs_ml']} mL", flush=True)
-    ok = [r for r in results if r["tune"]["mean_error"] is not None
-          and (r["tune"]["nochange_max_abs_ml"] or 0.0) <= args.nochange_ml]
-    best = min(ok or results, key=lambda r: r["tune"]["mean_error"] if r["tune"]["mean_error"] is not None else 9e9)
-    print("\nchosen on the tune half:", json.dumps({k: best[k] for k in ("window", "band_out_mm", "band_in_mm")}))
-    print("tune:", json.dumps(best["tune"], indent=1))
-    print("held-out (not used for the choice):", json.dumps(best["holdout"], indent=1))
+    for key in COMPONENTS:
+        options = [None] if key == "whole_tumor" else CORE_OPTIONS
+        rows_of = []
+        for option, window, out_mm, in_mm in itertools.product(options, WINDOWS, BANDS_OUT, BANDS_IN):
+            rows = evaluate(pairs, key, option, window, out_mm, in_mm)
+            res = {"component": key, "core_option": option, "window": window, "band_out_mm": out_mm,
+                   "band_in_mm": in_mm, "tune": summary(rows, "tune"), "holdout": summary(rows, "holdout")}
+            rows_of.append(res)
+            t = res["tune"]
+            print(f"{key} {option or ''} window {window} out {out_mm:g} in {in_mm:g}: tune mean |error| "
+                  f"{t['mean_error']}, signed {t['signed_errors']}, no-change {t['nochange_ml']} mL", flush=True)
+        results += rows_of
+        ok = [r for r in rows_of if r["tune"]["mean_error"] is not None
+              and (r["tune"]["nochange_max_abs_ml"] or 0.0) <= args.nochange_ml]
+        best = min(ok or rows_of,
+                   key=lambda r: r["tune"]["mean_error"] if r["tune"]["mean_error"] is not None else 9e9)
+        chosen[key] = best
+        print(f"\n{key}: chosen on the tune half:",
+              json.dumps({k: best[k] for k in ("core_option", "window", "band_out_mm", "band_in_mm")}))
+        print("tune:", json.dumps(best["tune"]))
+        print("held-out (not used for the choice):", json.dumps(best["holdout"]), "\n", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"chosen": best, "all": results}, indent=1, default=str))
+        args.json.write_text(json.dumps({"chosen": chosen, "all": results}, indent=1, default=str))
     return 0
 
 

@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from .dicom_dates import parse_da, shift_da
 from .dicom_outputs.codes import FOLLOWUP_ASSESSMENT, LESION_KINDS, QCFinding, qc_concept
 from .dicom_outputs.lesion_seg import lesions_on_source_grid
-from .dicom_outputs.longitudinal_sr import prior_evidence
+from .dicom_outputs.longitudinal_sr import change_measure_words, change_vs_prior, lesion_volumes, prior_evidence
 from .dicom_outputs.pdf_report import FollowUp, KeyImage
 from .dicom_outputs.seg import image_on_source_grid
 from .dicom_outputs.source_series import SourceSeries
@@ -281,13 +281,20 @@ def followup_content(work: Path, source: SourceSeries, longitudinal: dict, ident
         log.warning("no subtraction key image", exc_info=True)
         key = None
         notes.append(f"No subtraction key image: {type(exc).__name__}: {' '.join(str(exc).split())}")
+    # the change against the prior as the assessment measures it (the registered pair where there is one),
+    # new lesions by their partial-volume integral (longitudinal_sr.change_vs_prior / lesion_volumes)
+    vs_prior, _ = change_vs_prior(change)
+    lesions = []
+    for lesion in longitudinal.get("lesions") or []:
+        volume, growth = lesion_volumes(lesion)
+        lesions.append({**lesion, "volume_mm3": volume, "growth_mm3": growth})
     return FollowUp(
         timepoints=[{**tp, "study_date": _shift(tp.get("study_date", ""), shift)}
                     for tp in longitudinal.get("timepoints") or []],
-        vs_prior=change.get("vs_prior") or {}, vs_nadir=change.get("vs_nadir"),
+        vs_prior=vs_prior, vs_nadir=change.get("vs_nadir"), measure=change_measure_words(change),
         assessment=str(assessment.get("code") or "not assessable"), reason=words(assessment.get("reason") or ""),
         prior_date=prior_date, interval_days=interval_days(longitudinal, prior, source),
-        lesions=list(longitudinal.get("lesions") or []), detection=detection_ran(longitudinal),
+        lesions=lesions, detection=detection_ran(longitudinal),
         note=words(longitudinal.get("note") or ""), notes=notes, key_image=key,
         nadir_date=_shift(str((change.get("vs_nadir") or {}).get("study_date") or ""), shift))
 

@@ -128,6 +128,11 @@ class LongitudinalConfig:
     bsi_band_out_mm: float = 3.0
     bsi_band_in_mm: float = 3.0
     bsi_tissue_distance_mm: float = 5.0
+    bsi_core_tissue: str = "oedema"
+    bsi_core_within_tumour: bool = True
+    bsi_wt_window: tuple | None = None
+    bsi_wt_band_out_mm: float | None = None
+    bsi_wt_band_in_mm: float | None = None
     coverage_note_fraction: float = 0.98
     new_volume_reference_percentile: float = 95.0
     new_volume_dilate_mm: float = 2.0
@@ -146,14 +151,16 @@ class LongitudinalConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path or 'config/longitudinal.yaml'}: unknown key(s) {', '.join(unknown)}")
-        for k in ("linear_percentiles", "assessed_components", "bsi_window"):
-            if k in data:
+        for k in ("linear_percentiles", "assessed_components", "bsi_window", "bsi_wt_window"):
+            if k in data and data[k] is not None:
                 data[k] = tuple(str(v) if k == "assessed_components" else v for v in data[k])
         cfg = cls(**data)
         if cfg.mode not in ("auto", "tumour", "lesion"):
             raise ValueError(f"mode must be auto, tumour or lesion, not {cfg.mode!r}")
         if cfg.intensity_match not in ("histogram", "linear"):
             raise ValueError(f"intensity_match must be histogram or linear, not {cfg.intensity_match!r}")
+        if cfg.bsi_core_tissue not in ("oedema", "brain"):
+            raise ValueError(f"bsi_core_tissue must be oedema or brain, not {cfg.bsi_core_tissue!r}")
         if cfg.paired_method not in ("boundary_shift", "confirmed_voxels"):
             raise ValueError(f"paired_method must be boundary_shift or confirmed_voxels, not {cfg.paired_method!r}")
         return cfg
@@ -262,13 +269,25 @@ def paired_change(current_labels: np.ndarray, prior_labels: np.ndarray, z_maps: 
 
 
 def bsi_inputs(current_labels: np.ndarray, prior_labels: np.ndarray, images: dict[str, tuple], spacing_zyx,
-               tissue_distance_mm: float) -> dict:
+               tissue_distance_mm: float, core_tissue: str = "oedema", core_within_tumour: bool = True) -> dict:
     """What the boundary shift integral of each component needs (see
-    :func:`bsi_change`): component -> (current image, matched prior, where both
-    were imaged, prior mask, current mask, tissue level, lesion level, sequence).
-    A component that cannot be integrated (no sequence, too few lesion or tissue
-    voxels, a lesion not brighter than the tissue, e.g. a core without
-    enhancement on T1c) is left out."""
+    :func:`bsi_change`): component -> (current image, matched prior, where the
+    integral may count (both imaged; for the core, inside the tumour), prior
+    mask, current mask, tissue level, lesion level, sequence).
+
+    The clip window lies between the levels of the two classes the component's
+    boundary separates (as KN-BSI, Leung et al. 2010, sets the window from the
+    tissue classes' intensities): WT on FLAIR, brain (more than
+    ``tissue_distance_mm`` from either tumour) and the current oedema; TC and
+    ET on T1c, the current oedema (``core_tissue="oedema"``, the class the
+    core's boundary borders; the brain when there are fewer than 100 oedema
+    voxels) or the brain ("brain") and the current enhancing tumour.
+    ``core_within_tumour``: the core's integral counts only inside the union
+    of both whole tumours (a core grows inside the tumour;
+    T1c changes outside it, e.g. oedema spreading into white matter, are not
+    core growth). A component that cannot be integrated (no sequence, too few
+    lesion or tissue voxels, a lesion not brighter than the tissue, e.g. a
+    core without enhancement on T1c) is left out."""
     out = {}
     any_tumour = (current_labels > 0) | (prior_labels > 0)
     far = (ndimage.distance_transform_edt(~any_tumour, sampling=spacing_zyx) > tissue_distance_mm
@@ -285,19 +304,38 @@ def bsi_inputs(current_labels: np.ndarray, prior_labels: np.ndarray, images: dic
         if lesion.sum() < 20 or tissue.sum() < 1000:
             continue
         t_level, l_level = float(np.median(cur[tissue])), float(np.median(cur[lesion]))
+        if key != "whole_tumor":
+            oedema = (current_labels == 2) & within
+            if core_tissue == "oedema" and oedema.sum() >= 100:
+                t_level = float(np.median(cur[oedema]))
+            if core_within_tumour:
+                within = within & any_tumour
         if l_level > t_level:
             out[key] = (cur, pri, within, before, now, t_level, l_level, role)
     return out
+
+
+def bsi_setting(lcfg: "LongitudinalConfig", key: str) -> tuple[tuple[float, float], float, float]:
+    """(clip window, band out mm, band in mm) of a component: the ``bsi_wt_*``
+    keys for the whole tumour where set, else ``bsi_window`` / ``bsi_band_*``."""
+    window, out_mm, in_mm = tuple(lcfg.bsi_window), lcfg.bsi_band_out_mm, lcfg.bsi_band_in_mm
+    if key == "whole_tumor":
+        window = tuple(lcfg.bsi_wt_window) if lcfg.bsi_wt_window is not None else window
+        out_mm = lcfg.bsi_wt_band_out_mm if lcfg.bsi_wt_band_out_mm is not None else out_mm
+        in_mm = lcfg.bsi_wt_band_in_mm if lcfg.bsi_wt_band_in_mm is not None else in_mm
+    return (float(window[0]), float(window[1])), float(out_mm), float(in_mm)
 
 
 def bsi_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dict[str, tuple], spacing_zyx,
                lcfg: "LongitudinalConfig", inputs: dict | None = None) -> dict:
     """Volume change of each component by the boundary shift integral
     (:mod:`.boundary_shift`) on the registered, intensity-matched pair: WT on
-    FLAIR (lesion level: the current oedema, label 2), TC and ET on T1c (lesion
-    level: the current enhancing tumour); tissue level: the brain more than
-    ``bsi_tissue_distance_mm`` from either whole tumour; clip window
-    ``bsi_window``, band ``bsi_band_out_mm`` / ``bsi_band_in_mm``. The prior's
+    FLAIR (levels: the brain more than ``bsi_tissue_distance_mm`` from either
+    whole tumour, the current oedema), TC and ET on T1c (levels: the current
+    oedema, ``bsi_core_tissue``, and the current enhancing tumour; counted
+    inside the tumour, ``bsi_core_within_tumour``; see :func:`bsi_inputs`); clip window
+    ``bsi_window``, band ``bsi_band_out_mm`` / ``bsi_band_in_mm`` (the whole
+    tumour: ``bsi_wt_*`` where set, :func:`bsi_setting`). The prior's
     component volume (its labels on the current grid) plus the integral is the
     current volume. ``images``: role -> (current, matched prior, mask where both
     were imaged), (z, y, x) on the grid of the label maps; spacing in mm
@@ -306,10 +344,12 @@ def bsi_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dic
     out = {}
     voxel_mm3 = float(np.prod(spacing_zyx))
     if inputs is None:
-        inputs = bsi_inputs(current_labels, prior_labels, images, spacing_zyx, lcfg.bsi_tissue_distance_mm)
+        inputs = bsi_inputs(current_labels, prior_labels, images, spacing_zyx, lcfg.bsi_tissue_distance_mm,
+                            lcfg.bsi_core_tissue, lcfg.bsi_core_within_tumour)
     for key, (cur, pri, within, before, now, t_level, l_level, role) in inputs.items():
-        band = boundary_band(before, now, spacing_zyx, lcfg.bsi_band_out_mm, lcfg.bsi_band_in_mm, within)
-        r = boundary_shift(cur, pri, band, t_level, l_level, tuple(lcfg.bsi_window), voxel_mm3)
+        window, out_mm, in_mm = bsi_setting(lcfg, key)
+        band = boundary_band(before, now, spacing_zyx, out_mm, in_mm, within)
+        r = boundary_shift(cur, pri, band, t_level, l_level, window, voxel_mm3)
         if r["delta_mm3"] is None:
             continue
         prior_ml = float(np.count_nonzero(before)) * voxel_mm3 / 1000.0

@@ -89,7 +89,8 @@ from tests.corpus import (
     sample,
 )
 
-GENERATOR_VERSION = 2                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
+GENERATOR_VERSION = 3                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
+                                     # 3: and the visible edge of the lesion moves out with its boundary
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
 VARIANTS: tuple[str, ...] = ("nochange", "grown", "new", "thick")
 CASES: tuple[str, ...] = BRATS18_CASES
@@ -115,6 +116,8 @@ THICK_MM = 5.0
 TEXTURE_SCALE = 0.6                  # painted texture SD = this x the label's robust CV (grown tumour)
 LESION_TEXTURE_SCALE = 0.3           # ... for new lesions (small lesions are fairly homogeneous)
 TEXTURE_MM = 2.0                     # smoothing of the painted texture (Gaussian sigma)
+RIM_MAX_MM = 8.0                     # grown tumour: the visible edge profile is measured up to this far outside
+RIM_SMOOTH_MM = 1.0                  # ... on the image smoothed by this Gaussian sigma (texture)
 
 
 @dataclass
@@ -288,9 +291,80 @@ def _grow(rng: np.random.Generator, region: np.ndarray, allowed: np.ndarray, n_v
     return out.reshape(region.shape)
 
 
+def _levels(arrays: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray, spacing_zyx,
+            stats: dict) -> dict[str, tuple[float, float]]:
+    """The tissue and lesion levels the growth is measured against (source image units):
+    ``"wt"``: FLAIR of the brain more than 5 mm from any tumour, and the case's edema
+    median; ``"tc"``: T1c of the edema (what an advancing core replaces), and the
+    median of the case's enhancing tumour (absent when the case has none)."""
+    out = {}
+    wt = labels > 0
+    far = brain & ~wt & (ndimage.distance_transform_edt(~wt, sampling=spacing_zyx) > 5.0)
+    if ED in stats and "flair" in stats[ED] and far.sum() > 1000:
+        out["wt"] = (float(np.median(arrays["flair"][far])), stats[ED]["flair"][0])
+    if ED in stats and ET in stats and "t1c" in stats[ED] and "t1c" in stats[ET]:
+        out["tc"] = (stats[ED]["t1c"][0], stats[ET]["t1c"][0])
+    return out
+
+
+def _lesion_fraction(values: np.ndarray, levels: tuple[float, float] | None, spacing_zyx,
+                     smooth_mm: float = 0.0) -> np.ndarray | None:
+    """How far each voxel lies from the tissue to the lesion level (0 tissue, 1 lesion;
+    not clipped), optionally on the image smoothed by a Gaussian of ``smooth_mm``; None
+    when the lesion is not brighter than the tissue."""
+    if levels is None or not levels[1] > levels[0]:
+        return None
+    v = values.astype(np.float32)
+    if smooth_mm > 0:
+        v = ndimage.gaussian_filter(v, [smooth_mm / s for s in spacing_zyx])
+    return (v - levels[0]) / (levels[1] - levels[0])
+
+
+def _rim_profile(fraction: np.ndarray, region: np.ndarray, allowed: np.ndarray, spacing_zyx) -> np.ndarray:
+    """The lesion's edge as the image shows it: the median lesion fraction (image
+    smoothed by RIM_SMOOTH_MM) of the ``allowed`` voxels at distance (j-1) s < d <= j s
+    outside ``region`` (s the finest spacing, j = 1 .. RIM_MAX_MM / s), less the median
+    just beyond (RIM_MAX_MM .. RIM_MAX_MM + 4 mm: the tissue there), clipped to 0..1 and
+    made non-increasing. The BraTS labels end inside the visible hyperintensity: on
+    FLAIR the median fraction is about 0.3-0.45 one mm outside the whole-tumour label
+    and falls to ~0.1 at 4-5 mm (README)."""
+    step = float(min(spacing_zyx))
+    dist = ndimage.distance_transform_edt(~region, sampling=spacing_zyx)
+    n = max(1, int(round(RIM_MAX_MM / step)))
+    values = []
+    for j in range(1, n + 1):
+        sel = allowed & (dist > (j - 1) * step) & (dist <= j * step)
+        values.append(float(np.median(fraction[sel])) if sel.sum() >= 20 else 0.0)
+    beyond = allowed & (dist > RIM_MAX_MM) & (dist <= RIM_MAX_MM + 4.0)
+    base = float(np.median(fraction[beyond])) if beyond.sum() >= 20 else 0.0
+    prof = np.clip(np.array(values) - base, 0.0, 1.0)
+    return np.minimum.accumulate(prof)
+
+
+def _profile_at(profile: np.ndarray, dist: np.ndarray, step: float) -> np.ndarray:
+    """The rim profile at distances ``dist`` (mm) outside the lesion: linear between the
+    sample points j * step, the first value up to the first point, 0 beyond the last."""
+    xs = step * np.arange(1, len(profile) + 1)
+    return np.interp(dist, xs, profile, left=float(profile[0]), right=0.0).astype(np.float32)
+
+
 def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Grow the largest whole-tumour component (edema shell + advancing core)."""
+    """Grow the largest whole-tumour component (edema shell + advancing core).
+
+    The label grows (truth: the grown voxels, exact counts of the label maps). The image
+    changes as a lesion that expands does: the grown voxels are painted with the label's
+    statistics (soft edge, each voxel by the fraction it gained, generator v2), and
+    (generator v3) the lesion's visible edge moves out with the boundary: outside the new
+    boundary every voxel is raised by R(d_new) - R(d_old), R the case's own edge profile
+    (:func:`_rim_profile`: median lesion fraction against the distance outside the label
+    at the prior), d_old / d_new the distances to the old / grown label. For a profile
+    that is only displaced, the image change integrates to the grown volume x the
+    contrast; growth painted without moving the edge (v2) misses the part of the grown
+    region that was already partly bright (about a third on FLAIR, README).
+    WT: FLAIR against the tissue-to-edema contrast; an enhancing core: T1c against the
+    edema-to-enhancing contrast, inside the tumour."""
     spacing = _spacing_zyx(image)
+    step = float(min(spacing))
     vox = _voxel_mm3(image)
     wt = labels > 0
     cc, n = ndimage.label(wt, structure=np.ones((3, 3, 3)))
@@ -300,6 +374,7 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
     tc_frac = float(rng.uniform(*TC_GROWTH))
     core_label = ET if ET in stats and (labels[comp] == ET).any() else NCR
     tc = comp & np.isin(labels, (NCR, ET))
+    levels = _levels(arrays, labels, brain, spacing, stats)
 
     new_labels = labels.copy()
     shell = _grow(rng, comp, brain & ~wt, int(round(wt_frac * comp.sum())), spacing)
@@ -315,21 +390,64 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
     growth[shell] = ED
     growth[core] = core_label
     changed = growth > 0
+    gain: dict[str, float | None] = {"whole_tumor": None, "tumor_core": None}
+    prior_fraction: dict[str, float | None] = {"whole_tumor": None, "tumor_core": None}
+    profiles: dict[str, list[float]] = {}
     if changed.any():
-        box = _bbox(changed, int(math.ceil(4.0 / min(spacing))), labels.shape)
+        box = _bbox(changed, int(math.ceil((RIM_MAX_MM + 6.0) / step)), labels.shape)
         sigma = [GROWTH_EDGE_MM / s for s in spacing]
         tex_sigma = [TEXTURE_MM / s for s in spacing]
-        # soft edges: a = the old region's smoothed fraction, b = the grown one's (old | grown); the
-        # painted weight is the part of what was not yet tumour that now is, (b - a) / (1 - a). Inside
-        # a grown region it is ~1 (the voxel looks like the label it now has, however thin the shell),
-        # the 0.5 level of b is the new outer boundary, an old boundary that did not move gets 0, and
-        # the intensity change summed over the image is the grown voxel count x the contrast.
-        for lab, old, region in ((ED, comp, shell), (core_label, tc, core)):
-            if region.any() and lab in stats:
-                a = ndimage.gaussian_filter(old[box].astype(np.float32), sigma)
-                b = ndimage.gaussian_filter((old[box] | region[box]).astype(np.float32), sigma)
-                w = np.where(b - a > 1e-3, (b - a) / np.maximum(1.0 - a, 1e-3), 0.0)
-                _paint(arrays, np.clip(w, 0.0, 1.0).astype(np.float32), box, stats[lab], rng, tex_sigma)
+        outside_other = brain[box] & ~(wt[box] & ~comp[box])           # not another tumour component
+        for key, lab, old, region, role, within in (
+                ("whole_tumor", ED, comp, shell, "flair", outside_other),
+                ("tumor_core", core_label, tc, core, "t1c", (comp | shell)[box])):
+            if not region.any() or lab not in stats:
+                continue
+            level = levels.get("wt" if key == "whole_tumor" else "tc")
+            if key == "tumor_core" and lab != ET:
+                level = None                                   # a necrotic core is not brighter on T1c
+            before = arrays[role][box].copy()
+            old_b, new_b = old[box], old[box] | region[box]
+            # (1) the grown voxels (v2): soft edges, a = the old region's smoothed fraction, b = the grown
+            # one's; the painted weight is the part of what was not yet lesion that now is, (b - a) / (1 - a)
+            a = ndimage.gaussian_filter(old_b.astype(np.float32), sigma)
+            b = ndimage.gaussian_filter(new_b.astype(np.float32), sigma)
+            w = np.where(b - a > 1e-3, (b - a) / np.maximum(1.0 - a, 1e-3), 0.0)
+            _paint(arrays, np.clip(w, 0.0, 1.0).astype(np.float32), box, stats[lab], rng, tex_sigma)
+            if level is None or not level[1] > level[0]:
+                continue
+            contrast = level[1] - level[0]
+            # (2) the visible edge moves out with the boundary (v3)
+            frac_prior = _lesion_fraction(before, level, spacing, RIM_SMOOTH_MM)
+            profile = _rim_profile(frac_prior, old_b, within & ~old_b, spacing)
+            profiles[key] = [round(float(v), 3) for v in profile]
+            d_old = ndimage.distance_transform_edt(~old_b, sampling=spacing)
+            d_new = ndimage.distance_transform_edt(~new_b, sampling=spacing)
+            rise = np.where(within & ~new_b & (d_new <= RIM_MAX_MM),
+                            _profile_at(profile, d_new, step) - _profile_at(profile, d_old, step), 0.0)
+            rise = np.clip(rise, 0.0, 1.0)
+            # the edge keeps its content: the lesion fraction the grown voxels already held at the prior
+            # (what painting them added less than a voxel each) reappears outside the new boundary. A
+            # displaced profile on a larger surface would hold more (about 2 x the profile's integral /
+            # the radius, +10-20 %), which the label count does not see; scaled to the content it had
+            frac_before = np.clip((before - level[0]) / contrast, 0.0, 1.0)
+            painted = np.clip((arrays[role][box] - level[0]) / contrast, 0.0, 1.0)
+            needed = float(region.sum()) - float((painted - frac_before).sum())
+            if rise.sum() > 0:
+                rise = np.clip(rise * np.clip(needed / float(rise.sum()), 0.0, 2.0), 0.0, 1.0)
+            # a voxel darker than the tissue level (white matter on FLAIR) first comes up to it: the rise
+            # is counted from max(fraction, 0), as a voxel that turns into lesion counts 1 however dark it was
+            now = np.minimum((arrays[role][box] - level[0]) / contrast, 0.999)
+            target = np.minimum(np.maximum(now, 0.0) + rise, 1.0)
+            w2 = np.where(rise > 0, np.clip((target - now) / (1.0 - now), 0.0, 1.0), 0.0).astype(np.float32)
+            if (w2 > 0).any():
+                _paint(arrays, w2, box, stats[lab], rng, tex_sigma)
+            # what the image carries: the change of the lesion fraction (clipped to tissue 0 .. lesion 1)
+            # summed over the image, per grown voxel (1 = the image carries the truth)
+            frac = np.clip((before - level[0]) / contrast, 0.0, 1.0)
+            after = np.clip((arrays[role][box] - level[0]) / contrast, 0.0, 1.0)
+            gain[key] = round(float((after - frac).sum()) / float(region.sum()), 3)
+            prior_fraction[key] = round(float(frac[region[box]].mean()), 3)
     centroid = _physical(image, np.argwhere(comp).mean(axis=0, keepdims=True))[0]
     info = {
         "component_centroid_lps_mm": [round(float(c), 2) for c in centroid],
@@ -338,8 +456,18 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
         "requested_fraction": {"whole_tumor": round(wt_frac, 4), "tumor_core": round(tc_frac, 4)},
         "shell_label": ED, "core_label": core_label,
         "shell_mm3": round(float(shell.sum()) * vox, 1), "core_mm3": round(float(core.sum()) * vox, 1),
-        "method": "distance-ordered growth (perturbed by a smooth random field, 4 mm, +-35 %) "
-                  "constrained to the brain mask; grown voxels painted with the case's own label statistics",
+        "levels": {k: [round(float(v), 3) for v in lv] for k, lv in levels.items()},
+        # the edge profile moved out with the boundary: lesion fraction at step, 2 step, ... mm outside
+        "edge_profile": {"step_mm": step, **profiles},
+        # measured on the noiseless source before motion, bias and drift: the change of the lesion fraction
+        # (clipped 0..1; FLAIR tissue -> edema for WT, T1c edema -> enhancing for an enhancing core) summed
+        # over the image, per grown voxel (1 = the image carries the truth), and the mean prior fraction
+        # of the grown voxels (what painting the grown voxels alone would have missed)
+        "image_gain_per_grown_voxel": gain,
+        "prior_fraction_in_grown": prior_fraction,
+        "method": "distance-ordered growth (perturbed by a smooth random field, 4 mm, +-35 %) constrained to "
+                  "the brain mask; grown voxels painted with the case's own label statistics; the visible "
+                  "edge (the case's own profile) moved out with the boundary",
     }
     return new_labels, growth, info
 

@@ -58,3 +58,44 @@ def test_a_lesion_not_brighter_than_the_tissue_is_not_integrated():
     prior, mask = ball_image(10.0, rng)
     band = boundary_band(mask, mask, SPACING, 3.0, 1.0, np.ones(SHAPE, bool))
     assert boundary_shift(prior, prior, band, 150.0, 150.0, (0.0, 1.0), 1.0)["delta_mm3"] is None
+
+
+def test_core_window_lies_between_oedema_and_enhancement_and_counts_inside_the_tumour():
+    """pipelines.longitudinal.bsi_change for the tumour core on T1c: with
+    bsi_core_tissue="oedema" its window lies between the two classes its boundary
+    separates, oedema (here brighter than the brain, 120 vs 100) and enhancing tumour
+    (200); and (bsi_core_within_tumour, the default) a T1c change just outside the whole
+    tumour (150 where the brain was 100) is not core growth. The settings before
+    2026-11-30 (brain level, band not limited to the tumour) read 0.75 x the growth plus
+    that change."""
+    from dataclasses import replace
+
+    from brainline.pipelines.longitudinal import LongitudinalConfig, bsi_change
+
+    z, y, x = np.indices(SHAPE, dtype=np.float32)
+    r = np.sqrt((z - 32) ** 2 + (y - 32) ** 2 + (x - 32) ** 2)
+    prior_lab = np.where(r <= 5.0, 3, np.where(r <= 7.5, 2, 0)).astype(np.uint8)
+    current_lab = np.where(r <= 6.0, 3, np.where(r <= 7.5, 2, 0)).astype(np.uint8)
+    levels = {0: 100.0, 2: 120.0, 3: 200.0}
+    prior = np.vectorize(levels.get)(prior_lab).astype(np.float32)
+    current = np.vectorize(levels.get)(current_lab).astype(np.float32)
+    current[(r > 7.5) & (r <= 9.0)] = 150.0
+    images = {"t1c": (current, prior, np.ones(SHAPE, bool))}
+    true = float((r <= 6.0).sum() - (r <= 5.0).sum())
+    assert LongitudinalConfig.load().bsi_core_within_tumour
+    lc = replace(LongitudinalConfig.load(), bsi_core_tissue="oedema", bsi_core_within_tumour=True)
+    result = bsi_change(current_lab, prior_lab, images, SPACING, lc)
+    assert "whole_tumor" not in result                                # no FLAIR given
+    for key in ("tumor_core", "3"):
+        assert 1000.0 * result[key]["delta_ml"] == pytest.approx(true, rel=0.01), key
+        assert result[key]["clip_levels"] == [pytest.approx(128.0), pytest.approx(160.0)]
+    old = bsi_change(current_lab, prior_lab, images, SPACING,
+                     replace(lc, bsi_core_tissue="brain", bsi_core_within_tumour=False))
+    outside = float(((r > 7.5) & (r <= 9.0)).sum())
+    # (the band reaches most of the brightened shell: 3 mm from the discrete core)
+    assert 0.6 * outside < 1000.0 * old["tumor_core"]["delta_ml"] - 0.75 * true < 1.0 * outside
+    # each change alone
+    level_only = bsi_change(current_lab, prior_lab, images, SPACING, replace(lc, bsi_core_within_tumour=False))
+    assert 1000.0 * level_only["tumor_core"]["delta_ml"] > true + 0.4 * outside
+    band_only = bsi_change(current_lab, prior_lab, images, SPACING, replace(lc, bsi_core_tissue="brain"))
+    assert 1000.0 * band_only["tumor_core"]["delta_ml"] == pytest.approx(0.75 * true, rel=0.02)

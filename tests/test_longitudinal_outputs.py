@@ -40,7 +40,9 @@ from brainline.pipelines.dicom_outputs.codes import (
     VOLUME_NADIR,
     VOLUME_PRIOR,
 )
+from brainline.pipelines.dicom_outputs.longitudinal_sr import CHANGE_METHODS
 from brainline.pipelines.dicom_outputs.seg import image_on_source_grid, read_source_series
+from brainline.pipelines.records import SELECTION_FILE
 from brainline.pipelines.results import build_results, rerender_pdf
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import write_study
@@ -90,7 +92,7 @@ def followup(tmp_path_factory):
                "backends": {"segmentation": {"backend": "baseline", "model_name": "brainline-baseline",
                                              "model_version": "1"}}}
     (work / "summary.json").write_text(json.dumps(summary))
-    (work / "selection.json").write_text(json.dumps({
+    (work / SELECTION_FILE).write_text(json.dumps({
         "roles": {r: {"description": study.series[r].description} for r in ("t1c", "flair")},
         "inputs": {"reference": "t1c"},
         "files": {r: [str(p) for p in study.series[r].paths] for r in ("t1c", "flair")}}))
@@ -127,7 +129,7 @@ def followup(tmp_path_factory):
     pwork.mkdir(parents=True)
     (pwork / "prior.json").write_text(json.dumps({**entry, "seg_series_uid": PRIOR_SEG[0],
                                                   "seg_sop_instance_uid": PRIOR_SEG[1]}))
-    (pwork / "selection.json").write_text(json.dumps({
+    (pwork / SELECTION_FILE).write_text(json.dumps({
         "inputs": {"reference": "t1c"}, "files": {"t1c": [str(p) for p in prior.series["t1c"].paths]}}))
     longitudinal = {
         "mode": "tumour", "priors": 1, "note": NOTE, "notes": [THICK_NOTE], "flags": [],
@@ -341,6 +343,87 @@ def test_pdf_has_the_followup_section(followup, tmp_path):
     text = " ".join(pdf_text(out).split())
     assert "prior study of 2023-10-26 (91 days earlier)" in text and "Nadir 2023-06-11" in text
     assert NOTE.replace("2023-10-16", "2023-10-26") in text and "2023-10-16" not in text
+
+
+def _methods(item) -> dict[str, str]:
+    """NUM children of a content item: concept meaning -> its Measurement Method code value ("" if none)."""
+    out = {}
+    for child in item.ContentSequence:
+        if child.ValueType == "NUM":
+            method = [c for c in getattr(child, "ContentSequence", [])
+                      if c.ConceptNameCodeSequence[0].CodeValue == "370129005"]
+            out[child.ConceptNameCodeSequence[0].CodeMeaning] = (method[0].ConceptCodeSequence[0].CodeValue
+                                                                  if method else "")
+    return out
+
+
+def test_change_objects_report_the_measure_the_assessment_uses(followup, tmp_path):
+    """With a change measured on the registered pair (change.vs_prior_paired, which the
+    assessment uses), the SR and the PDF give that change, name its measure, and give a
+    new lesion's partial-volume integral (volume_integrated_mm3) as its volume."""
+    change = followup.longitudinal["change"]
+    independent = change["vs_prior"]
+    assert all(len(c.value) <= 16 and len(c.meaning) <= 64 for c in CHANGE_METHODS.values())
+    paired = {}
+    for key, (prior_ml, delta_ml, method) in {
+            "tumor_core": (11.25, 1.75, "boundary shift integral"),
+            "whole_tumor": (40.5, 3.25, "subtraction-confirmed voxels")}.items():
+        assert abs(independent[key]["delta_ml"] - delta_ml) > 0.5       # distinguishable from vs_prior
+        paired[key] = {"prior_ml": prior_ml, "current_ml": prior_ml + delta_ml, "delta_ml": delta_ml,
+                       "percent": round(100.0 * delta_ml / prior_ml, 1), "gained_ml": delta_ml + 0.5,
+                       "lost_ml": 0.5, "sequence": "t1c", "method": method}
+    lesions = [dict(x) for x in followup.longitudinal["lesions"]]
+    new, growing = lesions[0], lesions[1]
+    assert new["kind"] == "new" and growing["kind"] == "growing"
+    new["volume_integrated_mm3"] = round(new["volume_mm3"] * 1.4 + 7.0, 1)
+    growing["volume_integrated_mm3"] = None
+    work = fresh(followup, tmp_path, change={**change, "vs_prior_paired": paired}, lesions=lesions)
+    record = build_results(work, followup.files)
+    assert record["complete"] and record["failed"] == [], record["failed"]
+    sr_path = files_of(record, work, "change_sr")[0]
+    errors, _ = dciodvfy(sr_path)
+    assert errors == [], errors
+    g = groups(pydicom.dcmread(sr_path))
+    segs = CHANGE_METHODS["segmentations"].value
+    for key, name in (("tumor_core", "TC"), ("whole_tumor", "WT")):
+        bsi = CHANGE_METHODS[paired[key]["method"]].value
+        values, methods = nums(g[f"BrainLine {name} change"]), _methods(g[f"BrainLine {name} change"])
+        assert values["Volume"][0] == pytest.approx(paired[key]["current_ml"], abs=1e-5)
+        assert values[VOLUME_PRIOR.meaning][0] == pytest.approx(paired[key]["prior_ml"], abs=1e-5)
+        assert values[VOLUME_CHANGE_PRIOR.meaning] == (pytest.approx(paired[key]["delta_ml"], abs=1e-5), "ml")
+        assert values[PERCENT_CHANGE_PRIOR.meaning] == (pytest.approx(paired[key]["percent"], abs=1e-4), "%")
+        assert methods[VOLUME_CHANGE_PRIOR.meaning] == methods[PERCENT_CHANGE_PRIOR.meaning] == bsi
+        assert methods["Volume change since nadir study"] == segs
+    # a component the pair did not measure keeps the two segmentations, and says so
+    ncr = g["BrainLine NCR change"]
+    assert nums(ncr)[VOLUME_CHANGE_PRIOR.meaning][0] == pytest.approx(independent["1"]["delta_ml"], abs=1e-5)
+    assert _methods(ncr)[VOLUME_CHANGE_PRIOR.meaning] == segs
+    words = sr_texts(sr_path)["Measurement Method"]
+    assert len(words) == 1
+    assert "TC by the boundary shift integral on the registered image pair (the measure of the " \
+           "assessment)" in words[0], words
+    assert "WT by segmentation changes confirmed by the subtraction of the registered image pair (the " \
+           "measure of the assessment)" in words[0], words
+    assert "NCR and ED by the difference of the two segmentations" in words[0]
+    assert "Against the nadir: the difference of the two segmentations" in words[0]
+    # lesions: the new one by its integral (prior 0: growth = volume), the growing one as before
+    assert nums(g["BrainLine new lesion 1"])["Volume"] == (pytest.approx(new["volume_integrated_mm3"]), "mm3")
+    assert nums(g["BrainLine new lesion 1"])[VOLUME_CHANGE_PRIOR.meaning][0] == \
+        pytest.approx(new["volume_integrated_mm3"])
+    assert nums(g["BrainLine growing lesion 2"])["Volume"] == (pytest.approx(growing["volume_mm3"]), "mm3")
+    # the PDF: the same change, the same words, the same lesion volume
+    text = " ".join(pdf_text(files_of(record, work, "pdf")[0]).split())
+    tc_row = (f"TC {paired['tumor_core']['prior_ml']:.2f} {paired['tumor_core']['current_ml']:.2f} "
+              f"+{paired['tumor_core']['delta_ml']:.2f} +{paired['tumor_core']['percent']:.1f}")
+    assert tc_row in text, text
+    assert f"TC {independent['tumor_core']['prior_ml']:.2f} {independent['tumor_core']['current_ml']:.2f}" not in text
+    assert "TC by the boundary shift integral on the registered image pair" in text
+    assert f"{new['volume_integrated_mm3']:.0f} +{new['volume_integrated_mm3']:.0f}" in text
+    # without a paired measure (the module's fixture) the SR names the two segmentations
+    main = groups(pydicom.dcmread(files_of(followup.record, followup.built, "change_sr")[0]))
+    assert _methods(main["BrainLine TC change"])[VOLUME_CHANGE_PRIOR.meaning] == segs
+    assert "by the difference of the two segmentations" in " ".join(
+        sr_texts(files_of(followup.record, followup.built, "change_sr")[0])["Measurement Method"])
 
 
 def test_a_failing_followup_builder_costs_only_its_object(followup, tmp_path, monkeypatch):

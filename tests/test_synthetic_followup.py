@@ -11,9 +11,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from tests.shared_data import BRATS18, needs_data
-from tests.synthetic_followup import ROLES, load_pair, load_source, make_pair
+from tests.synthetic_followup import GENERATOR_VERSION, ROLES, _label_stats, _levels, load_pair, load_source, make_pair
 
 CASE = "CBICA_ABM"
 pytestmark = needs_data(BRATS18)
@@ -148,6 +149,45 @@ def test_grown_tumour_truth_and_seeds_reproduce(out):
     shell = growth == 2
     assert np.median(cur_flair[shell]) > 1.1 * np.median(src_flair[shell])
     assert load_pair(a.root).truth == a.truth
+
+
+def test_grown_tumour_image_carries_the_truth(out):
+    """Generator v3: the image change of a grown tumour adds up to the grown voxel count.
+    The BraTS label ends inside the visible hyperintensity, so the grown voxels were already
+    partly bright at the prior; v3 moves the visible edge out with the boundary. Measured
+    from the files against the source (no bias, no noise: the current is the painted
+    source): the FLAIR lesion fraction (0 tissue .. 1 edema, clipped) gained outside the old
+    tumour, per shell voxel. Generator v2 (grown voxels painted, edge left in place) read
+    0.60 here, v3 1.02."""
+    pair = make_pair(CASE, "grown", out, seed=5, spacing_mm=2, noise=0.0, bias=(0.0, 0.0),
+                     prior_interpolation="linear", name="grown_clean")
+    assert pair.truth["generator_version"] == GENERATOR_VERSION == 3
+    images, source_labels_img = load_source(CASE, spacing_mm=2)
+    src = {r: sitk.GetArrayFromImage(images[r]).astype(np.float32) for r in ROLES}
+    labels = sitk.GetArrayFromImage(source_labels_img)
+    brain = ndimage.binary_fill_holes(src["t1"] > 0)
+    tissue, lesion = _levels(src, labels, brain, (2.0, 2.0, 2.0), _label_stats(src, labels))["wt"]
+    assert lesion > 1.2 * tissue                                     # edema is bright on FLAIR
+    growth = sitk.GetArrayFromImage(pair.truth_image("growth"))
+    near_core = ndimage.binary_dilation(growth == pair.truth["growth"]["core_label"], iterations=2)
+    shell = (growth == 2) & ~near_core                              # the core paints FLAIR too
+    assert shell.sum() > 500
+
+    def fraction(v):
+        return np.clip((v - tissue) / (lesion - tissue), 0.0, 1.0)
+
+    current = arr(pair.current / "nifti" / "flair.nii.gz")
+    outside = (labels == 0) & ~near_core
+    gain = float((fraction(current) - fraction(src["flair"]))[outside].sum()) / float(shell.sum())
+    assert 0.9 < gain < 1.15, gain
+    # the grown voxels were partly bright already (what painting them alone would miss) ...
+    info = pair.truth["growth"]
+    assert 0.15 < fraction(src["flair"])[shell].mean() < 0.6
+    assert info["prior_fraction_in_grown"]["whole_tumor"] > 0.15
+    assert info["edge_profile"]["whole_tumor"][0] > 0.15            # the edge outside the label is visible
+    # ... and the generator's own account of both painted components agrees
+    assert 0.9 < info["image_gain_per_grown_voxel"]["whole_tumor"] < 1.15
+    assert 0.9 < info["image_gain_per_grown_voxel"]["tumor_core"] < 1.15
 
 
 def test_thick_prior_flair(out):

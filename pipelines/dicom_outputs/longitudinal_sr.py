@@ -11,7 +11,14 @@ prior study's objects. Content tree (coded concepts from :mod:`.codes`)::
           finding site Brain, NUM Volume [ml] (current), Volume at prior study,
           Volume change since prior study [ml], Percent volume change since
           prior study [%] (omitted when the prior volume is 0) and the same
-          three against the nadir study when there is one
+          three against the nadir study when there is one. Against the most
+          recent prior, the measure the assessment uses: the registered pair
+          (``change.vs_prior_paired``: boundary shift integral, or the
+          subtraction-confirmed voxel count) where longitudinal.json has it
+          (ET, TC, WT), else two independent segmentations (``vs_prior``);
+          each change NUM names its measure as its Measurement Method
+          (:data:`CHANGE_METHODS`), and the Qualitative Evaluations say it in
+          words (:func:`change_measure_words`)
         TID 1501 "BrainLine follow-up assessment": qualitative evaluation
           Follow-up volumetric assessment = Progression suspected | Stable |
           Decrease | Not assessable, NUM Interval since prior study [d],
@@ -20,13 +27,16 @@ prior study's objects. Content tree (coded concepts from :mod:`.codes`)::
         TID 1411 per new / growing lesion (TID 1501 when it has no SEG
           segment): Referenced Segment of the lesion SEG, finding Lesion,
           finding site lobe + laterality, NUM Volume, Volume at prior study,
-          Volume change since prior study [mm3], Certainty of Finding [%],
+          Volume change since prior study [mm3] (a new lesion: its
+          partial-volume integral ``volume_integrated_mm3`` where present,
+          :func:`lesion_volumes`), Certainty of Finding [%],
           qualitative evaluation Lesion change since prior study = New finding
           | Increase in size
         TID 1501 "BrainLine quality control" (QC findings, as in build_sr)
       Qualitative Evaluations: TEXT items: the assessment's reason, the
         follow-up notes (e.g. thick FLAIR), why no subtraction / lesion
-        detection was possible, QC details
+        detection was possible, QC details, and (Measurement Method) which
+        measure gives each component's change
 
 The prior's objects (its SEG, its reference series instances when known) are
 listed in PertinentOtherEvidenceSequence under the prior's Study Instance UID.
@@ -41,6 +51,7 @@ from typing import Any, Mapping, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 
 from .codes import (
     BRAIN,
@@ -69,6 +80,7 @@ from .codes import (
     VOLUME_PRIOR,
     AlgorithmInfo,
     QCFinding,
+    _private,
     assessment_code,
     lesion_kind,
     lesion_site,
@@ -78,7 +90,8 @@ from .seg import new_uid
 from .source_series import SourceSeries, as_source_series
 from .sr import _algorithm_id, _qc_texts, fix_method_relationships, observer_document
 
-__all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence"]
+__all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence", "change_vs_prior",
+           "change_measure_words", "lesion_volumes", "CHANGE_METHODS"]
 
 #: Components reported, in order: summary key -> short name.
 COMPONENT_KEYS = {"3": "ET", "1": "NCR", "2": "ED", "tumor_core": "TC", "whole_tumor": "WT"}
@@ -89,6 +102,86 @@ def component_name(key: str) -> str:
     if key in COMPOSITES:
         return f"{COMPOSITES[key].name.lower().replace('tumor', 'tumour')} ({COMPONENT_KEYS[key]})"
     return LABELS[int(key)].description
+
+
+#: Measurement Method of a change NUM: the measure's words (as longitudinal.json
+#: writes them in ``method``) -> private code (value <= 16, meaning <= 64
+#: characters). "segmentations" = the difference of two independent
+#: segmentations (``change.vs_prior`` / ``vs_nadir``).
+CHANGE_METHODS = {
+    "boundary shift integral": _private(
+        "BSI", "Boundary shift integral on the registered image pair"),
+    "subtraction-confirmed voxels": _private(
+        "SUB-VOXELS", "Subtraction-confirmed segmentation change"),
+    "segmentations": _private("SEG-DIFFERENCE", "Difference of two independent segmentations"),
+}
+
+
+#: Concept of the TEXT item that says which measure gives the change (Qualitative Evaluations).
+MEASUREMENT_METHOD_CONCEPT = Code("370129005", "SCT", "Measurement Method")
+
+
+def change_vs_prior(change: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]], dict[str, str]]:
+    """The change against the most recent prior as the assessment measures it:
+    ``change["vs_prior_paired"][key]`` where present (the registered pair),
+    else ``change["vs_prior"][key]`` (two segmentations). Returns (component
+    key -> ``{"prior_ml", "current_ml", "delta_ml", "percent", ...}``,
+    component key -> the measure's words, a key of :data:`CHANGE_METHODS`)."""
+    independent = change.get("vs_prior") or {}
+    paired = change.get("vs_prior_paired") or {}
+    values: dict[str, Mapping[str, Any]] = {}
+    methods: dict[str, str] = {}
+    for key in dict.fromkeys([*independent, *paired]):
+        entry = paired.get(key) or independent.get(key)
+        if not isinstance(entry, Mapping):
+            continue
+        values[key] = entry
+        method = str(entry.get("method") or "") if key in paired and paired.get(key) else "segmentations"
+        methods[key] = method if method in CHANGE_METHODS else "segmentations"
+    return values, methods
+
+
+_MEASURE_WORDS = {"boundary shift integral": "the boundary shift integral on the registered image pair",
+                  "subtraction-confirmed voxels": "segmentation changes confirmed by the subtraction of the "
+                                                  "registered image pair",
+                  "segmentations": "the difference of the two segmentations"}
+
+
+def change_measure_words(change: Mapping[str, Any]) -> str:
+    """Which measure gives each component's change, in words, e.g. "Change
+    against the prior study: ET, TC and WT by the boundary shift integral on the
+    registered image pair (the measure of the assessment); NCR and ED by the
+    difference of the two segmentations. Against the nadir: the difference of
+    the two segmentations." Empty without a change against the prior."""
+    _, methods = change_vs_prior(change)
+    if not methods:
+        return ""
+    by_method: dict[str, list[str]] = {}
+    for key in COMPONENT_KEYS:
+        if key in methods:
+            by_method.setdefault(methods[key], []).append(COMPONENT_KEYS[key])
+    parts = []
+    for method, names in by_method.items():
+        joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        extra = " (the measure of the assessment)" if method != "segmentations" else ""
+        parts.append(f"{joined} by {_MEASURE_WORDS[method]}{extra}")
+    text = "Change against the prior study: " + "; ".join(parts) + "."
+    if change.get("vs_nadir"):
+        text += " Against the nadir: the difference of the two segmentations."
+    return text
+
+
+def lesion_volumes(lesion: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(volume, growth) of a reported lesion in mm^3: a new lesion's
+    partial-volume integral ``volume_integrated_mm3`` where present (its
+    half-maximum extent ``volume_mm3`` reads about 0.77 x the truth, the
+    integral about 1.1 x; README), growth = volume - prior volume; else
+    ``volume_mm3`` and ``growth_mm3``."""
+    integrated = lesion.get("volume_integrated_mm3")
+    if lesion.get("kind") == "new" and integrated is not None:
+        prior = float(lesion.get("prior_volume_mm3") or 0.0)
+        return float(integrated), float(integrated) - prior
+    return lesion.get("volume_mm3"), lesion.get("growth_mm3")
 
 
 def prior_evidence(study_uid: str, series_uid: str | None, sop_class_uid: str | None,
@@ -105,26 +198,29 @@ def prior_evidence(study_uid: str, series_uid: str | None, sop_class_uid: str | 
     return out
 
 
-def _num(name, value, unit) -> hd.sr.Measurement | None:
+def _num(name, value, unit, method=None) -> hd.sr.Measurement | None:
     if value is None:
         return None
     value = float(value)
-    return hd.sr.Measurement(name=name, value=round(value, 6), unit=unit)
+    return hd.sr.Measurement(name=name, value=round(value, 6), unit=unit, method=method)
 
 
 def _component_group(key: str, change: Mapping[str, Any], algo_id, uid_root) -> Any | None:
-    vs_prior = (change.get("vs_prior") or {}).get(key)
+    values, methods = change_vs_prior(change)
+    vs_prior = values.get(key)
     if not vs_prior:
         return None
+    method = CHANGE_METHODS[methods[key]]
+    segmentations = CHANGE_METHODS["segmentations"]
     vs_nadir = (change.get("vs_nadir") or {}).get(key) or {}
     measurements = [
-        _num(VOLUME, vs_prior.get("current_ml"), UNIT_ML),
+        _num(VOLUME, vs_prior.get("current_ml"), UNIT_ML, method),
         _num(VOLUME_PRIOR, vs_prior.get("prior_ml"), UNIT_ML),
-        _num(VOLUME_CHANGE_PRIOR, vs_prior.get("delta_ml"), UNIT_ML),
-        _num(PERCENT_CHANGE_PRIOR, vs_prior.get("percent"), UNIT_PERCENT),
+        _num(VOLUME_CHANGE_PRIOR, vs_prior.get("delta_ml"), UNIT_ML, method),
+        _num(PERCENT_CHANGE_PRIOR, vs_prior.get("percent"), UNIT_PERCENT, method),
         _num(VOLUME_NADIR, vs_nadir.get("prior_ml"), UNIT_ML),
-        _num(VOLUME_CHANGE_NADIR, vs_nadir.get("delta_ml"), UNIT_ML),
-        _num(PERCENT_CHANGE_NADIR, vs_nadir.get("percent"), UNIT_PERCENT),
+        _num(VOLUME_CHANGE_NADIR, vs_nadir.get("delta_ml"), UNIT_ML, segmentations),
+        _num(PERCENT_CHANGE_NADIR, vs_nadir.get("percent"), UNIT_PERCENT, segmentations),
     ]
     if key in COMPOSITES:
         comp = COMPOSITES[key]
@@ -167,10 +263,11 @@ def _assessment_group(longitudinal: Mapping[str, Any], detection: bool, interval
 def _lesion_group(lesion: Mapping[str, Any], seg: Dataset | None, segment: int | None, series: SourceSeries,
                   algo_id, uid_root) -> Any:
     kind = lesion_kind(lesion["kind"])
+    volume, growth = lesion_volumes(lesion)
     measurements = [
-        _num(VOLUME, lesion.get("volume_mm3"), UNIT_MM3),
+        _num(VOLUME, volume, UNIT_MM3),
         _num(VOLUME_PRIOR, lesion.get("prior_volume_mm3"), UNIT_MM3),
-        _num(VOLUME_CHANGE_PRIOR, lesion.get("growth_mm3"), UNIT_MM3),
+        _num(VOLUME_CHANGE_PRIOR, growth, UNIT_MM3),
         _num(CERTAINTY_OF_FINDING, None if lesion.get("confidence") is None else 100.0 * float(lesion["confidence"]),
              UNIT_PERCENT),
     ]
@@ -241,6 +338,9 @@ def build_change_sr(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier="BrainLine quality control"),
             algorithm_id=algo_id,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(f.concept, f.value) for f in qc_findings]))
+    measure = change_measure_words(change)
+    if measure:
+        texts = [*texts, (MEASUREMENT_METHOD_CONCEPT, measure)]
     return observer_document(
         groups, _qc_texts(qc_findings, texts), lesion_seg, series, algorithm, uid_root=uid_root,
         series_number=series_number, instance_number=instance_number, manufacturer=manufacturer,

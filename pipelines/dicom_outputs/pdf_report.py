@@ -86,7 +86,11 @@ class FollowUp:
     ``timepoints``: ``{"label", "study_date" (YYYYMMDD), "volumes_ml": {"3",
     "tumor_core", "whole_tumor", ...}}`` sorted by date, current last;
     ``vs_prior`` / ``vs_nadir``: ``{key: {"prior_ml", "current_ml", "delta_ml",
-    "percent"}}``; ``lesions``: the lesion dicts (volume_mm3, growth_mm3,
+    "percent"}}`` (``vs_prior``: the measure the assessment uses, see
+    ``longitudinal_sr.change_vs_prior``); ``measure``: which measure gives
+    each change, in words (printed under the change table); ``lesions``: the
+    lesion dicts (volume_mm3, growth_mm3 as reported: a new lesion's
+    partial-volume integral where there is one,
     hemisphere, lobe, confidence 0..1, sequence); ``detection``: False when no
     subtraction / lesion detection was possible (``note`` says why);
     ``key_image``: a subtraction slice with lesion outlines."""
@@ -94,6 +98,7 @@ class FollowUp:
     timepoints: Sequence[Mapping] = ()
     vs_prior: Mapping[str, Mapping] = field(default_factory=dict)
     vs_nadir: Mapping[str, Mapping] | None = None
+    measure: str = ""
     assessment: str = "not assessable"
     reason: str = ""
     prior_date: str = ""
@@ -383,6 +388,8 @@ def _followup_story(f: FollowUp, p, body, small, h2) -> list:
         t = _table(rows, [22 * mm, 22 * mm, 24 * mm, 24 * mm, 22 * mm, 24 * mm, 24 * mm])
         t.setStyle(TableStyle([("ALIGN", (1, 1), (-1, -1), "RIGHT")]))
         story.append(t)
+        if f.measure:
+            story.append(p(f.measure, small))
     story.append(p("New and growing lesions", h2))
     if not f.detection:
         story.append(p("No subtraction or new-lesion detection was possible" + (f": {f.note}" if f.note else ".")))
