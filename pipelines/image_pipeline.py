@@ -288,7 +288,12 @@ def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
         native[role] = _read(work / "nifti" / f"{role}.nii.gz")
         tfm = work / "registered" / f"{role}_to_{cfg.reference}.tfm"
         to_native[role] = sitk.ReadTransform(str(tfm)) if role != cfg.reference and tfm.exists() else None
-    model_paths = map_to_model_space(ms, native, to_native, mask, work / "model_space")
+    # a mask thresholded from a skull-stripped series (> 0) keeps every slice that
+    # grazes the brain: map_to_model_space erodes it by half a slice of that series
+    skull = read_record(SkullStripRecord, work / SKULL_STRIP_FILE)
+    mask_source = skull.sequence if skull.already_stripped and skull.sequence in native else None
+    model_paths = map_to_model_space(ms, native, to_native, mask, work / "model_space",
+                                     mask_source=mask_source)
     # kept for the segmentation QC's flipped inference (model frame -> reference grid)
     sitk.WriteTransform(ms.to_reference, str(work / "model_space" / "to_reference.tfm"))
     inputs = SegmentationInput(paths={r: p for r, p in model_paths.items() if r != "mask"},

@@ -10,13 +10,20 @@ the 240 x 240 x 155 BraTS grid. A backend declares this with
 Frame: the templates in ``models/templates/`` (``scripts/build_brats_template.py``:
 the average robust-z T1 and T1c of the six tuning BraTS 2018 cases, on the
 BraTS grid itself). The study's skull-stripped T1 (or T1c) on the reference
-grid is registered to the template with a 12-dof affine (Mattes MI,
-``pipelines.registration.register``), which also measures the registration
-quality on the common region. Each sequence is then resampled *once* from
-its native NIfTI into the template grid through the composed transform
-(template -> reference -> native series), linear interpolation, and masked
-with the brain mask carried the same way (nearest neighbour). No N4 in model
-space: the BraTS training data were not bias-corrected either.
+grid is registered rigidly to the template (Mattes MI,
+``pipelines.registration.register``, ``MODEL_SPACE_REGISTRATION``), which also
+measures the registration quality on the common region. Each sequence is then
+resampled *once* from its native NIfTI into the template grid through the
+composed transform (template -> reference -> native series), cubic B-spline
+interpolation, and masked with the brain mask carried the same way (nearest
+neighbour). A mask thresholded from a skull-stripped thick-slice series
+(> 0) keeps every slice that grazes the brain; it is eroded by half a slice
+(:func:`mask_erosion_mm`), because the rim of dim partial-volume voxels it
+adds shifts the networks' per-volume normalisation (mean and standard
+deviation over the brain) and the whole tumour grows. No N4 in model space:
+the BraTS training data were not bias-corrected either (and N4's field,
+carried into the frame, took the normalised pattern-b inputs of 4 of 5
+studies further from the original BraTS volumes, not closer).
 
 All transforms map fixed physical points to moving physical points (LPS,
 mm), as SimpleITK resampling expects.
@@ -117,23 +124,85 @@ def _composed(to_reference: sitk.Transform, reference_to_native: sitk.Transform 
     return sitk.CompositeTransform([reference_to_native, to_reference])
 
 
+def through_plane_spacing_mm(image: sitk.Image) -> float:
+    """The largest voxel spacing of ``image`` (mm): the slice spacing of a 2D series."""
+    return float(max(image.GetSpacing()))
+
+
+def mask_erosion_mm(slice_spacing_mm: float, model_spacing_mm: float = 1.0) -> float:
+    """How far (mm) a brain mask drawn on slices ``slice_spacing_mm`` apart
+    reaches beyond the brain: half a slice, less half a model voxel.
+
+    A thick slice that only grazes the brain is brain on that slice (its
+    partial-volume average is not background), so such a mask overshoots the
+    brain surface by up to a whole slice along the slice normal, half a slice
+    on average. In the 1 mm model frame this rim is a layer of dim,
+    partial-volume voxels that BraTS's skull strip does not have; it lowers the
+    mean and widens the spread of the per-volume normalisation the networks
+    apply (mean and standard deviation over the brain). 0 for a 1 mm grid."""
+    return max(0.0, (float(slice_spacing_mm) - float(model_spacing_mm)) / 2.0)
+
+
+def erode_mm(mask: sitk.Image, radius_mm: float) -> sitk.Image:
+    """``mask`` (uint8) without its contour voxels (those with a background
+    neighbour) and every voxel closer than ``radius_mm`` minus half a voxel to
+    them (Euclidean, in mm: ITK's signed Maurer distance to the contour).
+    On a voxel staircase this cuts about one voxel deeper than ``radius_mm``
+    (a ball of radius 20 mm eroded by 3 mm keeps a ball of about 16 mm).
+    Unchanged for a radius of 0, and when nothing would be left."""
+    if radius_mm <= 0:
+        return mask
+    dist = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=True, squaredDistance=False,
+                                        useImageSpacing=True)
+    half = 0.5 * min(mask.GetSpacing())
+    eroded = sitk.Cast(dist >= float(radius_mm) - half + 1e-6, sitk.sitkUInt8)
+    eroded = sitk.And(eroded, sitk.Cast(mask > 0, sitk.sitkUInt8))
+    if not sitk.GetArrayViewFromImage(eroded).any():
+        return mask
+    eroded.CopyInformation(mask)
+    return eroded
+
+
 def map_to_model_space(ms: ModelSpace, native: dict[str, sitk.Image],
                        reference_to_native: dict[str, sitk.Transform | None],
-                       brain_mask: sitk.Image, out_dir: Path) -> dict[str, Path]:
+                       brain_mask: sitk.Image, out_dir: Path, *, mask_source: str | None = None,
+                       mask_erode_mm: float | None = None, interpolator: str = "bspline") -> dict[str, Path]:
     """Resample each sequence once from its native grid into the model grid,
     masked by the brain mask carried into the same grid; writes
     ``out_dir/<role>.nii.gz`` and ``out_dir/brain_mask.nii.gz`` and returns
-    the role -> path map (with "mask")."""
+    the role -> path map (with "mask").
+
+    ``mask_source``: the role (in ``native``) whose intensities the brain
+    mask was thresholded from (> 0: a study that came skull-stripped). Such a
+    mask keeps every slice that grazes the brain, so it is eroded in the
+    model frame by :func:`mask_erosion_mm` of that series' slice spacing.
+    None (a mask drawn by a skull-stripping network, which does not keep
+    a slice for a trace of brain; its overshoot was not measured here):
+    not eroded. ``mask_erode_mm`` overrides the erosion (0: none).
+    The erosion is recorded in ``model_space.json`` (``brain_mask``).
+
+    ``interpolator``: "bspline" (cubic; default) or "linear". Through 4-6 mm
+    slices the cubic B-spline keeps more of a lesion's contrast than linear
+    interpolation between slice centres; its overshoot below zero is clipped."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mask = resample_to(sitk.Cast(brain_mask > 0, sitk.sitkUInt8), ms.template, ms.to_reference,
                        interpolator="nearest")
+    if mask_erode_mm is None:
+        mask_erode_mm = 0.0
+        if mask_source is not None:
+            if mask_source not in native:
+                raise ModelSpaceError(f"the brain mask's source {mask_source!r} is not among the sequences")
+            mask_erode_mm = mask_erosion_mm(through_plane_spacing_mm(native[mask_source]),
+                                            min(ms.template.GetSpacing()))
+    carried_ml = float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(mask.GetSpacing())) / 1000
+    mask = erode_mm(mask, mask_erode_mm)
     m = sitk.GetArrayViewFromImage(mask) > 0
     if not m.any():
         raise ModelSpaceError("the brain mask does not reach the model's frame after registration")
     paths: dict[str, Path] = {}
     for role, image in native.items():
         tx = _composed(ms.to_reference, reference_to_native.get(role))
-        moved = resample_to(image, ms.template, tx, interpolator="linear")
+        moved = resample_to(image, ms.template, tx, interpolator=interpolator)
         a = sitk.GetArrayFromImage(moved)
         a[~m] = 0
         a = np.clip(a, 0, None)  # negative interpolation overshoot would count as brain
@@ -143,7 +212,12 @@ def map_to_model_space(ms: ModelSpace, native: dict[str, sitk.Image],
         write_nifti(out, paths[role])
     paths["mask"] = out_dir / "brain_mask.nii.gz"
     write_nifti(mask, paths["mask"])
-    (out_dir / "model_space.json").write_text(json.dumps(ms.record(), indent=2, default=str))
+    record = ms.record()
+    record["interpolator"] = interpolator
+    record["brain_mask"] = {
+        "source": mask_source, "eroded_mm": round(float(mask_erode_mm), 2), "carried_ml": round(carried_ml, 1),
+        "ml": round(float(m.sum()) * float(np.prod(mask.GetSpacing())) / 1000, 1)}
+    (out_dir / "model_space.json").write_text(json.dumps(record, indent=2, default=str))
     return paths
 
 
