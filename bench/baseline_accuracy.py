@@ -38,12 +38,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.baseline_generalisation import pipeline_n4  # noqa: E402
 from brainline.models.base import ED, ET, NCR  # noqa: E402
 from brainline.models.baseline import BaselineSegmenter  # noqa: E402
 from brainline.models.metrics import dice, volume_ml  # noqa: E402
-from brainline.pipelines.bias_correction import n4_correct  # noqa: E402
-from brainline.pipelines.image_pipeline import PipelineConfig  # noqa: E402
-from brainline.pipelines.skull_strip import apply_mask  # noqa: E402
 from tests.segmentation_cases import (  # noqa: E402
     BRATS,
     BRATS_FILES,
@@ -59,19 +57,11 @@ WT_DICE_REQUIRED = 0.85
 
 
 def n4(arrays: dict) -> dict:
-    """N4 exactly as the image pipeline runs it (``PipelineConfig().n4``,
-    pipelines/bias_correction.n4_correct) inside the union of non-zero voxels
-    (holes filled), then masked. Arrays are (z, y, x) of a 1 mm isotropic
-    BraTS case (the images get 1 mm spacing, which N4's knot distance uses)."""
-    images = {role: sitk.GetImageFromArray(a.astype(np.float32)) for role, a in arrays.items()}
-    mask = None
-    for image in images.values():
-        nonzero = sitk.Cast(image > 0, sitk.sitkUInt8)
-        mask = nonzero if mask is None else (mask | nonzero)
-    mask = sitk.BinaryFillhole(mask)
-    config = PipelineConfig().n4
-    return {role: sitk.GetArrayFromImage(apply_mask(n4_correct(image, mask, config, name=role).corrected, mask))
-            for role, image in images.items()}
+    """N4 exactly as the image pipeline runs it (bench/baseline_generalisation.py
+    ``pipeline_n4``). Arrays are (z, y, x) of a 1 mm isotropic BraTS case (the
+    images get 1 mm spacing, which N4's knot distance uses)."""
+    corrected, _ = pipeline_n4({role: sitk.GetImageFromArray(a.astype(np.float32)) for role, a in arrays.items()})
+    return {role: sitk.GetArrayFromImage(image) for role, image in corrected.items()}
 
 
 def regions(labels: np.ndarray, brats2020: bool = False) -> dict:

@@ -42,23 +42,31 @@ sys.path.insert(0, str(REPO))
 from brainline.models.baseline import BaselineSegmenter  # noqa: E402
 from brainline.pipelines.bias_correction import n4_correct  # noqa: E402
 from brainline.pipelines.image_pipeline import PipelineConfig  # noqa: E402
+from brainline.pipelines.skull_strip import apply_mask  # noqa: E402
 from tests.corpus import REGIONS, corpus_cases, dice  # noqa: E402
 
 
-def preprocess(case) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, tuple]:
-    """N4-corrected (z, y, x) arrays, brain mask (union of non-zero voxels,
-    holes filled), reference labels (4 -> 3) and the spacing in mm (z, y, x)."""
-    images = {r: sitk.ReadImage(str(p), sitk.sitkFloat32) for r, p in case.images.items()}
+def pipeline_n4(images: dict[str, sitk.Image]) -> tuple[dict[str, sitk.Image], sitk.Image]:
+    """N4 exactly as the image pipeline runs it (``PipelineConfig().n4``,
+    ``n4_correct``) inside the brain mask of skull-stripped inputs: the union
+    of the non-zero voxels of every sequence, holes filled; each corrected
+    image masked (0 outside). Returns (role -> corrected image, mask)."""
     mask = None
     for image in images.values():
         nonzero = sitk.Cast(image > 0, sitk.sitkUInt8)
         mask = nonzero if mask is None else (mask | nonzero)
     mask = sitk.BinaryFillhole(mask)
     n4 = PipelineConfig().n4
-    arrays = {r: sitk.GetArrayFromImage(n4_correct(im, mask, n4, name=r).corrected) for r, im in images.items()}
+    return {r: apply_mask(n4_correct(im, mask, n4, name=r).corrected, mask) for r, im in images.items()}, mask
+
+
+def preprocess(case) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, tuple]:
+    """N4-corrected (z, y, x) arrays, brain mask (union of non-zero voxels,
+    holes filled), reference labels (4 -> 3) and the spacing in mm (z, y, x)."""
+    images = {r: sitk.ReadImage(str(p), sitk.sitkFloat32) for r, p in case.images.items()}
+    corrected, mask = pipeline_n4(images)
+    arrays = {r: sitk.GetArrayFromImage(im) for r, im in corrected.items()}
     m = sitk.GetArrayFromImage(mask) > 0
-    for a in arrays.values():
-        a[~m] = 0
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(case.reference))).astype(np.uint8)
     ref[ref == 4] = 3
     return arrays, m, ref, tuple(float(s) for s in mask.GetSpacing()[::-1])
