@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from brainline.pipelines.image_pipeline import thresholded_mask_source  # noqa: E402
 from tests.corpus import (  # noqa: E402
     REGIONS,
     corpus_cases,
@@ -215,13 +216,11 @@ def main() -> None:
             if variant == "pipeline":
                 pass
             elif variant == "product":  # the segment step now: a "> 0" mask eroded by half a slice
-                skull = json.loads((ws / "skull_strip.json").read_text())
-                source = skull.get("sequence") if skull.get("already_stripped") else None
+                source = thresholded_mask_source(ws, native)
                 inputs, m = pipeline_inputs(ms, native, to_native, mask, ws / "bench_model_space" / "product",
                                             mask_source=source)
             elif variant == "product_bspline":  # as product, the series resampled with cubic B-splines
-                skull = json.loads((ws / "skull_strip.json").read_text())
-                source = skull.get("sequence") if skull.get("already_stripped") else None
+                source = thresholded_mask_source(ws, native)
                 _, m = pipeline_inputs(ms, native, to_native, mask, ws / "bench_model_space" / "product",
                                        mask_source=source)
                 from brainline.pipelines.model_space import _composed

@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -288,12 +288,8 @@ def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
         native[role] = _read(work / "nifti" / f"{role}.nii.gz")
         tfm = work / "registered" / f"{role}_to_{cfg.reference}.tfm"
         to_native[role] = sitk.ReadTransform(str(tfm)) if role != cfg.reference and tfm.exists() else None
-    # a mask thresholded from a skull-stripped series (> 0) keeps every slice that
-    # grazes the brain: map_to_model_space erodes it by half a slice of that series
-    skull = read_record(SkullStripRecord, work / SKULL_STRIP_FILE)
-    mask_source = skull.sequence if skull.already_stripped and skull.sequence in native else None
     model_paths = map_to_model_space(ms, native, to_native, mask, work / "model_space",
-                                     mask_source=mask_source)
+                                     mask_source=thresholded_mask_source(work, native))
     # kept for the segmentation QC's flipped inference (model frame -> reference grid)
     sitk.WriteTransform(ms.to_reference, str(work / "model_space" / "to_reference.tfm"))
     inputs = SegmentationInput(paths={r: p for r, p in model_paths.items() if r != "mask"},
@@ -304,6 +300,16 @@ def _segment_in_model_space(work: Path, cfg: PipelineConfig, backend,
     output.candidates = {name: labels_to_reference(_labels_image(a, inputs.reference), ms, mask)
                          for name, a in extra.items()}
     return labels, output, ModelSpaceRecord.from_json(ms.record())
+
+
+def thresholded_mask_source(work: Path, roles: Iterable[str]) -> str | None:
+    """The role whose "> 0" voxels are the brain mask, when the study arrived
+    skull-stripped (``skull_strip.json``) and that role is among ``roles``;
+    None when the skull-stripping network drew the mask. Such a mask keeps
+    every slice that grazes the brain: map_to_model_space erodes it by half a
+    slice of that series."""
+    skull = read_record(SkullStripRecord, work / SKULL_STRIP_FILE)
+    return skull.sequence if skull.already_stripped and skull.sequence in set(roles) else None
 
 
 def _labels_image(labels, reference: sitk.Image) -> sitk.Image:
