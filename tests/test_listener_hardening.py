@@ -10,6 +10,8 @@ Jobs are kept out of the way (long quiet period) unless a test needs them.
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -536,3 +538,102 @@ def test_connect_and_close_releases_the_peer_slot_at_once(service_factory):
     assert time.monotonic() - start < 2
     assert svc.metric("brainline_rejections_total", 'reason="too_many_associations_from_peer"') == 0
     assert svc.metric("brainline_rejections_total", 'reason="timeout"') == 0
+
+
+def _wait_process_state(pid: int, stopped: bool, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if (state in ("T", "t")) == stopped:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"service process not {'stopped' if stopped else 'running'} in {within} s")
+
+
+def test_closed_connections_free_their_peer_slots_even_when_the_service_stalls(service_factory):
+    """The whole service process can stall for a while (a full garbage
+    collection of its ~250,000 objects takes 0.1-0.15 s on this machine)
+    while a peer connects and closes: the connections queue in the kernel and
+    are accepted one after the other when it resumes, before the threads of
+    the earlier ones have noticed that their peer is gone. Those must not
+    count against the peer. SIGSTOP/SIGCONT stands in for the stall (the
+    kernel still completes and closes the connections meanwhile): with the
+    slot released only by the connection's thread, the second closed
+    connection after the resume was refused every time."""
+    svc = service_factory(BRAINLINE_MAX_ASSOCIATIONS_PER_PEER="2", **QUIET)
+    peer = "127.0.0.12"
+    pid = svc.proc.pid
+    held = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _wait_process_state(pid, stopped=True)
+        held.append(hostile_socket(svc.dicom_port, peer, "idle"))  # stays open: it counts
+        for _ in range(3):  # within the listen backlog (5)
+            with socket.create_connection(("127.0.0.1", svc.dicom_port), timeout=2, source_address=(peer, 0)):
+                pass
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _wait_process_state(pid, stopped=False)
+    try:
+        assert echo(svc.dicom_port, bind=peer)  # the open one + this one = the limit
+        assert svc.metric("brainline_rejections_total", 'reason="too_many_associations_from_peer"') == 0
+        # The limit itself is unchanged: two open connections, the third is refused.
+        held.append(hostile_socket(svc.dicom_port, peer, "idle"))
+        assert closed_by_server(held[-1], within=0.5) is None  # admitted, still open
+        extra = hostile_socket(svc.dicom_port, peer, "idle")
+        assert closed_by_server(extra, within=3) == b""  # closed at once, nothing read
+        assert svc.metric("brainline_rejections_total", 'reason="too_many_associations_from_peer"') == 1
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert svc.alive()
+
+
+def test_connection_gone_asks_the_kernel():
+    """``_connection_gone`` (what admission asks about a peer's counted
+    connections) on real loopback TCP connections: open ones count, one the
+    peer closed counts until what it sent is read, closed and reset ones do not."""
+    from brainline.service.gateway.listener import _connection_gone
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def pair():
+        client = socket.create_connection(("127.0.0.1", port), timeout=2)
+        accepted, _ = server.accept()
+        return client, accepted
+
+    def settle(check, expected, within=2.0):
+        deadline = time.monotonic() + within
+        while check() != expected and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return check()
+
+    try:
+        client, accepted = pair()
+        assert not _connection_gone(accepted)  # open and quiet
+        client.sendall(b"\x01\x00")
+        time.sleep(0.05)
+        assert not _connection_gone(accepted)  # open, data unread
+        client.close()  # FIN behind unread bytes: still counts until they are read
+        time.sleep(0.05)
+        assert not _connection_gone(accepted)
+        assert accepted.recv(16) == b"\x01\x00"
+        assert settle(lambda: _connection_gone(accepted), True)  # read to the end: gone
+        accepted.close()
+        assert _connection_gone(accepted)  # closed on our side
+
+        client, accepted = pair()
+        client.shutdown(socket.SHUT_WR)  # half-closed: the peer cannot send any more
+        assert settle(lambda: _connection_gone(accepted), True)
+        client.close()
+        accepted.close()
+
+        client, accepted = pair()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        assert settle(lambda: _connection_gone(accepted), True)
+        accepted.close()
+    finally:
+        server.close()

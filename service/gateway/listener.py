@@ -19,7 +19,12 @@ with its reason; log lines about one peer and reason are rate-limited):
   at most BRAINLINE_MAX_ASSOCIATIONS_PER_PEER open connections per peer IP
   (``too_many_associations_from_peer``), at most ``max_open_connections()``
   in all (``too_many_connections``), and, when every BRAINLINE_ALLOWED_AES
-  entry names a host, only those hosts (``peer_not_allowed``).
+  entry names a host, only those hosts (``peer_not_allowed``). A connection
+  stops counting against its peer when its thread ends, or earlier, when the
+  kernel says the peer has closed it and everything it sent has been read
+  (``_connection_gone``, asked at admission): a connection closed while the
+  process was stalled (a full garbage collection takes ~0.1 s) is never
+  counted against the next one.
 * Reads (``_GuardedSocket``, pynetdicom's AssociationSocket with bounded
   reads): a PDU header announcing more than BRAINLINE_MAX_PDU_SIZE (P-DATA) or
   64 KiB (association PDUs) is answered with an A-ABORT and the connection is
@@ -100,6 +105,12 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from ..metrics import Metrics
 from .spool import InvalidInstance, OutOfSpace, Spool, is_valid_uid
+
+try:  # unread bytes of a socket (Linux, BSD, macOS)
+    import fcntl as _fcntl
+    import termios as _termios
+except ImportError:  # no such query: a connection counts until its thread ends
+    _fcntl = _termios = None  # type: ignore[assignment]
 
 log = logging.getLogger("brainline.listener")
 
@@ -245,6 +256,46 @@ class PeerAllowlist:
 def max_open_connections(settings) -> int:
     """Cap on all open connections (each costs two or three threads)."""
     return max(256, 4 * int(settings.max_associations))
+
+
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer shut its sending side
+
+
+def _connection_gone(sock) -> bool:
+    """True when this accepted connection is over as far as its peer is
+    concerned, asked of the kernel (no thread of the connection has to have
+    run): the socket is closed, reset or shut down both ways, or the peer has
+    closed it (FIN) and every byte it sent has been read. Then only the
+    teardown of its threads is left, and the peer cannot send anything more.
+    False while the peer can still send, and while something it sent is
+    unread (a closed connection's last PDUs, e.g. an A-ABORT, still count
+    until read). Never reads or changes the socket. A file descriptor reused
+    after the socket was closed concurrently reads as another open
+    descriptor (False) or as closed, which is then true."""
+    try:
+        fd = sock.fileno()
+    except (OSError, ValueError):
+        return True
+    if fd < 0:
+        return True  # closed
+    if _fcntl is None or _termios is None or not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | _POLLRDHUP)
+    try:
+        ready = poller.poll(0)
+    except OSError:
+        return False
+    events = ready[0][1] if ready else 0
+    if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+        return True
+    if not events & (select.POLLIN | _POLLRDHUP):
+        return False  # open, nothing pending
+    try:
+        unread = struct.unpack("i", _fcntl.ioctl(fd, _termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return False
+    return unread == 0  # readable without a byte queued: the peer's FIN
 
 
 # -- receiving data sets to disk -------------------------------------------
@@ -617,8 +668,9 @@ class _GuardedSocket(AssociationSocket):
 
 class _Handler(RequestHandler):
     """Runs one connection: TLS handshake (bounded), then the association,
-    in this connection's thread; releases the peer's connection slot when
-    the association has ended."""
+    in this connection's thread; releases the connection's slots when the
+    association has ended (the peer's slot may have been released earlier,
+    see ``DicomListener._admit``)."""
 
     def handle(self) -> None:
         listener = cast(_Server, self.server).listener
@@ -655,7 +707,7 @@ class _Handler(RequestHandler):
         finally:
             if assoc is not None:
                 _discard_partial(assoc)
-            listener._connection_closed(ip, assoc)
+            listener._connection_closed(ip, assoc, self.request)
 
 
 def _unbind_standard_log_handlers(assoc) -> None:
@@ -702,7 +754,7 @@ class _Server(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request, client_address) -> bool:
-        return self.listener._admit(client_address)
+        return self.listener._admit(client_address, request)
 
     def service_actions(self) -> None:
         super().service_actions()
@@ -723,7 +775,9 @@ class DicomListener:
         self.allowlist = PeerAllowlist.parse(settings.allowed_aes)
         self.max_instance_bytes = int(float(settings.max_instance_mb) * 1024 * 1024)
         self._lock = threading.Lock()
-        self._per_peer: dict[str, int] = {}
+        # peer IP -> its accepted connections (request sockets) counted
+        # against BRAINLINE_MAX_ASSOCIATIONS_PER_PEER
+        self._per_peer: dict[str, set[Any]] = {}
         self._open = 0
         self._associated = 0
         self._last_log: dict[tuple[str, str], float] = {}
@@ -834,34 +888,49 @@ class DicomListener:
         log.warning("dicom connection or association refused",
                     extra={"reason": reason, "peer": ip, "detail": detail, **extra})
 
-    def _admit(self, client_address) -> bool:
+    def _admit(self, client_address, request) -> bool:
+        """Admit a connection just accepted (``request``, the accept loop's
+        thread) or refuse it. At the peer's limit, the peer's connections
+        that are over (``_connection_gone``: closed by the peer and read to
+        the end, or closed) stop counting first: their own threads release
+        them only when they get to run, which a stall of the process (a full
+        garbage collection) delays while the kernel queues the peer's next
+        connections."""
         ip = _norm_ip(client_address[0])
         if not self.allowlist.host_allowed(ip):
             self._count_rejection("peer_not_allowed", ip, "host not in BRAINLINE_ALLOWED_AES")
             return False
+        limit = int(self.settings.max_associations_per_peer)
         with self._lock:
+            counted = self._per_peer.get(ip, set())
+            if len(counted) >= limit:
+                counted.difference_update([conn for conn in counted if _connection_gone(conn)])
             if self._open >= max_open_connections(self.settings):
                 reason = "too_many_connections"
-            elif self._per_peer.get(ip, 0) >= int(self.settings.max_associations_per_peer):
+            elif len(counted) >= limit:
                 reason = "too_many_associations_from_peer"
             else:
                 reason = None
                 self._open += 1
-                self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+                counted.add(request)
+            if counted:
+                self._per_peer[ip] = counted
+            else:
+                self._per_peer.pop(ip, None)
         if reason:
             self._count_rejection(reason, ip)
             return False
         self.metrics.connections_open.inc()
         return True
 
-    def _connection_closed(self, ip: str, assoc) -> None:
+    def _connection_closed(self, ip: str, assoc, request) -> None:
         with self._lock:
             self._open -= 1
-            left = self._per_peer.get(ip, 1) - 1
-            if left > 0:
-                self._per_peer[ip] = left
-            else:
-                self._per_peer.pop(ip, None)
+            counted = self._per_peer.get(ip)
+            if counted is not None:
+                counted.discard(request)  # unless _admit found it gone already
+                if not counted:
+                    del self._per_peer[ip]
             if assoc is not None and getattr(assoc, "_brainline_admitted", False):
                 self._associated -= 1
         self.metrics.connections_open.dec()
@@ -877,7 +946,7 @@ class DicomListener:
 
     def open_connections(self, ip: str | None = None) -> int:
         with self._lock:
-            return self._open if ip is None else self._per_peer.get(ip, 0)
+            return self._open if ip is None else len(self._per_peer.get(ip, ()))
 
     # -- handlers ----------------------------------------------------------
     def _on_requested(self, event) -> None:
