@@ -30,26 +30,25 @@ import datetime as _dt
 import io
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 from xml.sax.saxutils import escape
 
 import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
-from reportlab.lib import colors
-from reportlab.lib.pagesizes import A4
-from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
-from reportlab.lib.units import mm
-from reportlab.platypus import Image, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from .codes import COMPOSITES, LABELS, PDF_CONCEPT_NAME, AlgorithmInfo, QCFinding
 from .seg import labels_on_source_grid, new_uid
 from .source_series import SourceSeries, as_source_series
+
+# matplotlib and reportlab are imported where a picture or the PDF is drawn:
+# every service process imports this module (about 0.4 s of start-up each),
+# few of them draw.
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from reportlab.platypus import Table
 
 __all__ = [
     "KeyImage", "ReportContent", "FollowUp", "ReviewInfo", "EncapsulatedPDF", "NOT_REVIEWED_STATEMENT",
@@ -209,6 +208,7 @@ def key_image_from_series(
 
 
 def _png(fig: Figure, dpi: int = 150) -> io.BytesIO:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=dpi)
@@ -217,6 +217,8 @@ def _png(fig: Figure, dpi: int = 150) -> io.BytesIO:
 
 
 def _key_image_png(key: KeyImage) -> io.BytesIO:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
     img = np.asarray(key.image, dtype=np.float64)
     if key.window is not None:
         low, high = key.window
@@ -262,6 +264,7 @@ def _get(volumes: Mapping, key: str) -> float | None:
 
 
 def _bar_chart_png(content: ReportContent) -> io.BytesIO:
+    from matplotlib.figure import Figure
     names, values, colours = [], [], []
     for value, concept in LABELS.items():
         names.append(concept.key)
@@ -291,6 +294,8 @@ def _fmt_date(value: str) -> str:
 
 
 def _table(rows: list[list], widths: list[float], header: bool = True) -> Table:
+    from reportlab.lib import colors
+    from reportlab.platypus import Table, TableStyle
     t = Table(rows, colWidths=widths, hAlign="LEFT")
     style = [
         ("FONT", (0, 0), (-1, -1), "Helvetica", 9),
@@ -321,6 +326,7 @@ def _as_date(value: str) -> _dt.date | None:
 
 def _volume_time_png(followup: FollowUp) -> io.BytesIO:
     """ET, TC and WT volume (mL) against study date, one point per timepoint."""
+    from matplotlib.figure import Figure
     points = [(d, tp) for tp in followup.timepoints if (d := _as_date(tp.get("study_date", ""))) is not None]
     fig = Figure(figsize=(5.2, 2.6))
     ax = fig.add_axes((0.11, 0.2, 0.86, 0.72))
@@ -355,6 +361,8 @@ def _fmt(value, pattern: str = "{:.2f}", signed: bool = False) -> str:
 
 
 def _followup_story(f: FollowUp, p, body, small, h2) -> list:
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Image, PageBreak, Spacer, TableStyle
     story: list = [PageBreak(), p("Follow-up", h2)]
     prior = _fmt_date(f.prior_date) if f.prior_date else "the prior study"
     interval = f" ({f.interval_days} days earlier)" if f.interval_days is not None else ""
@@ -425,6 +433,10 @@ def _followup_story(f: FollowUp, p, body, small, h2) -> list:
 
 def build_pdf_report(report: ReportContent) -> bytes:
     """Render the report as PDF bytes (A4, one or two pages)."""
+    from reportlab.lib import colors
+    from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Image, Paragraph, Spacer, Table, TableStyle
     styles = getSampleStyleSheet()
     body = ParagraphStyle("body", parent=styles["BodyText"], fontSize=9, leading=11)
     small = ParagraphStyle("small", parent=body, fontSize=8, leading=10, textColor=colors.Color(0.3, 0.3, 0.3))
@@ -539,6 +551,10 @@ def build_pdf_report(report: ReportContent) -> bytes:
 
 def _finish(story: list, report: ReportContent, algo: AlgorithmInfo, generated: _dt.datetime) -> bytes:
     """Footer on every page, then the PDF bytes."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import mm
+    from reportlab.platypus import SimpleDocTemplate
     footer = f"{algo.name} {algo.version} | generated {generated:%Y-%m-%d %H:%M} | {NOT_FOR_DIAGNOSIS}"
 
     def on_page(canvas, doc):
