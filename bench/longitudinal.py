@@ -14,10 +14,12 @@ prior: the same STEPS on ``priors/0``), and scores:
 * false positives per no-change pair: reported ``"new"`` lesions (``"growing"`` ones
   are counted apart); in ``new`` pairs, reported new lesions matching no truth lesion;
 * volume-change error of grown tumours: ``|reported - true| / true`` of the growth
-  (mm^3) of WT and TC from the step's ``change.vs_prior_paired`` (the registered
-  pair: prior segmentation plus subtraction-confirmed changes; ``change.vs_prior``,
-  two independent segmentations, when no subtraction was possible; both are
-  recorded), and of the lesion list (sum of ``growth_mm3`` of the lesions that
+  (mm^3) of WT and TC as the step's assessment measured it (``change.measure``: per
+  component the registered pair, ``change.vs_prior_paired``, or the two
+  independent segmentations, ``change.vs_prior``; by the segmenter, see
+  config/longitudinal.yaml ``change_measure``); the signed errors of every measure
+  (boundary shift, confirmed voxels, segmentations) are recorded in
+  ``growth.methods``; and of the lesion list (sum of ``growth_mm3`` of the lesions that
   touch the grown voxels, against the true WT growth);
 * time added per study: wall time of ``step_longitudinal`` (preparing the prior
   included), and its part without the prior's preparation;
@@ -63,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig  # noqa: E402
-from brainline.pipelines.longitudinal import LongitudinalConfig, step_longitudinal  # noqa: E402
+from brainline.pipelines.longitudinal import LongitudinalConfig, assessed_change, step_longitudinal  # noqa: E402
 from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, TUNE_CASES  # noqa: E402
 from tests.synthetic_followup import (  # noqa: E402
     CASES,
@@ -156,10 +158,14 @@ def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | Non
     true = pair.truth["change_mm3"]
     change = result.get("change") or {}
     independent = change.get("vs_prior") or {}
-    # the step's measure of the change against the prior: the registered pair when it could subtract
-    vs_prior = change.get("vs_prior_paired") or independent
+    # the step's measure of the change against the prior, per component as the assessment used it
+    # (change.measure: the registered pair, or the two segmentations with a trained segmenter)
+    measure = change.get("measure") or {"uses": {k: "paired" for k in ("whole_tumor", "tumor_core", "3")}}
+    vs_prior = assessed_change(independent, change.get("vs_prior_paired"), measure)
     out: dict = {"true_mm3": {k: true[k] for k in ("whole_tumor", "tumor_core", "3", "2")},
-                 "measured_on": "registered pair" if change.get("vs_prior_paired") else "two segmentations",
+                 "measured_on": {k: ("registered pair" if vs_prior.get(k) is not independent.get(k)
+                                     else "two segmentations") for k in ("whole_tumor", "tumor_core", "3")},
+                 "measure": change.get("measure"),
                  "independent_delta_mm3": {k: (None if (independent.get(k) or {}).get("delta_ml") is None
                                                else round(1000.0 * independent[k]["delta_ml"], 1))
                                            for k in ("whole_tumor", "tumor_core", "3")}}
@@ -169,9 +175,10 @@ def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | Non
         out[f"reported_{name}_mm3"] = None if rep_mm3 is None else round(rep_mm3, 1)
         t = true[key]
         out[f"error_{name}"] = (round(abs(rep_mm3 - t) / t, 4) if rep_mm3 is not None and t > 0 else None)
-    # both paired measures the step computes (change.paired_methods), whichever the config chose
+    # both paired measures the step computes (change.paired_methods) and the two segmentations (vs_prior),
+    # whichever the step chose
     out["methods"] = {}
-    for method, values in (change.get("paired_methods") or {}).items():
+    for method, values in [*(change.get("paired_methods") or {}).items(), ("segmentations", independent)]:
         m = {}
         for key, name in (("whole_tumor", "WT"), ("tumor_core", "TC")):
             rep = (values.get(key) or {}).get("delta_ml")
@@ -502,7 +509,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spacing", type=float, default=None, help="block-average the sources to this spacing (mm)")
     parser.add_argument("--model", default="baseline",
-                        help="segmentation model (PipelineConfig.model; default baseline)")
+                        help="segmentation model (PipelineConfig.model; default baseline, the segmenter the "
+                             "issue's time target names; 'auto' = the product's default, the trained model)")
     parser.add_argument("--config", type=Path, default=None,
                         help="longitudinal YAML (default config/longitudinal.yaml)")
     parser.add_argument("--mode", default=None, choices=("tumour", "lesion"),

@@ -44,6 +44,15 @@ and against the nadir (the prior with the smallest ET in tumour mode, WT in
 lesion mode; with >= 2 priors), and a RANO-like assessment (thresholds in
 ``config/longitudinal.yaml`` with their sources).
 
+The change against the most recent prior is measured twice: by the two
+timepoints' own segmentations (``change.vs_prior``) and on the registered
+pair (``change.vs_prior_paired``, boundary shift integral). Which one the
+assessment, the SR and the PDF use is chosen per component by the segmenter
+(``change_measure``, :func:`change_measure`): the registered pair for the
+baseline segmenter (irreproducible between two scans), ``change_measure_trained``
+when one trained model segmented both; ``change.measure`` records the choice
+and its reason in words.
+
 A prior that cannot be prepared or registered never raises: the reason goes
 to "note"/"notes"/"flags" in words, and the current study's results still go out.
 """
@@ -81,7 +90,8 @@ from .registration import RegistrationError, register, resample_to
 
 log = logging.getLogger("brainline.longitudinal")
 
-__all__ = ["LongitudinalConfig", "step_longitudinal", "prepare_prior", "volume_change", "assess"]
+__all__ = ["LongitudinalConfig", "step_longitudinal", "prepare_prior", "volume_change", "assess", "change_measure",
+           "assessed_change"]
 
 VOLUME_KEYS = ("1", "2", "3", "tumor_core", "whole_tumor")
 SUBTRACTION_ROLES = ("flair", "t1c")
@@ -133,6 +143,9 @@ class LongitudinalConfig:
     bsi_wt_window: tuple | None = None
     bsi_wt_band_out_mm: float | None = None
     bsi_wt_band_in_mm: float | None = None
+    change_measure: str = "auto"
+    # per component ("3" ET, TC, WT) or one word; chosen by measurement (config/longitudinal.yaml)
+    change_measure_trained: str | dict = "paired"
     coverage_note_fraction: float = 0.98
     new_volume_reference_percentile: float = 95.0
     new_volume_dilate_mm: float = 2.0
@@ -163,6 +176,17 @@ class LongitudinalConfig:
             raise ValueError(f"bsi_core_tissue must be oedema or brain, not {cfg.bsi_core_tissue!r}")
         if cfg.paired_method not in ("boundary_shift", "confirmed_voxels"):
             raise ValueError(f"paired_method must be boundary_shift or confirmed_voxels, not {cfg.paired_method!r}")
+        if cfg.change_measure not in ("auto", "paired", "segmentations"):
+            raise ValueError(f"change_measure must be auto, paired or segmentations, not {cfg.change_measure!r}")
+        trained = cfg.change_measure_trained
+        if isinstance(trained, dict):
+            trained = {str(k): v for k, v in trained.items()}
+            cfg.change_measure_trained = trained
+        words = set(trained.values()) if isinstance(trained, dict) else {trained}
+        keys = set(trained) if isinstance(trained, dict) else set()
+        if not words <= {"paired", "segmentations"} or not keys <= set(PAIRED_COMPONENTS):
+            raise ValueError(f"change_measure_trained must be paired or segmentations, or a mapping of "
+                             f"{', '.join(PAIRED_COMPONENTS)} to them, not {cfg.change_measure_trained!r}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -358,6 +382,96 @@ def bsi_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dic
                      sequence=role, method="boundary shift integral",
                      clip_levels=r["clip_levels"], band_ml=round(r["band_voxels"] * voxel_mm3 / 1000.0, 1))
         out[key] = entry
+    return out
+
+
+#: Segmentation backends (summary.json backends.segmentation.backend) that are not a trained model.
+UNTRAINED_SEGMENTERS = ("baseline",)
+
+
+def segmenter_of(summary: dict) -> str | None:
+    """The segmentation backend of a timepoint (summary.json
+    ``backends.segmentation.backend``, e.g. "brats17-wang" or "baseline"); None when unknown."""
+    seg = ((summary or {}).get("backends") or {}).get("segmentation") or {}
+    name = seg.get("backend") if isinstance(seg, dict) else None
+    return str(name) if name else None
+
+
+MEASURE_NAMES = {"3": "ET", "tumor_core": "TC", "whole_tumor": "WT"}
+
+
+def _trained_setting(lcfg: "LongitudinalConfig") -> dict[str, str]:
+    """``change_measure_trained`` per component (ET "3", TC, WT): one word for all, or a mapping."""
+    v = lcfg.change_measure_trained
+    if isinstance(v, dict):
+        return {k: str(v.get(k, "paired")) for k in PAIRED_COMPONENTS}
+    return {k: str(v) for k in PAIRED_COMPONENTS}
+
+
+def change_measure(lcfg: "LongitudinalConfig", prior_summary: dict, current_summary: dict,
+                   paired: dict | None) -> dict:
+    """Which change against the most recent prior the assessment, the SR and the
+    PDF use, per component, and why (``change.measure`` of longitudinal.json):
+
+    * ``uses``: component ("3" ET, "tumor_core", "whole_tumor") -> "paired"
+      (``change.vs_prior_paired``, the registered pair: ``paired_method``) or
+      "segmentations" (``change.vs_prior``, the two timepoints' own
+      segmentations); NCR and ED always come from the segmentations;
+    * ``setting``: ``change_measure`` as configured; ``segmenters``: the backend
+      of each timepoint; ``reason``: in words.
+
+    ``change_measure: auto`` decides by the segmenter: when one trained model
+    (any backend but :data:`UNTRAINED_SEGMENTERS`) segmented both timepoints,
+    ``change_measure_trained`` (one word, or per component); otherwise (the
+    baseline, two different segmenters, unknown) the paired measure, which
+    does not count a segmenter's irreproducibility between two scans. A
+    component without a paired measure (no subtraction was possible, or the
+    integral could not be taken) always comes from the segmentations."""
+    segs = {"prior": segmenter_of(prior_summary), "current": segmenter_of(current_summary)}
+    rec = {"setting": lcfg.change_measure, "segmenters": segs}
+    paired = paired or {}
+    if not paired:
+        return {**rec, "uses": {k: "segmentations" for k in PAIRED_COMPONENTS},
+                "reason": "no change could be measured on the registered image pair, so the two segmentations "
+                          "are compared"}
+    trained = segs["prior"] == segs["current"] and segs["current"] not in (None, *UNTRAINED_SEGMENTERS)
+    if lcfg.change_measure != "auto":
+        uses = {k: lcfg.change_measure for k in PAIRED_COMPONENTS}
+        why = f"configured (change_measure: {lcfg.change_measure})"
+    elif trained:
+        uses = _trained_setting(lcfg)
+        by_seg = [MEASURE_NAMES[k] for k in MEASURE_NAMES if uses[k] == "segmentations"]
+        by_pair = [MEASURE_NAMES[k] for k in MEASURE_NAMES if uses[k] == "paired"]
+        why = f"both studies were segmented by the trained model {segs['current']}"
+        if by_seg:
+            why += (f"; for {', '.join(by_seg)} its two segmentations measured growth on synthetic follow-ups "
+                    f"more accurately than the registered image pair")
+        if by_pair:
+            why += (f"; {', '.join(by_pair)} on the registered image pair, which measured them more accurately "
+                    f"or more steadily there")
+    else:
+        uses = {k: "paired" for k in PAIRED_COMPONENTS}
+        if segs["prior"] != segs["current"] and None not in segs.values():
+            why = (f"the two studies were segmented by different models ({segs['prior']} and {segs['current']}), "
+                   f"so their segmentations do not compare; the registered pair is measured")
+        elif segs["current"] in UNTRAINED_SEGMENTERS:
+            why = (f"the {segs['current']} segmenter differs between two scans of an unchanged tumour by several "
+                   f"mL; the registered pair is measured")
+        else:
+            why = "the segmenter is not known to be a trained model; the registered pair is measured"
+    uses = {k: (u if k in paired else "segmentations") for k, u in uses.items()}
+    return {**rec, "uses": uses, "reason": why}
+
+
+def assessed_change(independent: dict, paired: dict | None, measure: dict) -> dict:
+    """The change against the most recent prior the assessment uses: per
+    component the paired entry where ``measure["uses"]`` says "paired" (and it
+    exists), else the two segmentations' (``independent``)."""
+    uses = measure.get("uses") or {}
+    out = dict(independent or {})
+    for k, entry in (paired or {}).items():
+        if uses.get(k) == "paired" and entry:
+            out[k] = entry
     return out
 
 
@@ -823,7 +937,7 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
         lesions = None
         if rec.get("ok"):
             t_loc = time.monotonic()
-            lesions, loc_note = _lesions(work, rec, lc)
+            lesions, loc_note, out["lesion_location"] = _lesions(work, rec, lc)
             out["timings_s"]["locate"] = round(time.monotonic() - t_loc, 2)
             if loc_note:
                 out["notes"].append(loc_note)
@@ -837,13 +951,18 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
         paired = rec.get("paired_change") if rec.get("ok") else None
         assessed = out["change"]
         if paired:
-            # the most recent prior is measured on the registered pair (see paired_change);
+            # the most recent prior measured on the registered pair (see paired_change, bsi_change);
             # a nadir or baseline further back still compares two segmentations
             out["change"]["vs_prior_paired"] = paired
             out["change"]["paired_methods"] = rec.get("paired_methods")
-            assessed = {**out["change"], "vs_prior": paired}
+        # which of the two the assessment (and the SR / PDF) uses: by the segmenter (change_measure)
+        measure = change_measure(lc, recent["summary"], cur_summary, paired)
+        out["change"]["measure"] = measure
+        if paired:
+            chosen = assessed_change(vs_prior, paired, measure)
+            assessed = {**out["change"], "vs_prior": chosen}
             if len(usable) == 1:
-                baseline_change = paired
+                baseline_change = chosen
         out["assessment"] = assess(assessed, baseline_change, lc, lesions, mode)
         out["timings_s"]["total"] = round(time.monotonic() - t0, 2)
         return out
@@ -851,8 +970,11 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
     return _cached(work, "longitudinal", run)
 
 
-def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict], str | None]:
-    """lesions.nii.gz and the "lesions" list (ids by decreasing volume), with location."""
+def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict], str | None, dict | None]:
+    """lesions.nii.gz, the "lesions" list (ids by decreasing volume) with
+    location, the location note, and how the lesions were located
+    (``{"method": "atlas" | "coordinate rules" | "unknown", "lobe_atlas": ...}``;
+    None when nothing was located)."""
     grid, full_grid, crop = rec["grid"], rec["full_grid"], rec["crop"]
     cands = sorted(rec["candidates"], key=lambda c: -c.volume_mm3)
     lab = np.zeros(sitk.GetArrayViewFromImage(full_grid).shape, np.uint16)
@@ -863,13 +985,14 @@ def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict],
     img.CopyInformation(full_grid)
     _write(img, work / "longitudinal" / "lesions.nii.gz")
     points = [grid.TransformContinuousIndexToPhysicalPoint(c.centroid_index) for c in cands]
-    locs, note = [{"hemisphere": "unknown", "lobe": "unknown"} for _ in cands], None
+    locs, note, where = [{"hemisphere": "unknown", "lobe": "unknown"} for _ in cands], None, None
     if cands and lc.locate:
         try:
             mask = sitk.ReadImage(str(work / "brain_mask.nii.gz"), sitk.sitkUInt8)
             pre = {r: work / "preprocessed" / f"{r}.nii.gz" for r in _roles(work)}
             locs, lrec = locate_points(points, pre, mask)
             note = lrec.get("note")
+            where = {"method": lrec.get("method"), "lobe_atlas": lrec.get("lobe_atlas")}
         except Exception as exc:  # noqa: BLE001 - location is a nicety
             note = f"lesion location unknown: {_words(exc)}"
     out = []
@@ -880,4 +1003,4 @@ def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict],
                     "centroid_lps_mm": [round(float(v), 1) for v in p], "hemisphere": loc["hemisphere"],
                     "lobe": loc["lobe"], "confidence": c.confidence, "sequence": c.sequence,
                     "peak_z": c.peak_z})
-    return out, note
+    return out, note, where

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,7 @@ def test_new_lesion_is_found_with_its_volume(tmp_path, case, cfg):
     assert near[0]["volume_integrated_mm3"] == pytest.approx(200.0, rel=0.15), near[0]
     assert near[0]["prior_volume_mm3"] == 0 and 0 < near[0]["confidence"] <= 1
     assert near[0]["hemisphere"] in ("left", "right", "midline") and near[0]["lobe"] != "unknown"
+    assert res["lesion_location"]["method"] in ("atlas", "coordinate rules"), res.get("lesion_location")
     assert len(res["lesions"]) <= 2
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "longitudinal" / "lesions.nii.gz")))
     assert (lab == near[0]["id"]).sum() * 8.0 == pytest.approx(near[0]["volume_mm3"])
@@ -454,3 +456,80 @@ def test_prior_flair_coverage_limits_the_subtraction(tmp_path, case, cfg):
     cov = res["comparison"]["coverage_percent"]
     assert 50.0 < cov["flair"] < 95.0 and cov["t1c"] > 98.0, cov
     assert any("FLAIR of the two studies overlaps on" in n for n in res["notes"]), res["notes"]
+
+
+def test_change_measure_follows_the_segmenter(tmp_path):
+    """change_measure "auto": the two segmentations when one trained model segmented
+    both timepoints (change_measure_trained), else the registered pair; the
+    segmentations when no paired measure exists; an explicit setting wins."""
+    from brainline.pipelines.longitudinal import change_measure
+
+    def summ(backend):
+        return {"backends": {"segmentation": {"backend": backend}}} if backend else {"volumes_ml": {}}
+
+    paired = {k: {"delta_ml": 1.0} for k in ("whole_tumor", "tumor_core", "3")}
+    keys = ("whole_tumor", "tumor_core", "3")
+
+    def uses(lc, prior, current, pair=paired):
+        return change_measure(lc, summ(prior), summ(current), pair)["uses"]
+
+    def all_(word):
+        return {k: word for k in keys}
+
+    lc = LongitudinalConfig(change_measure="auto", change_measure_trained="segmentations")
+    wang = change_measure(lc, summ("brats17-wang"), summ("brats17-wang"), paired)
+    assert wang["uses"] == all_("segmentations") and "brats17-wang" in wang["reason"]
+    assert wang["segmenters"] == {"prior": "brats17-wang", "current": "brats17-wang"}
+    assert uses(replace(lc, change_measure_trained="paired"), "brats17-wang", "brats17-wang") == all_("paired")
+    per = replace(lc, change_measure_trained={"whole_tumor": "paired", "tumor_core": "segmentations",
+                                              "3": "segmentations"})
+    assert uses(per, "brats17-wang", "brats17-wang") == {**all_("segmentations"), "whole_tumor": "paired"}
+    assert uses(per, "baseline", "baseline") == all_("paired")
+    assert uses(lc, "baseline", "baseline") == all_("paired")
+    mixed = change_measure(lc, summ("baseline"), summ("brats17-wang"), paired)
+    assert mixed["uses"] == all_("paired") and "different models" in mixed["reason"]
+    assert uses(lc, None, None) == all_("paired")
+    assert uses(lc, "brats17-wang", "brats17-wang", None) == all_("segmentations")
+    # a component the pair could not measure (e.g. a core without enhancement) comes from the segmentations
+    assert uses(lc, "baseline", "baseline", {"whole_tumor": {"delta_ml": 1.0}}) == \
+        {**all_("segmentations"), "whole_tumor": "paired"}
+    assert uses(replace(lc, change_measure="paired"), "brats17-wang", "brats17-wang") == all_("paired")
+    assert uses(replace(lc, change_measure="segmentations"), "baseline", "baseline") == all_("segmentations")
+    bad = tmp_path / "longitudinal.yaml"
+    for text in ("change_measure: cnn\n", "change_measure_trained: {whole_tumor: bsi}\n",
+                 "change_measure_trained: {NCR: paired}\n"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="change_measure"):
+            LongitudinalConfig.load(bad)
+    bad.write_text('change_measure_trained: {"3": segmentations, whole_tumor: paired}\n')
+    assert LongitudinalConfig.load(bad).change_measure_trained == {"3": "segmentations", "whole_tumor": "paired"}
+
+
+def test_assessment_uses_the_measure_the_segmenter_calls_for(tmp_path, case, cfg):
+    """Unchanged images, but the current segmentation calls all oedema core (a
+    segmenter that changed its mind): with one trained model at both timepoints
+    and change_measure_trained "segmentations" the assessment follows the two
+    segmentations (progression), and longitudinal.json says which measure and why;
+    the registered pair, still recorded, saw no change."""
+    images, seg = case
+    prior, prior_seg = make_prior(images, seg)
+    lab = sitk.GetArrayFromImage(seg)
+    relabelled = sitk.GetImageFromArray(np.where(lab == 2, 1, lab).astype(np.uint8))
+    relabelled.CopyInformation(seg)
+    work = write_work(tmp_path / "current", images, relabelled)
+    write_work(work / "priors" / "0", prior, prior_seg)
+    write_priors(work, ["20240101"])
+    for folder in (work, work / "priors" / "0"):
+        s = json.loads((folder / "summary.json").read_text())
+        s["backends"] = {"segmentation": {"backend": "brats17-wang"}}
+        (folder / "summary.json").write_text(json.dumps(s))
+    lc = replace(LongitudinalConfig.load(), change_measure="auto", change_measure_trained="segmentations",
+                 locate=False)
+    res = step_longitudinal(work, cfg, lc)
+    measure = res["change"]["measure"]
+    assert measure["uses"]["tumor_core"] == "segmentations" and measure["setting"] == "auto", measure
+    assert "brats17-wang" in measure["reason"]
+    assert res["change"]["vs_prior"]["tumor_core"]["delta_ml"] > 5.0
+    assert abs(res["change"]["vs_prior_paired"]["tumor_core"]["delta_ml"]) < 1.0, res["change"]["vs_prior_paired"]
+    assert res["assessment"]["code"] == "progression suspected", res["assessment"]
+    assert json.loads((work / "longitudinal.json").read_text())["change"]["measure"]["uses"]["3"] == "segmentations"

@@ -498,3 +498,54 @@ def test_prior_words_name_an_interval_when_dates_are_shifted(followup):
         "2023-10-16", "[91 days before this study]")
     assert results_module.date_words(longitudinal, shifted, 3)("baseline 2023-06-01, 2023-10-16") == (
         "baseline 2023-06-04, 2023-10-19")
+
+
+def test_a_change_measured_by_the_segmentations_is_what_the_objects_report():
+    """longitudinal.json may say that the assessment used the two segmentations
+    (``change.measure.uses``: a trained segmenter at both timepoints,
+    pipelines.longitudinal.change_measure) although the registered pair was
+    measured too: the SR and the PDF (both take change_vs_prior and
+    change_measure_words) then give the segmentations' change, name it as the
+    measure of the assessment and say why; without ``measure`` (older records)
+    the registered pair is reported as before."""
+    from brainline.pipelines.dicom_outputs.longitudinal_sr import change_measure_words, change_vs_prior
+
+    def entry(prior, delta, method=None):
+        e = {"prior_ml": prior, "current_ml": prior + delta, "delta_ml": delta,
+             "percent": round(100.0 * delta / prior, 1)}
+        return {**e, "method": method} if method else e
+
+    independent = {"1": entry(2.0, 0.5), "2": entry(30.0, 4.0), "3": entry(5.0, 1.0),
+                   "tumor_core": entry(7.0, 1.5), "whole_tumor": entry(37.0, 5.5)}
+    paired = {k: entry(independent[k]["prior_ml"], 0.25, "boundary shift integral")
+              for k in ("3", "tumor_core", "whole_tumor")}
+    reason = "both studies were segmented by the trained model brats17-wang"
+    by_segs = {"3": "segmentations", "tumor_core": "segmentations", "whole_tumor": "segmentations"}
+    change = {"vs_prior": independent, "vs_nadir": None, "vs_prior_paired": paired,
+              "measure": {"uses": by_segs, "setting": "auto", "reason": reason}}
+    values, methods = change_vs_prior(change)
+    assert {k: v["delta_ml"] for k, v in values.items()} == {k: v["delta_ml"] for k, v in independent.items()}
+    assert set(methods.values()) == {"segmentations"}
+    words = change_measure_words(change)
+    assert "ET, TC and WT by the difference of the two segmentations (the measure of the assessment); NCR and " \
+           "ED by the difference of the two segmentations." in words, words
+    assert f"Why: {reason}." in words and "boundary shift" not in words
+    # per component: WT on the registered pair, ET and TC by the segmentations
+    mixed = {**change, "measure": {**change["measure"], "uses": {**by_segs, "whole_tumor": "paired"}}}
+    values, methods = change_vs_prior(mixed)
+    assert values["whole_tumor"]["delta_ml"] == 0.25 and methods["whole_tumor"] == "boundary shift integral"
+    assert values["tumor_core"]["delta_ml"] == 1.5 and methods["tumor_core"] == "segmentations"
+    words = change_measure_words(mixed)
+    assert "ET and TC by the difference of the two segmentations (the measure of the assessment)" in words, words
+    assert "WT by the boundary shift integral on the registered image pair (the measure of the assessment)" in words
+    # the registered pair (measure "paired", or no measure recorded)
+    for measure in ({"uses": "paired", "setting": "auto", "reason": "the baseline segmenter"}, None):
+        old = {k: v for k, v in {**change, "measure": measure}.items() if v is not None}
+        values, methods = change_vs_prior(old)
+        assert values["whole_tumor"]["delta_ml"] == 0.25 and methods["whole_tumor"] == "boundary shift integral"
+        assert values["1"]["delta_ml"] == 0.5 and methods["1"] == "segmentations"
+        words = change_measure_words(old)
+        assert "ET, TC and WT by the boundary shift integral on the registered image pair (the measure of the " \
+               "assessment)" in words, words
+        assert "NCR and ED by the difference of the two segmentations" in words
+        assert "segmentations (the measure of the assessment)" not in words

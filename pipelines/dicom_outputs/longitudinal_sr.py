@@ -15,7 +15,9 @@ prior study's objects. Content tree (coded concepts from :mod:`.codes`)::
           recent prior, the measure the assessment uses: the registered pair
           (``change.vs_prior_paired``: boundary shift integral, or the
           subtraction-confirmed voxel count) where longitudinal.json has it
-          (ET, TC, WT), else two independent segmentations (``vs_prior``);
+          (ET, TC, WT) and ``change.measure`` chose it, else two independent
+          segmentations (``vs_prior``; chosen per component when one trained
+          model segmented both studies, pipelines.longitudinal.change_measure);
           each change NUM names its measure as its Measurement Method
           (:data:`CHANGE_METHODS`), and the Qualitative Evaluations say it in
           words (:func:`change_measure_words`)
@@ -36,7 +38,7 @@ prior study's objects. Content tree (coded concepts from :mod:`.codes`)::
       Qualitative Evaluations: TEXT items: the assessment's reason, the
         follow-up notes (e.g. thick FLAIR), why no subtraction / lesion
         detection was possible, QC details, and (Measurement Method) which
-        measure gives each component's change
+        measure gives each component's change and why (``change.measure.reason``)
 
 The prior's objects (its SEG, its reference series instances when known) are
 listed in PertinentOtherEvidenceSequence under the prior's Study Instance UID.
@@ -90,7 +92,7 @@ from .seg import new_uid
 from .source_series import SourceSeries, as_source_series
 from .sr import _algorithm_id, _qc_texts, fix_method_relationships, observer_document
 
-__all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence", "change_vs_prior",
+__all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence", "change_vs_prior", "measure_uses",
            "change_measure_words", "lesion_volumes", "CHANGE_METHODS"]
 
 #: Components reported, in order: summary key -> short name.
@@ -121,14 +123,29 @@ CHANGE_METHODS = {
 MEASUREMENT_METHOD_CONCEPT = Code("370129005", "SCT", "Measurement Method")
 
 
+def measure_uses(change: Mapping[str, Any], key: str) -> str:
+    """"paired" or "segmentations": which change against the prior the assessment
+    used for component ``key`` (``change["measure"]["uses"]``, per component or one
+    word; pipelines.longitudinal.change_measure); "paired" when longitudinal.json
+    does not say (written before the choice existed)."""
+    measure = change.get("measure") or {}
+    uses = measure.get("uses") if isinstance(measure, Mapping) else None
+    if isinstance(uses, Mapping):
+        uses = uses.get(key)
+    return "segmentations" if uses == "segmentations" else "paired"
+
+
 def change_vs_prior(change: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]], dict[str, str]]:
     """The change against the most recent prior as the assessment measures it:
     ``change["vs_prior_paired"][key]`` where present (the registered pair),
-    else ``change["vs_prior"][key]`` (two segmentations). Returns (component
+    else ``change["vs_prior"][key]`` (two segmentations); only the latter when
+    ``change["measure"]["uses"]`` is "segmentations" (a trained segmenter at
+    both timepoints, :func:`measure_uses`). Returns (component
     key -> ``{"prior_ml", "current_ml", "delta_ml", "percent", ...}``,
     component key -> the measure's words, a key of :data:`CHANGE_METHODS`)."""
     independent = change.get("vs_prior") or {}
-    paired = change.get("vs_prior_paired") or {}
+    paired = {k: v for k, v in (change.get("vs_prior_paired") or {}).items()
+              if measure_uses(change, k) == "paired"}
     values: dict[str, Mapping[str, Any]] = {}
     methods: dict[str, str] = {}
     for key in dict.fromkeys([*independent, *paired]):
@@ -160,12 +177,25 @@ def change_measure_words(change: Mapping[str, Any]) -> str:
     for key in COMPONENT_KEYS:
         if key in methods:
             by_method.setdefault(methods[key], []).append(COMPONENT_KEYS[key])
+    # the two segmentations are the assessment's measure where longitudinal.json chose them (change.measure)
+    chosen = {k for k in ("3", "tumor_core", "whole_tumor")
+              if k in methods and methods[k] == "segmentations" and measure_uses(change, k) == "segmentations"
+              and isinstance(change.get("measure"), Mapping)}
     parts = []
     for method, names in by_method.items():
-        joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        extra = " (the measure of the assessment)" if method != "segmentations" else ""
-        parts.append(f"{joined} by {_MEASURE_WORDS[method]}{extra}")
+        if method == "segmentations" and chosen:
+            split = [COMPONENT_KEYS[k] for k in COMPONENT_KEYS if k in chosen]
+            rest = [n for n in names if n not in split]
+            groups = [(split, " (the measure of the assessment)")] + ([(rest, "")] if rest else [])
+        else:
+            groups = [(names, " (the measure of the assessment)" if method != "segmentations" else "")]
+        for group, extra in groups:
+            joined = group[0] if len(group) == 1 else ", ".join(group[:-1]) + " and " + group[-1]
+            parts.append(f"{joined} by {_MEASURE_WORDS[method]}{extra}")
     text = "Change against the prior study: " + "; ".join(parts) + "."
+    reason = str((change.get("measure") or {}).get("reason") or "")
+    if reason:
+        text += f" Why: {reason}."
     if change.get("vs_nadir"):
         text += " Against the nadir: the difference of the two segmentations."
     return text
