@@ -13,6 +13,15 @@ prior: the same STEPS on ``priors/0``), and scores:
   within 5 mm of the truth centroid; the target counts lesions >= 30 mm^3;
 * false positives per no-change pair: reported ``"new"`` lesions (``"growing"`` ones
   are counted apart); in ``new`` pairs, reported new lesions matching no truth lesion;
+* the RANO new-lesion rule (variants ``new``/``thick``): each truth lesion is measured
+  on the truth mask like a radiologist (``pipelines.rano.bidimensional`` on the axial
+  slice of largest area; measurable when both diameters >= 10 mm); the flag the truth
+  calls for is "progression suspected" when a truth lesion is enhancing and measurable
+  (or the tumour's growth already calls for it), else "stable"; scored: flag agreement,
+  and, where the step reports them (``enhancing``, ``long_axis_mm``, ``short_axis_mm``,
+  ``measurable`` of a new lesion), the reported vs truth diameters and the confusion
+  counts of the enhancing and measurable calls; in every pair, reported new lesions
+  that are enhancing and measurable (those would raise the flag);
 * volume-change error of grown tumours: ``|reported - true| / true`` of the growth
   (mm^3) of WT and TC as the step's assessment measured it (``change.measure``: per
   component the registered pair, ``change.vs_prior_paired``, or the two
@@ -66,6 +75,7 @@ sys.path.insert(0, str(REPO))
 
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig  # noqa: E402
 from brainline.pipelines.longitudinal import LongitudinalConfig, assessed_change, step_longitudinal  # noqa: E402
+from brainline.pipelines.rano import MEASURABLE_MM, bidimensional  # noqa: E402
 from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, TUNE_CASES  # noqa: E402
 from tests.synthetic_followup import (  # noqa: E402
     CASES,
@@ -112,12 +122,63 @@ def _array(path: Path) -> np.ndarray | None:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) if path.exists() else None
 
 
+def axial_axis_of(image: sitk.Image) -> int:
+    """The numpy (z, y, x) axis across the axial planes: the index axis whose
+    direction is closest to superior-inferior (axis 0 on the BraTS grid)."""
+    d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(d[2, :])))
+
+
+def truth_bidimensional(truth_img: sitk.Image, lesion_ids) -> dict[int, dict]:
+    """RANO size of each truth lesion, measured on the truth mask: long axis and
+    longest perpendicular (``pipelines.rano.bidimensional``, edge to edge) on the
+    axial slice where the lesion has the largest area (ties: nearest its centre);
+    measurable when both >= MEASURABLE_MM."""
+    arr = sitk.GetArrayFromImage(truth_img)
+    axial = axial_axis_of(truth_img)
+    spacing_zyx = truth_img.GetSpacing()[::-1]
+    in_plane = [float(s) for k, s in enumerate(spacing_zyx) if k != axial]
+    out: dict[int, dict] = {}
+    for lid in lesion_ids:
+        planes = np.moveaxis(arr == lid, axial, 0)
+        areas = planes.reshape(planes.shape[0], -1).sum(axis=1)
+        if not areas.any():
+            out[lid] = {"long_mm": None, "short_mm": None, "measurable": False, "slice_index": None}
+            continue
+        best = np.flatnonzero(areas == areas.max())
+        centre = float(np.average(np.arange(len(areas)), weights=areas))
+        k = int(best[np.argmin(np.abs(best - centre))])
+        m = bidimensional(planes[k], in_plane)
+        out[lid] = {"long_mm": None if m is None else round(m.long_mm, 1),
+                    "short_mm": None if m is None else round(m.short_mm, 1),
+                    "measurable": bool(m is not None and m.long_mm >= MEASURABLE_MM and m.short_mm >= MEASURABLE_MM),
+                    "slice_index": k}
+    return out
+
+
+def _rano_fields(lesion: dict | None) -> dict:
+    """The RANO fields of a reported new lesion (None where the step does not report them)."""
+    lesion = lesion or {}
+    return {"enhancing": lesion.get("enhancing"), "long_axis_mm": lesion.get("long_axis_mm"),
+            "short_axis_mm": lesion.get("short_axis_mm"), "measurable": lesion.get("measurable"),
+            "enhancing_mm3": lesion.get("enhancing_mm3")}
+
+
+def counted_by_rule(lesion: dict) -> bool:
+    """A reported new lesion the RANO rule counts (enhancing and measurable); False
+    when the step does not report these fields."""
+    return lesion.get("kind") == "new" and bool(lesion.get("enhancing")) and bool(lesion.get("measurable"))
+
+
 def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
-    """Truth lesions vs reported "new" lesions (overlap or centroid within 5 mm)."""
+    """Truth lesions vs reported "new" lesions (overlap or centroid within 5 mm),
+    with each truth lesion's RANO size on the truth mask and the reported RANO fields."""
     truth = pair.truth["new_lesions"]
     reported = [l for l in result.get("lesions", []) if l.get("kind") == "new"]
     lesion_map = _array(pair.current / "longitudinal" / "lesions.nii.gz")
-    truth_map = sitk.GetArrayFromImage(pair.truth_image("new_lesions"))
+    truth_img = pair.truth_image("new_lesions")
+    truth_map = sitk.GetArrayFromImage(truth_img)
+    sizes = truth_bidimensional(truth_img, [t["id"] for t in truth])
     matched_reported: set[int] = set()
     rows = []
     for t in truth:
@@ -140,18 +201,49 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
             any_kind = next((l["kind"] for l in result.get("lesions", []) if l["id"] in ids), None)
         if hit is not None:
             matched_reported.add(hit["id"])
+        size = sizes[t["id"]]
         rows.append({"id": t["id"], "volume_mm3": t["volume_mm3"], "enhancing": t["enhancing"],
+                     "long_mm": size["long_mm"], "short_mm": size["short_mm"], "measurable": size["measurable"],
+                     "counts_for_rano": bool(t["enhancing"] and size["measurable"]),
                      "centroid_lps_mm": t["centroid_lps_mm"], "detected": hit is not None,
                      "reported_id": hit["id"] if hit else None,
                      "reported_volume_mm3": hit["volume_mm3"] if hit else None,
                      "reported_integrated_mm3": hit.get("volume_integrated_mm3") if hit else None,
                      "reported_sequence": hit.get("sequence") if hit else None,
                      "reported_confidence": hit.get("confidence") if hit else None,
-                     "reported_as_other_kind": any_kind})
+                     "reported_as_other_kind": any_kind,
+                     "reported": _rano_fields(hit) if hit else None})
     fps = [{"id": l["id"], "volume_mm3": l["volume_mm3"], "centroid_lps_mm": l["centroid_lps_mm"],
-            "sequence": l.get("sequence"), "confidence": l.get("confidence"), "peak_z": l.get("peak_z")}
+            "sequence": l.get("sequence"), "confidence": l.get("confidence"), "peak_z": l.get("peak_z"),
+            "hemisphere": l.get("hemisphere"), "lobe": l.get("lobe"), **_rano_fields(l)}
            for l in reported if l["id"] not in matched_reported]
     return {"truth": rows, "false_positives": fps}
+
+
+def progressed_by_growth(pair: FollowupPair, lc: LongitudinalConfig | None = None) -> list[str]:
+    """Components whose true growth calls for "progression suspected" (config thresholds:
+    +progression_percent and min_change_ml on the assessed components, or newly appeared)."""
+    before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
+    lc = lc or LongitudinalConfig.load()
+    return [k for k in lc.assessed_components
+            if after[k] - before[k] >= lc.min_change_ml
+            and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= lc.progression_percent)]
+
+
+def new_lesion_flag(pair: FollowupPair, result: dict, matched: dict, lc: LongitudinalConfig | None = None) -> dict:
+    """The flag the truth calls for in a new-lesion pair (RANO: a new enhancing
+    measurable lesion is progression; or the growth rule) against the step's."""
+    by_growth = progressed_by_growth(pair, lc)
+    counting = [t["id"] for t in matched["truth"] if t["counts_for_rano"]]
+    expected = "progression suspected" if counting or by_growth else "stable"
+    reported = (result.get("assessment") or {}).get("code")
+    reported_new = [l for l in result.get("lesions", []) if l.get("kind") == "new"]
+    return {"expected_assessment": expected, "reported_assessment": reported,
+            "assessment_agrees": reported == expected,
+            "truth_lesions_counting": counting, "progressed_by_growth": by_growth,
+            "reported_counted_by_rule": [l["id"] for l in reported_new if counted_by_rule(l)],
+            "step_new_lesions": (result.get("assessment") or {}).get("new_lesions"),
+            "rano_fields_reported": any("measurable" in l for l in reported_new)}
 
 
 def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | None = None) -> dict:
@@ -188,10 +280,7 @@ def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | Non
         out["methods"][method] = m
     # the RANO-like flag the truth calls for (config thresholds: +progression_percent and min_change_ml on ET/TC)
     before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
-    lc = lc or LongitudinalConfig.load()
-    progressed = [k for k in lc.assessed_components
-                  if after[k] - before[k] >= lc.min_change_ml
-                  and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= lc.progression_percent)]
+    progressed = progressed_by_growth(pair, lc)
     out["true_percent"] = {k: (round(100.0 * (after[k] - before[k]) / before[k], 1) if before[k] else None)
                            for k in ("whole_tumor", "tumor_core", "3")}
     out["expected_assessment"] = "progression suspected" if progressed else "stable"
@@ -273,8 +362,10 @@ def score_pair(pair: FollowupPair, result: dict, lc: LongitudinalConfig | None =
         for k in ("whole_tumor", "tumor_core", "3")}
     vs_prior = (result.get("change") or {}).get("vs_prior") or {}
     row["volume_change_ml"] = {k: (vs_prior.get(k) or {}).get("delta_ml") for k in ("whole_tumor", "tumor_core", "3")}
+    row["n_new_counted_by_rule"] = sum(counted_by_rule(l) for l in result.get("lesions", []))
     if pair.variant in ("new", "thick"):
         row["new_lesions"] = match_new_lesions(pair, result)
+        row["rano"] = new_lesion_flag(pair, result, row["new_lesions"], lc)
     if pair.variant == "grown":
         row["growth"] = growth_scores(pair, result, lc)
     return row
@@ -323,6 +414,7 @@ def run_pair(case: str, variant: str, args, cfg: PipelineConfig, lcfg: Longitudi
                     "new_lesions_mm3": [l["volume_mm3"] for l in pair.truth["new_lesions"]],
                     "change_mm3": pair.truth["change_mm3"]}
     row["current_s"] = round(run_current(pair, cfg), 1)
+    row["prior_prepared_in_step"] = not (pair.prior / "summary.json").exists()
     result, added = run_longitudinal(pair, cfg, lcfg)
     row["added_s"] = round(added, 1)
     row["load_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine meanwhile
@@ -357,6 +449,7 @@ def split_totals(rows: list[dict]) -> dict:
     nochange = [r for r in ok if r["variant"] == "nochange"]
     grown = [r for r in ok if r["variant"] == "grown"]
     added = [r["added_s"] for r in ok if r.get("added_s") is not None]
+    added_prep = [r["added_s"] for r in ok if r.get("added_s") is not None and r.get("prior_prepared_in_step")]
     return {
         "pairs": len(rows), "failed_pairs": len(rows) - len(ok),
         "new_lesions_scored": len(scored),
@@ -405,9 +498,56 @@ def split_totals(rows: list[dict]) -> dict:
         "median_added_without_prior_prep_s": (round(statistics.median(
             [r["added_without_prior_prep_s"] for r in ok if r.get("added_without_prior_prep_s") is not None]), 1)
             if any(r.get("added_without_prior_prep_s") is not None for r in ok) else None),
+        "added_with_prior_prep_pairs": len(added_prep),
+        "median_added_with_prior_prep_s": round(statistics.median(added_prep), 1) if added_prep else None,
+        "max_added_with_prior_prep_s": round(max(added_prep), 1) if added_prep else None,
+        "min_added_with_prior_prep_s": round(min(added_prep), 1) if added_prep else None,
+        "load_1min": [min((r["load_1min"] for r in ok if r.get("load_1min") is not None), default=None),
+                      max((r["load_1min"] for r in ok if r.get("load_1min") is not None), default=None)],
+        **rano_totals(ok),
         "registration_error_mean_mm": _mean([(r.get("registration_error") or {}).get("mean_mm") for r in ok]),
         "registration_error_max_mm": max([(r.get("registration_error") or {}).get("max_mm") or 0.0 for r in ok],
                                          default=None),
+    }
+
+
+def _confusion(pairs: list[tuple[bool, bool]]) -> dict:
+    """Truth x reported counts of a yes/no call."""
+    return {"true_yes_reported_yes": sum(t and r for t, r in pairs),
+            "true_yes_reported_no": sum(t and not r for t, r in pairs),
+            "true_no_reported_yes": sum(r and not t for t, r in pairs),
+            "true_no_reported_no": sum(not t and not r for t, r in pairs)}
+
+
+def rano_totals(ok: list[dict]) -> dict:
+    """RANO new-lesion figures over the ``new`` pairs (thick apart in the rows)."""
+    new_pairs = [r for r in ok if r["variant"] == "new" and r.get("rano")]
+    truth = [t for r in new_pairs for t in r["new_lesions"]["truth"]]
+    # detected lesions whose reported record carries the RANO fields
+    with_fields = [t for t in truth if t["detected"] and (t.get("reported") or {}).get("measurable") is not None]
+    enh_pairs = [(bool(t["enhancing"]), bool(t["reported"]["enhancing"])) for t in with_fields]
+    meas_pairs = [(bool(t["counts_for_rano"]), bool(t["reported"]["enhancing"] and t["reported"]["measurable"]))
+                  for t in with_fields]
+    both = [t for t in with_fields if t["enhancing"] and t["reported"].get("long_axis_mm") is not None
+            and t.get("long_mm") is not None]
+    fps = [f for r in new_pairs for f in r["new_lesions"]["false_positives"]]
+    return {
+        "rano_new_pairs": len(new_pairs),
+        "truth_lesions_measurable": sum(bool(t.get("measurable")) for t in truth),
+        "truth_lesions_enhancing": sum(bool(t["enhancing"]) for t in truth),
+        "truth_lesions_counting": sum(bool(t.get("counts_for_rano")) for t in truth),
+        "new_pairs_expected_progression": sum(r["rano"]["expected_assessment"] == "progression suspected"
+                                              for r in new_pairs),
+        "new_pair_flag_agreement": _mean([float(r["rano"]["assessment_agrees"]) for r in new_pairs]),
+        "new_pair_flags": {r["case"]: {"reported": r["rano"]["reported_assessment"],
+                                       "expected": r["rano"]["expected_assessment"]} for r in new_pairs},
+        "new_pairs_with_rano_fields": sum(bool(r["rano"]["rano_fields_reported"]) for r in new_pairs),
+        "enhancing_confusion": _confusion(enh_pairs) if enh_pairs else None,
+        "counting_confusion": _confusion(meas_pairs) if meas_pairs else None,
+        "long_axis_error_mm": _mean([t["reported"]["long_axis_mm"] - t["long_mm"] for t in both]),
+        "short_axis_error_mm": _mean([t["reported"]["short_axis_mm"] - t["short_mm"] for t in both]),
+        "unmatched_counted_by_rule": sum(counted_by_rule({"kind": "new", **f}) for f in fps),
+        "nochange_counted_by_rule": sum(r.get("n_new_counted_by_rule") or 0 for r in ok if r["variant"] == "nochange"),
     }
 
 
@@ -480,13 +620,35 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
             print(f"  RANO-like flag on grown pairs agrees with the truth in {_f(t['grown_assessment_agreement'])}: "
                   + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})"
                               for c, v in t["grown_assessments"].items()))
+        if t["rano_new_pairs"]:
+            enh, cnt = t["enhancing_confusion"], t["counting_confusion"]
+            print(f"  RANO flag on 'new' pairs agrees with the truth in {_f(t['new_pair_flag_agreement'])} "
+                  f"({t['new_pairs_expected_progression']} of {t['rano_new_pairs']} pairs call for progression; "
+                  f"truth lesions enhancing {t['truth_lesions_enhancing']}, "
+                  f"measurable {t['truth_lesions_measurable']}, "
+                  f"both {t['truth_lesions_counting']}): "
+                  + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})" for c, v in t["new_pair_flags"].items()))
+            if enh is None:
+                print("  reported new lesions carry no RANO fields (enhancing / measurable): not scored")
+            else:
+                print(f"  enhancing call on detected lesions (truth/reported yes-yes, yes-no, no-yes, no-no): "
+                      f"{enh['true_yes_reported_yes']}, {enh['true_yes_reported_no']}, {enh['true_no_reported_yes']}, "
+                      f"{enh['true_no_reported_no']}; enhancing+measurable: {cnt['true_yes_reported_yes']}, "
+                      f"{cnt['true_yes_reported_no']}, {cnt['true_no_reported_yes']}, {cnt['true_no_reported_no']}; "
+                      f"diameters reported - truth (enhancing): long {_f(t['long_axis_error_mm'], 1)} mm, short "
+                      f"{_f(t['short_axis_error_mm'], 1)} mm; unmatched lesions counted by the rule "
+                      f"{t['unmatched_counted_by_rule']}, in no-change pairs {t['nochange_counted_by_rule']}")
         print(f"  time added per study: median {_f(t['median_added_s'], 1)} s, max {_f(t['max_added_s'], 1)} s "
-              f"(target <= {TARGETS['added_s']:g} s; without preparing the prior: median "
-              f"{_f(t['median_added_without_prior_prep_s'], 1)} s); registration error mean "
+              f"(target <= {TARGETS['added_s']:g} s; with the prior prepared in the step, "
+              f"{t['added_with_prior_prep_pairs']} pairs: median {_f(t['median_added_with_prior_prep_s'], 1)} s, "
+              f"{_f(t['min_added_with_prior_prep_s'], 1)}-{_f(t['max_added_with_prior_prep_s'], 1)} s; without "
+              f"preparing the prior: median {_f(t['median_added_without_prior_prep_s'], 1)} s; 1-min load "
+              f"{t['load_1min'][0]}-{t['load_1min'][1]}); registration error mean "
               f"{_f(t['registration_error_mean_mm'])} mm, worst {_f(t['registration_error_max_mm'])} mm")
         if t["missed"]:
             print("  missed lesions: " + "; ".join(
                 f"{m['case']} #{m['id']} {m['volume_mm3']:.0f} mm3{' enh' if m['enhancing'] else ''}"
+                + (" measurable" if m.get("measurable") else "")
                 + (f" (reported as {m['reported_as_other_kind']})" if m.get("reported_as_other_kind") else "")
                 for m in t["missed"]))
     if args.matching:

@@ -77,10 +77,12 @@ from .boundary_shift import boundary_band, boundary_shift
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
 from .lesion_location import locate_points
 from .longitudinal_images import (
+    axial_axis,
     differential_bias,
     find_lesions,
     match_intensity,
     native_coverage,
+    new_lesion_enhancement,
     resolution_sigmas,
     robust_z,
     smooth_mm,
@@ -91,9 +93,12 @@ from .registration import RegistrationError, register, resample_to
 log = logging.getLogger("brainline.longitudinal")
 
 __all__ = ["LongitudinalConfig", "step_longitudinal", "prepare_prior", "volume_change", "assess", "change_measure",
-           "assessed_change"]
+           "assessed_change", "new_lesion_finding", "NEW_LESION_RULES"]
 
 VOLUME_KEYS = ("1", "2", "3", "tumor_core", "whole_tumor")
+#: tumour mode, new_lesion_rule: "measurable" (RANO 2.0 / mRANO: a new measurable enhancing lesion is
+#: progression), "any" (RANO 2010: any new enhancing lesion), "off" (new lesions listed only)
+NEW_LESION_RULES = ("measurable", "any", "off")
 SUBTRACTION_ROLES = ("flair", "t1c")
 
 
@@ -149,6 +154,8 @@ class LongitudinalConfig:
     coverage_note_fraction: float = 0.98
     new_volume_reference_percentile: float = 95.0
     new_volume_dilate_mm: float = 2.0
+    # tumour mode: which new enhancing lesions raise "progression suspected" (measurable | any | off)
+    new_lesion_rule: str = "measurable"
     locate: bool = True
 
     @classmethod
@@ -176,6 +183,8 @@ class LongitudinalConfig:
             raise ValueError(f"bsi_core_tissue must be oedema or brain, not {cfg.bsi_core_tissue!r}")
         if cfg.paired_method not in ("boundary_shift", "confirmed_voxels"):
             raise ValueError(f"paired_method must be boundary_shift or confirmed_voxels, not {cfg.paired_method!r}")
+        if cfg.new_lesion_rule not in NEW_LESION_RULES:
+            raise ValueError(f"new_lesion_rule must be {', '.join(NEW_LESION_RULES)}, not {cfg.new_lesion_rule!r}")
         if cfg.change_measure not in ("auto", "paired", "segmentations"):
             raise ValueError(f"change_measure must be auto, paired or segmentations, not {cfg.change_measure!r}")
         trained = cfg.change_measure_trained
@@ -490,6 +499,52 @@ def volume_change(timepoints: list[dict], mode: str) -> tuple[dict, dict | None,
     return vs_prior, vs_nadir, priors[0]
 
 
+def _lesion_words(lesion: dict) -> str:
+    """"lesion 2 (right frontal, 14 x 12 mm)" for the assessment's reason."""
+    where = " ".join(w for w in (lesion.get("hemisphere"), lesion.get("lobe"))
+                     if w and w != "unknown")
+    size = (f"{lesion['long_axis_mm']:.0f} x {lesion['short_axis_mm']:.0f} mm"
+            if lesion.get("long_axis_mm") is not None else None)
+    inner = ", ".join(w for w in (where, size) if w)
+    return f"lesion {lesion.get('id')}" + (f" ({inner})" if inner else "")
+
+
+def new_lesion_finding(lesions: list[dict] | None, lcfg: LongitudinalConfig) -> dict:
+    """Tumour mode: the new lesions the RANO rule counts (``new_lesion_rule``).
+
+    RANO 2.0 (Wen et al., J Clin Oncol 2023) and mRANO (Ellingson et al.,
+    Neuro-Oncology 2017): a new *measurable* enhancing lesion (both
+    perpendicular diameters >= 10 mm) is progression; a new non-measurable
+    one is not by itself (it is followed, and progression dates back to it
+    once it becomes measurable). RANO 2010 (Wen et al., J Clin Oncol 2010):
+    any new lesion. Returns ``{"rule", "counted", "below_measurable",
+    "non_enhancing"}`` (lesion ids) and ``"words"`` (reason fragments)."""
+    new = [l for l in lesions or [] if l.get("kind") == "new"]
+    enhancing = [l for l in new if l.get("enhancing")]
+    rule = lcfg.new_lesion_rule
+    counted = [] if rule == "off" else [l for l in enhancing if rule == "any" or l.get("measurable")]
+    small = [l for l in enhancing if l not in counted]
+    plain = [l for l in new if not l.get("enhancing")]
+    words = []
+    if counted:
+        words.append(f"{len(counted)} new enhancing lesion(s) against the prior study: "
+                     + "; ".join(_lesion_words(l) for l in counted)
+                     + (" (RANO 2.0: a new measurable enhancing lesion, both diameters >= 10 mm, is progression)"
+                        if rule == "measurable" else " (RANO 2010: any new enhancing lesion is progression)"))
+    if small:
+        words.append(f"{len(small)} new enhancing lesion(s) "
+                     + ("below measurable size (both diameters >= 10 mm): " if rule == "measurable" else
+                        "not counted (new_lesion_rule: off): ")
+                     + "; ".join(_lesion_words(l) for l in small)
+                     + (" - not progression on their own under RANO 2.0; to be followed" if rule == "measurable"
+                        else ""))
+    if plain:
+        words.append(f"{len(plain)} new non-enhancing (FLAIR) lesion(s): "
+                     + "; ".join(_lesion_words(l) for l in plain) + " - not counted by the enhancing-tumour rule")
+    return {"rule": rule, "counted": [l.get("id") for l in counted], "below_measurable": [l.get("id") for l in small],
+            "non_enhancing": [l.get("id") for l in plain], "words": words}
+
+
 def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig, lesions: list[dict] | None,
            mode: str) -> dict:
     """RANO-like code and the reason in words.
@@ -497,8 +552,12 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
     Tumour mode: "progression suspected" when ET or TC (assessed_components)
     grew by >= progression_percent AND >= min_change_ml against the nadir
     (against the most recent prior without a nadir), or appeared (0 before,
-    >= min_change_ml now); "decrease" when it fell by <= decrease_percent and
-    by >= min_change_ml against the baseline (earliest prior); else "stable".
+    >= min_change_ml now), or when a new enhancing lesion counts under
+    ``new_lesion_rule`` (:func:`new_lesion_finding`; default: measurable,
+    RANO 2.0); "decrease" when it fell by <= decrease_percent and by >=
+    min_change_ml against the baseline (earliest prior); else "stable". New
+    lesions the rule does not count are named in the reason.
+    ``assessment["new_lesions"]`` lists the ids the rule counted and did not.
     Lesion mode: "progression suspected" when new or growing lesions were
     found, "stable" when the subtraction found none, "not assessable" when
     no subtraction was possible."""
@@ -512,6 +571,9 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
                     "reason": f"{kinds.count('new')} new and {kinds.count('growing')} enlarging FLAIR/T1c "
                               f"lesion(s) against the prior study"}
         return {"code": "stable", "reason": "no new or enlarging lesion against the prior study"}
+    finding = new_lesion_finding(lesions, lcfg)
+    words = finding.pop("words")
+    extra = {"new_lesions": finding} if lesions is not None else {}
     ref = change.get("vs_nadir") or change.get("vs_prior") or {}
     ref_name = "the nadir" if change.get("vs_nadir") else "the prior study"
     names = {"3": "enhancing tumour", "tumor_core": "tumour core", "whole_tumor": "whole tumour",
@@ -526,14 +588,15 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
         big = c["delta_ml"] >= lcfg.min_change_ml
         if big and (c["percent"] is None or c["percent"] >= lcfg.progression_percent):
             found.append(names.get(k, k))
-    if not comp_texts:
-        return {"code": "not assessable", "reason": "tumour volumes are missing for the comparison"}
+    if not comp_texts and not finding["counted"]:
+        return {"code": "not assessable", "reason": "; ".join(["tumour volumes are missing for the comparison",
+                                                               *words]), **extra}
     rule = (f"threshold: +{lcfg.progression_percent:g} % volume and at least {lcfg.min_change_ml:g} mL "
             f"against {ref_name} (RANO volumetric equivalent)")
-    if found:
-        return {"code": "progression suspected",
-                "reason": f"{' and '.join(found)} increased against {ref_name}: " + "; ".join(comp_texts)
-                          + f"; {rule}"}
+    if found or finding["counted"]:
+        volume = ([f"{' and '.join(found)} increased against {ref_name}: " + "; ".join(comp_texts) + f"; {rule}"]
+                  if found else [])
+        return {"code": "progression suspected", "reason": "; ".join(volume + words), **extra}
     base = baseline_change or {}
     dec = []
     for k in lcfg.assessed_components:
@@ -542,10 +605,12 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
                 and -c["delta_ml"] >= lcfg.min_change_ml:
             dec.append(f"{names.get(k, k)} {c['prior_ml']:.1f} -> {c['current_ml']:.1f} mL ({c['percent']:+.0f} %)")
     if dec:
-        return {"code": "decrease", "reason": "decreased against the baseline study: " + "; ".join(dec)
-                + f"; threshold: {lcfg.decrease_percent:g} % and at least {lcfg.min_change_ml:g} mL"}
-    return {"code": "stable", "reason": f"no volume change beyond the thresholds against {ref_name}: "
-                                        + "; ".join(comp_texts) + f"; {rule}"}
+        return {"code": "decrease", "reason": "; ".join(
+            ["decreased against the baseline study: " + "; ".join(dec)
+             + f"; threshold: {lcfg.decrease_percent:g} % and at least {lcfg.min_change_ml:g} mL", *words]), **extra}
+    return {"code": "stable", "reason": "; ".join(
+        [f"no volume change beyond the thresholds against {ref_name}: " + "; ".join(comp_texts) + f"; {rule}",
+         *words]), **extra}
 
 
 # ---------------------------------------------------------------------------
@@ -838,7 +903,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     rec.update(ok=True, subtractions=subtractions, resolution=resolution, intensity_match=lcfg.intensity_match,
                intensity_mapping=matched_rec, subtraction_sd=sd_rec, coverage_percent=coverage_rec,
                candidates=cands, dropped=dropped, grid=grid,
-               full_grid=full_grid, crop=crop)
+               full_grid=full_grid, crop=crop, z_maps=z_maps, current_z=current_z, common=common)
     return rec
 
 
@@ -996,11 +1061,20 @@ def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict],
         except Exception as exc:  # noqa: BLE001 - location is a nicety
             note = f"lesion location unknown: {_words(exc)}"
     out = []
+    spacing_zyx = tuple(grid.GetSpacing()[::-1])
+    axial = axial_axis(grid.GetDirection())
     for i, (c, p, loc) in enumerate(zip(cands, points, locs), start=1):
-        out.append({"id": i, "kind": c.kind, "volume_mm3": c.volume_mm3, "volume_integrated_mm3": c.integrated_mm3,
-                    "prior_volume_mm3": c.prior_volume_mm3,
-                    "growth_mm3": round(c.volume_mm3 - c.prior_volume_mm3, 1),
-                    "centroid_lps_mm": [round(float(v), 1) for v in p], "hemisphere": loc["hemisphere"],
-                    "lobe": loc["lobe"], "confidence": c.confidence, "sequence": c.sequence,
-                    "peak_z": c.peak_z})
+        lesion = {"id": i, "kind": c.kind, "volume_mm3": c.volume_mm3, "volume_integrated_mm3": c.integrated_mm3,
+                  "prior_volume_mm3": c.prior_volume_mm3,
+                  "growth_mm3": round(c.volume_mm3 - c.prior_volume_mm3, 1),
+                  "centroid_lps_mm": [round(float(v), 1) for v in p], "hemisphere": loc["hemisphere"],
+                  "lobe": loc["lobe"], "confidence": c.confidence, "sequence": c.sequence,
+                  "peak_z": c.peak_z}
+        if c.kind == "new" and "t1c" in rec.get("z_maps", {}):
+            # RANO: is it enhancing, and measurable (both axial diameters >= 10 mm)?
+            enh = new_lesion_enhancement(c.mask, rec["z_maps"]["t1c"], rec["current_z"]["t1c"], rec["common"],
+                                         spacing_zyx, axial, lc)
+            enh.pop("slice_index")
+            lesion.update(enh)
+        out.append(lesion)
     return out, note, where

@@ -17,8 +17,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .rano import bidimensional
+
 __all__ = ["robust_z", "match_intensity", "differential_bias", "voxel_extent_mm", "resolution_sigmas",
-           "smooth_mm", "native_coverage", "Candidate", "find_lesions", "STRUCTURE_26"]
+           "smooth_mm", "native_coverage", "Candidate", "find_lesions", "STRUCTURE_26", "axial_axis",
+           "new_lesion_enhancement"]
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -308,11 +311,7 @@ def _integrated_volume(z: np.ndarray, region: np.ndarray, brain: np.ndarray, vox
     ref = float(np.percentile(z[region], cfg.new_volume_reference_percentile))
     if ref <= 0:
         return None
-    r = [max(0, int(round(cfg.new_volume_dilate_mm / s))) for s in spacing_zyx]
-    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-    ball = ((zz * spacing_zyx[0]) ** 2 + (yy * spacing_zyx[1]) ** 2 + (xx * spacing_zyx[2]) ** 2
-            <= cfg.new_volume_dilate_mm ** 2 + 1e-6)
-    around = ndimage.binary_dilation(region, structure=ball) & brain
+    around = ndimage.binary_dilation(region, structure=_ball(cfg.new_volume_dilate_mm, spacing_zyx)) & brain
     return round(float(np.minimum(z[around] / ref, 1.0).sum()) * voxel_mm3, 1)
 
 
@@ -332,3 +331,101 @@ def _candidate(kind, region, sl, shape, vol, prior_vol, peak_z, role, size_for_c
     return Candidate(kind=kind, mask=full, volume_mm3=round(vol, 1), prior_volume_mm3=round(prior_vol, 1),
                      peak_z=round(peak_z, 2), sequence=role, centroid_index=(xc, yc, zc),
                      confidence=_confidence(peak_z, size_for_conf, cfg))
+
+
+# ---------------------------------------------------------------------------
+def axial_axis(direction) -> int:
+    """The numpy (z, y, x) axis of a grid across which the patient's axial
+    planes lie: the index axis whose direction (SimpleITK ``GetDirection()``,
+    LPS) is closest to superior-inferior. Slices along it are the axial (or
+    nearest-to-axial, for an oblique grid) planes RANO measures on."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)   # column k: direction of index axis k (x, y, z)
+    return 2 - int(np.argmax(np.abs(d[2, :])))
+
+
+def _ball(radius_mm: float, spacing_zyx) -> np.ndarray:
+    r = [max(0, int(round(radius_mm / s))) for s in spacing_zyx]
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    return ((zz * spacing_zyx[0]) ** 2 + (yy * spacing_zyx[1]) ** 2 + (xx * spacing_zyx[2]) ** 2
+            <= radius_mm ** 2 + 1e-6)
+
+
+#: sub-pixel size (mm) at which a lesion's axial slice is measured (see _subpixel_bidimensional)
+SUBPIXEL_MM = 0.25
+
+
+def _subpixel_bidimensional(part: np.ndarray, z: np.ndarray, level: float, spacing: list[float]):
+    """Bidimensional measurement of one lesion slice at sub-pixel resolution.
+
+    On whole pixels an edge-to-edge diameter over-reads a small lesion by up
+    to a pixel diagonal (a 9.8 mm disc on 2 mm pixels reads 11.6 mm). Here the
+    subtraction ``z`` is interpolated (linear) onto sub-pixels of about
+    :data:`SUBPIXEL_MM` (pixel centres kept: sub-pixel centres at i + (j +
+    0.5)/f - 0.5) and thresholded at ``level`` (the lesion's half maximum)
+    inside ``part`` dilated by one pixel; the piece holding the most
+    sub-pixels is measured with :func:`pipelines.rano.bidimensional`."""
+    f = max(1, int(np.ceil(max(spacing) / SUBPIXEL_MM)))
+    near = ndimage.binary_dilation(part, structure=np.ones((3, 3), bool))
+    rows, cols = np.nonzero(near)
+    r = rows.min() + (np.arange((rows.max() - rows.min() + 1) * f) + 0.5) / f - 0.5
+    c = cols.min() + (np.arange((cols.max() - cols.min() + 1) * f) + 0.5) / f - 0.5
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    values = ndimage.map_coordinates(z.astype(np.float32), [rr, cc], order=1, mode="nearest")
+    inside = ndimage.map_coordinates(near.astype(np.uint8), [np.rint(rr), np.rint(cc)], order=0) > 0
+    mask = inside & (values >= level)
+    lab, n = ndimage.label(mask)
+    if n > 1:
+        mask = lab == (int(np.argmax(np.bincount(lab.ravel())[1:])) + 1)
+    return bidimensional(mask, [s / f for s in spacing])
+
+
+def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c: np.ndarray, brain: np.ndarray,
+                           spacing_zyx, axial: int, cfg) -> dict:
+    """Is a new lesion enhancing, and how large is its enhancing part in the
+    axial plane (RANO: a new *measurable enhancing* lesion is progression)?
+
+    ``region``: the lesion's voxels; ``z_t1c``: robust z of the T1c
+    subtraction; ``current_z_t1c``: robust z of the current T1c image; all
+    (z, y, x) on one grid of voxel size ``spacing_zyx`` (mm); ``axial``: the
+    numpy axis across axial planes (:func:`axial_axis`).
+
+    * **enhancing**: within the lesion dilated by ``new_volume_dilate_mm``,
+      at least ``min_volume_mm3`` of voxels whose T1c rose (subtraction z >
+      ``z_threshold``) and are bright now (current T1c z > ``current_min_z``);
+    * **enhancing part**: those dilated-lesion voxels where the T1c
+      subtraction reaches half its plateau (z >= 0.5 x the 95th percentile
+      of z inside the lesion, and > ``current_min_z`` on the current T1c): the
+      half-maximum edge of a partial-volume lesion is its true edge; the
+      26-connected piece holding the strongest rise;
+    * **diameters**: :func:`pipelines.rano.bidimensional` (long axis and the
+      longest perpendicular, edge to edge, mm) on the axial slice where that
+      part has the largest area, at sub-pixel resolution
+      (:func:`_subpixel_bidimensional`); ``measurable`` when both are >= 10 mm.
+
+    Returns ``{"enhancing", "enhancing_mm3", "long_axis_mm", "short_axis_mm",
+    "measurable", "slice_index"}`` (diameters None when not enhancing;
+    ``slice_index`` along ``axial``)."""
+    out = {"enhancing": False, "enhancing_mm3": 0.0, "long_axis_mm": None, "short_axis_mm": None,
+           "measurable": False, "slice_index": None}
+    if not region.any():
+        return out
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    around = ndimage.binary_dilation(region, structure=_ball(cfg.new_volume_dilate_mm, spacing_zyx)) & brain
+    rose = around & (z_t1c > cfg.z_threshold) & (current_z_t1c > cfg.current_min_z)
+    if rose.sum() * voxel_mm3 < cfg.min_volume_mm3:
+        return out
+    plateau = float(np.percentile(z_t1c[region | rose], 95))
+    part = around & (z_t1c >= 0.5 * plateau) & (current_z_t1c > cfg.current_min_z)
+    peak = np.unravel_index(int(np.argmax(np.where(rose, z_t1c, -np.inf))), z_t1c.shape)
+    lab, n = ndimage.label(part, structure=STRUCTURE_26)
+    if lab[peak]:
+        part = lab == lab[peak]
+    out.update(enhancing=True, enhancing_mm3=round(float(part.sum()) * voxel_mm3, 1))
+    planes = np.moveaxis(part, axial, 0)
+    in_plane = [float(s) for k, s in enumerate(spacing_zyx) if k != axial]
+    k = int(np.argmax(planes.reshape(planes.shape[0], -1).sum(axis=1)))
+    m = _subpixel_bidimensional(planes[k], np.moveaxis(z_t1c, axial, 0)[k], 0.5 * plateau, in_plane)
+    if m is not None:
+        out.update(long_axis_mm=round(m.long_mm, 1), short_axis_mm=round(m.short_mm, 1),
+                   measurable=bool(m.measurable), slice_index=k)
+    return out

@@ -252,6 +252,84 @@ def test_new_lesion_is_found_with_its_volume(tmp_path, case, cfg):
     assert len(res["lesions"]) <= 2
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "longitudinal" / "lesions.nii.gz")))
     assert (lab == near[0]["id"]).sum() * 8.0 == pytest.approx(near[0]["volume_mm3"])
+    # RANO: enhancing (painted on T1c) but 7.3 mm across: not measurable, so no progression by itself
+    assert near[0]["enhancing"] is True and near[0]["measurable"] is False, near[0]
+    assert near[0]["long_axis_mm"] == pytest.approx(7.3, abs=1.5), near[0]
+    assert res["assessment"]["code"] == "stable", res["assessment"]
+    assert "below measurable size" in res["assessment"]["reason"], res["assessment"]
+    assert near[0]["id"] in res["assessment"]["new_lesions"]["below_measurable"]
+
+
+@pytest.mark.parametrize("roles, progression", [(("flair", "t1c"), True), (("flair",), False)],
+                         ids=["enhancing", "flair-only"])
+def test_new_measurable_enhancing_lesion_is_progression(tmp_path, case, cfg, roles, progression):
+    """RANO 2.0: a new enhancing lesion with both axial diameters >= 10 mm is
+    progression although the tumour did not grow; the same lesion bright on
+    FLAIR only (non-enhancing) is listed but does not change the flag."""
+    images, seg = case
+    site = lesion_site(images, seg, min_mm=16.0)
+    frac = ball(images["t1c"], site, 2000.0)   # 15.6 mm across
+    brain = sitk.GetArrayFromImage(images["flair"]) > 0
+    current = dict(images)
+    for role in roles:
+        a = sitk.GetArrayFromImage(images[role])
+        current[role] = paint(images[role], frac, float(np.percentile(a[brain], 99.5)))
+    prior, prior_seg = make_prior(images, seg)
+    work, res = _run(tmp_path, current, seg, prior, prior_seg, cfg)
+    truth = images["t1c"].TransformContinuousIndexToPhysicalPoint(site)
+    [lesion] = [l for l in res["lesions"] if l["kind"] == "new"
+                and np.linalg.norm(np.subtract(l["centroid_lps_mm"], truth)) < 6.0]
+    assert lesion["enhancing"] is progression, lesion
+    assert abs(res["change"]["vs_prior"]["3"]["delta_ml"]) < 0.5    # the tumour itself did not change
+    if progression:
+        assert lesion["measurable"] is True, lesion
+        assert 13.5 <= lesion["short_axis_mm"] <= lesion["long_axis_mm"] <= 17.5, lesion   # 15.6 mm ball
+        assert res["assessment"]["code"] == "progression suspected", res["assessment"]
+        assert res["assessment"]["new_lesions"]["counted"] == [lesion["id"]]
+        assert "new enhancing lesion" in res["assessment"]["reason"] and "RANO 2.0" in res["assessment"]["reason"]
+    else:
+        assert lesion["long_axis_mm"] is None and lesion["measurable"] is False, lesion
+        assert res["assessment"]["code"] == "stable", res["assessment"]
+        assert res["assessment"]["new_lesions"]["non_enhancing"] == [lesion["id"]]
+        assert "non-enhancing" in res["assessment"]["reason"]
+
+
+def test_new_lesion_rule_in_the_assessment(tmp_path):
+    """The rule on lesion records: measurable / any / off, with the volume rule."""
+    def tp(date, et, tc):
+        return {"label": "prior", "study_date": date, "kept_as": [],
+                "volumes_ml": {"1": tc - et, "2": 10.0, "3": et, "tumor_core": tc, "whole_tumor": tc + 10}}
+    vs_prior = volume_change([tp("20240101", 3.0, 7.0), tp("20240601", 3.0, 7.0)], "tumour")[0]
+    change = {"vs_prior": vs_prior, "vs_nadir": None}
+
+    def lesion(i, enhancing, long_mm, short_mm, kind="new"):
+        return {"id": i, "kind": kind, "enhancing": enhancing, "long_axis_mm": long_mm, "short_axis_mm": short_mm,
+                "measurable": bool(long_mm and short_mm and min(long_mm, short_mm) >= 10.0),
+                "hemisphere": "right", "lobe": "frontal"}
+    big, small, flair = lesion(1, True, 14.0, 11.0), lesion(2, True, 8.0, 6.0), lesion(3, False, None, None)
+    grown = lesion(4, True, 20.0, 15.0, kind="growing")
+    lc = LongitudinalConfig()
+    assert lc.new_lesion_rule == "measurable" == LongitudinalConfig.load().new_lesion_rule
+    a = assess(change, vs_prior, lc, [big, small, flair, grown], "tumour")
+    assert a["code"] == "progression suspected"
+    assert a["new_lesions"] == {"rule": "measurable", "counted": [1], "below_measurable": [2], "non_enhancing": [3]}
+    assert "lesion 1 (right frontal, 14 x 11 mm)" in a["reason"] and "lesion 2 (right frontal, 8 x 6 mm)" in a["reason"]
+    assert "increased" not in a["reason"]        # the volumes did not change
+    for lesions in ([small, flair, grown], [], None):
+        assert assess(change, vs_prior, lc, lesions, "tumour")["code"] == "stable"
+    assert "new_lesions" not in assess(change, vs_prior, lc, None, "tumour")   # no subtraction: no detection
+    assert assess(change, vs_prior, replace(lc, new_lesion_rule="any"), [small], "tumour")["code"] == \
+        "progression suspected"
+    off = assess(change, vs_prior, replace(lc, new_lesion_rule="off"), [big], "tumour")
+    assert off["code"] == "stable" and "new_lesion_rule: off" in off["reason"]
+    # both rules: the reason gives the volume and the lesion
+    grew = volume_change([tp("20240101", 3.0, 7.0), tp("20240601", 5.0, 9.0)], "tumour")[0]
+    both = assess({"vs_prior": grew}, grew, lc, [big], "tumour")
+    assert both["code"] == "progression suspected"
+    assert "enhancing tumour" in both["reason"] and "lesion 1" in both["reason"]
+    (tmp_path / "bad.yaml").write_text("new_lesion_rule: sometimes\n")
+    with pytest.raises(ValueError, match="new_lesion_rule"):
+        LongitudinalConfig.load(tmp_path / "bad.yaml")
 
 
 def test_grown_tumour_is_growing_and_progression(tmp_path, case, cfg):

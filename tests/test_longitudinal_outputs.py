@@ -114,7 +114,10 @@ def followup(tmp_path_factory):
         lesions.append({"id": lid, "kind": kind, "volume_mm3": volume, "prior_volume_mm3": prior_volume,
                         "growth_mm3": volume - prior_volume, "centroid_lps_mm": [0.0, 0.0, 0.0],
                         "hemisphere": "left" if lid == 1 else "right", "lobe": "frontal" if lid == 1 else "parietal",
-                        "confidence": 0.9 if lid == 1 else 0.6, "sequence": "flair"})
+                        "confidence": 0.9 if lid == 1 else 0.6, "sequence": "flair",
+                        # the new lesion enhances: its axial diameters (RANO measurability)
+                        **({"enhancing": True, "enhancing_mm3": volume, "long_axis_mm": 12.3, "short_axis_mm": 10.8,
+                            "measurable": True} if kind == "new" else {})})
     sitk.WriteImage(_image(brain.astype(np.uint8), grid), str(work / "brain_mask.nii.gz"))
     sitk.WriteImage(_image(flair, grid), str(work / "longitudinal" / "subtraction_flair.nii.gz"))
     sitk.WriteImage(_image(t1c, grid), str(work / "longitudinal" / "subtraction_t1c.nii.gz"))
@@ -309,6 +312,9 @@ def test_change_sr_holds_the_change_and_the_prior_reference(followup):
     lesion = followup.longitudinal["lesions"][0]
     assert nums(new)["Volume"] == (pytest.approx(lesion["volume_mm3"]), "mm3")
     assert nums(new)["Certainty of Finding"] == (pytest.approx(90.0), "%")
+    assert nums(new)["Long Axis"] == (pytest.approx(12.3), "mm")
+    assert nums(new)["Short Axis"] == (pytest.approx(10.8), "mm")
+    assert "Long Axis" not in nums(g["BrainLine growing lesion 2"])
     # the prior's objects: its SEG and its reference series, under its study
     other = {str(s.StudyInstanceUID): s for s in sr.PertinentOtherEvidenceSequence}
     refs = {str(r.ReferencedSOPInstanceUID) for s in other[PRIOR_STUDY].ReferencedSeriesSequence
@@ -330,7 +336,7 @@ def test_pdf_has_the_followup_section(followup, tmp_path):
     for words in ("Follow-up", "Compared with the prior study of 2023-10-16 (91 days earlier)",
                   "Assessment: progression suspected. Tumour core +62.5 % vs prior", "Volume over time", "2023-06-01",
                   "New and growing lesions", "left frontal", "right parietal", THICK_NOTE, NOTE,
-                  "1 new and 1 growing lesion(s).",
+                  "1 new and 1 growing lesion(s).", "12 x 11, measurable",
                   "FLAIR subtraction (current - prior 2023-10-16)"):
         assert words in text, words
     # re-rendered at the gateway for a real study date 10 days later: every date moves with it

@@ -65,14 +65,18 @@ from .codes import (
     LABELS,
     LESION,
     LESION_CHANGE,
+    LONG_AXIS,
     NUMBER_GROWING_LESIONS,
     NUMBER_NEW_LESIONS,
     PERCENT_CHANGE_NADIR,
     PERCENT_CHANGE_PRIOR,
     PRIOR_STUDY_COMPARED,
+    RANO_METHOD,
+    SHORT_AXIS,
     UNIT_COUNT,
     UNIT_DAY,
     UNIT_ML,
+    UNIT_MM,
     UNIT_MM3,
     UNIT_PERCENT,
     VOLUME,
@@ -300,6 +304,9 @@ def _lesion_group(lesion: Mapping[str, Any], seg: Dataset | None, segment: int |
         _num(VOLUME_CHANGE_PRIOR, growth, UNIT_MM3),
         _num(CERTAINTY_OF_FINDING, None if lesion.get("confidence") is None else 100.0 * float(lesion["confidence"]),
              UNIT_PERCENT),
+        # a new enhancing lesion: its axial diameters (the RANO measurability rule, config new_lesion_rule)
+        _num(LONG_AXIS, lesion.get("long_axis_mm"), UNIT_MM, RANO_METHOD),
+        _num(SHORT_AXIS, lesion.get("short_axis_mm"), UNIT_MM, RANO_METHOD),
     ]
     common = dict(
         finding_type=LESION, finding_category=CATEGORY_ABNORMAL,

@@ -216,6 +216,20 @@ def _png(fig: Figure, dpi: int = 150) -> io.BytesIO:
     return buf
 
 
+def enhancement_words(lesion: Mapping) -> str:
+    """A new lesion's enhancement and axial diameters for the lesion table:
+    "14 x 11, measurable", "7 x 6", "no" (not enhancing), "" (not assessed:
+    growing lesions, lesion mode without T1c)."""
+    if "enhancing" not in lesion:
+        return ""
+    if not lesion.get("enhancing"):
+        return "no"
+    if lesion.get("long_axis_mm") is None:
+        return "yes"
+    size = f"{float(lesion['long_axis_mm']):.0f} x {float(lesion['short_axis_mm']):.0f}"
+    return size + (", measurable" if lesion.get("measurable") else "")
+
+
 def _key_image_png(key: KeyImage) -> io.BytesIO:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -404,14 +418,15 @@ def _followup_story(f: FollowUp, p, body, small, h2) -> list:
     elif not f.lesions:
         story.append(p("No new or growing lesion detected."))
     else:
-        rows = [["#", "Kind", "Volume (mm3)", "Growth (mm3)", "Location", "Confidence", "Sequence"]]
+        rows = [["#", "Kind", "Volume (mm3)", "Growth (mm3)", "Location", "Enhancing, axial (mm)", "Confidence",
+                 "Sequence"]]
         shown = sorted(f.lesions, key=lambda x: -float(x.get("growth_mm3") or 0.0))[:MAX_LESION_ROWS]
         for x in shown:
             where = " ".join(w for w in (str(x.get("hemisphere", "")), str(x.get("lobe", ""))) if w)
             rows.append([str(x.get("id", "")), str(x.get("kind", "")), _fmt(x.get("volume_mm3"), "{:.0f}"),
-                         _fmt(x.get("growth_mm3"), "{:.0f}", signed=True), p(where),
+                         _fmt(x.get("growth_mm3"), "{:.0f}", signed=True), p(where), p(enhancement_words(x)),
                          _fmt(x.get("confidence"), "{:.2f}"), str(x.get("sequence", "")).upper()])
-        t = _table(rows, [10 * mm, 20 * mm, 24 * mm, 24 * mm, 48 * mm, 22 * mm, 22 * mm])
+        t = _table(rows, [8 * mm, 17 * mm, 19 * mm, 19 * mm, 36 * mm, 33 * mm, 19 * mm, 18 * mm])
         t.setStyle(TableStyle([("ALIGN", (2, 1), (3, -1), "RIGHT")]))
         story.append(t)
         kinds = [str(x.get("kind", "")) for x in f.lesions]
