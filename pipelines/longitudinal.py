@@ -74,6 +74,7 @@ from scipy import ndimage
 from brainline.models.base import ET, NCR, ROLES
 
 from .boundary_shift import boundary_band, boundary_shift
+from .change_choice import chosen_change
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
 from .lesion_location import locate_points
 from .longitudinal_images import (
@@ -473,15 +474,9 @@ def change_measure(lcfg: "LongitudinalConfig", prior_summary: dict, current_summ
 
 
 def assessed_change(independent: dict, paired: dict | None, measure: dict) -> dict:
-    """The change against the most recent prior the assessment uses: per
-    component the paired entry where ``measure["uses"]`` says "paired" (and it
-    exists), else the two segmentations' (``independent``)."""
-    uses = measure.get("uses") or {}
-    out = dict(independent or {})
-    for k, entry in (paired or {}).items():
-        if uses.get(k) == "paired" and entry:
-            out[k] = entry
-    return out
+    """The change against the most recent prior the assessment uses, per
+    component (:func:`pipelines.change_choice.chosen_change`)."""
+    return dict(chosen_change({"vs_prior": independent, "vs_prior_paired": paired, "measure": measure})[0])
 
 
 def volume_change(timepoints: list[dict], mode: str) -> tuple[dict, dict | None, dict | None]:
@@ -1024,7 +1019,7 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
         measure = change_measure(lc, recent["summary"], cur_summary, paired)
         out["change"]["measure"] = measure
         if paired:
-            chosen = assessed_change(vs_prior, paired, measure)
+            chosen, _ = chosen_change(out["change"])
             assessed = {**out["change"], "vs_prior": chosen}
             if len(usable) == 1:
                 baseline_change = chosen

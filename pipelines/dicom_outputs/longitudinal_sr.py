@@ -55,6 +55,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from ..change_choice import chosen_change, measure_uses
 from .codes import (
     BRAIN,
     CATEGORY_ABNORMAL,
@@ -96,7 +97,7 @@ from .seg import new_uid
 from .source_series import SourceSeries, as_source_series
 from .sr import _algorithm_id, _qc_texts, fix_method_relationships, observer_document
 
-__all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence", "change_vs_prior", "measure_uses",
+__all__ = ["build_change_sr", "COMPONENT_KEYS", "component_name", "prior_evidence", "change_vs_prior",
            "change_measure_words", "lesion_volumes", "CHANGE_METHODS"]
 
 #: Components reported, in order: summary key -> short name.
@@ -127,39 +128,13 @@ CHANGE_METHODS = {
 MEASUREMENT_METHOD_CONCEPT = Code("370129005", "SCT", "Measurement Method")
 
 
-def measure_uses(change: Mapping[str, Any], key: str) -> str:
-    """"paired" or "segmentations": which change against the prior the assessment
-    used for component ``key`` (``change["measure"]["uses"]``, per component or one
-    word; pipelines.longitudinal.change_measure); "paired" when longitudinal.json
-    does not say (written before the choice existed)."""
-    measure = change.get("measure") or {}
-    uses = measure.get("uses") if isinstance(measure, Mapping) else None
-    if isinstance(uses, Mapping):
-        uses = uses.get(key)
-    return "segmentations" if uses == "segmentations" else "paired"
-
-
 def change_vs_prior(change: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, Any]], dict[str, str]]:
-    """The change against the most recent prior as the assessment measures it:
-    ``change["vs_prior_paired"][key]`` where present (the registered pair),
-    else ``change["vs_prior"][key]`` (two segmentations); only the latter when
-    ``change["measure"]["uses"]`` is "segmentations" (a trained segmenter at
-    both timepoints, :func:`measure_uses`). Returns (component
-    key -> ``{"prior_ml", "current_ml", "delta_ml", "percent", ...}``,
-    component key -> the measure's words, a key of :data:`CHANGE_METHODS`)."""
-    independent = change.get("vs_prior") or {}
-    paired = {k: v for k, v in (change.get("vs_prior_paired") or {}).items()
-              if measure_uses(change, k) == "paired"}
-    values: dict[str, Mapping[str, Any]] = {}
-    methods: dict[str, str] = {}
-    for key in dict.fromkeys([*independent, *paired]):
-        entry = paired.get(key) or independent.get(key)
-        if not isinstance(entry, Mapping):
-            continue
-        values[key] = entry
-        method = str(entry.get("method") or "") if key in paired and paired.get(key) else "segmentations"
-        methods[key] = method if method in CHANGE_METHODS else "segmentations"
-    return values, methods
+    """The change against the most recent prior as the assessment measures it
+    (:func:`pipelines.change_choice.chosen_change`), its measure per component
+    a key of :data:`CHANGE_METHODS` (an unknown paired method reads as
+    "segmentations", which has a code)."""
+    values, methods = chosen_change(change)
+    return values, {k: (m if m in CHANGE_METHODS else "segmentations") for k, m in methods.items()}
 
 
 _MEASURE_WORDS = {"boundary shift integral": "the boundary shift integral on the registered image pair",
@@ -177,25 +152,23 @@ def change_measure_words(change: Mapping[str, Any]) -> str:
     _, methods = change_vs_prior(change)
     if not methods:
         return ""
-    by_method: dict[str, list[str]] = {}
+    # the two segmentations are the assessment's measure where longitudinal.json chose them (change.measure)
+    recorded = isinstance(change.get("measure"), Mapping)
+
+    def assessed(key: str) -> bool:
+        if methods[key] != "segmentations":
+            return True
+        return recorded and key in ("3", "tumor_core", "whole_tumor") and measure_uses(change, key) == "segmentations"
+
+    groups: dict[tuple[str, bool], list[str]] = {}   # (measure, the assessment's?) -> names, in component order
     for key in COMPONENT_KEYS:
         if key in methods:
-            by_method.setdefault(methods[key], []).append(COMPONENT_KEYS[key])
-    # the two segmentations are the assessment's measure where longitudinal.json chose them (change.measure)
-    chosen = {k for k in ("3", "tumor_core", "whole_tumor")
-              if k in methods and methods[k] == "segmentations" and measure_uses(change, k) == "segmentations"
-              and isinstance(change.get("measure"), Mapping)}
+            groups.setdefault((methods[key], assessed(key)), []).append(COMPONENT_KEYS[key])
     parts = []
-    for method, names in by_method.items():
-        if method == "segmentations" and chosen:
-            split = [COMPONENT_KEYS[k] for k in COMPONENT_KEYS if k in chosen]
-            rest = [n for n in names if n not in split]
-            groups = [(split, " (the measure of the assessment)")] + ([(rest, "")] if rest else [])
-        else:
-            groups = [(names, " (the measure of the assessment)" if method != "segmentations" else "")]
-        for group, extra in groups:
-            joined = group[0] if len(group) == 1 else ", ".join(group[:-1]) + " and " + group[-1]
-            parts.append(f"{joined} by {_MEASURE_WORDS[method]}{extra}")
+    for (method, is_assessed), names in groups.items():
+        joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        parts.append(f"{joined} by {_MEASURE_WORDS[method]}" + (" (the measure of the assessment)" if is_assessed
+                                                                  else ""))
     text = "Change against the prior study: " + "; ".join(parts) + "."
     reason = str((change.get("measure") or {}).get("reason") or "")
     if reason:
