@@ -69,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -156,6 +157,44 @@ def truth_bidimensional(truth_img: sitk.Image, lesion_ids) -> dict[int, dict]:
     return out
 
 
+def truth_contrast(pair: FollowupPair, truth_map: np.ndarray, lesion_ids) -> dict[int, dict]:
+    """How visible each truth lesion is in the current images the step gets
+    (``current/nifti``): per role (FLAIR, T1c), the lesion's median minus the
+    median of a 2-4 mm shell around it (inside the head, other lesions
+    excluded), in % of the image's median over the head; and the fraction of
+    the shell that is exactly 0 (a source image that does not cover that
+    part of the brain, e.g. the FLAIR of BraTS 2013_20)."""
+    out: dict[int, dict] = {lid: {} for lid in lesion_ids}
+    for role in ("flair", "t1c"):
+        path = pair.current / "nifti" / f"{role}.nii.gz"
+        if not path.exists():
+            continue
+        img = sitk.ReadImage(str(path))
+        values = sitk.GetArrayFromImage(img).astype(np.float32)
+        if values.shape != truth_map.shape:
+            continue
+        head = values > 0
+        ref = float(np.median(values[head])) if head.any() else 0.0
+        sp = img.GetSpacing()[::-1]
+        for lid in lesion_ids:
+            m = truth_map == lid
+            if not m.any() or ref <= 0:
+                continue
+            idx = np.argwhere(m)
+            lo = np.maximum(idx.min(axis=0) - 6, 0)
+            hi = np.minimum(idx.max(axis=0) + 7, m.shape)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            dist = ndimage.distance_transform_edt(~m[box], sampling=sp)
+            shell = (dist > 2.0) & (dist <= 4.0) & (truth_map[box] == 0)
+            v = values[box]
+            in_head = shell & (v > 0)
+            contrast = (100.0 * (float(np.median(v[m[box]])) - float(np.median(v[in_head]))) / ref
+                        if in_head.any() else None)
+            out[lid][role] = {"contrast_percent": None if contrast is None else round(contrast, 1),
+                              "shell_zero_fraction": round(1.0 - float(in_head.sum()) / max(1, int(shell.sum())), 2)}
+    return out
+
+
 def _rano_fields(lesion: dict | None) -> dict:
     """The RANO fields of a reported new lesion (None where the step does not report them)."""
     lesion = lesion or {}
@@ -179,6 +218,7 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
     truth_img = pair.truth_image("new_lesions")
     truth_map = sitk.GetArrayFromImage(truth_img)
     sizes = truth_bidimensional(truth_img, [t["id"] for t in truth])
+    contrast = truth_contrast(pair, truth_map, [t["id"] for t in truth])
     matched_reported: set[int] = set()
     rows = []
     for t in truth:
@@ -205,6 +245,7 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
         rows.append({"id": t["id"], "volume_mm3": t["volume_mm3"], "enhancing": t["enhancing"],
                      "long_mm": size["long_mm"], "short_mm": size["short_mm"], "measurable": size["measurable"],
                      "counts_for_rano": bool(t["enhancing"] and size["measurable"]),
+                     "visible": contrast[t["id"]],
                      "centroid_lps_mm": t["centroid_lps_mm"], "detected": hit is not None,
                      "reported_id": hit["id"] if hit else None,
                      "reported_volume_mm3": hit["volume_mm3"] if hit else None,
@@ -366,6 +407,15 @@ def score_pair(pair: FollowupPair, result: dict, lc: LongitudinalConfig | None =
     if pair.variant in ("new", "thick"):
         row["new_lesions"] = match_new_lesions(pair, result)
         row["rano"] = new_lesion_flag(pair, result, row["new_lesions"], lc)
+        # the smallest contrast the step can call new: z_threshold x the sd floor (% of the brain median)
+        lc = lc or LongitudinalConfig.load()
+        least = lc.z_threshold * lc.min_sd_percent
+        row["new_lesions"]["detection_contrast_percent"] = round(least, 2)
+        for t in row["new_lesions"]["truth"]:
+            best = max([v["contrast_percent"] for v in (t.get("visible") or {}).values()
+                        if v.get("contrast_percent") is not None], default=None)
+            t["contrast_percent_best"] = best
+            t["above_detection_contrast"] = best is not None and best >= least
     if pair.variant == "grown":
         row["growth"] = growth_scores(pair, result, lc)
     return row
@@ -440,6 +490,10 @@ def _mean(values):
     return round(float(np.mean(values)), 4) if values else None
 
 
+def _ratio(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
 def split_totals(rows: list[dict]) -> dict:
     ok = [r for r in rows if not r.get("error")]
     truth_new = [t for r in ok if r["variant"] == "new" for t in r["new_lesions"]["truth"]]
@@ -456,6 +510,10 @@ def split_totals(rows: list[dict]) -> dict:
         "sensitivity": round(sum(t["detected"] for t in scored) / len(scored), 4) if scored else None,
         "sensitivity_all_sizes": (round(sum(t["detected"] for t in truth_new) / len(truth_new), 4)
                                   if truth_new else None),
+        "detection_contrast_percent": next((r["new_lesions"].get("detection_contrast_percent") for r in ok
+                                            if r["variant"] == "new"), None),
+        "new_lesions_scored_visible": len([t for t in scored if t.get("above_detection_contrast")]),
+        "sensitivity_visible": _ratio([t["detected"] for t in scored if t.get("above_detection_contrast")]),
         "sensitivity_thick": round(sum(t["detected"] for t in thick) / len(thick), 4) if thick else None,
         "missed": [{"case": r["case"], **t} for r in ok if r["variant"] == "new"
                    for t in r["new_lesions"]["truth"] if not t["detected"]],
@@ -601,7 +659,10 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
         print(f"\n[{split}] {t['pairs']} pairs ({t['failed_pairs']} failed)")
         print(f"  new-lesion sensitivity (>= {MIN_SCORED_MM3:g} mm3): {_f(t['sensitivity'], 3)} over "
               f"{t['new_lesions_scored']} lesions (target >= {TARGETS['sensitivity']}); all sizes "
-              f"{_f(t['sensitivity_all_sizes'], 3)}; thick prior FLAIR {_f(t['sensitivity_thick'], 3)}")
+              f"{_f(t['sensitivity_all_sizes'], 3)}; thick prior FLAIR {_f(t['sensitivity_thick'], 3)}; "
+              f"of the >= {MIN_SCORED_MM3:g} mm3 lesions with a FLAIR or T1c contrast >= "
+              f"{_f(t['detection_contrast_percent'], 1)} % of the image median (z_threshold x the sd floor): "
+              f"{_f(t['sensitivity_visible'], 3)} over {t['new_lesions_scored_visible']}")
         print(f"  false positives per no-change pair: {_f(t['fp_per_nochange_pair'])} over {t['nochange_pairs']} "
               f"pairs (target <= {TARGETS['fp_per_nochange_pair']:g}); growing per no-change pair "
               f"{_f(t['growing_per_nochange_pair'])}; unmatched new lesions per 'new' pair "
@@ -641,14 +702,17 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
         print(f"  time added per study: median {_f(t['median_added_s'], 1)} s, max {_f(t['max_added_s'], 1)} s "
               f"(target <= {TARGETS['added_s']:g} s; with the prior prepared in the step, "
               f"{t['added_with_prior_prep_pairs']} pairs: median {_f(t['median_added_with_prior_prep_s'], 1)} s, "
-              f"{_f(t['min_added_with_prior_prep_s'], 1)}-{_f(t['max_added_with_prior_prep_s'], 1)} s; without "
-              f"preparing the prior: median {_f(t['median_added_without_prior_prep_s'], 1)} s; 1-min load "
-              f"{t['load_1min'][0]}-{t['load_1min'][1]}); registration error mean "
+              f"range {_f(t['min_added_with_prior_prep_s'], 1)} to {_f(t['max_added_with_prior_prep_s'], 1)} s; "
+              f"without preparing the prior: median {_f(t['median_added_without_prior_prep_s'], 1)} s; 1-min load "
+              f"{_f(t['load_1min'][0])} to {_f(t['load_1min'][1])}); registration error mean "
               f"{_f(t['registration_error_mean_mm'])} mm, worst {_f(t['registration_error_max_mm'])} mm")
         if t["missed"]:
             print("  missed lesions: " + "; ".join(
                 f"{m['case']} #{m['id']} {m['volume_mm3']:.0f} mm3{' enh' if m['enhancing'] else ''}"
                 + (" measurable" if m.get("measurable") else "")
+                + f" (contrast {_f(m.get('contrast_percent_best'), 0)} %"
+                + (", no FLAIR around it" if ((m.get("visible") or {}).get("flair") or {}).get(
+                    "shell_zero_fraction", 0) >= 0.5 else "") + ")"
                 + (f" (reported as {m['reported_as_other_kind']})" if m.get("reported_as_other_kind") else "")
                 for m in t["missed"]))
     if args.matching:

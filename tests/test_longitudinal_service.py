@@ -70,6 +70,12 @@ def test_prior_found_at_the_pacs_and_longitudinal_objects_delivered(service_fact
         longitudinal = json.loads((ws / "longitudinal.json").read_text())
         assert longitudinal["priors"] == 1, longitudinal.get("note")
         assert (ws / "priors" / "0" / "summary.json").exists()   # the prior was processed too
+        # the new 14 mm lesion, bright on T1c: new, enhancing, measurable -> RANO progression
+        lesions = {l["id"]: l for l in longitudinal["lesions"]}
+        assert longitudinal["assessment"]["code"] == "progression suspected", longitudinal["assessment"]
+        counted = [lesions[i] for i in longitudinal["assessment"]["new_lesions"]["counted"]]
+        assert counted and all(l["kind"] == "new" and l["enhancing"] and l["measurable"] for l in counted), counted
+        assert any(11.0 <= l["short_axis_mm"] <= l["long_axis_mm"] <= 17.0 for l in counted), counted
 
         box = wait_outbox(svc, timeout=240)
         by_kind: dict[str, list] = {}
@@ -88,6 +94,8 @@ def test_prior_found_at_the_pacs_and_longitudinal_objects_delivered(service_fact
         # the change SR refers to the prior with its original UIDs (re-identified
         # with the prior's vault record), never with pseudonymous ones
         sr = orthanc_instance(orthanc, by_kind["change_sr"][0]["sop_instance_uid"])
+        meanings = {str(e.value) for e in sr.iterall() if e.keyword == "CodeMeaning"}
+        assert "Progression suspected" in meanings and "Long Axis" in meanings
         sr_uids = {str(e.value) for e in sr.iterall() if e.VR == "UI" and e.VM == 1}
         assert sr_uids & prior_uids, "the change SR does not reference the prior study"
         study_uids = {orthanc_instance(orthanc, i["sop_instance_uid"]).StudyInstanceUID
