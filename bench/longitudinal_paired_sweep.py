@@ -14,6 +14,11 @@ mL); the held-out cases are then reported with that setting, apart.
 
     .venv/bin/python bench/longitudinal_paired_sweep.py --out /tmp/followup [--json /tmp/sweep.json]
 
+``--labels truth`` puts the generator's truth label maps (``truth/labels_current``,
+``truth/labels_prior`` carried by the same registration) in place of the two
+segmentations: the band and the levels are then exact, so what error remains is the
+intensity measure's own on these images (is the segmenter the limit, or the measure?).
+
 Units: volumes in mm^3 (errors relative to the true growth), changes of no-change
 pairs in mL.
 """
@@ -47,9 +52,10 @@ def _array(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def load_compared(root: Path) -> dict | None:
+def load_compared(root: Path, labels: str = "segmentations") -> dict | None:
     """What the step compared, on the current grid cropped to the brain box: labels
-    of both timepoints, per role (current, matched prior, where defined), truth."""
+    of both timepoints (the segmentations, or ``labels="truth"`` the generator's truth
+    label maps), per role (current, matched prior, where defined), truth."""
     pair = load_pair(root)
     work = pair.current
     rec = json.loads((work / "longitudinal.json").read_text())
@@ -62,9 +68,17 @@ def load_compared(root: Path) -> dict | None:
     tx.SetCenter([float(v) for v in params["center_mm"]])
     tx.SetTranslation([float(v) for v in params["translation_mm"]])
     prior_seg = sitk.ReadImage(str(pair.prior / "segmentation.nii.gz"), sitk.sitkUInt8)
+    cur_lab = sitk.GetArrayFromImage(grid)
+    if labels == "truth":
+        truth_cur, truth_prior = pair.truth_image("labels_current"), pair.truth_image("labels_prior")
+        if truth_cur.GetSize() != grid.GetSize() or truth_prior.GetSize() != prior_seg.GetSize():
+            return None
+        truth_cur.CopyInformation(grid)
+        truth_prior.CopyInformation(prior_seg)
+        cur_lab, prior_seg = sitk.GetArrayFromImage(sitk.Cast(truth_cur, sitk.sitkUInt8)), \
+            sitk.Cast(truth_prior, sitk.sitkUInt8)
     prior_lab = sitk.GetArrayFromImage(sitk.Resample(prior_seg, grid, tx, sitk.sitkNearestNeighbor, 0,
                                                      sitk.sitkUInt8))
-    cur_lab = sitk.GetArrayFromImage(grid)
     mask = _array(work / "brain_mask.nii.gz") > 0
     nz = np.argwhere(mask)
     crop = tuple(slice(max(0, int(a) - 9), int(b) + 10) for a, b in zip(nz.min(axis=0), nz.max(axis=0)))
@@ -143,6 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nochange-ml", type=float, default=1.0, help="largest |change| allowed on no-change pairs")
     ap.add_argument("--config", type=Path, default=None, help="config/longitudinal.yaml (tissue distance)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--labels", choices=("segmentations", "truth"), default="segmentations",
+                    help="the label maps that set the band and the levels: the two segmentations (as the step) or "
+                         "the generator's truth (what the intensity measure can do with exact labels)")
     args = ap.parse_args(argv)
     lc = LongitudinalConfig.load(args.config)
     pairs = []
@@ -151,7 +168,7 @@ def main(argv=None) -> int:
             continue
         if not (root / "current" / "longitudinal.json").exists():
             continue
-        p = load_compared(root)
+        p = load_compared(root, args.labels)
         if p is not None:
             prepare(p, lc)
             del p["images"], p["cur_lab"], p["prior_lab"]

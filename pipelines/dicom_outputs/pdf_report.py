@@ -418,15 +418,15 @@ def _followup_story(f: FollowUp, p, body, small, h2) -> list:
     elif not f.lesions:
         story.append(p("No new or growing lesion detected."))
     else:
-        rows = [["#", "Kind", "Volume (mm3)", "Growth (mm3)", "Location", "Enhancing, axial (mm)", "Confidence",
-                 "Sequence"]]
+        rows = [["#", "Kind", "Volume\n(mm3)", "Growth\n(mm3)", "Location", "Enhancing,\naxial size (mm)",
+                 "Confidence", "Sequence"]]
         shown = sorted(f.lesions, key=lambda x: -float(x.get("growth_mm3") or 0.0))[:MAX_LESION_ROWS]
         for x in shown:
             where = " ".join(w for w in (str(x.get("hemisphere", "")), str(x.get("lobe", ""))) if w)
             rows.append([str(x.get("id", "")), str(x.get("kind", "")), _fmt(x.get("volume_mm3"), "{:.0f}"),
                          _fmt(x.get("growth_mm3"), "{:.0f}", signed=True), p(where), p(enhancement_words(x)),
                          _fmt(x.get("confidence"), "{:.2f}"), str(x.get("sequence", "")).upper()])
-        t = _table(rows, [8 * mm, 17 * mm, 19 * mm, 19 * mm, 36 * mm, 33 * mm, 19 * mm, 18 * mm])
+        t = _table(rows, [8 * mm, 16 * mm, 17 * mm, 17 * mm, 38 * mm, 34 * mm, 20 * mm, 19 * mm])
         t.setStyle(TableStyle([("ALIGN", (2, 1), (3, -1), "RIGHT")]))
         story.append(t)
         kinds = [str(x.get("kind", "")) for x in f.lesions]
