@@ -157,6 +157,7 @@ class LongitudinalConfig:
     new_volume_dilate_mm: float = 2.0
     # tumour mode: which new enhancing lesions raise "progression suspected" (measurable | any | off)
     new_lesion_rule: str = "measurable"
+    enhancing_mean_z: float = 2.0
     locate: bool = True
 
     @classmethod

@@ -391,7 +391,11 @@ def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c:
 
     * **enhancing**: within the lesion dilated by ``new_volume_dilate_mm``,
       at least ``min_volume_mm3`` of voxels whose T1c rose (subtraction z >
-      ``z_threshold``) and are bright now (current T1c z > ``current_min_z``);
+      ``z_threshold``) and are bright now (current T1c z > ``current_min_z``),
+      or the mean T1c subtraction z over the lesion is at least
+      ``enhancing_mean_z`` and its mean current T1c z above ``current_min_z``
+      (a small or faint enhancing lesion whose few voxels do not reach
+      ``z_threshold``; over a non-enhancing lesion the mean is about 0);
     * **enhancing part**: those dilated-lesion voxels where the T1c
       subtraction reaches half its plateau (z >= 0.5 x the 95th percentile
       of z inside the lesion, and > ``current_min_z`` on the current T1c): the
@@ -412,15 +416,19 @@ def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c:
     voxel_mm3 = float(np.prod(spacing_zyx))
     around = ndimage.binary_dilation(region, structure=_ball(cfg.new_volume_dilate_mm, spacing_zyx)) & brain
     rose = around & (z_t1c > cfg.z_threshold) & (current_z_t1c > cfg.current_min_z)
-    if rose.sum() * voxel_mm3 < cfg.min_volume_mm3:
+    faint = (float(z_t1c[region].mean()) >= cfg.enhancing_mean_z
+             and float(current_z_t1c[region].mean()) > cfg.current_min_z)
+    if rose.sum() * voxel_mm3 < cfg.min_volume_mm3 and not faint:
         return out
     plateau = float(np.percentile(z_t1c[region | rose], 95))
     part = around & (z_t1c >= 0.5 * plateau) & (current_z_t1c > cfg.current_min_z)
-    peak = np.unravel_index(int(np.argmax(np.where(rose, z_t1c, -np.inf))), z_t1c.shape)
+    peak = np.unravel_index(int(np.argmax(np.where(rose if rose.any() else region, z_t1c, -np.inf))), z_t1c.shape)
     lab, n = ndimage.label(part, structure=STRUCTURE_26)
     if lab[peak]:
         part = lab == lab[peak]
     out.update(enhancing=True, enhancing_mm3=round(float(part.sum()) * voxel_mm3, 1))
+    if not part.any():
+        return out
     planes = np.moveaxis(part, axial, 0)
     in_plane = [float(s) for k, s in enumerate(spacing_zyx) if k != axial]
     k = int(np.argmax(planes.reshape(planes.shape[0], -1).sum(axis=1)))

@@ -76,3 +76,16 @@ def test_a_sagittal_grid_is_measured_in_the_axial_plane():
     assert out["measurable"] is True
     wrong = new_lesion_enhancement(mask, z, np.where(mask, 5.0, 0.0), brain, spacing, 0, CFG)
     assert wrong["short_axis_mm"] < 10.0    # measured across the wrong plane it would read 12 x 8
+
+
+def test_a_small_faint_enhancing_lesion_is_enhancing():
+    """25 mm^3 (3.6 mm across) enhancing by z ~4 at its centre: too few voxels
+    above z_threshold for the volume test, but its mean T1c rise says enhancing;
+    the same lesion without a T1c rise is not."""
+    for peak, expected in ((4.5, True), (0.0, False)):
+        z, mask, brain = lesion_z((24, 24, 24), (1, 1, 1), (3.6, 3.6, 3.6), peak=peak, noise=0.7, seed=2)
+        # fewer than 12 mm^3 above z_threshold near it: the volume test alone would not call it enhancing
+        assert (z[ndimage.binary_dilation(mask, iterations=2)] > CFG.z_threshold).sum() < 12
+        out = new_lesion_enhancement(mask, z, np.where(mask, 3.0, 0.0), brain, (1, 1, 1), 0, CFG)
+        assert out["enhancing"] is expected, (peak, out)
+        assert out["measurable"] is False
