@@ -393,9 +393,11 @@ def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c:
       at least ``min_volume_mm3`` of voxels whose T1c rose (subtraction z >
       ``z_threshold``) and are bright now (current T1c z > ``current_min_z``),
       or the mean T1c subtraction z over the lesion is at least
-      ``enhancing_mean_z`` and its mean current T1c z above ``current_min_z``
-      (a small or faint enhancing lesion whose few voxels do not reach
-      ``z_threshold``; over a non-enhancing lesion the mean is about 0);
+      ``enhancing_mean_z`` and the lesion is brighter than the brain's median
+      on the current T1c (mean robust z > 0): a small or faint enhancing lesion
+      whose few voxels reach neither ``z_threshold`` nor ``current_min_z``
+      (25 mm^3 at 20 % contrast: mean subtraction z 2.8, current z ~1); over a
+      non-enhancing lesion the mean subtraction z is about 0;
     * **enhancing part**: those dilated-lesion voxels where the T1c
       subtraction reaches half its plateau (z >= 0.5 x the 95th percentile
       of z inside the lesion, and > ``current_min_z`` on the current T1c): the
@@ -417,7 +419,7 @@ def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c:
     around = ndimage.binary_dilation(region, structure=_ball(cfg.new_volume_dilate_mm, spacing_zyx)) & brain
     rose = around & (z_t1c > cfg.z_threshold) & (current_z_t1c > cfg.current_min_z)
     faint = (float(z_t1c[region].mean()) >= cfg.enhancing_mean_z
-             and float(current_z_t1c[region].mean()) > cfg.current_min_z)
+             and float(current_z_t1c[region].mean()) > 0.0)
     if rose.sum() * voxel_mm3 < cfg.min_volume_mm3 and not faint:
         return out
     plateau = float(np.percentile(z_t1c[region | rose], 95))
