@@ -520,7 +520,8 @@ def new_lesion_finding(lesions: list[dict] | None, lcfg: LongitudinalConfig) -> 
     rule = lcfg.new_lesion_rule
     counted = [] if rule == "off" else [l for l in enhancing if rule == "any" or l.get("measurable")]
     small = [l for l in enhancing if l not in counted]
-    plain = [l for l in new if not l.get("enhancing")]
+    plain = [l for l in new if l.get("enhancing") is False]
+    unknown = [l for l in new if "enhancing" not in l]    # no T1c subtraction to tell
     words = []
     if counted:
         words.append(f"{len(counted)} new enhancing lesion(s) against the prior study: "
@@ -537,8 +538,12 @@ def new_lesion_finding(lesions: list[dict] | None, lcfg: LongitudinalConfig) -> 
     if plain:
         words.append(f"{len(plain)} new non-enhancing (FLAIR) lesion(s): "
                      + "; ".join(_lesion_words(l) for l in plain) + " - not counted by the enhancing-tumour rule")
+    if unknown:
+        words.append(f"{len(unknown)} new lesion(s) whose enhancement could not be assessed (no T1c subtraction): "
+                     + "; ".join(_lesion_words(l) for l in unknown))
     return {"rule": rule, "counted": [l.get("id") for l in counted], "below_measurable": [l.get("id") for l in small],
-            "non_enhancing": [l.get("id") for l in plain], "words": words}
+            "non_enhancing": [l.get("id") for l in plain], "not_assessed": [l.get("id") for l in unknown],
+            "words": words}
 
 
 def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig, lesions: list[dict] | None,

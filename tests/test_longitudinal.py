@@ -312,7 +312,8 @@ def test_new_lesion_rule_in_the_assessment(tmp_path):
     assert lc.new_lesion_rule == "measurable" == LongitudinalConfig.load().new_lesion_rule
     a = assess(change, vs_prior, lc, [big, small, flair, grown], "tumour")
     assert a["code"] == "progression suspected"
-    assert a["new_lesions"] == {"rule": "measurable", "counted": [1], "below_measurable": [2], "non_enhancing": [3]}
+    assert a["new_lesions"] == {"rule": "measurable", "counted": [1], "below_measurable": [2], "non_enhancing": [3],
+                                "not_assessed": []}
     assert "lesion 1 (right frontal, 14 x 11 mm)" in a["reason"] and "lesion 2 (right frontal, 8 x 6 mm)" in a["reason"]
     assert "increased" not in a["reason"]        # the volumes did not change
     for lesions in ([small, flair, grown], [], None):
@@ -328,6 +329,11 @@ def test_new_lesion_rule_in_the_assessment(tmp_path):
     assert both["code"] == "progression suspected"
     assert "enhancing tumour" in both["reason"] and "lesion 1" in both["reason"]
     (tmp_path / "bad.yaml").write_text("new_lesion_rule: sometimes\n")
+    # without a T1c subtraction a new lesion's enhancement is unknown: said so, not called non-enhancing
+    unknown = {"id": 5, "kind": "new", "hemisphere": "left", "lobe": "parietal"}
+    u = assess(change, vs_prior, lc, [unknown], "tumour")
+    assert u["code"] == "stable" and u["new_lesions"]["not_assessed"] == [5] and u["new_lesions"]["non_enhancing"] == []
+    assert "could not be assessed (no T1c subtraction): lesion 5 (left parietal)" in u["reason"]
     with pytest.raises(ValueError, match="new_lesion_rule"):
         LongitudinalConfig.load(tmp_path / "bad.yaml")
 
