@@ -86,6 +86,7 @@ from .longitudinal_images import (
     new_lesion_enhancement,
     resolution_sigmas,
     robust_z,
+    signal_mask,
     smooth_mm,
     voxel_extent_mm,
 )
@@ -858,15 +859,18 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             d[~cur_mask] = 0.0
             write_full(d, out_dir / f"subtraction_{role}.nii.gz")
             subtractions[role] = f"longitudinal/subtraction_{role}.nii.gz"
-            floor = lcfg.min_sd_percent / 100.0 * float(np.median(c_arr[common])) if common.any() else 0.0
+            # image statistics from where each image has signal (not its zero-filled parts)
+            cur_signal, pri_signal = signal_mask(c_arr, common), signal_mask(matched, common)
+            floor = lcfg.min_sd_percent / 100.0 * float(np.median(c_arr[cur_signal])) if common.any() else 0.0
             z_maps[role], _, sd_used = robust_z(d, covered, floor)
             pair_images[role] = (c_arr, matched, covered)
             sd_rec[role] = {"robust_sd": round(float(sd_used), 4), "floor": round(floor, 4)}
-            prior_z[role] = _neighbourhood_max(robust_z(matched, common)[0], grid, lcfg.prior_bright_radius_mm)
-            current_z[role] = robust_z(c_arr, common)[0]
+            prior_image_z = robust_z(matched, common, stats_mask=pri_signal)[0]
+            prior_z[role] = _neighbourhood_max(prior_image_z, grid, lcfg.prior_bright_radius_mm)
+            current_z[role] = robust_z(c_arr, common, stats_mask=cur_signal)[0]
             if role == "flair":
                 flair_bright_cur = current_z[role] > lcfg.lesion_bright_z
-                flair_bright_pri = robust_z(matched, common)[0] > lcfg.lesion_bright_z
+                flair_bright_pri = prior_image_z > lcfg.lesion_bright_z
     for role in SUBTRACTION_ROLES:
         mm = [m for m in (_native_max_mm(work, role), _native_max_mm(prior_dir, role)) if m]
         if role == "flair" and mm and max(mm) >= lcfg.thick_slice_mm:

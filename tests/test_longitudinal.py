@@ -260,6 +260,38 @@ def test_new_lesion_is_found_with_its_volume(tmp_path, case, cfg):
     assert near[0]["id"] in res["assessment"]["new_lesions"]["below_measurable"]
 
 
+def test_new_lesion_found_when_part_of_the_flair_is_zero(tmp_path, case, cfg):
+    """A FLAIR left at 0 in part of the brain (a slab that stops short, a
+    zero-filled public volume) must not widen the image statistics: a new
+    lesion 3 robust SDs brighter than the FLAIR's own brain is bright now
+    (with the zeros counted, the robust SD triples and it was dropped)."""
+    images, seg = case
+    brain = sitk.GetArrayFromImage(images["flair"]) > 0
+    zs = np.nonzero(brain.any(axis=(1, 2)))[0]
+    cut = zs[0] + int(0.5 * (zs[-1] - zs[0]))    # the lower half of the brain's slices: ~37 % of its voxels
+    upper = sitk.GetArrayFromImage(images["t1c"])
+    upper[:cut + 6] = 0.0
+    upper_img = sitk.GetImageFromArray(upper)
+    upper_img.CopyInformation(images["t1c"])
+    site = lesion_site({**images, "t1c": upper_img}, seg)           # in the imaged part, away from its edge
+    flair = sitk.GetArrayFromImage(images["flair"])
+    flair[:cut] = 0.0
+    imaged = brain & (flair > 0)
+    med = float(np.median(flair[imaged]))
+    sd = 1.4826 * float(np.median(np.abs(flair[imaged] - med)))
+    zeroed = sitk.GetImageFromArray(flair)
+    zeroed.CopyInformation(images["flair"])
+    base = {**images, "flair": zeroed}
+    current = {**base, "flair": paint(zeroed, ball(images["flair"], site, 400.0), med + 3.5 * sd)}
+    prior, prior_seg = make_prior(base, seg)
+    work, res = _run(tmp_path, current, seg, prior, prior_seg, cfg)
+    truth = images["flair"].TransformContinuousIndexToPhysicalPoint(site)
+    near = [l for l in res["lesions"] if l["kind"] == "new"
+            and np.linalg.norm(np.subtract(l["centroid_lps_mm"], truth)) < 6.0]
+    assert len(near) == 1 and near[0]["sequence"] == "flair", res["lesions"]
+    assert len(res["lesions"]) <= 2, res["lesions"]
+
+
 @pytest.mark.parametrize("roles, progression", [(("flair", "t1c"), True), (("flair",), False)],
                          ids=["enhancing", "flair-only"])
 def test_new_measurable_enhancing_lesion_is_progression(tmp_path, case, cfg, roles, progression):
