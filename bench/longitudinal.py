@@ -448,14 +448,31 @@ def reusable_pair(root: Path, args) -> FollowupPair | None:
     return pair
 
 
+def fixed_volumes_name(case: str, variant: str, volumes: list[float] | None) -> str:
+    """Folder of a pair: ``<case>_<variant>``, with ``_v<mm3>-<mm3>...`` when the new
+    lesions' volumes are fixed (``--new-volumes``), so those pairs never replace the
+    default ones."""
+    base = pair_name(case, variant)
+    if not volumes or variant not in ("new", "thick"):
+        return base
+    return base + "_v" + "-".join(f"{v:g}" for v in volumes)
+
+
 def run_pair(case: str, variant: str, args, cfg: PipelineConfig, lcfg: LongitudinalConfig) -> dict:
     row: dict = {"case": case, "variant": variant, "split": "tune" if case in TUNE_CASES else "holdout",
                  "error": None}
     t0 = time.monotonic()
     reuse = args.reuse_pairs or args.reuse_work
-    pair = reusable_pair(args.out / pair_name(case, variant), args) if reuse else None
+    volumes = getattr(args, "new_volumes", None) if variant in ("new", "thick") else None
+    name = fixed_volumes_name(case, variant, volumes)
+    if volumes:
+        row["new_volumes_mm3"] = volumes
+    pair = reusable_pair(args.out / name, args) if reuse else None
+    if pair is not None and volumes and [l.get("requested_mm3") for l in pair.truth["new_lesions"]] != volumes:
+        pair = None  # a lesion could not be placed, or other volumes: generate again
     if pair is None:
-        pair = make_pair(case, variant, args.out, args.seed, data_root=args.data, spacing_mm=args.spacing)
+        pair = make_pair(case, variant, args.out, args.seed, data_root=args.data, spacing_mm=args.spacing,
+                         new_volumes_mm3=volumes, name=name)
         row["generate_s"] = round(time.monotonic() - t0, 1)
     else:
         row["generate_s"] = None
@@ -584,6 +601,15 @@ def rano_totals(ok: list[dict]) -> dict:
     # detected lesions whose reported record carries the RANO fields
     with_fields = [t for t in truth if t["detected"] and (t.get("reported") or {}).get("measurable") is not None]
     enh_pairs = [(bool(t["enhancing"]), bool(t["reported"]["enhancing"])) for t in with_fields]
+    # the generator paints an "enhancing" lesion at the case's enhancing-tumour T1c level, which on some cases
+    # is not above the tissue around the lesion: truth "enhancing" AND a T1c contrast >= the detection contrast
+    least = next((r["new_lesions"].get("detection_contrast_percent") for r in new_pairs), None)
+
+    def visibly_enhancing(t: dict) -> bool:
+        c = ((t.get("visible") or {}).get("t1c") or {}).get("contrast_percent")
+        return bool(t["enhancing"]) and c is not None and least is not None and c >= least
+
+    enh_visible = [(visibly_enhancing(t), bool(t["reported"]["enhancing"])) for t in with_fields]
     meas_pairs = [(bool(t["counts_for_rano"]), bool(t["reported"]["enhancing"] and t["reported"]["measurable"]))
                   for t in with_fields]
     both = [t for t in with_fields if t["enhancing"] and t["reported"].get("long_axis_mm") is not None
@@ -601,6 +627,8 @@ def rano_totals(ok: list[dict]) -> dict:
                                        "expected": r["rano"]["expected_assessment"]} for r in new_pairs},
         "new_pairs_with_rano_fields": sum(bool(r["rano"]["rano_fields_reported"]) for r in new_pairs),
         "enhancing_confusion": _confusion(enh_pairs) if enh_pairs else None,
+        "enhancing_confusion_visible": _confusion(enh_visible) if enh_visible else None,
+        "truth_lesions_visibly_enhancing": sum(visibly_enhancing(t) for t in truth),
         "counting_confusion": _confusion(meas_pairs) if meas_pairs else None,
         "long_axis_error_mm": _mean([t["reported"]["long_axis_mm"] - t["long_mm"] for t in both]),
         "short_axis_error_mm": _mean([t["reported"]["short_axis_mm"] - t["short_mm"] for t in both]),
@@ -694,7 +722,9 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
             else:
                 print(f"  enhancing call on detected lesions (truth/reported yes-yes, yes-no, no-yes, no-no): "
                       f"{enh['true_yes_reported_yes']}, {enh['true_yes_reported_no']}, {enh['true_no_reported_yes']}, "
-                      f"{enh['true_no_reported_no']}; enhancing+measurable: {cnt['true_yes_reported_yes']}, "
+                      f"{enh['true_no_reported_no']} (truth enhancing with a T1c contrast >= the detection "
+                      f"contrast: {', '.join(str(v) for v in t['enhancing_confusion_visible'].values())}); "
+                      f"enhancing+measurable: {cnt['true_yes_reported_yes']}, "
                       f"{cnt['true_yes_reported_no']}, {cnt['true_no_reported_yes']}, {cnt['true_no_reported_no']}; "
                       f"diameters reported - truth (enhancing): long {_f(t['long_axis_error_mm'], 1)} mm, short "
                       f"{_f(t['short_axis_error_mm'], 1)} mm; unmatched lesions counted by the rule "
@@ -745,6 +775,10 @@ def main(argv=None) -> int:
                              "variants")
     parser.add_argument("--matching", default="",
                         help="e.g. histogram,linear: compare intensity matching on no-change pairs")
+    parser.add_argument("--new-volumes", default="",
+                        help="fix the new lesions of the new/thick variants to these volumes (mm^3, comma-separated, "
+                             "e.g. 700,1500 for lesions of RANO-measurable size, both diameters >= 10 mm; the default "
+                             "15-500 mm^3 rarely are); such pairs go to <case>_<variant>_v<volumes>")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="pairs and work folders (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
@@ -759,6 +793,7 @@ def main(argv=None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     variants = [v for v in args.variants.split(",") if v]
     args.matching = [m for m in args.matching.split(",") if m]
+    args.new_volumes = [float(v) for v in args.new_volumes.split(",") if v] or None
     bad = [c for c in cases if c not in CASES] + [v for v in variants if v not in VARIANTS] + \
           [m for m in args.matching if m not in ("histogram", "linear")]
     if bad:
@@ -807,6 +842,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({
             "benchmark": "bench/longitudinal.py (issue 11)",
             "config": {"cases": cases, "variants": variants, "seed": args.seed, "spacing_mm": args.spacing,
+                       "new_volumes_mm3": args.new_volumes,
                        "model": args.model, "longitudinal": lcfg.to_dict(), "matching": args.matching,
                        "cpus": os.cpu_count(), "platform": platform.platform()},
             "targets": TARGETS, "elapsed_s": round(time.monotonic() - started, 1),
