@@ -74,9 +74,11 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from brainline.pipelines.change_choice import chosen_change  # noqa: E402
 from brainline.pipelines.image_pipeline import STEPS, PipelineConfig  # noqa: E402
-from brainline.pipelines.longitudinal import LongitudinalConfig, assessed_change, step_longitudinal  # noqa: E402
-from brainline.pipelines.rano import MEASURABLE_MM, bidimensional  # noqa: E402
+from brainline.pipelines.longitudinal import LongitudinalConfig, step_longitudinal  # noqa: E402
+from brainline.pipelines.longitudinal_images import axial_axis  # noqa: E402
+from brainline.pipelines.rano import bidimensional  # noqa: E402
 from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, TUNE_CASES  # noqa: E402
 from tests.synthetic_followup import (  # noqa: E402
     CASES,
@@ -123,20 +125,13 @@ def _array(path: Path) -> np.ndarray | None:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))) if path.exists() else None
 
 
-def axial_axis_of(image: sitk.Image) -> int:
-    """The numpy (z, y, x) axis across the axial planes: the index axis whose
-    direction is closest to superior-inferior (axis 0 on the BraTS grid)."""
-    d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    return 2 - int(np.argmax(np.abs(d[2, :])))
-
-
 def truth_bidimensional(truth_img: sitk.Image, lesion_ids) -> dict[int, dict]:
     """RANO size of each truth lesion, measured on the truth mask: long axis and
     longest perpendicular (``pipelines.rano.bidimensional``, edge to edge) on the
     axial slice where the lesion has the largest area (ties: nearest its centre);
-    measurable when both >= MEASURABLE_MM."""
+    measurable when both are >= 10 mm (``Bidimensional.measurable``)."""
     arr = sitk.GetArrayFromImage(truth_img)
-    axial = axial_axis_of(truth_img)
+    axial = axial_axis(truth_img.GetDirection())   # axis 0 on the BraTS grid
     spacing_zyx = truth_img.GetSpacing()[::-1]
     in_plane = [float(s) for k, s in enumerate(spacing_zyx) if k != axial]
     out: dict[int, dict] = {}
@@ -152,7 +147,7 @@ def truth_bidimensional(truth_img: sitk.Image, lesion_ids) -> dict[int, dict]:
         m = bidimensional(planes[k], in_plane)
         out[lid] = {"long_mm": None if m is None else round(m.long_mm, 1),
                     "short_mm": None if m is None else round(m.short_mm, 1),
-                    "measurable": bool(m is not None and m.long_mm >= MEASURABLE_MM and m.short_mm >= MEASURABLE_MM),
+                    "measurable": bool(m is not None and m.measurable),
                     "slice_index": k}
     return out
 
@@ -293,8 +288,8 @@ def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | Non
     independent = change.get("vs_prior") or {}
     # the step's measure of the change against the prior, per component as the assessment used it
     # (change.measure: the registered pair, or the two segmentations with a trained segmenter)
-    measure = change.get("measure") or {"uses": {k: "paired" for k in ("whole_tumor", "tumor_core", "3")}}
-    vs_prior = assessed_change(independent, change.get("vs_prior_paired"), measure)
+    # (a record without change.measure, written before the choice existed, reads as the pair)
+    vs_prior, _ = chosen_change(change)
     out: dict = {"true_mm3": {k: true[k] for k in ("whole_tumor", "tumor_core", "3", "2")},
                  "measured_on": {k: ("registered pair" if vs_prior.get(k) is not independent.get(k)
                                      else "two segmentations") for k in ("whole_tumor", "tumor_core", "3")},

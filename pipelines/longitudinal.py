@@ -95,7 +95,7 @@ from .registration import RegistrationError, register, resample_to
 log = logging.getLogger("brainline.longitudinal")
 
 __all__ = ["LongitudinalConfig", "step_longitudinal", "prepare_prior", "volume_change", "assess", "change_measure",
-           "assessed_change", "new_lesion_finding", "NEW_LESION_RULES"]
+           "new_lesion_finding", "NEW_LESION_RULES"]
 
 VOLUME_KEYS = ("1", "2", "3", "tumor_core", "whole_tumor")
 #: tumour mode, new_lesion_rule: "measurable" (RANO 2.0 / mRANO: a new measurable enhancing lesion is
@@ -473,12 +473,6 @@ def change_measure(lcfg: "LongitudinalConfig", prior_summary: dict, current_summ
             why = "the segmenter is not known to be a trained model; the registered pair is measured"
     uses = {k: (u if k in paired else "segmentations") for k, u in uses.items()}
     return {**rec, "uses": uses, "reason": why}
-
-
-def assessed_change(independent: dict, paired: dict | None, measure: dict) -> dict:
-    """The change against the most recent prior the assessment uses, per
-    component (:func:`pipelines.change_choice.chosen_change`)."""
-    return dict(chosen_change({"vs_prior": independent, "vs_prior_paired": paired, "measure": measure})[0])
 
 
 def volume_change(timepoints: list[dict], mode: str) -> tuple[dict, dict | None, dict | None]:
@@ -1077,9 +1071,7 @@ def _lesions(work: Path, rec: dict, lc: LongitudinalConfig) -> tuple[list[dict],
                   "peak_z": c.peak_z}
         if c.kind == "new" and "t1c" in rec.get("z_maps", {}):
             # RANO: is it enhancing, and measurable (both axial diameters >= 10 mm)?
-            enh = new_lesion_enhancement(c.mask, rec["z_maps"]["t1c"], rec["current_z"]["t1c"], rec["common"],
-                                         spacing_zyx, axial, lc)
-            enh.pop("slice_index")
-            lesion.update(enh)
+            lesion.update(new_lesion_enhancement(c.mask, rec["z_maps"]["t1c"], rec["current_z"]["t1c"],
+                                                 rec["common"], spacing_zyx, axial, lc))
         out.append(lesion)
     return out, note, where

@@ -422,10 +422,9 @@ def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c:
       (:func:`_subpixel_bidimensional`); ``measurable`` when both are >= 10 mm.
 
     Returns ``{"enhancing", "enhancing_mm3", "long_axis_mm", "short_axis_mm",
-    "measurable", "slice_index"}`` (diameters None when not enhancing;
-    ``slice_index`` along ``axial``)."""
+    "measurable"}`` (diameters None when not enhancing)."""
     out = {"enhancing": False, "enhancing_mm3": 0.0, "long_axis_mm": None, "short_axis_mm": None,
-           "measurable": False, "slice_index": None}
+           "measurable": False}
     if not region.any():
         return out
     voxel_mm3 = float(np.prod(spacing_zyx))
@@ -450,5 +449,5 @@ def new_lesion_enhancement(region: np.ndarray, z_t1c: np.ndarray, current_z_t1c:
     m = _subpixel_bidimensional(planes[k], np.moveaxis(z_t1c, axial, 0)[k], 0.5 * plateau, in_plane)
     if m is not None:
         out.update(long_axis_mm=round(m.long_mm, 1), short_axis_mm=round(m.short_mm, 1),
-                   measurable=bool(m.measurable), slice_index=k)
+                   measurable=bool(m.measurable))
     return out

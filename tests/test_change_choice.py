@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from brainline.pipelines.change_choice import chosen_change, measure_uses
 from brainline.pipelines.dicom_outputs.longitudinal_sr import change_vs_prior
-from brainline.pipelines.longitudinal import assessed_change
 
 
 def entry(delta, method=None):
@@ -31,13 +30,12 @@ def test_per_component_choice():
 
 def test_unrecorded_components_use_the_pair_everywhere():
     """A record written before the choice existed, or whose measure lacks a
-    component, uses the pair where it has one: the assessment (assessed_change)
+    component, uses the pair where it has one: the assessment (chosen_change)
     and the SR (change_vs_prior) agree (they used to differ here)."""
     for measure in (None, {"uses": {"3": "segmentations"}}, {"uses": "paired"}):
         change = {"vs_prior": INDEPENDENT, "vs_prior_paired": PAIRED, **({"measure": measure} if measure else {})}
         values, _ = chosen_change(change)
         assert values["tumor_core"] is PAIRED["tumor_core"] and values["whole_tumor"] is PAIRED["whole_tumor"]
-        assert assessed_change(INDEPENDENT, PAIRED, measure or {}) == values
         assert change_vs_prior(change)[0] == values
     one_word = {"vs_prior": INDEPENDENT, "vs_prior_paired": PAIRED, "measure": {"uses": "segmentations"}}
     assert chosen_change(one_word)[0] == INDEPENDENT
