@@ -131,6 +131,8 @@ class LongitudinalConfig:
     prior_bright_fraction: float = 0.5
     growth_fraction: float = 0.2
     growth_min_mm3: float = 30.0
+    growth_net_fraction: float = 0.5
+    growth_net_dilate_mm: float = 3.0
     lesion_bright_z: float = 3.5
     confidence_z_scale: float = 3.0
     confidence_volume_mm3: float = 50.0

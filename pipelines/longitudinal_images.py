@@ -230,7 +230,10 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
     * with prior lesion voxels P: the current lesion there plus the new
       subtraction voxels outside P is the current volume v, p = |P|;
       "growing" when v - p > max(growth_fraction x p, growth_min_mm3) and the
-      subtraction shows >= min_volume_mm3 of new voxels.
+      subtraction shows >= min_volume_mm3 of new voxels, and the subtraction
+      rose on balance around them (see ``_net_rise``: a thin bright structure
+      that moved or was blurred by resampling gives a rise on one side and a
+      fall beside it, no net rise; a lesion that grew gives a net rise).
     segmentation_extent: True (tumour mode, lesion masks = segmentations):
     the current lesion voxels count in a lesion's extent and volume; False
     (lesion mode, lesion masks include bright FLAIR): a new lesion is its
@@ -258,7 +261,8 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
     union = S | (current_lesion & brain) | (prior_lesion & brain)
     lab, n = ndimage.label(union, structure=STRUCTURE_26)
     min_vox = cfg.min_volume_mm3 / voxel_mm3
-    dropped = {"below_min_volume": 0, "bright_at_prior": 0, "no_subtraction_support": 0, "not_grown": 0}
+    dropped = {"below_min_volume": 0, "bright_at_prior": 0, "no_subtraction_support": 0, "not_grown": 0,
+               "no_net_rise": 0}
     out: list[Candidate] = []
     if n == 0:
         return out, dropped
@@ -312,6 +316,9 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
         gz = np.where(grown, zc, -np.inf)
         pk = np.unravel_index(int(np.argmax(gz)), gz.shape)
         role = roles[int(zarg[sl][pk])]
+        if not _net_rise(z_maps[role], grown, sl, brain, voxel_mm3, spacing_zyx, cfg):
+            dropped["no_net_rise"] += 1
+            continue
         out.append(_candidate("growing", region, sl, lab.shape, v, p, float(zc[pk]), role, v - p, cfg))
     return out, dropped
 
@@ -326,6 +333,32 @@ def _integrated_volume(z: np.ndarray, region: np.ndarray, brain: np.ndarray, vox
         return None
     around = ndimage.binary_dilation(region, structure=_ball(cfg.new_volume_dilate_mm, spacing_zyx)) & brain
     return round(float(np.minimum(z[around] / ref, 1.0).sum()) * voxel_mm3, 1)
+
+
+def _net_rise(z: np.ndarray, grown: np.ndarray, sl: tuple, brain: np.ndarray, voxel_mm3: float, spacing_zyx,
+              cfg) -> bool:
+    """Did the subtraction rise on balance where a lesion grew?
+
+    z: robust z of the subtraction on the whole grid; grown: the growth voxels
+    (a boolean array on the component's bounding box ``sl``). Sums min(z / z_ref, 1)
+    (z_ref: the 95th percentile of z over the growth; no clipping at 0) over
+    the growth dilated by ``growth_net_dilate_mm`` (inside ``brain``) and
+    compares that volume (mm^3) with the growth's: a lesion that grew adds about
+    its growth, a thin bright structure shifted by residual misregistration or
+    sharpened against a blurred prior (septum pellucidum, vessels) adds a fall
+    next to each rise, about 0. True when the net volume is at least
+    ``growth_net_fraction`` x the growth volume."""
+    pad = [int(np.ceil(cfg.growth_net_dilate_mm / s)) + 1 for s in spacing_zyx]
+    big = tuple(slice(max(0, a.start - p), min(n, a.stop + p)) for a, p, n in zip(sl, pad, z.shape))
+    g = np.zeros(tuple(b.stop - b.start for b in big), bool)
+    g[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(sl, big))] = grown
+    zb = z[big]
+    ref = float(np.percentile(zb[g], 95))
+    if ref <= 0:
+        return False
+    around = ndimage.binary_dilation(g, structure=_ball(cfg.growth_net_dilate_mm, spacing_zyx)) & brain[big]
+    net = float(np.minimum(zb[around] / ref, 1.0).sum())
+    return net >= cfg.growth_net_fraction * float(g.sum())
 
 
 def _largest_touching(region: np.ndarray, peak: tuple) -> np.ndarray:
