@@ -89,8 +89,10 @@ from tests.corpus import (
     sample,
 )
 
-GENERATOR_VERSION = 3                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
+GENERATOR_VERSION = 4                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
                                      # 3: and the visible edge of the lesion moves out with its boundary
+                                     # 4: new lesions only where every sequence has signal and where they
+                                     #    come out brighter than the tissue there (_insert_lesions)
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
 VARIANTS: tuple[str, ...] = ("nochange", "grown", "new", "thick")
 CASES: tuple[str, ...] = BRATS18_CASES
@@ -108,6 +110,8 @@ LESION_EDGE_MM = 1.5                 # width of the linear ramp of a new lesion'
 TUMOUR_DISTANCE_MM = 20.0            # new lesions this far from the whole tumour at least
 BRAIN_DEPTH_MM = 5.0                 # ... and this deep inside the brain (beyond their radius)
 LESION_SPACING_MM = 10.0             # gap between two new lesions
+LESION_MIN_CONTRAST = 0.05           # a new lesion's painted FLAIR (T1c if enhancing) >= (1 + this) x local tissue
+LOCAL_TISSUE_MM = 3.0                # local tissue level: tissue-weighted Gaussian mean (sigma, mm)
 WT_GROWTH = (0.10, 0.30)             # fraction of the grown component's WT volume
 TC_GROWTH = (0.20, 0.50)             # fraction of its TC volume
 GROWTH_MAX_MM = 15.0                 # growth candidates this close to the region
@@ -484,12 +488,28 @@ def _tissue_mask(arrays: dict[str, np.ndarray], brain: np.ndarray, labels: np.nd
     return inside & ~csf
 
 
+def _local_levels(arrays: dict[str, np.ndarray], tissue: np.ndarray, spacing_zyx) -> dict[str, np.ndarray]:
+    """FLAIR and T1c level of the tissue around each voxel: Gaussian (LOCAL_TISSUE_MM) mean of
+    the ``tissue`` voxels only (source image units; inf where no tissue is near)."""
+    sigma = [LOCAL_TISSUE_MM / s for s in spacing_zyx]
+    weight = ndimage.gaussian_filter(tissue.astype(np.float32), sigma)
+    out = {}
+    for role in ("flair", "t1c"):
+        if role in arrays:
+            total = ndimage.gaussian_filter(np.where(tissue, arrays[role], 0.0).astype(np.float32), sigma)
+            out[role] = np.where(weight > 1e-3, total / np.maximum(weight, 1e-3), np.inf)
+    return out
+
+
 def _insert_lesions(rng, arrays, labels, brain, image, stats, n: int | None = None,
                     volumes: Sequence[float] | None = None) -> tuple[np.ndarray, list[dict]]:
     spacing = np.array(_spacing_zyx(image))
     vox = _voxel_mm3(image)
     shape = labels.shape
-    tissue = _tissue_mask(arrays, brain, labels)
+    # v4: only where every sequence imaged the brain (BraTS 2013_20's FLAIR is 0 in a third of it)
+    signal = np.logical_and.reduce([arrays[r] > 0 for r in ROLES if r in arrays])
+    tissue = _tissue_mask(arrays, brain, labels) & signal
+    tissue_level = _local_levels(arrays, tissue, spacing)
     # distance maps (mm) on the brain's bounding box only (+ a 1-voxel zero border)
     crop = _bbox(brain, 1, shape)
     depth = np.zeros(shape, np.float32)
@@ -518,8 +538,21 @@ def _insert_lesions(rng, arrays, labels, brain, image, stats, n: int | None = No
                         [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
                         [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]])
         r_max = float(axes.max())
+        enhancing = bool(rng.random() < 0.5)
+        targets = dict(stats[ED])
+        if enhancing:  # the case's enhancing tumour, else the 99th T1c percentile of the brain
+            targets["t1c"] = stats[ET]["t1c"] if "t1c" in stats.get(ET, {}) else \
+                (float(np.percentile(arrays["t1c"][brain], 99)), 0.1)
         ok = ((tissue_depth >= r_max * 0.8 + 1.0) & (depth >= r_max + BRAIN_DEPTH_MM)
               & (from_tumour >= TUMOUR_DISTANCE_MM + r_max))
+        # v4: a FLAIR lesion is hyperintense (an enhancing one on T1c too): not where the tissue is
+        # already as bright as the level painted (BraTS 2013_11's oedema is darker than its white matter)
+        # (the brightest local level over the lesion's box and 2 mm beyond: its whole surroundings)
+        reach = np.maximum(1, 2 * np.ceil((r_max + 2.0) / spacing).astype(int) + 1)
+        for role in ("flair", "t1c") if enhancing else ("flair",):
+            if role in targets and role in tissue_level:
+                brightest = ndimage.maximum_filter(tissue_level[role], size=tuple(int(v) for v in reach))
+                ok &= brightest * (1.0 + LESION_MIN_CONTRAST) <= targets[role][0]
         cand = np.argwhere(ok)
         centre = None
         for _ in range(200):
@@ -553,11 +586,6 @@ def _insert_lesions(rng, arrays, labels, brain, image, stats, n: int | None = No
         weight = np.clip(0.5 + (s - r_norm) * r_eq / LESION_EDGE_MM, 0.0, 1.0).astype(np.float32)
         weight = np.where(ids[box] == 0, weight, 0.0).astype(np.float32)
         weight[mask] = np.maximum(weight[mask], 0.5)
-        enhancing = bool(rng.random() < 0.5)
-        targets = dict(stats[ED])
-        if enhancing:  # the case's enhancing tumour, else the 99th T1c percentile of the brain
-            targets["t1c"] = stats[ET]["t1c"] if "t1c" in stats.get(ET, {}) else \
-                (float(np.percentile(arrays["t1c"][brain], 99)), 0.1)
         _paint(arrays, weight, box, targets, rng, [TEXTURE_MM / sp for sp in spacing],
                texture_scale=LESION_TEXTURE_SCALE)
         ids[box][mask] = k

@@ -161,7 +161,7 @@ def test_grown_tumour_image_carries_the_truth(out):
     0.60 here, v3 1.02."""
     pair = make_pair(CASE, "grown", out, seed=5, spacing_mm=2, noise=0.0, bias=(0.0, 0.0),
                      prior_interpolation="linear", name="grown_clean")
-    assert pair.truth["generator_version"] == GENERATOR_VERSION == 3
+    assert pair.truth["generator_version"] == GENERATOR_VERSION == 4
     images, source_labels_img = load_source(CASE, spacing_mm=2)
     src = {r: sitk.GetArrayFromImage(images[r]).astype(np.float32) for r in ROLES}
     labels = sitk.GetArrayFromImage(source_labels_img)
@@ -198,3 +198,25 @@ def test_thick_prior_flair(out):
     assert pair.truth["prior"]["thick_flair_mm"] == 5.0
     assert 1 <= len(pair.truth["new_lesions"]) <= 4
     assert all(15.0 * 0.5 <= l["volume_mm3"] <= 500.0 * 1.1 for l in pair.truth["new_lesions"])
+
+
+@pytest.mark.parametrize("case", ["2013_20", "2013_11"])
+def test_new_lesions_are_imaged_and_hyperintense(out, case):
+    """Generator v4: a new lesion lies where every sequence imaged the brain (2013_20's
+    FLAIR is 0 in a third of it) and is brighter than the tissue around it on FLAIR, and
+    on T1c when enhancing (2013_11's oedema level is below its white matter; v3 painted
+    lesions darker than their surroundings on both)."""
+    pair = make_pair(case, "new", out, seed=0, spacing_mm=2, new_volumes_mm3=[60.0, 120.0, 240.0, 480.0],
+                     noise=0.0, bias=(0.0, 0.0), prior_interpolation="linear", name=f"v4_{case}")
+    images, _ = load_source(case, spacing_mm=2)
+    source = {r: sitk.GetArrayFromImage(images[r]) for r in ROLES}
+    ids = sitk.GetArrayFromImage(pair.truth_image("new_lesions"))
+    lesions = pair.truth["new_lesions"]
+    assert lesions, "no lesion placed"
+    for lesion in lesions:
+        mask = ids == lesion["id"]
+        assert all((source[r][mask] > 0).all() for r in ROLES), lesion
+        shell = ndimage.binary_dilation(mask, iterations=2) & ~ndimage.binary_dilation(mask) & (ids == 0)
+        for role in ("flair", "t1c") if lesion["enhancing"] else ("flair",):
+            current = arr(pair.current / "nifti" / f"{role}.nii.gz")
+            assert np.median(current[mask]) > np.median(current[shell]), (case, role, lesion)
