@@ -72,10 +72,12 @@ import yaml
 from scipy import ndimage
 
 from brainline.models.base import ET, NCR, ROLES
+from brainline.models.registry import load_backend
 
 from .boundary_shift import boundary_band, boundary_shift
 from .change_choice import chosen_change
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
+from .joint_segmentation import JOINT_SEGMENTERS, joint_segmentation_change
 from .lesion_location import locate_points
 from .longitudinal_images import (
     axial_axis,
@@ -142,7 +144,7 @@ class LongitudinalConfig:
     assessed_components: tuple = ("3", "tumor_core")
     paired_support_z: float = 2.0
     paired_margin_mm: float = 5.0
-    paired_method: str = "boundary_shift"
+    paired_method: str | dict = "boundary_shift"
     bsi_window: tuple = (0.1, 0.5)
     bsi_band_out_mm: float = 3.0
     bsi_band_in_mm: float = 3.0
@@ -186,25 +188,38 @@ class LongitudinalConfig:
             raise ValueError(f"intensity_match must be histogram or linear, not {cfg.intensity_match!r}")
         if cfg.bsi_core_tissue not in ("oedema", "brain"):
             raise ValueError(f"bsi_core_tissue must be oedema or brain, not {cfg.bsi_core_tissue!r}")
-        if cfg.paired_method not in ("boundary_shift", "confirmed_voxels"):
-            raise ValueError(f"paired_method must be boundary_shift or confirmed_voxels, not {cfg.paired_method!r}")
+        cfg.paired_method = _per_component_setting(cfg.paired_method, PAIRED_METHODS, "paired_method")
         if cfg.new_lesion_rule not in NEW_LESION_RULES:
             raise ValueError(f"new_lesion_rule must be {', '.join(NEW_LESION_RULES)}, not {cfg.new_lesion_rule!r}")
         if cfg.change_measure not in ("auto", "paired", "segmentations"):
             raise ValueError(f"change_measure must be auto, paired or segmentations, not {cfg.change_measure!r}")
-        trained = cfg.change_measure_trained
-        if isinstance(trained, dict):
-            trained = {str(k): v for k, v in trained.items()}
-            cfg.change_measure_trained = trained
-        words = set(trained.values()) if isinstance(trained, dict) else {trained}
-        keys = set(trained) if isinstance(trained, dict) else set()
-        if not words <= {"paired", "segmentations"} or not keys <= set(PAIRED_COMPONENTS):
-            raise ValueError(f"change_measure_trained must be paired or segmentations, or a mapping of "
-                             f"{', '.join(PAIRED_COMPONENTS)} to them, not {cfg.change_measure_trained!r}")
+        cfg.change_measure_trained = _per_component_setting(cfg.change_measure_trained, ("paired", "segmentations"),
+                                                            "change_measure_trained")
         return cfg
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+def _per_component_setting(value, words: tuple, key: str):
+    """A setting that is one word for ET, TC and WT, or a mapping of components
+    (:data:`PAIRED_COMPONENTS`: "3", "tumor_core", "whole_tumor") to words; mapping keys
+    as strings. Raises ValueError naming ``key`` otherwise."""
+    if isinstance(value, dict):
+        value = {str(k): v for k, v in value.items()}
+    given = set(value.values()) if isinstance(value, dict) else {value}
+    keys = set(value) if isinstance(value, dict) else set()
+    if not given <= set(words) or not keys <= set(PAIRED_COMPONENTS):
+        raise ValueError(f"{key} must be one of {', '.join(words)}, or a mapping of "
+                         f"{', '.join(PAIRED_COMPONENTS)} to them, not {value!r}")
+    return value
+
+
+def per_component(value, default: str) -> dict[str, str]:
+    """A word-or-mapping setting (see :func:`_per_component_setting`) for every component."""
+    if isinstance(value, dict):
+        return {k: str(value.get(k, default)) for k in PAIRED_COMPONENTS}
+    return {k: str(value) for k in PAIRED_COMPONENTS}
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +276,14 @@ def _change(ref: dict, cur: dict) -> dict:
                   "percent": round(100.0 * (b - a) / a, 1) if a > 0 else None}
     return out
 
+
+#: Mean blur of one linear interpolation at a random sub-voxel offset t: variance t(1 - t)
+#: averaged over t in [0, 1), in voxel^2 per axis (sigma ~0.41 voxel).
+LINEAR_INTERPOLATION_VARIANCE = 1.0 / 6.0
+
+#: change.vs_prior_paired measures (``paired_method``; joint_segmentation only where both
+#: timepoints were segmented by one of joint_segmentation.JOINT_SEGMENTERS, else boundary_shift).
+PAIRED_METHODS = ("boundary_shift", "confirmed_voxels", "joint_segmentation")
 
 #: Component -> (its voxels in a BraTS 2023 label map, the subtraction that must confirm a change).
 PAIRED_COMPONENTS = {"whole_tumor": (lambda a: a > 0, "flair"),
@@ -416,10 +439,7 @@ MEASURE_NAMES = {"3": "ET", "tumor_core": "TC", "whole_tumor": "WT"}
 
 def _trained_setting(lcfg: "LongitudinalConfig") -> dict[str, str]:
     """``change_measure_trained`` per component (ET "3", TC, WT): one word for all, or a mapping."""
-    v = lcfg.change_measure_trained
-    if isinstance(v, dict):
-        return {k: str(v.get(k, "paired")) for k in PAIRED_COMPONENTS}
-    return {k: str(v) for k in PAIRED_COMPONENTS}
+    return per_component(lcfg.change_measure_trained, "paired")
 
 
 def change_measure(lcfg: "LongitudinalConfig", prior_summary: dict, current_summary: dict,
@@ -717,7 +737,7 @@ def _norm_smooth(image: sitk.Image, mask: sitk.Image, sigma: np.ndarray, cache: 
 
 
 def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg: PipelineConfig,
-                    lcfg: LongitudinalConfig, mode: str) -> dict:
+                    lcfg: LongitudinalConfig, mode: str, joint_backend=None) -> dict:
     """Register, match, subtract and find lesions; returns a record with
     "registration", "ok" (False = flagged/failed, with "note"), and when ok:
     "subtractions", "resolution", "intensity_match", "lesions" (Candidates),
@@ -797,6 +817,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     subtractions, resolution, z_maps, prior_z, current_z, matched_rec, sd_rec = {}, {}, {}, {}, {}, {}, {}
     coverage_rec: dict = {}
     pair_images: dict = {}
+    joint_images: dict = {}
     flair_bright_cur = flair_bright_pri = None
     den_cache: dict = {}
     for role in common_roles:
@@ -820,10 +841,16 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             else:
                 res["note"] = "native voxel sizes unknown for one timepoint: no resolution matching"
             resolution[role] = res
-        if role in SUBTRACTION_ROLES:
+        light = np.array(grid.GetSpacing()) * lcfg.smooth_voxels
+        if joint_backend is not None:
+            # the joint segmentation's current: also blurred as the prior was by its one extra
+            # linear interpolation onto this grid (variance 1/6 voxel^2 per axis, see below)
+            joint_cur = sitk.GetArrayFromImage(_norm_smooth(
+                cur, cur_mask_img, np.sqrt(s_cur ** 2 + light ** 2 + np.array(grid.GetSpacing()) ** 2
+                                           * LINEAR_INTERPOLATION_VARIANCE), den_cache))
+        if role in SUBTRACTION_ROLES or joint_backend is not None:
             # plus the same light blur on both (the prior went through one more
             # interpolation than the current); one Gaussian: variances add
-            light = np.array(grid.GetSpacing()) * lcfg.smooth_voxels
             cur = _norm_smooth(cur, cur_mask_img, np.sqrt(s_cur ** 2 + light ** 2), den_cache)
             pri = _norm_smooth(pri, pm_img, np.sqrt(s_pri ** 2 + light ** 2), den_cache)
         c_arr = sitk.GetArrayFromImage(cur)
@@ -849,6 +876,8 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                                                              lcfg.differential_bias_sigma_mm)
             matched = matched * f
         matched_rec[role] = mrec
+        if joint_backend is not None:
+            joint_images[role] = (joint_cur, matched)
         write_full(matched, out_dir / f"prior{index}_{role}.nii.gz")
         if role in SUBTRACTION_ROLES:
             d = np.where(covered, c_arr - matched, 0.0).astype(np.float32)
@@ -896,16 +925,36 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         entry["method"] = "subtraction-confirmed voxels"
     bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg)
     rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
-    # the configured measure; a component it cannot give (e.g. no enhancement for the BSI on T1c)
-    # comes from the other one, its "method" says which
-    first, second = (bsi, voxels) if lcfg.paired_method == "boundary_shift" else (voxels, bsi)
-    rec["paired_change"] = {k: first.get(k) or second.get(k) for k in PAIRED_COMPONENTS
-                            if first.get(k) or second.get(k)}
+    if joint_backend is not None:
+        rec["paired_methods"]["joint_segmentation"] = joint_segmentation_change(
+            joint_backend, joint_images, common, grid.GetSpacing()[::-1],
+            {k: select for k, (select, _) in PAIRED_COMPONENTS.items()}, prior_lab, _change)
+    # the configured measure; a component it cannot give (e.g. no enhancement for the BSI on T1c;
+    # no joint segmentation for a trained model) comes from the next one, its "method" says which
+    methods = rec["paired_methods"]
+    rec["paired_change"] = {}
+    for k, chosen in per_component(lcfg.paired_method, "boundary_shift").items():
+        preference = [chosen] + [m for m in ("boundary_shift", "confirmed_voxels") if m != chosen]
+        entry = next(((methods.get(m) or {}).get(k) for m in preference if (methods.get(m) or {}).get(k)), None)
+        if entry:
+            rec["paired_change"][k] = entry
     rec.update(ok=True, subtractions=subtractions, resolution=resolution, intensity_match=lcfg.intensity_match,
                intensity_mapping=matched_rec, subtraction_sd=sd_rec, coverage_percent=coverage_rec,
                candidates=cands, dropped=dropped, grid=grid,
                full_grid=full_grid, crop=crop, z_maps=z_maps, current_z=current_z, common=common)
     return rec
+
+
+def _joint_backend(lcfg: LongitudinalConfig, prior_summary: dict, current_summary: dict):
+    """The segmenter for the joint-segmentation measure: when ``paired_method`` is
+    joint_segmentation and one segmenter that can re-run on arrays
+    (:data:`.joint_segmentation.JOINT_SEGMENTERS`) segmented both timepoints; else None."""
+    if "joint_segmentation" not in per_component(lcfg.paired_method, "boundary_shift").values():
+        return None
+    name = segmenter_of(current_summary)
+    if name not in JOINT_SEGMENTERS or segmenter_of(prior_summary) != name:
+        return None
+    return load_backend({"type": name})
 
 
 # ---------------------------------------------------------------------------
@@ -979,7 +1028,8 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
         date_text = _date(recent["date"])
         t_img = time.monotonic()
         try:
-            rec = _compare_images(work, recent["dir"], recent["index"], date_text, cfg, lc, mode)
+            rec = _compare_images(work, recent["dir"], recent["index"], date_text, cfg, lc, mode,
+                                  _joint_backend(lc, recent["summary"], cur_summary))
         except Exception as exc:  # noqa: BLE001 - unreadable prior images etc.
             log.warning("longitudinal comparison failed: %s", _words(exc))
             rec = {"ok": False, "notes": [], "flags": [f"comparison with the prior study ({date_text}) failed: "
