@@ -844,7 +844,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         light = np.array(grid.GetSpacing()) * lcfg.smooth_voxels
         if joint_backend is not None:
             # the joint segmentation's current: also blurred as the prior was by its one extra
-            # linear interpolation onto this grid (variance 1/6 voxel^2 per axis, see below)
+            # linear interpolation onto this grid (LINEAR_INTERPOLATION_VARIANCE per axis)
             joint_cur = sitk.GetArrayFromImage(_norm_smooth(
                 cur, cur_mask_img, np.sqrt(s_cur ** 2 + light ** 2 + np.array(grid.GetSpacing()) ** 2
                                            * LINEAR_INTERPOLATION_VARIANCE), den_cache))
