@@ -316,49 +316,54 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
         gz = np.where(grown, zc, -np.inf)
         pk = np.unravel_index(int(np.argmax(gz)), gz.shape)
         role = roles[int(zarg[sl][pk])]
-        if not _net_rise(z_maps[role], grown, sl, brain, voxel_mm3, spacing_zyx, cfg):
+        if not _net_rise(z_maps[role], grown, sl, brain, spacing_zyx, cfg):
             dropped["no_net_rise"] += 1
             continue
         out.append(_candidate("growing", region, sl, lab.shape, v, p, float(zc[pk]), role, v - p, cfg))
     return out, dropped
 
 
+def _partial_volume_sum(z: np.ndarray, region: np.ndarray, brain: np.ndarray, spacing_zyx, dilate_mm: float,
+                        percentile: float) -> float | None:
+    """Sum of min(z / z_ref, 1) over ``region`` dilated by ``dilate_mm`` (a ball, mm) inside
+    ``brain``, z_ref the ``percentile`` of z over ``region``; negatives count (noise and a fall
+    beside a rise cancel). In voxels; None when ``region`` is empty or z_ref <= 0. Arrays on one
+    (z, y, x) box; the dilation stops at its edge."""
+    if not region.any():
+        return None
+    ref = float(np.percentile(z[region], percentile))
+    if ref <= 0:
+        return None
+    around = ndimage.binary_dilation(region, structure=_ball(dilate_mm, spacing_zyx)) & brain
+    return float(np.minimum(z[around] / ref, 1.0).sum())
+
+
 def _integrated_volume(z: np.ndarray, region: np.ndarray, brain: np.ndarray, voxel_mm3: float, spacing_zyx,
                        cfg) -> float | None:
     """Partial-volume volume (mm^3) of a new lesion from its subtraction z (see find_lesions)."""
-    if not region.any():
-        return None
-    ref = float(np.percentile(z[region], cfg.new_volume_reference_percentile))
-    if ref <= 0:
-        return None
-    around = ndimage.binary_dilation(region, structure=_ball(cfg.new_volume_dilate_mm, spacing_zyx)) & brain
-    return round(float(np.minimum(z[around] / ref, 1.0).sum()) * voxel_mm3, 1)
+    total = _partial_volume_sum(z, region, brain, spacing_zyx, cfg.new_volume_dilate_mm,
+                                cfg.new_volume_reference_percentile)
+    return None if total is None else round(total * voxel_mm3, 1)
 
 
-def _net_rise(z: np.ndarray, grown: np.ndarray, sl: tuple, brain: np.ndarray, voxel_mm3: float, spacing_zyx,
-              cfg) -> bool:
+def _net_rise(z: np.ndarray, grown: np.ndarray, sl: tuple, brain: np.ndarray, spacing_zyx, cfg) -> bool:
     """Did the subtraction rise on balance where a lesion grew?
 
     z: robust z of the subtraction on the whole grid; grown: the growth voxels
-    (a boolean array on the component's bounding box ``sl``). Sums min(z / z_ref, 1)
-    (z_ref: the 95th percentile of z over the growth; no clipping at 0) over
-    the growth dilated by ``growth_net_dilate_mm`` (inside ``brain``) and
-    compares that volume (mm^3) with the growth's: a lesion that grew adds about
-    its growth, a thin bright structure shifted by residual misregistration or
-    sharpened against a blurred prior (septum pellucidum, vessels) adds a fall
-    next to each rise, about 0. True when the net volume is at least
-    ``growth_net_fraction`` x the growth volume."""
+    (a boolean array on the component's bounding box ``sl``). The partial-volume
+    sum (:func:`_partial_volume_sum`, z_ref the 95th percentile of z over the
+    growth) over the growth dilated by ``growth_net_dilate_mm`` (the box padded so
+    the dilation is whole) is compared with the growth's voxel count: a lesion
+    that grew adds about its growth, a thin bright structure shifted by residual
+    misregistration or sharpened against a blurred prior (septum pellucidum,
+    vessels) adds a fall next to each rise, about 0. True when the net sum is at
+    least ``growth_net_fraction`` x the growth."""
     pad = [int(np.ceil(cfg.growth_net_dilate_mm / s)) + 1 for s in spacing_zyx]
     big = tuple(slice(max(0, a.start - p), min(n, a.stop + p)) for a, p, n in zip(sl, pad, z.shape))
     g = np.zeros(tuple(b.stop - b.start for b in big), bool)
     g[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(sl, big))] = grown
-    zb = z[big]
-    ref = float(np.percentile(zb[g], 95))
-    if ref <= 0:
-        return False
-    around = ndimage.binary_dilation(g, structure=_ball(cfg.growth_net_dilate_mm, spacing_zyx)) & brain[big]
-    net = float(np.minimum(zb[around] / ref, 1.0).sum())
-    return net >= cfg.growth_net_fraction * float(g.sum())
+    net = _partial_volume_sum(z[big], g, brain[big], spacing_zyx, cfg.growth_net_dilate_mm, 95.0)
+    return net is not None and net >= cfg.growth_net_fraction * float(g.sum())
 
 
 def _largest_touching(region: np.ndarray, peak: tuple) -> np.ndarray:
