@@ -44,7 +44,7 @@ from tests.synthetic_followup import load_pair  # noqa: E402
 
 WINDOWS = [(0.0, 1.0), (0.1, 0.9), (0.25, 0.75), (0.35, 0.65), (0.4, 0.8), (0.2, 0.6), (0.1, 0.5), (0.3, 0.9)]
 BANDS_OUT = [3.0, 6.0, 9.0, 12.0, 16.0]
-BANDS_IN = [1.0, 3.0]
+BANDS_IN = [0.0, 1.0, 2.0, 3.0]
 COMPONENTS = ("whole_tumor", "tumor_core")
 
 

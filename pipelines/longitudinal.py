@@ -83,6 +83,7 @@ from .longitudinal_images import (
     axial_axis,
     differential_bias,
     find_lesions,
+    fit_region,
     match_intensity,
     native_coverage,
     new_lesion_enhancement,
@@ -115,6 +116,7 @@ class LongitudinalConfig:
     transform: str = "rigid"
     intensity_match: str = "histogram"
     differential_bias_sigma_mm: float = 15.0
+    match_exclude_lesion_mm: float = 0.0
     histogram_levels: int = 256
     histogram_match_points: int = 32
     linear_percentiles: tuple = (5, 95, 5)
@@ -633,6 +635,24 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
 
 # ---------------------------------------------------------------------------
 # images
+def _match_prior(p_arr: np.ndarray, c_arr: np.ndarray, fit: np.ndarray, covered: np.ndarray, common: np.ndarray,
+                 prior_mask: np.ndarray, role: str, lcfg: LongitudinalConfig,
+                 grid: sitk.Image) -> tuple[np.ndarray, dict]:
+    """The prior's intensities mapped onto the current's (``intensity_match``), fitted
+    on ``fit`` (:func:`fit_region`; ``covered`` = the whole common coverage), then, for
+    a subtraction sequence, times the differential bias field fitted there too.
+    Arrays on the cropped current grid (z, y, x); returns (matched prior, record)."""
+    matched, mrec = match_intensity(p_arr, c_arr, fit, prior_mask, lcfg.intensity_match,
+                                    lcfg.histogram_levels, lcfg.histogram_match_points,
+                                    tuple(lcfg.linear_percentiles))
+    if lcfg.differential_bias_sigma_mm > 0 and role in SUBTRACTION_ROLES:
+        f, mrec["differential_bias"] = differential_bias(c_arr, matched, common, grid.GetSpacing()[::-1],
+                                                         lcfg.differential_bias_sigma_mm,
+                                                         fit=None if fit is covered else fit & common)
+        matched = matched * f
+    return matched, mrec
+
+
 def _read(path: Path, pixel=sitk.sitkFloat32) -> sitk.Image:
     return sitk.ReadImage(str(path), pixel)
 
@@ -868,16 +888,19 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             if fraction < lcfg.coverage_note_fraction:
                 rec["notes"].append(f"{ROLE_LABELS.get(role, role)} of the two studies overlaps on "
                                     f"{100.0 * fraction:.0f} % of the brain only: no subtraction outside it")
-        matched, mrec = match_intensity(p_arr, c_arr, covered, prior_mask, lcfg.intensity_match,
-                                        lcfg.histogram_levels, lcfg.histogram_match_points,
-                                        tuple(lcfg.linear_percentiles))
-        if lcfg.differential_bias_sigma_mm > 0 and role in SUBTRACTION_ROLES:
-            f, mrec["differential_bias"] = differential_bias(c_arr, matched, common, grid.GetSpacing()[::-1],
-                                                             lcfg.differential_bias_sigma_mm)
-            matched = matched * f
+        # option: fitted away from the lesions, the segmentations (+ match_exclude_lesion_mm) and what is
+        # bright on this sequence at either time (+ 2 mm)
+        bright = ((robust_z(c_arr, covered)[0] > lcfg.lesion_bright_z)
+                  | (robust_z(p_arr, covered)[0] > lcfg.lesion_bright_z)) if lcfg.match_exclude_lesion_mm > 0 else None
+        fit, fit_rec = fit_region(covered, prior_seg | cur_seg, grid.GetSpacing()[::-1], lcfg.match_exclude_lesion_mm,
+                                  bright=bright)
+        matched, mrec = _match_prior(p_arr, c_arr, fit, covered, common, prior_mask, role, lcfg, grid)
+        mrec["fit"] = fit_rec
         matched_rec[role] = mrec
         if joint_backend is not None:
-            joint_images[role] = (joint_cur, matched)
+            # the joint measure keeps the whole-brain fit it was measured with (README "Joint segmentation run")
+            joint_images[role] = (joint_cur, matched if fit is covered else
+                                  _match_prior(p_arr, c_arr, covered, covered, common, prior_mask, role, lcfg, grid)[0])
         write_full(matched, out_dir / f"prior{index}_{role}.nii.gz")
         if role in SUBTRACTION_ROLES:
             d = np.where(covered, c_arr - matched, 0.0).astype(np.float32)

@@ -19,7 +19,8 @@ from scipy import ndimage
 
 from .rano import bidimensional
 
-__all__ = ["robust_z", "signal_mask", "match_intensity", "differential_bias", "voxel_extent_mm", "resolution_sigmas",
+__all__ = ["robust_z", "signal_mask", "fit_region", "match_intensity", "differential_bias", "voxel_extent_mm",
+           "resolution_sigmas",
            "smooth_mm", "native_coverage", "Candidate", "find_lesions", "STRUCTURE_26", "axial_axis",
            "new_lesion_enhancement"]
 
@@ -56,14 +57,59 @@ def signal_mask(values: np.ndarray, mask: np.ndarray, min_voxels: int = 1000) ->
     return signal if int(signal.sum()) >= min_voxels else mask
 
 
+def fit_region(common: np.ndarray, lesions: np.ndarray | None, spacing_zyx, exclude_mm: float,
+               bright: np.ndarray | None = None, bright_mm: float = 2.0,
+               min_fraction: float = 0.5) -> tuple[np.ndarray, dict]:
+    """Where the two timepoints' intensities are matched (and the differential bias
+    fitted): ``common`` less the voxels within ``exclude_mm`` (mm) of ``lesions`` (the
+    two timepoints' segmentations, united) and within ``bright_mm`` of ``bright``
+    (voxels bright at either timepoint: lesions no segmentation holds, e.g. MS-like
+    FLAIR lesions). A lesion that grew or shrank changes the brightest part of the
+    histogram and the local intensity ratio; fitted over it, the matching and the
+    smooth bias field take up part of the very change that is to be measured.
+    ``common`` itself when ``exclude_mm`` <= 0, or when less than ``min_fraction``
+    of it would remain."""
+    if exclude_mm <= 0:
+        return common, {"lesions_excluded": False}
+    near = np.zeros(common.shape, bool)
+    for mask, mm in ((lesions, exclude_mm), (bright, bright_mm)):
+        if mask is not None and mask.any():
+            near |= ndimage.distance_transform_edt(~mask, sampling=spacing_zyx) <= mm
+    if not near.any():
+        return common, {"lesions_excluded": False}
+    fit = common & ~near
+    if fit.sum() < min_fraction * common.sum():
+        return common, {"lesions_excluded": False, "reason": f"less than {min_fraction:.0%} of the brain "
+                                                             f"lies away from the lesions"}
+    return fit, {"lesions_excluded": True, "exclude_mm": exclude_mm, "bright_mm": bright_mm,
+                 "fit_percent_of_brain": round(100.0 * float(fit.sum()) / max(1, int(common.sum())), 1)}
+
+
+def _interp_extended(values: np.ndarray, xs: np.ndarray, ys: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """The monotone mapping (xs -> ys, xs increasing) at ``values``, extended beyond
+    the fitted range by straight lines instead of held flat: above it with the
+    least-squares slope of the mapping at the 50th-99th percentiles of ``fitted``
+    (the values it was fitted on), below it with that at the 1st-50th. A lesion
+    left out of the fit (:func:`fit_region`) is brighter than anything fitted; a
+    flat extension would map all of it to the fitted maximum."""
+    out = np.interp(values, xs, ys)
+    for sel, q, edge in ((values > xs[-1], (50, 60, 70, 80, 90, 95, 99), -1),
+                         (values < xs[0], (1, 5, 10, 20, 30, 40, 50), 0)):
+        if sel.any():
+            qx = np.percentile(fitted, q)
+            slope = float(np.polyfit(qx, np.interp(qx, xs, ys), 1)[0]) if np.ptp(qx) > 0 else 1.0
+            out[sel] = ys[edge] + max(slope, 0.0) * (values[sel] - xs[edge])
+    return out
+
+
 def match_intensity(prior: np.ndarray, current: np.ndarray, common: np.ndarray, prior_mask: np.ndarray,
                     method: str = "histogram", levels: int = 256, match_points: int = 32,
                     percentiles: tuple[float, float, float] = (5, 95, 5)) -> tuple[np.ndarray, dict]:
     """Map the prior's intensities onto the current's, fitted on ``common``
-    (the intersection of both brain masks) and applied to the prior's brain
+    (both brain masks; :func:`fit_region`) and applied to the prior's brain
     (``prior_mask``; 0 elsewhere). Returns (matched prior, record).
 
-    "histogram": ``sitk.HistogramMatching`` of the common voxels (quantile
+    "histogram": ``sitk.HistogramMatching`` of the fitted voxels (quantile
     mapping at ``match_points`` points, ``levels`` bins), extended to the rest
     of the prior brain by monotone interpolation of that mapping.
     "linear": least-squares line current = a * prior + b through the
@@ -85,7 +131,7 @@ def match_intensity(prior: np.ndarray, current: np.ndarray, common: np.ndarray, 
         xs, first = np.unique(xs, return_index=True)
         ys = np.maximum.accumulate(ys[first])
         rest = prior_mask & ~common
-        out[rest] = np.interp(prior[rest], xs, ys)
+        out[rest] = _interp_extended(prior[rest], xs, ys, src)
         out[common] = m
         return out, {"method": "histogram", "levels": int(levels), "match_points": int(match_points)}
     if method == "linear":
@@ -98,15 +144,17 @@ def match_intensity(prior: np.ndarray, current: np.ndarray, common: np.ndarray, 
 
 
 def differential_bias(current: np.ndarray, prior: np.ndarray, common: np.ndarray, spacing_zyx,
-                      sigma_mm: float, exclude_z: float = 2.0) -> tuple[np.ndarray, dict]:
+                      sigma_mm: float, exclude_z: float = 2.0,
+                      fit: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Smooth multiplicative field F (current ~ F x prior) left after N4 and
     global matching (differential bias correction, Lewis & Fox, NeuroImage
     2004): Gaussian (sigma_mm) normalised convolution of log(current/prior)
-    over the common brain, leaving out voxels that changed (|robust z of the
-    difference| > exclude_z) and dark voxels (< 20 % of the median). Returns
-    (F on the whole grid, 1 outside the brain; record)."""
+    over the common brain (over ``fit`` when given: :func:`fit_region`; the
+    field is carried into the rest by the convolution), leaving out voxels that
+    changed (|robust z of the difference| > exclude_z) and dark voxels (< 20 %
+    of the median). Returns (F on the whole grid, 1 outside the brain; record)."""
     med = float(np.median(current[common])) if common.any() else 0.0
-    ok = common & (current > 0.2 * med) & (prior > 0.2 * med)
+    ok = (common if fit is None else fit) & (current > 0.2 * med) & (prior > 0.2 * med)
     if ok.sum() < 1000 or sigma_mm <= 0:
         return np.ones_like(current, dtype=np.float32), {"applied": False}
     z, _, _ = robust_z(current - prior, common)

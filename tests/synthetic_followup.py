@@ -20,13 +20,12 @@ The truth lies outside the current work folder, so nothing the pipeline reads ca
 Variants (``VARIANTS``):
 
 * ``nochange``: the same anatomy at both timepoints;
-* ``grown``:   the largest tumour component grows at the current timepoint: an edema
-  shell outside the whole tumour (label 2) and the enhancing core advancing into the
-  edema (label 3, or 1 when the case has no enhancement), by morphological growth along
-  a distance map perturbed by a smooth random field, constrained to the brain mask;
-  the grown voxels get the intensity statistics (per sequence median and robust
-  spread) of the case's own edema / enhancing tumour; truth = the growth of WT, TC,
-  ET and ED in mm^3 (exact voxel counts of the truth label maps);
+* ``grown``:   the largest tumour component grows at the current timepoint: its core
+  advances into the oedema, then the whole tumour into the brain (generator v5: a
+  displacement of image and labels together along a smooth outward field, lobulated
+  by a smooth random factor, so the visible edge moves with the label and the tissue
+  beyond is pushed aside; constrained to the brain mask); truth = the growth of WT,
+  TC, ET and ED in mm^3 (exact voxel counts of the truth label maps);
 * ``new``:     1-4 new lesions of 15-500 mm^3 (log-uniform) inserted into the current
   timepoint inside white/grey matter (not CSF), >= 20 mm from the tumour and >= 5 mm
   inside the brain, smooth edges (1.5 mm linear ramp; the mask is the 0.5 level),
@@ -89,10 +88,12 @@ from tests.corpus import (
     sample,
 )
 
-GENERATOR_VERSION = 4                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
+GENERATOR_VERSION = 5                # 2: a grown region is painted with the fraction it gained (_grow_tumour)
                                      # 3: and the visible edge of the lesion moves out with its boundary
                                      # 4: new lesions only where every sequence has signal and where they
                                      #    come out brighter than the tissue there (_insert_lesions)
+                                     # 5: growth is a displacement of image and labels (_grow_tumour):
+                                     #    v2-v4's painted growth did not carry its truth (README)
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
 VARIANTS: tuple[str, ...] = ("nochange", "grown", "new", "thick")
 CASES: tuple[str, ...] = BRATS18_CASES
@@ -114,14 +115,15 @@ LESION_MIN_CONTRAST = 0.05           # a new lesion's painted FLAIR (T1c if enha
 LOCAL_TISSUE_MM = 3.0                # local tissue level: tissue-weighted Gaussian mean (sigma, mm)
 WT_GROWTH = (0.10, 0.30)             # fraction of the grown component's WT volume
 TC_GROWTH = (0.20, 0.50)             # fraction of its TC volume
-GROWTH_MAX_MM = 15.0                 # growth candidates this close to the region
-GROWTH_EDGE_MM = 0.7                 # Gaussian sigma of a grown region's soft edge
+GROWTH_ROUGHNESS = 0.35              # grown tumour: growth distance varies by +- this (smooth, 4 mm)
+GROWTH_TAPER_MM = 10.0               # ... the displacement fades over this beyond the moved rim (mass effect)
+CORE_RIM_MM = 2.0                    # the core's visible edge on T1c, moved with it
+CORE_TAPER_MM = 6.0                  # ... its displacement fades over this into the oedema
+EDGE_PROFILE_MM = (-4.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)   # truth.json edge profiles: shells (mm)
 THICK_MM = 5.0
-TEXTURE_SCALE = 0.6                  # painted texture SD = this x the label's robust CV (grown tumour)
-LESION_TEXTURE_SCALE = 0.3           # ... for new lesions (small lesions are fairly homogeneous)
+LESION_TEXTURE_SCALE = 0.3           # painted texture SD of a new lesion = this x its label's robust CV
 TEXTURE_MM = 2.0                     # smoothing of the painted texture (Gaussian sigma)
-RIM_MAX_MM = 8.0                     # grown tumour: the visible edge profile is measured up to this far outside
-RIM_SMOOTH_MM = 1.0                  # ... on the image smoothed by this Gaussian sigma (texture)
+RIM_MAX_MM = 8.0                     # grown tumour: its visible edge (up to this far outside the label) moves with it
 
 
 @dataclass
@@ -263,7 +265,7 @@ def _label_stats(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[int,
 
 def _paint(arrays: dict[str, np.ndarray], weight: np.ndarray, box: tuple[slice, ...],
            targets: dict[str, tuple[float, float]], rng: np.random.Generator, sigma_vox,
-           texture_scale: float = TEXTURE_SCALE) -> None:
+           texture_scale: float) -> None:
     """Blend, inside ``box``, every role towards its target texture:
     ``v = (1 - w) v + w median (1 + texture_scale cv f)`` with f a smooth unit-SD
     random field (the added noise brings back the fine-grained part)."""
@@ -275,24 +277,6 @@ def _paint(arrays: dict[str, np.ndarray], weight: np.ndarray, box: tuple[slice, 
 
 
 # --------------------------------------------------------------------------- growth
-
-
-def _grow(rng: np.random.Generator, region: np.ndarray, allowed: np.ndarray, n_voxels: int,
-          spacing_zyx, roughness: float = 0.35) -> np.ndarray:
-    """The ``n_voxels`` voxels of ``allowed & ~region`` nearest to ``region`` by a
-    distance map (mm) perturbed by a smooth random field (irregular, lobulated growth)."""
-    dist = ndimage.distance_transform_edt(~region, sampling=spacing_zyx).astype(np.float32)
-    cand = allowed & ~region & (dist <= GROWTH_MAX_MM)
-    idx = np.flatnonzero(cand)
-    if idx.size == 0 or n_voxels <= 0:
-        return np.zeros_like(region)
-    sigma = [4.0 / s for s in spacing_zyx]
-    noise = _smooth_field(rng, region.shape, sigma)
-    score = dist.ravel()[idx] * (1.0 + roughness * np.clip(noise.ravel()[idx], -2.0, 2.0))
-    take = idx[np.argsort(score, kind="stable")[: min(n_voxels, idx.size)]]
-    out = np.zeros(region.size, bool)
-    out[take] = True
-    return out.reshape(region.shape)
 
 
 def _levels(arrays: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray, spacing_zyx,
@@ -311,62 +295,99 @@ def _levels(arrays: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray
     return out
 
 
-def _lesion_fraction(values: np.ndarray, levels: tuple[float, float] | None, spacing_zyx,
-                     smooth_mm: float = 0.0) -> np.ndarray | None:
-    """How far each voxel lies from the tissue to the lesion level (0 tissue, 1 lesion;
-    not clipped), optionally on the image smoothed by a Gaussian of ``smooth_mm``; None
-    when the lesion is not brighter than the tissue."""
-    if levels is None or not levels[1] > levels[0]:
-        return None
-    v = values.astype(np.float32)
-    if smooth_mm > 0:
-        v = ndimage.gaussian_filter(v, [smooth_mm / s for s in spacing_zyx])
-    return (v - levels[0]) / (levels[1] - levels[0])
+def _outward_field(rng: np.random.Generator, region: np.ndarray, spacing_zyx, rim_mm: float,
+                   taper_mm: float) -> tuple[np.ndarray, float]:
+    """A smooth displacement field pointing out of ``region`` (bool, (z, y, x)), in mm per
+    unit of the growth distance: (3,) + shape, components (z, y, x).
+
+    Its size along the outward normal (the gradient of the signed distance to the
+    region's boundary, smoothed 1 mm) is 1 from ``t_in`` inside the boundary to
+    ``rim_mm`` outside it (the lesion and its visible edge move out together), falling
+    linearly to 0 deeper inside (over ``t_in`` = 0.8 x the region's depth, at most 8 mm:
+    the interior stretches) and beyond (over ``taper_mm``: the tissue there is pushed
+    aside), times a smooth random factor 1 +- 0.35 (4 mm; lobulated growth); each
+    component smoothed by a 1.5 mm Gaussian. Returns the field and the largest growth
+    distance (mm) that keeps the map monotone along the normal (0.7 x the shorter ramp
+    / the factor's maximum)."""
+    d_out = ndimage.distance_transform_edt(~region, sampling=spacing_zyx)
+    d_in = ndimage.distance_transform_edt(region, sampling=spacing_zyx)
+    signed = (d_out - d_in).astype(np.float32)
+    t_in = float(max(min(8.0, 0.8 * float(d_in.max())), 2.0 * min(spacing_zyx)))
+    weight = np.where(signed < 0, np.clip(1.0 + signed / t_in, 0.0, 1.0),
+                      np.clip(1.0 - (signed - rim_mm) / taper_mm, 0.0, 1.0)).astype(np.float32)
+    smooth = ndimage.gaussian_filter(signed, [1.0 / s for s in spacing_zyx])
+    grad = np.gradient(smooth, *spacing_zyx)
+    norm = np.sqrt(sum(g * g for g in grad))
+    factor = 1.0 + GROWTH_ROUGHNESS * np.clip(_smooth_field(rng, region.shape, [4.0 / s for s in spacing_zyx]),
+                                              -2.0, 2.0)
+    sigma = [1.5 / s for s in spacing_zyx]
+    field_ = np.stack([ndimage.gaussian_filter(weight * factor * g / np.maximum(norm, 1e-6), sigma)
+                       for g in grad]).astype(np.float32)
+    return field_, 0.7 * min(t_in, taper_mm) / float(factor.max())
 
 
-def _rim_profile(fraction: np.ndarray, region: np.ndarray, allowed: np.ndarray, spacing_zyx) -> np.ndarray:
-    """The lesion's edge as the image shows it: the median lesion fraction (image
-    smoothed by RIM_SMOOTH_MM) of the ``allowed`` voxels at distance (j-1) s < d <= j s
-    outside ``region`` (s the finest spacing, j = 1 .. RIM_MAX_MM / s), less the median
-    just beyond (RIM_MAX_MM .. RIM_MAX_MM + 4 mm: the tissue there), clipped to 0..1 and
-    made non-increasing. The BraTS labels end inside the visible hyperintensity: on
-    FLAIR the median fraction is about 0.3-0.45 one mm outside the whole-tumour label
-    and falls to ~0.1 at 4-5 mm (README)."""
-    step = float(min(spacing_zyx))
-    dist = ndimage.distance_transform_edt(~region, sampling=spacing_zyx)
-    n = max(1, int(round(RIM_MAX_MM / step)))
-    values = []
-    for j in range(1, n + 1):
-        sel = allowed & (dist > (j - 1) * step) & (dist <= j * step)
-        values.append(float(np.median(fraction[sel])) if sel.sum() >= 20 else 0.0)
-    beyond = allowed & (dist > RIM_MAX_MM) & (dist <= RIM_MAX_MM + 4.0)
-    base = float(np.median(fraction[beyond])) if beyond.sum() >= 20 else 0.0
-    prof = np.clip(np.array(values) - base, 0.0, 1.0)
-    return np.minimum.accumulate(prof)
+def _warp(values: np.ndarray, displacement_mm: np.ndarray, spacing_zyx, order: int) -> np.ndarray:
+    """``values`` pulled along the displacement: out(x) = values(x - displacement(x))
+    (spline of ``order``; 0 = nearest, for labels)."""
+    grid = np.indices(values.shape, dtype=np.float32)
+    coords = [grid[i] - displacement_mm[i] / spacing_zyx[i] for i in range(3)]
+    out = ndimage.map_coordinates(values, coords, order=order, mode="nearest", prefilter=order > 1)
+    return out.astype(values.dtype)
 
 
-def _profile_at(profile: np.ndarray, dist: np.ndarray, step: float) -> np.ndarray:
-    """The rim profile at distances ``dist`` (mm) outside the lesion: linear between the
-    sample points j * step, the first value up to the first point, 0 beyond the last."""
-    xs = step * np.arange(1, len(profile) + 1)
-    return np.interp(dist, xs, profile, left=float(profile[0]), right=0.0).astype(np.float32)
+def _displace_to(rng: np.random.Generator, region: np.ndarray, n_voxels: int, spacing_zyx, rim_mm: float,
+                 taper_mm: float) -> tuple[np.ndarray, float]:
+    """The displacement (mm, (3,) + shape) that grows ``region`` by about ``n_voxels``
+    (bisection of the growth distance along :func:`_outward_field`, 12 steps, capped at
+    the monotone limit), and that distance (mm)."""
+    unit, limit = _outward_field(rng, region, spacing_zyx, rim_mm, taper_mm)
+    target = int(region.sum()) + n_voxels
+    lo, hi = 0.0, limit
+    if (_warp(region.astype(np.uint8), hi * unit, spacing_zyx, 0) > 0).sum() <= target:
+        return hi * unit, hi
+    for _ in range(12):
+        mid = 0.5 * (lo + hi)
+        if (_warp(region.astype(np.uint8), mid * unit, spacing_zyx, 0) > 0).sum() < target:
+            lo = mid
+        else:
+            hi = mid
+    s = 0.5 * (lo + hi)
+    return s * unit, s
+
+
+def _edge_profile(values: np.ndarray, region: np.ndarray, within: np.ndarray, spacing_zyx,
+                  distances_mm: Sequence[float] = EDGE_PROFILE_MM) -> list[float | None]:
+    """Median of ``values`` in 1 mm shells at signed distances (mm; < 0 inside) from the
+    boundary of ``region``, inside ``within`` (None where a shell has < 20 voxels)."""
+    signed = (ndimage.distance_transform_edt(~region, sampling=spacing_zyx)
+              - ndimage.distance_transform_edt(region, sampling=spacing_zyx))
+    out: list[float | None] = []
+    for d in distances_mm:
+        sel = within & (signed > d - 0.5) & (signed <= d + 0.5)
+        out.append(round(float(np.median(values[sel])), 2) if sel.sum() >= 20 else None)
+    return out
 
 
 def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Grow the largest whole-tumour component (edema shell + advancing core).
+    """Grow the largest whole-tumour component, then its core (generator v5).
 
-    The label grows (truth: the grown voxels, exact counts of the label maps). The image
-    changes as a lesion that expands does: the grown voxels are painted with the label's
-    statistics (soft edge, each voxel by the fraction it gained, generator v2), and
-    (generator v3) the lesion's visible edge moves out with the boundary: outside the new
-    boundary every voxel is raised by R(d_new) - R(d_old), R the case's own edge profile
-    (:func:`_rim_profile`: median lesion fraction against the distance outside the label
-    at the prior), d_old / d_new the distances to the old / grown label. For a profile
-    that is only displaced, the image change integrates to the grown volume x the
-    contrast; growth painted without moving the edge (v2) misses the part of the grown
-    region that was already partly bright (about a third on FLAIR, README).
-    WT: FLAIR against the tissue-to-edema contrast; an enhancing core: T1c against the
-    edema-to-enhancing contrast, inside the tumour."""
+    Growth is a displacement, as a lesion that expands moves its whole visible
+    profile out: the image and the label map are pulled along a smooth outward field
+    (:func:`_outward_field`). First the core (TC) grows into the oedema by about
+    TC_GROWTH of its volume (its edge and CORE_RIM_MM beyond move by the growth
+    distance, fading over CORE_TAPER_MM). Then the whole tumour: its edge and visible
+    rim (up to RIM_MAX_MM outside the label: the BraTS labels end inside the visible
+    hyperintensity) move out, the interior stretches and the tissue beyond is pushed
+    aside over GROWTH_TAPER_MM (mass effect), until the WT has grown by WT_GROWTH of
+    the component's source volume. Distances by bisection. Everything stays inside the
+    brain mask (label voxels outside it are cleared; the image outside the head is
+    zeroed by the caller). Truth = exact voxel counts of the label maps. Images: cubic
+    spline; labels: nearest. Because intensities move with the labels, the image
+    keeps its profile across the moved boundary (``edge_profiles``: medians in 1 mm
+    shells at signed distances from the label, before and after). Generators v2-v4
+    painted the grown voxels instead; the image change they made in the boundary band
+    was 0.72-1.35 (WT, FLAIR) and 0.55-1.18 (TC, T1c) of the grown voxel count on the
+    12 cases, noiseless (README)."""
     spacing = _spacing_zyx(image)
     step = float(min(spacing))
     vox = _voxel_mm3(image)
@@ -376,102 +397,59 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
     comp = cc == (int(np.argmax(sizes)) + 1)
     wt_frac = float(rng.uniform(*WT_GROWTH))
     tc_frac = float(rng.uniform(*TC_GROWTH))
-    core_label = ET if ET in stats and (labels[comp] == ET).any() else NCR
     tc = comp & np.isin(labels, (NCR, ET))
     levels = _levels(arrays, labels, brain, spacing, stats)
+    before = {r: a.copy() for r, a in arrays.items()}
 
+    margin = int(math.ceil((RIM_MAX_MM + GROWTH_TAPER_MM + 12.0) / step))
+    box = _bbox(comp, margin, labels.shape)
     new_labels = labels.copy()
-    shell = _grow(rng, comp, brain & ~wt, int(round(wt_frac * comp.sum())), spacing)
-    new_labels[shell] = ED
-    core = np.zeros_like(shell)
-    if tc.any() and core_label in stats:
-        edema_now = (comp | shell) & (new_labels == ED)
-        n_core = min(int(round(tc_frac * tc.sum())), int(0.8 * edema_now.sum()))
-        core = _grow(rng, tc, edema_now, n_core, spacing)
-        new_labels[core] = core_label
+    distance = {}
+    # the core first (into the oedema; where the oedema is thin it pushes the whole tumour's edge too),
+    # then the whole tumour, to its requested volume counted from the source
+    for key, rim, taper in (("tumor_core", CORE_RIM_MM, CORE_TAPER_MM), ("whole_tumor", RIM_MAX_MM, GROWTH_TAPER_MM)):
+        if key == "tumor_core":
+            region, n_voxels = tc[box], int(round(tc_frac * tc.sum()))
+        else:                       # the component as it is now (the core's push moved it by < 6 mm)
+            near = ndimage.binary_dilation(comp[box], iterations=int(math.ceil(6.0 / step)))
+            region = near & (new_labels[box] > 0)
+            n_voxels = int(comp.sum()) + int(round(wt_frac * comp.sum())) - int(region.sum())
+        if not region.any() or n_voxels <= 0:
+            continue
+        disp, distance[key] = _displace_to(rng, region, n_voxels, spacing, rim, taper)
+        for role in arrays:
+            arrays[role][box] = np.maximum(_warp(arrays[role][box], disp, spacing, 3), 0.0)
+        warped = _warp(new_labels[box], disp, spacing, 0)
+        warped[~brain[box]] = 0
+        new_labels[box] = warped
 
-    growth = np.zeros(labels.shape, np.uint8)
-    growth[shell] = ED
-    growth[core] = core_label
-    changed = growth > 0
-    gain: dict[str, float | None] = {"whole_tumor": None, "tumor_core": None}
-    prior_fraction: dict[str, float | None] = {"whole_tumor": None, "tumor_core": None}
-    profiles: dict[str, list[float]] = {}
-    if changed.any():
-        box = _bbox(changed, int(math.ceil((RIM_MAX_MM + 6.0) / step)), labels.shape)
-        sigma = [GROWTH_EDGE_MM / s for s in spacing]
-        tex_sigma = [TEXTURE_MM / s for s in spacing]
-        outside_other = brain[box] & ~(wt[box] & ~comp[box])           # not another tumour component
-        for key, lab, old, region, role, within in (
-                ("whole_tumor", ED, comp, shell, "flair", outside_other),
-                ("tumor_core", core_label, tc, core, "t1c", (comp | shell)[box])):
-            if not region.any() or lab not in stats:
-                continue
-            level = levels.get("wt" if key == "whole_tumor" else "tc")
-            if key == "tumor_core" and lab != ET:
-                level = None                                   # a necrotic core is not brighter on T1c
-            before = arrays[role][box].copy()
-            old_b, new_b = old[box], old[box] | region[box]
-            # (1) the grown voxels (v2): soft edges, a = the old region's smoothed fraction, b = the grown
-            # one's; the painted weight is the part of what was not yet lesion that now is, (b - a) / (1 - a)
-            a = ndimage.gaussian_filter(old_b.astype(np.float32), sigma)
-            b = ndimage.gaussian_filter(new_b.astype(np.float32), sigma)
-            w = np.where(b - a > 1e-3, (b - a) / np.maximum(1.0 - a, 1e-3), 0.0)
-            _paint(arrays, np.clip(w, 0.0, 1.0).astype(np.float32), box, stats[lab], rng, tex_sigma)
-            if level is None or not level[1] > level[0]:
-                continue
-            contrast = level[1] - level[0]
-            # (2) the visible edge moves out with the boundary (v3)
-            frac_prior = _lesion_fraction(before, level, spacing, RIM_SMOOTH_MM)
-            profile = _rim_profile(frac_prior, old_b, within & ~old_b, spacing)
-            profiles[key] = [round(float(v), 3) for v in profile]
-            d_old = ndimage.distance_transform_edt(~old_b, sampling=spacing)
-            d_new = ndimage.distance_transform_edt(~new_b, sampling=spacing)
-            rise = np.where(within & ~new_b & (d_new <= RIM_MAX_MM),
-                            _profile_at(profile, d_new, step) - _profile_at(profile, d_old, step), 0.0)
-            rise = np.clip(rise, 0.0, 1.0)
-            # the edge keeps its content: the lesion fraction the grown voxels already held at the prior
-            # (what painting them added less than a voxel each) reappears outside the new boundary. A
-            # displaced profile on a larger surface would hold more (about 2 x the profile's integral /
-            # the radius, +10-20 %), which the label count does not see; scaled to the content it had
-            frac_before = np.clip((before - level[0]) / contrast, 0.0, 1.0)
-            painted = np.clip((arrays[role][box] - level[0]) / contrast, 0.0, 1.0)
-            needed = float(region.sum()) - float((painted - frac_before).sum())
-            if rise.sum() > 0:
-                rise = np.clip(rise * np.clip(needed / float(rise.sum()), 0.0, 2.0), 0.0, 1.0)
-            # a voxel darker than the tissue level (white matter on FLAIR) first comes up to it: the rise
-            # is counted from max(fraction, 0), as a voxel that turns into lesion counts 1 however dark it was
-            now = np.minimum((arrays[role][box] - level[0]) / contrast, 0.999)
-            target = np.minimum(np.maximum(now, 0.0) + rise, 1.0)
-            w2 = np.where(rise > 0, np.clip((target - now) / (1.0 - now), 0.0, 1.0), 0.0).astype(np.float32)
-            if (w2 > 0).any():
-                _paint(arrays, w2, box, stats[lab], rng, tex_sigma)
-            # what the image carries: the change of the lesion fraction (clipped to tissue 0 .. lesion 1)
-            # summed over the image, per grown voxel (1 = the image carries the truth)
-            frac = np.clip((before - level[0]) / contrast, 0.0, 1.0)
-            after = np.clip((arrays[role][box] - level[0]) / contrast, 0.0, 1.0)
-            gain[key] = round(float((after - frac).sum()) / float(region.sum()), 3)
-            prior_fraction[key] = round(float(frac[region[box]].mean()), 3)
+    growth = np.where(((new_labels > 0) & ~wt) | (np.isin(new_labels, (NCR, ET)) & ~np.isin(labels, (NCR, ET))),
+                      new_labels, 0).astype(np.uint8)
+    # the visible edge moved with the label: the image's median profile across the boundary, before and after
+    profiles = {}
+    for key, role, comp_labels in (("whole_tumor", "flair", (NCR, ED, ET)), ("tumor_core", "t1c", (NCR, ET))):
+        within = brain[box]
+        profiles[key] = {"role": role,
+                         "prior": _edge_profile(before[role][box], np.isin(labels[box], comp_labels), within, spacing),
+                         "current": _edge_profile(arrays[role][box], np.isin(new_labels[box], comp_labels), within,
+                                                  spacing)}
     centroid = _physical(image, np.argwhere(comp).mean(axis=0, keepdims=True))[0]
     info = {
         "component_centroid_lps_mm": [round(float(c), 2) for c in centroid],
         "component_prior_mm3": {"whole_tumor": round(float(comp.sum()) * vox, 1),
                                 "tumor_core": round(float(tc.sum()) * vox, 1)},
         "requested_fraction": {"whole_tumor": round(wt_frac, 4), "tumor_core": round(tc_frac, 4)},
-        "shell_label": ED, "core_label": core_label,
-        "shell_mm3": round(float(shell.sum()) * vox, 1), "core_mm3": round(float(core.sum()) * vox, 1),
+        "growth_distance_mm": {k: round(float(v), 3) for k, v in distance.items()},
         "levels": {k: [round(float(v), 3) for v in lv] for k, lv in levels.items()},
-        # the edge profile moved out with the boundary: lesion fraction at step, 2 step, ... mm outside
-        "edge_profile": {"step_mm": step, **profiles},
-        # measured on the noiseless source before motion, bias and drift: the change of the lesion fraction
-        # (clipped 0..1; FLAIR tissue -> edema for WT, T1c edema -> enhancing for an enhancing core) summed
-        # over the image, per grown voxel (1 = the image carries the truth), and the mean prior fraction
-        # of the grown voxels (what painting the grown voxels alone would have missed)
-        "image_gain_per_grown_voxel": gain,
-        "prior_fraction_in_grown": prior_fraction,
-        "method": "distance-ordered growth (perturbed by a smooth random field, 4 mm, +-35 %) constrained to "
-                  "the brain mask; grown voxels painted with the case's own label statistics; the visible "
-                  "edge (the case's own profile) moved out with the boundary",
+        # median of the noiseless source (before motion, bias and drift) in 1 mm shells at these signed
+        # distances (mm, < 0 inside) from the label's boundary, at the prior and now: the same when the
+        # visible edge moved with the label
+        "edge_profile_mm": list(EDGE_PROFILE_MM),
+        "edge_profiles": profiles,
+        "method": "displacement growth: image and labels pulled along a smooth outward field that moves the "
+                  "tumour's edge and visible rim out by the growth distance (bisection to the requested "
+                  "volume; +-35 % lobulation, 4 mm), stretching the interior and pushing the tissue beyond "
+                  "aside; whole tumour first, then the core into the oedema; inside the brain mask",
     }
     return new_labels, growth, info
 
