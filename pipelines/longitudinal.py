@@ -635,20 +635,19 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
 
 # ---------------------------------------------------------------------------
 # images
-def _match_prior(p_arr: np.ndarray, c_arr: np.ndarray, fit: np.ndarray, covered: np.ndarray, common: np.ndarray,
-                 prior_mask: np.ndarray, role: str, lcfg: LongitudinalConfig,
+def _match_prior(p_arr: np.ndarray, c_arr: np.ndarray, fit: np.ndarray, bias_fit: np.ndarray | None,
+                 common: np.ndarray, prior_mask: np.ndarray, role: str, lcfg: LongitudinalConfig,
                  grid: sitk.Image) -> tuple[np.ndarray, dict]:
     """The prior's intensities mapped onto the current's (``intensity_match``), fitted
-    on ``fit`` (:func:`fit_region`; ``covered`` = the whole common coverage), then, for
-    a subtraction sequence, times the differential bias field fitted there too.
-    Arrays on the cropped current grid (z, y, x); returns (matched prior, record)."""
+    on ``fit``, then, for a subtraction sequence, times the differential bias field
+    fitted on ``bias_fit`` (None: the common brain). Arrays on the cropped current
+    grid (z, y, x); returns (matched prior, record)."""
     matched, mrec = match_intensity(p_arr, c_arr, fit, prior_mask, lcfg.intensity_match,
                                     lcfg.histogram_levels, lcfg.histogram_match_points,
                                     tuple(lcfg.linear_percentiles))
     if lcfg.differential_bias_sigma_mm > 0 and role in SUBTRACTION_ROLES:
         f, mrec["differential_bias"] = differential_bias(c_arr, matched, common, grid.GetSpacing()[::-1],
-                                                         lcfg.differential_bias_sigma_mm,
-                                                         fit=None if fit is covered else fit & common)
+                                                         lcfg.differential_bias_sigma_mm, fit=bias_fit)
         matched = matched * f
     return matched, mrec
 
@@ -894,13 +893,15 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                   | (robust_z(p_arr, covered)[0] > lcfg.lesion_bright_z)) if lcfg.match_exclude_lesion_mm > 0 else None
         fit, fit_rec = fit_region(covered, prior_seg | cur_seg, grid.GetSpacing()[::-1], lcfg.match_exclude_lesion_mm,
                                   bright=bright)
-        matched, mrec = _match_prior(p_arr, c_arr, fit, covered, common, prior_mask, role, lcfg, grid)
+        excluded = bool(fit_rec["lesions_excluded"])
+        matched, mrec = _match_prior(p_arr, c_arr, fit, fit & common if excluded else None, common, prior_mask,
+                                     role, lcfg, grid)
         mrec["fit"] = fit_rec
         matched_rec[role] = mrec
         if joint_backend is not None:
             # the joint measure keeps the whole-brain fit it was measured with (README "Joint segmentation run")
-            joint_images[role] = (joint_cur, matched if fit is covered else
-                                  _match_prior(p_arr, c_arr, covered, covered, common, prior_mask, role, lcfg, grid)[0])
+            joint_images[role] = (joint_cur, _match_prior(p_arr, c_arr, covered, None, common, prior_mask, role,
+                                                          lcfg, grid)[0] if excluded else matched)
         write_full(matched, out_dir / f"prior{index}_{role}.nii.gz")
         if role in SUBTRACTION_ROLES:
             d = np.where(covered, c_arr - matched, 0.0).astype(np.float32)

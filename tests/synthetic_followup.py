@@ -356,14 +356,15 @@ def _displace_to(rng: np.random.Generator, region: np.ndarray, n_voxels: int, sp
 
 
 def _edge_profile(values: np.ndarray, region: np.ndarray, within: np.ndarray, spacing_zyx,
-                  distances_mm: Sequence[float] = EDGE_PROFILE_MM) -> list[float | None]:
-    """Median of ``values`` in 1 mm shells at signed distances (mm; < 0 inside) from the
-    boundary of ``region``, inside ``within`` (None where a shell has < 20 voxels)."""
+                  distances_mm: Sequence[float] = EDGE_PROFILE_MM, shell_mm: float = 1.0) -> list[float | None]:
+    """Median of ``values`` in shells ``shell_mm`` thick centred at signed distances (mm;
+    < 0 inside) from the boundary of ``region``, inside ``within`` (None where a shell
+    has < 20 voxels)."""
     signed = (ndimage.distance_transform_edt(~region, sampling=spacing_zyx)
               - ndimage.distance_transform_edt(region, sampling=spacing_zyx))
     out: list[float | None] = []
     for d in distances_mm:
-        sel = within & (signed > d - 0.5) & (signed <= d + 0.5)
+        sel = within & (signed > d - shell_mm / 2.0) & (signed <= d + shell_mm / 2.0)
         out.append(round(float(np.median(values[sel])), 2) if sel.sum() >= 20 else None)
     return out
 
@@ -399,10 +400,10 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
     tc_frac = float(rng.uniform(*TC_GROWTH))
     tc = comp & np.isin(labels, (NCR, ET))
     levels = _levels(arrays, labels, brain, spacing, stats)
-    before = {r: a.copy() for r, a in arrays.items()}
 
     margin = int(math.ceil((RIM_MAX_MM + GROWTH_TAPER_MM + 12.0) / step))
     box = _bbox(comp, margin, labels.shape)
+    before = {r: a[box].copy() for r, a in arrays.items()}       # the source where it changes
     new_labels = labels.copy()
     distance = {}
     # the core first (into the oedema; where the oedema is thin it pushes the whole tumour's edge too),
@@ -430,7 +431,7 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
     for key, role, comp_labels in (("whole_tumor", "flair", (NCR, ED, ET)), ("tumor_core", "t1c", (NCR, ET))):
         within = brain[box]
         profiles[key] = {"role": role,
-                         "prior": _edge_profile(before[role][box], np.isin(labels[box], comp_labels), within, spacing),
+                         "prior": _edge_profile(before[role], np.isin(labels[box], comp_labels), within, spacing),
                          "current": _edge_profile(arrays[role][box], np.isin(new_labels[box], comp_labels), within,
                                                   spacing)}
     centroid = _physical(image, np.argwhere(comp).mean(axis=0, keepdims=True))[0]

@@ -14,7 +14,16 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from tests.shared_data import BRATS18, needs_data
-from tests.synthetic_followup import GENERATOR_VERSION, ROLES, _label_stats, _levels, load_pair, load_source, make_pair
+from tests.synthetic_followup import (
+    GENERATOR_VERSION,
+    ROLES,
+    _edge_profile,
+    _label_stats,
+    _levels,
+    load_pair,
+    load_source,
+    make_pair,
+)
 
 CASE = "CBICA_ABM"
 pytestmark = needs_data(BRATS18)
@@ -157,10 +166,9 @@ def test_grown_tumour_truth_and_seeds_reproduce(out):
     assert load_pair(a.root).truth == a.truth
 
 
-def _edge_profile(values, region, within, distances):
-    signed = (ndimage.distance_transform_edt(~region, sampling=2.0)
-              - ndimage.distance_transform_edt(region, sampling=2.0))
-    return np.array([np.median(values[within & (signed > d - 1.0) & (signed <= d + 1.0)]) for d in distances])
+def _profile_2mm(values, region, within, distances):
+    """The generator's edge profile on the 2 mm grid, in 2 mm shells."""
+    return np.array(_edge_profile(values, region, within, (2.0, 2.0, 2.0), distances, shell_mm=2.0), dtype=float)
 
 
 def test_grown_tumour_image_carries_the_truth(out):
@@ -183,12 +191,12 @@ def test_grown_tumour_image_carries_the_truth(out):
     assert lesion > 1.2 * tissue                                     # edema is bright on FLAIR
     distances = (-2.0, 2.0, 4.0, 6.0, 8.0)
     current = arr(pair.current / "nifti" / "flair.nii.gz")
-    before = _edge_profile(src["flair"], labels > 0, brain, distances)
-    after = _edge_profile(current, current_labels > 0, brain, distances)
+    before = _profile_2mm(src["flair"], labels > 0, brain, distances)
+    after = _profile_2mm(current, current_labels > 0, brain, distances)
     assert before[1] > tissue + 0.15 * (lesion - tissue)            # the edge outside the label is visible
     assert np.abs(after - before).max() < 0.08 * (lesion - tissue), (before, after)
     # the label did move: around the OLD label the current image is brighter just outside
-    stale = _edge_profile(current, labels > 0, brain, distances)
+    stale = _profile_2mm(current, labels > 0, brain, distances)
     assert stale[1] - before[1] > 0.1 * (lesion - tissue), (before, stale)
     # the generator's own record agrees (1 mm shells on the noiseless arrays)
     prof = pair.truth["growth"]["edge_profiles"]["whole_tumor"]
