@@ -32,7 +32,9 @@ subtracted. All of this runs on the bounding box of the current brain
 subtraction (sd floored at ``min_sd_percent`` of the brain median) above
 ``z_threshold`` where the current image is bright (``current_min_z``), at
 least ``edge_margin_mm`` inside the common brain, plus the current
-segmentation; 26-connected, >= 12 mm^3; the Penn MS CAD rule drops a new
+segmentation; with ``combine_t2`` also the robust z of the FLAIR and T2
+subtractions' sum (:func:`pipelines.longitudinal_images.combined_evidence`,
+its brightness read on the FLAIR); 26-connected, >= 12 mm^3; the Penn MS CAD rule drops a new
 candidate whose peak was already bright at the prior (within 2 mm);
 "new" (no prior lesion there) or "growing" (prior lesion there, grown by
 more than ``growth_fraction`` and ``growth_min_mm3``). See
@@ -81,6 +83,7 @@ from .joint_segmentation import JOINT_SEGMENTERS, joint_segmentation_change
 from .lesion_location import locate_points
 from .longitudinal_images import (
     axial_axis,
+    combined_evidence,
     differential_bias,
     find_lesions,
     fit_region,
@@ -105,6 +108,9 @@ VOLUME_KEYS = ("1", "2", "3", "tumor_core", "whole_tumor")
 #: progression), "any" (RANO 2010: any new enhancing lesion), "off" (new lesions listed only)
 NEW_LESION_RULES = ("measurable", "any", "off")
 SUBTRACTION_ROLES = ("flair", "t1c")
+#: the combined T2-weighted evidence (``combine_t2``): a role of the lesion search only
+#: (lesions[].sequence), made of the FLAIR and T2 subtractions
+COMBINED_ROLE = "flair+t2"
 
 
 @dataclass
@@ -130,6 +136,8 @@ class LongitudinalConfig:
     min_volume_mm3: float = 12.0
     seg_support_z: float = 2.5
     current_min_z: float = 2.0
+    combine_t2: bool = True
+    combined_current_min_z: float = 1.0
     prior_bright_z: float = 3.0
     prior_bright_radius_mm: float = 2.0
     prior_bright_fraction: float = 0.5
@@ -636,16 +644,16 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
 # ---------------------------------------------------------------------------
 # images
 def _match_prior(p_arr: np.ndarray, c_arr: np.ndarray, fit: np.ndarray, bias_fit: np.ndarray | None,
-                 common: np.ndarray, prior_mask: np.ndarray, role: str, lcfg: LongitudinalConfig,
+                 common: np.ndarray, prior_mask: np.ndarray, subtracted: bool, lcfg: LongitudinalConfig,
                  grid: sitk.Image) -> tuple[np.ndarray, dict]:
     """The prior's intensities mapped onto the current's (``intensity_match``), fitted
-    on ``fit``, then, for a subtraction sequence, times the differential bias field
+    on ``fit``, then, for a ``subtracted`` sequence, times the differential bias field
     fitted on ``bias_fit`` (None: the common brain). Arrays on the cropped current
     grid (z, y, x); returns (matched prior, record)."""
     matched, mrec = match_intensity(p_arr, c_arr, fit, prior_mask, lcfg.intensity_match,
                                     lcfg.histogram_levels, lcfg.histogram_match_points,
                                     tuple(lcfg.linear_percentiles))
-    if lcfg.differential_bias_sigma_mm > 0 and role in SUBTRACTION_ROLES:
+    if lcfg.differential_bias_sigma_mm > 0 and subtracted:
         f, mrec["differential_bias"] = differential_bias(c_arr, matched, common, grid.GetSpacing()[::-1],
                                                          lcfg.differential_bias_sigma_mm, fit=bias_fit)
         matched = matched * f
@@ -839,6 +847,10 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     joint_images: dict = {}
     flair_bright_cur = flair_bright_pri = None
     den_cache: dict = {}
+    # sequences subtracted: FLAIR and T1c (written, measured, searched); T2 too with combine_t2,
+    # for the lesion search only (the combined FLAIR+T2 evidence, after the loop)
+    subtracted = SUBTRACTION_ROLES + (("t2",) if lcfg.combine_t2 and {"flair", "t2"} <= set(common_roles) else ())
+    evidence: dict = {}
     for role in common_roles:
         cur = _read(work / "preprocessed" / f"{role}.nii.gz")
         if cur.GetSize() == full_grid.GetSize():
@@ -847,7 +859,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             cur = resample_to(cur, grid, sitk.Transform(3, sitk.sitkIdentity))
         pri = resample_to(_read(prior_dir / "preprocessed" / f"{role}.nii.gz"), grid, tx)
         s_cur, s_pri = np.zeros(3), np.zeros(3)
-        if role in SUBTRACTION_ROLES and lcfg.match_resolution:
+        if role in subtracted and lcfg.match_resolution:
             c_mm = _native_mm(work, role, axes)
             p_mm = _native_mm(prior_dir, role, axes @ R.T)
             res = {"current_mm": c_mm, "prior_mm": p_mm, "smoothed": None}
@@ -867,7 +879,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             joint_cur = sitk.GetArrayFromImage(_norm_smooth(
                 cur, cur_mask_img, np.sqrt(s_cur ** 2 + light ** 2 + np.array(grid.GetSpacing()) ** 2
                                            * LINEAR_INTERPOLATION_VARIANCE), den_cache))
-        if role in SUBTRACTION_ROLES or joint_backend is not None:
+        if role in subtracted or joint_backend is not None:
             # plus the same light blur on both (the prior went through one more
             # interpolation than the current); one Gaussian: variances add
             cur = _norm_smooth(cur, cur_mask_img, np.sqrt(s_cur ** 2 + light ** 2), den_cache)
@@ -875,7 +887,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         c_arr = sitk.GetArrayFromImage(cur)
         p_arr = sitk.GetArrayFromImage(pri)
         covered = common
-        if role in SUBTRACTION_ROLES:
+        if role in subtracted:
             # only where both acquisitions imaged the brain (a thick prior FLAIR may stop short of the
             # cerebellum): the subtraction and the candidates are limited to the common native coverage
             covered = common.copy()
@@ -895,25 +907,30 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                                   bright=bright)
         excluded = bool(fit_rec["lesions_excluded"])
         matched, mrec = _match_prior(p_arr, c_arr, fit, fit & common if excluded else None, common, prior_mask,
-                                     role, lcfg, grid)
+                                     role in subtracted, lcfg, grid)
         mrec["fit"] = fit_rec
         matched_rec[role] = mrec
         if joint_backend is not None:
             # the joint measure keeps the whole-brain fit it was measured with (README "Joint segmentation run")
-            joint_images[role] = (joint_cur, _match_prior(p_arr, c_arr, covered, None, common, prior_mask, role,
-                                                          lcfg, grid)[0] if excluded else matched)
+            joint_images[role] = (joint_cur, _match_prior(p_arr, c_arr, covered, None, common, prior_mask,
+                                                          role in subtracted, lcfg, grid)[0] if excluded else matched)
         write_full(matched, out_dir / f"prior{index}_{role}.nii.gz")
-        if role in SUBTRACTION_ROLES:
+        if role in subtracted:
             d = np.where(covered, c_arr - matched, 0.0).astype(np.float32)
             d[~cur_mask] = 0.0
-            write_full(d, out_dir / f"subtraction_{role}.nii.gz")
-            subtractions[role] = f"longitudinal/subtraction_{role}.nii.gz"
             # image statistics from where each image has signal (not its zero-filled parts)
             cur_signal, pri_signal = signal_mask(c_arr, common), signal_mask(matched, common)
             floor = lcfg.min_sd_percent / 100.0 * float(np.median(c_arr[cur_signal])) if common.any() else 0.0
-            z_maps[role], _, sd_used = robust_z(d, covered, floor)
-            pair_images[role] = (c_arr, matched, covered)
+            z, _, sd_used = robust_z(d, covered, floor)
             sd_rec[role] = {"robust_sd": round(float(sd_used), 4), "floor": round(floor, 4)}
+            if role not in SUBTRACTION_ROLES:
+                evidence[role] = (z, covered)
+                continue
+            write_full(d, out_dir / f"subtraction_{role}.nii.gz")
+            subtractions[role] = f"longitudinal/subtraction_{role}.nii.gz"
+            z_maps[role] = z
+            evidence[role] = (z, covered)
+            pair_images[role] = (c_arr, matched, covered)
             prior_image_z = robust_z(matched, common, stats_mask=pri_signal)[0]
             prior_z[role] = _neighbourhood_max(prior_image_z, grid, lcfg.prior_bright_radius_mm)
             current_z[role] = robust_z(c_arr, common, stats_mask=cur_signal)[0]
@@ -939,9 +956,16 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     if lcfg.edge_margin_mm > 0:  # the brain edge: partial volume of two resampled masks
         detect = sitk.GetArrayFromImage(sitk.BinaryErode(common_img, [max(1, int(round(lcfg.edge_margin_mm / s)))
                                                                        for s in grid.GetSpacing()])) > 0
-    cands, dropped = find_lesions(z_maps, prior_z, current_z, common, cur_lesion, pri_lesion, voxel_mm3, lcfg,
-                                  segmentation_extent=(mode == "tumour"), detect=detect,
-                                  spacing_zyx=tuple(grid.GetSpacing()[::-1]))
+    search_z, search_prior, search_current = dict(z_maps), dict(prior_z), dict(current_z)
+    min_current = {r: lcfg.current_min_z for r in z_maps}
+    if "t2" in evidence and "flair" in evidence:
+        search_z[COMBINED_ROLE], rec["combined_t2"] = combined_evidence(evidence["flair"], evidence["t2"])
+        # brightness now and at the prior from the FLAIR: a lesion and CSF are both bright on T2
+        search_prior[COMBINED_ROLE], search_current[COMBINED_ROLE] = prior_z["flair"], current_z["flair"]
+        min_current[COMBINED_ROLE] = lcfg.combined_current_min_z
+    cands, dropped = find_lesions(search_z, search_prior, search_current, common, cur_lesion, pri_lesion, voxel_mm3,
+                                  lcfg, segmentation_extent=(mode == "tumour"), detect=detect,
+                                  spacing_zyx=tuple(grid.GetSpacing()[::-1]), min_current=min_current)
     margin = (tuple(max(0, int(round(lcfg.paired_margin_mm / s))) for s in grid.GetSpacing()[::-1])
               if lcfg.paired_margin_mm > 0 else None)
     voxels = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z, margin)
@@ -1073,6 +1097,7 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
                              "intensity_mapping": rec.get("intensity_mapping", {}),
                              "subtraction_sd": rec.get("subtraction_sd", {}),
                              "coverage_percent": rec.get("coverage_percent", {}),
+                             "combined_t2": rec.get("combined_t2"),
                              "candidates_dropped": rec.get("dropped", {})}
         lesions = None
         if rec.get("ok"):

@@ -249,10 +249,29 @@ def _confidence(peak_z: float, volume_mm3: float, cfg) -> float:
     return round(float(np.clip(cz * cv, 0.0, 1.0)), 3)
 
 
+def combined_evidence(flair: tuple[np.ndarray, np.ndarray], t2: tuple[np.ndarray, np.ndarray]
+                      ) -> tuple[np.ndarray, dict]:
+    """One T2-weighted evidence map from the FLAIR and T2 subtractions, as
+    multi-sequence subtraction methods do (SuBLIME, Sweeney et al., AJNR 2013):
+    a new T2/FLAIR lesion rises on both, the noise of two acquisitions does not
+    add up, and a misregistered CSF edge rises on one and falls on the other
+    (CSF is dark on FLAIR, bright on T2). ``flair``/``t2``: (robust z of the
+    subtraction, where it is defined), (z, y, x) on one grid. Returns the robust
+    z of their sum inside both (sd floored at sqrt(2), the sum of two independent
+    unit-sd maps; 0 elsewhere) and a record (its robust sd, the two maps'
+    correlation inside both)."""
+    both = flair[1] & t2[1]
+    total = np.where(both, flair[0] + t2[0], 0.0).astype(np.float32)
+    z, _, sd = robust_z(total, both, float(np.sqrt(2.0)))
+    corr = float(np.corrcoef(flair[0][both], t2[0][both])[0, 1]) if int(both.sum()) > 2 else None
+    return z, {"robust_sd": round(float(sd), 4), "correlation": None if corr is None else round(corr, 3)}
+
+
 def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], current_z: dict[str, np.ndarray],
                  brain: np.ndarray, current_lesion: np.ndarray, prior_lesion: np.ndarray, voxel_mm3: float,
                  cfg, segmentation_extent: bool = True, detect: np.ndarray | None = None,
-                 spacing_zyx: tuple[float, float, float] | None = None) -> tuple[list[Candidate], dict]:
+                 spacing_zyx: tuple[float, float, float] | None = None,
+                 min_current: dict[str, float] | None = None) -> tuple[list[Candidate], dict]:
     """New and growing lesions.
 
     z_maps: robust z of each subtraction (role -> (z, y, x) array);
@@ -264,7 +283,7 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
     (segmentation, plus bright FLAIR in lesion mode).
 
     Candidate voxels S = z > z_threshold where the current image is bright
-    (current z > current_min_z), any role. Components (26-connected)
+    (current z > current_min_z, or ``min_current[role]``), any role. Components (26-connected)
     of S | current_lesion | prior_lesion:
 
     * without prior lesion voxels: "new" unless the peak voxel (highest z) was
@@ -304,7 +323,7 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
     zarg = np.argmax(np.stack([z_maps[r] for r in roles]), axis=0) if roles else np.zeros(brain.shape, int)
     S = np.zeros(brain.shape, bool)
     for r in roles:
-        S |= (z_maps[r] > cfg.z_threshold) & (current_z[r] > cfg.current_min_z)
+        S |= (z_maps[r] > cfg.z_threshold) & (current_z[r] > (min_current or {}).get(r, cfg.current_min_z))
     S &= brain if detect is None else (detect & brain)
     union = S | (current_lesion & brain) | (prior_lesion & brain)
     lab, n = ndimage.label(union, structure=STRUCTURE_26)
