@@ -84,6 +84,7 @@ from .lesion_location import locate_points
 from .longitudinal_images import (
     axial_axis,
     combined_evidence,
+    detection_region,
     differential_bias,
     find_lesions,
     fit_region,
@@ -952,10 +953,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         cur_lesion |= flair_bright_cur
         pri_lesion |= flair_bright_pri
     voxel_mm3 = float(np.prod(grid.GetSpacing()))
-    detect = common
-    if lcfg.edge_margin_mm > 0:  # the brain edge: partial volume of two resampled masks
-        detect = sitk.GetArrayFromImage(sitk.BinaryErode(common_img, [max(1, int(round(lcfg.edge_margin_mm / s)))
-                                                                       for s in grid.GetSpacing()])) > 0
+    detect = detection_region(common_img, lcfg.edge_margin_mm)
     search_z, search_prior, search_current = dict(z_maps), dict(prior_z), dict(current_z)
     min_current = {r: lcfg.current_min_z for r in z_maps}
     if "t2" in evidence and "flair" in evidence:

@@ -249,6 +249,19 @@ def _confidence(peak_z: float, volume_mm3: float, cfg) -> float:
     return round(float(np.clip(cz * cv, 0.0, 1.0)), 3)
 
 
+def detection_region(brain: sitk.Image, margin_mm: float) -> np.ndarray:
+    """Where lesion candidates may lie: ``brain`` (uint8 mask) eroded by
+    ``margin_mm`` (a ball, at least one voxel per axis; 0 = no erosion), as a
+    (z, y, x) bool array. The brain edge is partial volume of two resampled
+    masks; so is the edge of the volume where the brain reaches it (a field of
+    view cut through the cerebellum): outside the grid counts as not brain."""
+    arr = sitk.GetArrayFromImage(brain) > 0
+    if margin_mm <= 0:
+        return arr
+    radius = [max(1, int(round(margin_mm / s))) for s in brain.GetSpacing()]
+    return sitk.GetArrayFromImage(sitk.BinaryErode(brain, radius, sitk.sitkBall, 0.0, 1.0, False)) > 0
+
+
 def combined_evidence(flair: tuple[np.ndarray, np.ndarray], t2: tuple[np.ndarray, np.ndarray]
                       ) -> tuple[np.ndarray, dict]:
     """One T2-weighted evidence map from the FLAIR and T2 subtractions, as
