@@ -924,13 +924,12 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             floor = lcfg.min_sd_percent / 100.0 * float(np.median(c_arr[cur_signal])) if common.any() else 0.0
             z, _, sd_used = robust_z(d, covered, floor)
             sd_rec[role] = {"robust_sd": round(float(sd_used), 4), "floor": round(floor, 4)}
+            evidence[role] = (z, covered)
             if role not in SUBTRACTION_ROLES:
-                evidence[role] = (z, covered)
                 continue
             write_full(d, out_dir / f"subtraction_{role}.nii.gz")
             subtractions[role] = f"longitudinal/subtraction_{role}.nii.gz"
             z_maps[role] = z
-            evidence[role] = (z, covered)
             pair_images[role] = (c_arr, matched, covered)
             prior_image_z = robust_z(matched, common, stats_mask=pri_signal)[0]
             prior_z[role] = _neighbourhood_max(prior_image_z, grid, lcfg.prior_bright_radius_mm)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from brainline.pipelines.image_pipeline import PipelineConfig
 from brainline.pipelines.longitudinal import COMBINED_ROLE, LongitudinalConfig
 from brainline.pipelines.longitudinal_images import combined_evidence
 from tests.shared_data import BRATS18, needs_data
@@ -69,7 +70,6 @@ def test_faint_flair_and_t2_lesion_found_only_with_both(tmp_path):
     prior, prior_seg = make_prior(images, seg)
     base = replace(LongitudinalConfig.load(), min_sd_percent=floor_percent)
     truth = images["t1c"].TransformContinuousIndexToPhysicalPoint(site)
-    from brainline.pipelines.image_pipeline import PipelineConfig
     cfg = PipelineConfig(model="baseline")
     found = {}
     for on in (False, True):
