@@ -83,3 +83,36 @@ def test_faint_flair_and_t2_lesion_found_only_with_both(tmp_path):
     assert found[False] == [], found[False]
     assert len(found[True]) == 1 and found[True][0]["sequence"] == COMBINED_ROLE, found[True]
     assert found[True][0]["volume_mm3"] > 100.0
+
+
+@needs_data(CASE)
+def test_flair_bright_t2_dark_lesion_is_still_found(tmp_path):
+    """The combined map is one more search map, not a filter: a new lesion bright
+    on FLAIR but dark on T2 (a haemorrhagic or mineralised focus; the generator's
+    lesions are all T2-bright) cancels in the FLAIR + T2 sum, and is still found
+    on the FLAIR subtraction alone (6 floors up on FLAIR, 6 down on T2)."""
+    images, seg = load_case(CASE)
+    site = lesion_site(images, seg)
+    frac = ball(images["t1c"], site, 400.0)
+    brain = sitk.GetArrayFromImage(images["flair"]) > 0
+    fl = sitk.GetArrayFromImage(images["flair"])
+    med = float(np.median(fl[brain]))
+    sd = 1.4826 * float(np.median(np.abs(fl[brain] - med)))
+    level = med + 4.0 * sd
+    core = frac > 0.99
+    contrast = float(np.mean(level - fl[core]))
+    assert contrast > 0
+    floor_percent = 100.0 * contrast / (6.0 * med)                   # FLAIR: 6 floors up
+    t2 = sitk.GetArrayFromImage(images["t2"])
+    t2_level = float(np.mean(t2[core])) - 6.0 * floor_percent / 100.0 * float(np.median(t2[brain]))
+    assert t2_level > 0
+    current = dict(images, flair=paint(images["flair"], frac, level), t2=paint(images["t2"], frac, t2_level))
+    prior, prior_seg = make_prior(images, seg)
+    lcfg = replace(LongitudinalConfig.load(), min_sd_percent=floor_percent, combine_t2=True)
+    truth = images["t1c"].TransformContinuousIndexToPhysicalPoint(site)
+    _, res = _run(tmp_path, current, seg, prior, prior_seg, PipelineConfig(model="baseline"), lcfg)
+    found = [x for x in res["lesions"] if x["kind"] == "new"
+             and np.linalg.norm(np.subtract(x["centroid_lps_mm"], truth)) < 6.0]
+    assert len(found) == 1 and found[0]["sequence"] == "flair", res["lesions"]
+    assert found[0]["volume_mm3"] > 100.0
+    assert "combined_t2" in res["comparison"]                        # the combined map was searched too
