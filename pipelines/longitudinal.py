@@ -48,7 +48,10 @@ lesion mode; with >= 2 priors), and a RANO-like assessment (thresholds in
 
 The change against the most recent prior is measured twice: by the two
 timepoints' own segmentations (``change.vs_prior``) and on the registered
-pair (``change.vs_prior_paired``, boundary shift integral). Which one the
+pair (``change.vs_prior_paired``; ``paired_method`` per component: the
+boundary shift integral by default; optionally the deformable registration of
+the pair carrying the prior's segmentation, :mod:`.deformation_change`).
+Which one the
 assessment, the SR and the PDF use is chosen per component by the segmenter
 (``change_measure``, :func:`change_measure`): the registered pair for the
 baseline segmenter (irreproducible between two scans), ``change_measure_trained``
@@ -78,6 +81,7 @@ from brainline.models.registry import load_backend
 
 from .boundary_shift import boundary_band, boundary_shift
 from .change_choice import chosen_change
+from .deformation_change import propagated_growth
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
 from .joint_segmentation import JOINT_SEGMENTERS, joint_segmentation_change
 from .lesion_location import locate_points
@@ -165,6 +169,12 @@ class LongitudinalConfig:
     bsi_wt_window: tuple | None = None
     bsi_wt_band_out_mm: float | None = None
     bsi_wt_band_in_mm: float | None = None
+    deformation_margin_mm: float = 20.0
+    deformation_iso_mm: float = 1.0
+    deformation_image_sigma_mm: float = 0.5
+    deformation_field_sd_mm: float = 1.0
+    deformation_levels: tuple = (2, 1)
+    deformation_iterations: int = 100
     change_measure: str = "auto"
     # per component ("3" ET, TC, WT) or one word; chosen by measurement (config/longitudinal.yaml)
     change_measure_trained: str | dict = "paired"
@@ -189,7 +199,7 @@ class LongitudinalConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path or 'config/longitudinal.yaml'}: unknown key(s) {', '.join(unknown)}")
-        for k in ("linear_percentiles", "assessed_components", "bsi_window", "bsi_wt_window"):
+        for k in ("linear_percentiles", "assessed_components", "bsi_window", "bsi_wt_window", "deformation_levels"):
             if k in data and data[k] is not None:
                 data[k] = tuple(str(v) if k == "assessed_components" else v for v in data[k])
         cfg = cls(**data)
@@ -294,7 +304,7 @@ LINEAR_INTERPOLATION_VARIANCE = 1.0 / 6.0
 
 #: change.vs_prior_paired measures (``paired_method``; joint_segmentation only where both
 #: timepoints were segmented by one of joint_segmentation.JOINT_SEGMENTERS, else boundary_shift).
-PAIRED_METHODS = ("boundary_shift", "confirmed_voxels", "joint_segmentation")
+PAIRED_METHODS = ("boundary_shift", "confirmed_voxels", "joint_segmentation", "deformation")
 
 #: Component -> (its voxels in a BraTS 2023 label map, the subtraction that must confirm a change).
 PAIRED_COMPONENTS = {"whole_tumor": (lambda a: a > 0, "flair"),
@@ -430,6 +440,41 @@ def bsi_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dic
                      sequence=role, method="boundary shift integral",
                      clip_levels=r["clip_levels"], band_ml=round(r["band_voxels"] * voxel_mm3 / 1000.0, 1))
         out[key] = entry
+    return out
+
+
+def deformation_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dict[str, tuple],
+                       grid: sitk.Image, lcfg: "LongitudinalConfig", keys=tuple(PAIRED_COMPONENTS)) -> dict:
+    """Volume change of each component by deformable registration of the pair
+    (:mod:`.deformation_change`): WT carried by the FLAIR's displacement, TC
+    and ET by the T1c's (:data:`PAIRED_COMPONENTS`); the prior's component
+    volume (its labels on the current grid) plus the carried mask's growth is
+    the current volume. ``images``: role -> (current, matched prior, mask where
+    both were imaged), (z, y, x) on ``grid`` (the cropped current grid);
+    ``keys``: the components to measure (a sequence none of them needs is not
+    registered). Components without a prior mask or a sequence are left out."""
+    out: dict = {}
+    voxel_mm3 = float(np.prod(grid.GetSpacing()))
+    by_role: dict[str, dict[str, np.ndarray]] = {}
+    for key, (select, role) in PAIRED_COMPONENTS.items():
+        before = select(prior_labels)
+        if key in keys and role in images and before.any():
+            by_role.setdefault(role, {})[key] = before
+    for role, masks in by_role.items():
+        cur, pri, _ = images[role]
+        t0 = time.monotonic()
+        r = propagated_growth(cur, pri, masks, grid, margin_mm=lcfg.deformation_margin_mm,
+                              iso_mm=lcfg.deformation_iso_mm, image_sigma_mm=lcfg.deformation_image_sigma_mm,
+                              field_sd_mm=lcfg.deformation_field_sd_mm,
+                              levels=tuple(int(v) for v in lcfg.deformation_levels),
+                              iterations=lcfg.deformation_iterations, outline=[current_labels > 0])
+        seconds = round(time.monotonic() - t0, 2)
+        for key, grown in (r.get("growth_mm3") or {}).items():
+            prior_ml = float(np.count_nonzero(masks[key])) * voxel_mm3 / 1000.0
+            entry = _change({key: prior_ml}, {key: max(0.0, prior_ml + grown / 1000.0)})[key]
+            entry.update(sequence=role, method="deformable registration", registration="symmetric-forces demons",
+                         mean_displacement_mm=r["mean_displacement_mm"], seconds=seconds)
+            out[key] = entry
     return out
 
 
@@ -970,6 +1015,10 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         entry["method"] = "subtraction-confirmed voxels"
     bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg)
     rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
+    by_deformation = [k for k, m in per_component(lcfg.paired_method, "boundary_shift").items() if m == "deformation"]
+    if by_deformation:
+        rec["paired_methods"]["deformation"] = deformation_change(cur_lab, prior_lab, pair_images, grid, lcfg,
+                                                                  by_deformation)
     if joint_backend is not None:
         rec["paired_methods"]["joint_segmentation"] = joint_segmentation_change(
             joint_backend, joint_images, common, grid.GetSpacing()[::-1],

@@ -46,6 +46,27 @@ def test_combined_evidence_adds_a_lesion_and_cancels_a_csf_edge():
     assert not z2[:, :, 20:].any() and z2[lesion].min() > 3.0
 
 
+def _painted(images, frac, bright_z: float, flair_floors: float, t2_floors: float):
+    """(current images, SD floor %) with the lesion ``frac`` painted ``bright_z``
+    robust SDs above the FLAIR's brain median, which is ``flair_floors`` SD floors
+    above the FLAIR there; T2 raised (or, negative, lowered) by ``t2_floors`` floors
+    of its brain median."""
+    brain = sitk.GetArrayFromImage(images["flair"]) > 0
+    fl = sitk.GetArrayFromImage(images["flair"])
+    med = float(np.median(fl[brain]))
+    sd = 1.4826 * float(np.median(np.abs(fl[brain] - med)))
+    level = med + bright_z * sd
+    core = frac > 0.99
+    contrast = float(np.mean(level - fl[core]))
+    assert contrast > 0
+    floor_percent = 100.0 * contrast / (flair_floors * med)
+    t2 = sitk.GetArrayFromImage(images["t2"])
+    t2_level = float(np.mean(t2[core])) + t2_floors * floor_percent / 100.0 * float(np.median(t2[brain]))
+    assert t2_level > 0
+    current = dict(images, flair=paint(images["flair"], frac, level), t2=paint(images["t2"], frac, t2_level))
+    return current, floor_percent
+
+
 @needs_data(CASE)
 def test_faint_flair_and_t2_lesion_found_only_with_both(tmp_path):
     """A 400 mm^3 lesion 2.8 floors bright on each of FLAIR and T2 subtraction
@@ -55,18 +76,7 @@ def test_faint_flair_and_t2_lesion_found_only_with_both(tmp_path):
     images, seg = load_case(CASE)
     site = lesion_site(images, seg)
     frac = ball(images["t1c"], site, 400.0)
-    brain = sitk.GetArrayFromImage(images["flair"]) > 0
-    fl = sitk.GetArrayFromImage(images["flair"])
-    med = float(np.median(fl[brain]))
-    sd = 1.4826 * float(np.median(np.abs(fl[brain] - med)))
-    level = med + 3.0 * sd
-    core = frac > 0.99
-    contrast = float(np.mean(level - fl[core]))
-    assert contrast > 0
-    floor_percent = 100.0 * contrast / (2.8 * med)                   # FLAIR: 2.8 floors
-    t2 = sitk.GetArrayFromImage(images["t2"])
-    t2_level = float(np.mean(t2[core])) + 2.8 * floor_percent / 100.0 * float(np.median(t2[brain]))
-    current = dict(images, flair=paint(images["flair"], frac, level), t2=paint(images["t2"], frac, t2_level))
+    current, floor_percent = _painted(images, frac, 3.0, 2.8, 2.8)   # 2.8 floors on FLAIR and on T2
     prior, prior_seg = make_prior(images, seg)
     base = replace(LongitudinalConfig.load(), min_sd_percent=floor_percent)
     truth = images["t1c"].TransformContinuousIndexToPhysicalPoint(site)
@@ -94,19 +104,7 @@ def test_flair_bright_t2_dark_lesion_is_still_found(tmp_path):
     images, seg = load_case(CASE)
     site = lesion_site(images, seg)
     frac = ball(images["t1c"], site, 400.0)
-    brain = sitk.GetArrayFromImage(images["flair"]) > 0
-    fl = sitk.GetArrayFromImage(images["flair"])
-    med = float(np.median(fl[brain]))
-    sd = 1.4826 * float(np.median(np.abs(fl[brain] - med)))
-    level = med + 4.0 * sd
-    core = frac > 0.99
-    contrast = float(np.mean(level - fl[core]))
-    assert contrast > 0
-    floor_percent = 100.0 * contrast / (6.0 * med)                   # FLAIR: 6 floors up
-    t2 = sitk.GetArrayFromImage(images["t2"])
-    t2_level = float(np.mean(t2[core])) - 6.0 * floor_percent / 100.0 * float(np.median(t2[brain]))
-    assert t2_level > 0
-    current = dict(images, flair=paint(images["flair"], frac, level), t2=paint(images["t2"], frac, t2_level))
+    current, floor_percent = _painted(images, frac, 4.0, 6.0, -6.0)  # 6 floors up on FLAIR, 6 down on T2
     prior, prior_seg = make_prior(images, seg)
     lcfg = replace(LongitudinalConfig.load(), min_sd_percent=floor_percent, combine_t2=True)
     truth = images["t1c"].TransformContinuousIndexToPhysicalPoint(site)

@@ -120,6 +120,10 @@ CHANGE_METHODS = {
         "BSI", "Boundary shift integral on the registered image pair"),
     "subtraction-confirmed voxels": _private(
         "SUB-VOXELS", "Subtraction-confirmed segmentation change"),
+    "deformable registration": _private(
+        "DEFORM-CARRIED", "Prior segmentation carried by deformable registration"),
+    "joint segmentation of the registered pair": _private(
+        "JOINT-SEG", "Joint segmentation of the registered image pair"),
     "segmentations": _private("SEG-DIFFERENCE", "Difference of two independent segmentations"),
 }
 
@@ -140,6 +144,9 @@ def change_vs_prior(change: Mapping[str, Any]) -> tuple[dict[str, Mapping[str, A
 _MEASURE_WORDS = {"boundary shift integral": "the boundary shift integral on the registered image pair",
                   "subtraction-confirmed voxels": "segmentation changes confirmed by the subtraction of the "
                                                   "registered image pair",
+                  "deformable registration": "the deformable registration of the image pair (the prior's "
+                                             "segmentation carried into the current anatomy)",
+                  "joint segmentation of the registered pair": "the joint segmentation of the registered image pair",
                   "segmentations": "the difference of the two segmentations"}
 
 

@@ -1,0 +1,106 @@
+"""Volume change by deformable registration (pipelines/deformation_change.py,
+``paired_method: deformation``): a bright ball that grew is measured by how
+the image moved, not by the two segmentations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from brainline.pipelines.deformation_change import lesion_box, propagated_growth
+from brainline.pipelines.dicom_outputs.longitudinal_sr import CHANGE_METHODS, change_measure_words
+from brainline.pipelines.image_pipeline import PipelineConfig
+from brainline.pipelines.longitudinal import LongitudinalConfig
+from tests.shared_data import needs_data
+from tests.test_longitudinal import CASE, _run, load_case, make_prior
+
+
+def _ball_image(radius_mm: float, shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), seed=0):
+    """(image z y x, ball mask) of a lesion 1.0 on tissue 0.4 with a 1 mm edge ramp, noise SD 0.02."""
+    zz, yy, xx = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, spacing[::-1])], indexing="ij")
+    r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
+    frac = np.clip(radius_mm + 0.5 - r, 0.0, 1.0)
+    img = 0.4 + 0.6 * frac + 0.02 * np.random.default_rng(seed).standard_normal(shape)
+    return img.astype(np.float32), r <= radius_mm
+
+
+def _grid(shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0)):
+    g = sitk.Image([int(v) for v in shape[::-1]], sitk.sitkUInt8)
+    g.SetSpacing(spacing)
+    return g
+
+
+def test_grown_ball_measured_by_the_displacement():
+    prior, prior_mask = _ball_image(10.0, seed=1)
+    current, current_mask = _ball_image(12.0, seed=2)
+    true = (current_mask.sum() - prior_mask.sum()) * 1.0
+    r = propagated_growth(current, prior, {"ball": prior_mask}, _grid(), margin_mm=12.0)
+    assert r["growth_mm3"]["ball"] == pytest.approx(true, rel=0.15), (r, true)
+    assert r["mean_displacement_mm"] > 0.5
+
+
+def test_unchanged_ball_reads_no_change_whatever_the_mask():
+    """Two scans of an unchanged ball: no growth, even when the prior's mask is
+    2 mm too large (a segmenter's outline adds nothing)."""
+    prior, _ = _ball_image(10.0, seed=1)
+    current, _ = _ball_image(10.0, seed=2)
+    _, too_large = _ball_image(12.0)
+    r = propagated_growth(current, prior, {"ball": too_large}, _grid(), margin_mm=12.0)
+    assert abs(r["growth_mm3"]["ball"]) < 0.03 * too_large.sum(), r
+
+
+def test_anisotropic_grid_is_registered_isotropically():
+    """A 1 x 1 x 3 mm grid (a 2D series): the same growth within 20 %."""
+    spacing = (1.0, 1.0, 3.0)
+    shape = (22, 64, 64)
+    prior, prior_mask = _ball_image(10.0, shape, spacing, seed=1)
+    current, current_mask = _ball_image(12.0, shape, spacing, seed=2)
+    true = (current_mask.sum() - prior_mask.sum()) * 3.0
+    r = propagated_growth(current, prior, {"ball": prior_mask}, _grid(shape, spacing), margin_mm=12.0)
+    assert r["iso_mm"] == 1.0
+    assert r["growth_mm3"]["ball"] == pytest.approx(true, rel=0.2), (r, true)
+
+
+def test_lesion_box_margin_and_empty():
+    m = np.zeros((20, 20, 20), bool)
+    assert lesion_box([m], (1.0, 1.0, 1.0), 5.0) is None
+    m[10, 10, 10] = True
+    box = lesion_box([m], (2.0, 1.0, 1.0), 4.0)
+    assert box == (slice(8, 13), slice(6, 15), slice(6, 15))
+
+
+@needs_data(CASE)
+def test_no_change_pair_measured_by_deformation(tmp_path):
+    """``paired_method: deformation`` on an unchanged 2 mm pair (moved, other bias):
+    every component measured by the demons field, each within 1 mL of no change (the
+    benchmark rule for a no-change pair; measured: WT -0.43 of 39.5 mL, TC +0.10, ET +0.04),
+    and the SR/PDF's measure names it."""
+    images, seg = load_case()
+    prior, prior_seg = make_prior(images, seg)
+    lcfg = replace(LongitudinalConfig.load(), paired_method="deformation")
+    _, res = _run(tmp_path, images, seg, prior, prior_seg, PipelineConfig(model="baseline"), lcfg)
+    measured = res["change"]["paired_methods"]["deformation"]
+    assert set(measured) == {"whole_tumor", "tumor_core", "3"}, measured
+    for key, entry in measured.items():
+        assert abs(entry["delta_ml"]) < 1.0, (key, entry)
+        assert entry["method"] == "deformable registration"
+    assert res["change"]["vs_prior_paired"]["whole_tumor"]["method"] == "deformable registration"
+    words = change_measure_words(res["change"])
+    assert "ET, TC and WT by the deformable registration of the image pair" in words, words
+    assert res["assessment"]["code"] == "stable"
+
+
+def test_every_paired_method_has_its_own_sr_code():
+    """The SR's Measurement Method names each paired measure; none falls back to
+    "difference of two segmentations" (which would misstate how it was measured)."""
+    from brainline.pipelines.longitudinal import PAIRED_METHODS
+    words = {"boundary_shift": "boundary shift integral", "confirmed_voxels": "subtraction-confirmed voxels",
+             "joint_segmentation": "joint segmentation of the registered pair",
+             "deformation": "deformable registration"}
+    assert set(words) == set(PAIRED_METHODS)
+    codes = {CHANGE_METHODS[w].value for w in words.values()}
+    assert len(codes) == len(words) and CHANGE_METHODS["segmentations"].value not in codes
+    assert all(len(c) <= 16 and len(CHANGE_METHODS[w].meaning) <= 64 for w, c in zip(words.values(), codes))
