@@ -30,22 +30,9 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["lesion_box", "demons_field", "propagated_growth"]
+from .longitudinal_images import mask_box
 
-
-def lesion_box(masks: list[np.ndarray], spacing_zyx, margin_mm: float) -> tuple[slice, ...] | None:
-    """The bounding box (slices, z y x) of the union of ``masks`` widened by
-    ``margin_mm`` on every side and clipped to the array; None when empty."""
-    union = np.zeros(masks[0].shape, bool)
-    for m in masks:
-        union |= m
-    if not union.any():
-        return None
-    nz = np.argwhere(union)
-    pad = np.array([int(np.ceil(margin_mm / s)) for s in spacing_zyx])
-    lo = np.maximum(nz.min(axis=0) - pad, 0)
-    hi = np.minimum(nz.max(axis=0) + pad + 1, np.array(union.shape))
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+__all__ = ["demons_field", "propagated_growth"]
 
 
 def _image(arr: np.ndarray, grid: sitk.Image, box: tuple[slice, ...]) -> sitk.Image:
@@ -94,11 +81,10 @@ def propagated_growth(current: np.ndarray, prior: np.ndarray, masks: dict[str, n
     deformable registration of ``prior`` (matched) to ``current`` carries it
     (module docstring). ``outline``: more masks whose box the registration
     must cover (e.g. the current segmentation). Returns {"growth_mm3":
-    {name: mm^3}, "prior_mm3": {name: mm^3 on the isotropic box},
-    "box_voxels", "iso_mm", "mean_displacement_mm" (over the prior masks' union)},
-    or {} when there is nothing to carry or the images are blank."""
+    {name: mm^3}, "iso_mm", "mean_displacement_mm" (over the prior masks'
+    union)}, or {} when there is nothing to carry or the images are blank."""
     spacing_zyx = tuple(grid.GetSpacing()[::-1])
-    box = lesion_box(list(masks.values()) + list(outline or []), spacing_zyx, margin_mm)
+    box = mask_box(list(masks.values()) + list(outline or []), spacing_zyx, margin_mm)
     if box is None:
         return {}
     cur_img = _isotropic(_image(current, grid, box), iso_mm)
@@ -115,15 +101,13 @@ def propagated_growth(current: np.ndarray, prior: np.ndarray, masks: dict[str, n
     disp = sitk.GetArrayFromImage(field)
     warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     voxel_mm3 = iso_mm ** 3
-    growth, prior_mm3 = {}, {}
+    growth = {}
     union = np.zeros(sitk.GetArrayViewFromImage(fixed).shape, bool)
     for name, mask in masks.items():
         m_img = _isotropic(_image(mask.astype(np.float32), grid, box), iso_mm)
         before = sitk.GetArrayFromImage(m_img)
         after = sitk.GetArrayFromImage(sitk.Resample(m_img, m_img, warp, sitk.sitkLinear, 0.0))
         growth[name] = float(after.sum() - before.sum()) * voxel_mm3
-        prior_mm3[name] = float(before.sum()) * voxel_mm3
         union |= before > 0.5
     mean_disp = float(np.linalg.norm(disp[union], axis=1).mean()) if union.any() else 0.0
-    return {"growth_mm3": growth, "prior_mm3": prior_mm3, "box_voxels": int(np.prod(fixed.GetSize())),
-            "iso_mm": iso_mm, "mean_displacement_mm": round(mean_disp, 3)}
+    return {"growth_mm3": growth, "iso_mm": iso_mm, "mean_displacement_mm": round(mean_disp, 3)}

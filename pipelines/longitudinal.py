@@ -92,6 +92,7 @@ from .longitudinal_images import (
     differential_bias,
     find_lesions,
     fit_region,
+    mask_box,
     match_intensity,
     native_coverage,
     new_lesion_enhancement,
@@ -853,12 +854,10 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     # physical positions, 2-3x fewer voxels; outputs are pasted back (0 outside)
     full_grid = grid
     full_mask = sitk.GetArrayFromImage(cur_mask_img) > 0
-    nz = np.argwhere(full_mask)
-    margin = np.array([int(np.ceil(8.0 / v)) for v in grid.GetSpacing()[::-1]])
-    lo = np.maximum(nz.min(axis=0) - margin, 0)
-    hi = np.minimum(nz.max(axis=0) + margin, np.array(full_mask.shape) - 1)
-    crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
-    roi = ([int(v) for v in (hi - lo + 1)[::-1]], [int(v) for v in lo[::-1]])
+    crop = mask_box([full_mask], grid.GetSpacing()[::-1], 8.0)
+    if crop is None:
+        raise ValueError("the current study's brain mask is empty")
+    roi = ([c.stop - c.start for c in crop[::-1]], [c.start for c in crop[::-1]])
     grid = sitk.RegionOfInterest(full_grid, *roi)
     cur_mask_img = sitk.RegionOfInterest(cur_mask_img, *roi)
 
@@ -1015,7 +1014,8 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         entry["method"] = "subtraction-confirmed voxels"
     bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg)
     rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
-    by_deformation = [k for k, m in per_component(lcfg.paired_method, "boundary_shift").items() if m == "deformation"]
+    chosen_methods = per_component(lcfg.paired_method, "boundary_shift")
+    by_deformation = [k for k, m in chosen_methods.items() if m == "deformation"]
     if by_deformation:
         rec["paired_methods"]["deformation"] = deformation_change(cur_lab, prior_lab, pair_images, grid, lcfg,
                                                                   by_deformation)
@@ -1027,7 +1027,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     # no joint segmentation for a trained model) comes from the next one, its "method" says which
     methods = rec["paired_methods"]
     rec["paired_change"] = {}
-    for k, chosen in per_component(lcfg.paired_method, "boundary_shift").items():
+    for k, chosen in chosen_methods.items():
         preference = [chosen] + [m for m in ("boundary_shift", "confirmed_voxels") if m != chosen]
         entry = next(((methods.get(m) or {}).get(k) for m in preference if (methods.get(m) or {}).get(k)), None)
         if entry:

@@ -19,8 +19,8 @@ from scipy import ndimage
 
 from .rano import bidimensional
 
-__all__ = ["robust_z", "signal_mask", "fit_region", "match_intensity", "differential_bias", "voxel_extent_mm",
-           "resolution_sigmas",
+__all__ = ["mask_box", "robust_z", "signal_mask", "fit_region", "match_intensity", "differential_bias",
+           "voxel_extent_mm", "resolution_sigmas",
            "smooth_mm", "native_coverage", "Candidate", "find_lesions", "STRUCTURE_26", "axial_axis",
            "new_lesion_enhancement"]
 
@@ -28,6 +28,22 @@ STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 # ---------------------------------------------------------------------------
+def mask_box(masks: list[np.ndarray], spacing_zyx, margin_mm: float) -> tuple[slice, ...] | None:
+    """The bounding box (slices, z y x) of the union of ``masks`` widened by
+    ``margin_mm`` (rounded up to whole voxels per axis) on every side and
+    clipped to the array; None when the union is empty."""
+    union = np.zeros(masks[0].shape, bool)
+    for m in masks:
+        union |= m
+    if not union.any():
+        return None
+    nz = np.argwhere(union)
+    pad = np.array([int(np.ceil(margin_mm / s)) for s in spacing_zyx])
+    lo = np.maximum(nz.min(axis=0) - pad, 0)
+    hi = np.minimum(nz.max(axis=0) + pad + 1, np.array(union.shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def robust_z(values: np.ndarray, mask: np.ndarray, min_sd: float = 0.0,
              stats_mask: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """(values - median) / max(1.4826 MAD, min_sd) with median/MAD taken

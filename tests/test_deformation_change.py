@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from brainline.pipelines.deformation_change import lesion_box, propagated_growth
+from brainline.pipelines.deformation_change import propagated_growth
 from brainline.pipelines.dicom_outputs.longitudinal_sr import CHANGE_METHODS, change_measure_words
 from brainline.pipelines.image_pipeline import PipelineConfig
 from brainline.pipelines.longitudinal import LongitudinalConfig
+from brainline.pipelines.longitudinal_images import mask_box
 from tests.shared_data import needs_data
 from tests.test_longitudinal import CASE, _run, load_case, make_prior
 
@@ -64,11 +65,11 @@ def test_anisotropic_grid_is_registered_isotropically():
     assert r["growth_mm3"]["ball"] == pytest.approx(true, rel=0.2), (r, true)
 
 
-def test_lesion_box_margin_and_empty():
+def test_mask_box_margin_and_empty():
     m = np.zeros((20, 20, 20), bool)
-    assert lesion_box([m], (1.0, 1.0, 1.0), 5.0) is None
+    assert mask_box([m], (1.0, 1.0, 1.0), 5.0) is None
     m[10, 10, 10] = True
-    box = lesion_box([m], (2.0, 1.0, 1.0), 4.0)
+    box = mask_box([m], (2.0, 1.0, 1.0), 4.0)
     assert box == (slice(8, 13), slice(6, 15), slice(6, 15))
 
 
