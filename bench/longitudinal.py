@@ -3,7 +3,7 @@
 For every (case, variant) it writes a (prior, current) pair with
 tests/synthetic_followup.py (real BraTS 2018 case; random rigid motion, a different
 bias field and an intensity drift at the prior; variants ``nochange``, ``grown``,
-``new``, ``thick``), runs the image pipeline STEPS on the current work folder
+``new``, ``thick``, ``infiltrated``), runs the image pipeline STEPS on the current work folder
 (register, skull_strip, bias_correct, segment, summarize; ``--model``, baseline by
 default), then ``pipelines.longitudinal.step_longitudinal`` (which prepares the
 prior: the same STEPS on ``priors/0``), and scores:
@@ -22,7 +22,7 @@ prior: the same STEPS on ``priors/0``), and scores:
   ``measurable`` of a new lesion), the reported vs truth diameters and the confusion
   counts of the enhancing and measurable calls; in every pair, reported new lesions
   that are enhancing and measurable (those would raise the flag);
-* volume-change error of grown tumours: ``|reported - true| / true`` of the growth
+* volume-change error of grown tumours (``grown``, ``infiltrated``): ``|reported - true| / true`` of the growth
   (mm^3) of WT and TC as the step's assessment measured it (``change.measure``: per
   component the registered pair, ``change.vs_prior_paired``, or the two
   independent segmentations, ``change.vs_prior``; by the segmenter, see
@@ -83,6 +83,7 @@ from tests.corpus import DEFAULT_DATA, HOLDOUT_CASES, TUNE_CASES  # noqa: E402
 from tests.synthetic_followup import (  # noqa: E402
     CASES,
     GENERATOR_VERSION,
+    GROWN_VARIANTS,
     VARIANTS,
     FollowupPair,
     load_pair,
@@ -411,7 +412,7 @@ def score_pair(pair: FollowupPair, result: dict, lc: LongitudinalConfig | None =
                         if v.get("contrast_percent") is not None], default=None)
             t["contrast_percent_best"] = best
             t["above_detection_contrast"] = best is not None and best >= least
-    if pair.variant == "grown":
+    if pair.variant in GROWN_VARIANTS:
         row["growth"] = growth_scores(pair, result, lc)
     return row
 
@@ -513,7 +514,7 @@ def split_totals(rows: list[dict]) -> dict:
     thick = [t for r in ok if r["variant"] == "thick" for t in r["new_lesions"]["truth"]
              if t["volume_mm3"] >= MIN_SCORED_MM3]
     nochange = [r for r in ok if r["variant"] == "nochange"]
-    grown = [r for r in ok if r["variant"] == "grown"]
+    grown = [r for r in ok if r["variant"] in GROWN_VARIANTS]
     added = [r["added_s"] for r in ok if r.get("added_s") is not None]
     added_prep = [r["added_s"] for r in ok if r.get("added_s") is not None and r.get("prior_prepared_in_step")]
     return {

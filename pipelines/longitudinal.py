@@ -81,7 +81,7 @@ from brainline.models.registry import load_backend
 
 from .boundary_shift import boundary_band, boundary_shift
 from .change_choice import chosen_change
-from .deformation_change import propagated_growth
+from .deformation_change import ResidualShift, propagated_growth
 from .image_pipeline import ROLE_LABELS, STEPS, PipelineConfig, _cached, _write
 from .joint_segmentation import JOINT_SEGMENTERS, joint_segmentation_change
 from .lesion_location import locate_points
@@ -305,7 +305,10 @@ LINEAR_INTERPOLATION_VARIANCE = 1.0 / 6.0
 
 #: change.vs_prior_paired measures (``paired_method``; joint_segmentation only where both
 #: timepoints were segmented by one of joint_segmentation.JOINT_SEGMENTERS, else boundary_shift).
-PAIRED_METHODS = ("boundary_shift", "confirmed_voxels", "joint_segmentation", "deformation")
+PAIRED_METHODS = ("boundary_shift", "confirmed_voxels", "joint_segmentation", "deformation", "deformation_shift")
+
+#: The paired measures that need the deformable registration of the pair.
+DEFORMATION_METHODS = ("deformation", "deformation_shift")
 
 #: Component -> (its voxels in a BraTS 2023 label map, the subtraction that must confirm a change).
 PAIRED_COMPONENTS = {"whole_tumor": (lambda a: a > 0, "flair"),
@@ -445,7 +448,8 @@ def bsi_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dic
 
 
 def deformation_change(current_labels: np.ndarray, prior_labels: np.ndarray, images: dict[str, tuple],
-                       grid: sitk.Image, lcfg: "LongitudinalConfig", keys=tuple(PAIRED_COMPONENTS)) -> dict:
+                       grid: sitk.Image, lcfg: "LongitudinalConfig", keys=tuple(PAIRED_COMPONENTS),
+                       residual_inputs: dict | None = None) -> dict[str, dict]:
     """Volume change of each component by deformable registration of the pair
     (:mod:`.deformation_change`): WT carried by the FLAIR's displacement, TC
     and ET by the T1c's (:data:`PAIRED_COMPONENTS`); the prior's component
@@ -453,14 +457,23 @@ def deformation_change(current_labels: np.ndarray, prior_labels: np.ndarray, ima
     the current volume. ``images``: role -> (current, matched prior, mask where
     both were imaged), (z, y, x) on ``grid`` (the cropped current grid);
     ``keys``: the components to measure (a sequence none of them needs is not
-    registered). Components without a prior mask or a sequence are left out."""
-    out: dict = {}
+    registered). With ``residual_inputs`` (:func:`bsi_inputs`; window and
+    band from :func:`bsi_setting`) the components it holds also get the
+    carried growth plus the boundary shift integral of what the field left
+    unexplained (current image against the warped prior). Returns
+    {"deformation": {component: entry}, "deformation_shift": {component:
+    entry}}; components without a prior mask or a sequence are left out."""
+    out: dict[str, dict] = {"deformation": {}, "deformation_shift": {}}
     voxel_mm3 = float(np.prod(grid.GetSpacing()))
     by_role: dict[str, dict[str, np.ndarray]] = {}
     for key, (select, role) in PAIRED_COMPONENTS.items():
         before = select(prior_labels)
         if key in keys and role in images and before.any():
             by_role.setdefault(role, {})[key] = before
+    residual = {}
+    for key, (_, _, within, _, now, t_level, l_level, _) in (residual_inputs or {}).items():
+        window, out_mm, in_mm = bsi_setting(lcfg, key)
+        residual[key] = ResidualShift(now, within, t_level, l_level, window, out_mm, in_mm)
     for role, masks in by_role.items():
         cur, pri, _ = images[role]
         t0 = time.monotonic()
@@ -468,14 +481,21 @@ def deformation_change(current_labels: np.ndarray, prior_labels: np.ndarray, ima
                               iso_mm=lcfg.deformation_iso_mm, image_sigma_mm=lcfg.deformation_image_sigma_mm,
                               field_sd_mm=lcfg.deformation_field_sd_mm,
                               levels=tuple(int(v) for v in lcfg.deformation_levels),
-                              iterations=lcfg.deformation_iterations, outline=[current_labels > 0])
+                              iterations=lcfg.deformation_iterations, outline=[current_labels > 0],
+                              residual={k: v for k, v in residual.items() if k in masks})
         seconds = round(time.monotonic() - t0, 2)
         for key, grown in (r.get("growth_mm3") or {}).items():
             prior_ml = float(np.count_nonzero(masks[key])) * voxel_mm3 / 1000.0
+            common = dict(sequence=role, registration="symmetric-forces demons",
+                          mean_displacement_mm=r["mean_displacement_mm"], seconds=seconds)
             entry = _change({key: prior_ml}, {key: max(0.0, prior_ml + grown / 1000.0)})[key]
-            entry.update(sequence=role, method="deformable registration", registration="symmetric-forces demons",
-                         mean_displacement_mm=r["mean_displacement_mm"], seconds=seconds)
-            out[key] = entry
+            out["deformation"][key] = {**entry, **common, "method": "deformable registration"}
+            unexplained = (r.get("residual_mm3") or {}).get(key)
+            if unexplained is not None:
+                entry = _change({key: prior_ml}, {key: max(0.0, prior_ml + (grown + unexplained) / 1000.0)})[key]
+                out["deformation_shift"][key] = {
+                    **entry, **common, "method": "deformable registration and boundary shift",
+                    "carried_ml": round(grown / 1000.0, 3), "residual_ml": round(unexplained / 1000.0, 3)}
     return out
 
 
@@ -1012,13 +1032,16 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     voxels = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z, margin)
     for entry in voxels.values():
         entry["method"] = "subtraction-confirmed voxels"
-    bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg)
+    bsi_in = bsi_inputs(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg.bsi_tissue_distance_mm,
+                        lcfg.bsi_core_tissue, lcfg.bsi_core_within_tumour)
+    bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg, bsi_in)
     rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
     chosen_methods = per_component(lcfg.paired_method, "boundary_shift")
-    by_deformation = [k for k, m in chosen_methods.items() if m == "deformation"]
+    by_deformation = [k for k, m in chosen_methods.items() if m in DEFORMATION_METHODS]
     if by_deformation:
-        rec["paired_methods"]["deformation"] = deformation_change(cur_lab, prior_lab, pair_images, grid, lcfg,
-                                                                  by_deformation)
+        with_residual = {k: v for k, v in bsi_in.items() if chosen_methods.get(k) == "deformation_shift"}
+        deformed = deformation_change(cur_lab, prior_lab, pair_images, grid, lcfg, by_deformation, with_residual)
+        rec["paired_methods"].update({m: v for m, v in deformed.items() if v or m in chosen_methods.values()})
     if joint_backend is not None:
         rec["paired_methods"]["joint_segmentation"] = joint_segmentation_change(
             joint_backend, joint_images, common, grid.GetSpacing()[::-1],
@@ -1028,7 +1051,8 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     methods = rec["paired_methods"]
     rec["paired_change"] = {}
     for k, chosen in chosen_methods.items():
-        preference = [chosen] + [m for m in ("boundary_shift", "confirmed_voxels") if m != chosen]
+        fallback = ("deformation",) if chosen == "deformation_shift" else ()   # no residual: the carried growth
+        preference = [chosen, *fallback] + [m for m in ("boundary_shift", "confirmed_voxels") if m != chosen]
         entry = next(((methods.get(m) or {}).get(k) for m in preference if (methods.get(m) or {}).get(k)), None)
         if entry:
             rec["paired_change"][k] = entry

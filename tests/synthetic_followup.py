@@ -32,7 +32,13 @@ Variants (``VARIANTS``):
   FLAIR/T2/T1 like the case's edema, T1c enhancing (like its enhancing tumour) for
   about half of them; truth = per lesion mask id, volume (mm^3), centroid (LPS mm);
 * ``thick``:   as ``new``, with the prior FLAIR resampled to 5 mm axial slices
-  (boxcar slice profile): small-lesion detection is limited there.
+  (boxcar slice profile): small-lesion detection is limited there;
+* ``infiltrated``: as ``grown``, but the tumour grows *into* the tissue around it
+  instead of pushing it aside: the displacement ends within INFILTRATION_TAPER_MM
+  (+ the field's 1.5 mm smoothing) beyond the moved rim, so the tissue there stays
+  where it was and the tissue the edge advanced over is overwritten by the lesion's
+  profile (no mass effect). A registration that explains growth by moving the
+  tissue finds little to move.
 
 Every variant: the prior gets a random rigid motion (rotation about the brain centre
 by 0.3-1 x ``max_rotation_deg`` around a random axis, translation of 0.3-1 x
@@ -93,9 +99,11 @@ GENERATOR_VERSION = 5                # 2: a grown region is painted with the fra
                                      # 4: new lesions only where every sequence has signal and where they
                                      #    come out brighter than the tissue there (_insert_lesions)
                                      # 5: growth is a displacement of image and labels (_grow_tumour):
-                                     #    v2-v4's painted growth did not carry its truth (README)
+                                     #    v2-v4's painted growth did not carry its truth (README);
+                                     #    + variant "infiltrated" (stop 18; the others unchanged)
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
-VARIANTS: tuple[str, ...] = ("nochange", "grown", "new", "thick")
+VARIANTS: tuple[str, ...] = ("nochange", "grown", "new", "thick", "infiltrated")
+GROWN_VARIANTS: tuple[str, ...] = ("grown", "infiltrated")      # variants whose truth is a grown tumour
 CASES: tuple[str, ...] = BRATS18_CASES
 NCR, ED, ET = 1, 2, 3
 
@@ -124,6 +132,7 @@ THICK_MM = 5.0
 LESION_TEXTURE_SCALE = 0.3           # painted texture SD of a new lesion = this x its label's robust CV
 TEXTURE_MM = 2.0                     # smoothing of the painted texture (Gaussian sigma)
 RIM_MAX_MM = 8.0                     # grown tumour: its visible edge (up to this far outside the label) moves with it
+INFILTRATION_TAPER_MM = 1.0          # infiltrated: the displacement ends this close beyond the moved rim
 
 
 @dataclass
@@ -296,7 +305,7 @@ def _levels(arrays: dict[str, np.ndarray], labels: np.ndarray, brain: np.ndarray
 
 
 def _outward_field(rng: np.random.Generator, region: np.ndarray, spacing_zyx, rim_mm: float,
-                   taper_mm: float) -> tuple[np.ndarray, float]:
+                   taper_mm: float, infiltrate: bool = False) -> tuple[np.ndarray, float]:
     """A smooth displacement field pointing out of ``region`` (bool, (z, y, x)), in mm per
     unit of the growth distance: (3,) + shape, components (z, y, x).
 
@@ -308,7 +317,9 @@ def _outward_field(rng: np.random.Generator, region: np.ndarray, spacing_zyx, ri
     aside), times a smooth random factor 1 +- 0.35 (4 mm; lobulated growth); each
     component smoothed by a 1.5 mm Gaussian. Returns the field and the largest growth
     distance (mm) that keeps the map monotone along the normal (0.7 x the shorter ramp
-    / the factor's maximum)."""
+    / the factor's maximum; ``infiltrate``: 0.7 x the inner ramp / the maximum, the
+    outer ramp may be shorter than the growth: the tissue the rim advances over is
+    overwritten, the ``infiltrated`` variant)."""
     d_out = ndimage.distance_transform_edt(~region, sampling=spacing_zyx)
     d_in = ndimage.distance_transform_edt(region, sampling=spacing_zyx)
     signed = (d_out - d_in).astype(np.float32)
@@ -323,7 +334,8 @@ def _outward_field(rng: np.random.Generator, region: np.ndarray, spacing_zyx, ri
     sigma = [1.5 / s for s in spacing_zyx]
     field_ = np.stack([ndimage.gaussian_filter(weight * factor * g / np.maximum(norm, 1e-6), sigma)
                        for g in grad]).astype(np.float32)
-    return field_, 0.7 * min(t_in, taper_mm) / float(factor.max())
+    ramp = t_in if infiltrate else min(t_in, taper_mm)
+    return field_, 0.7 * ramp / float(factor.max())
 
 
 def _warp(values: np.ndarray, displacement_mm: np.ndarray, spacing_zyx, order: int) -> np.ndarray:
@@ -336,11 +348,11 @@ def _warp(values: np.ndarray, displacement_mm: np.ndarray, spacing_zyx, order: i
 
 
 def _displace_to(rng: np.random.Generator, region: np.ndarray, n_voxels: int, spacing_zyx, rim_mm: float,
-                 taper_mm: float) -> tuple[np.ndarray, float]:
+                 taper_mm: float, infiltrate: bool = False) -> tuple[np.ndarray, float]:
     """The displacement (mm, (3,) + shape) that grows ``region`` by about ``n_voxels``
     (bisection of the growth distance along :func:`_outward_field`, 12 steps, capped at
     the monotone limit), and that distance (mm)."""
-    unit, limit = _outward_field(rng, region, spacing_zyx, rim_mm, taper_mm)
+    unit, limit = _outward_field(rng, region, spacing_zyx, rim_mm, taper_mm, infiltrate)
     target = int(region.sum()) + n_voxels
     lo, hi = 0.0, limit
     if (_warp(region.astype(np.uint8), hi * unit, spacing_zyx, 0) > 0).sum() <= target:
@@ -369,8 +381,12 @@ def _edge_profile(values: np.ndarray, region: np.ndarray, within: np.ndarray, sp
     return out
 
 
-def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, np.ndarray, dict]:
+def _grow_tumour(rng, arrays, labels, brain, image, stats,
+                 infiltrate: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """Grow the largest whole-tumour component, then its core (generator v5).
+    ``infiltrate`` (variant ``infiltrated``): the displacement ends within
+    INFILTRATION_TAPER_MM beyond the moved rim instead of GROWTH_TAPER_MM /
+    CORE_TAPER_MM: no mass effect, the tissue the edge advances over is overwritten.
 
     Growth is a displacement, as a lesion that expands moves its whole visible
     profile out: the image and the label map are pulled along a smooth outward field
@@ -417,7 +433,8 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
             n_voxels = int(comp.sum()) + int(round(wt_frac * comp.sum())) - int(region.sum())
         if not region.any() or n_voxels <= 0:
             continue
-        disp, distance[key] = _displace_to(rng, region, n_voxels, spacing, rim, taper)
+        taper = INFILTRATION_TAPER_MM if infiltrate else taper
+        disp, distance[key] = _displace_to(rng, region, n_voxels, spacing, rim, taper, infiltrate)
         for role in arrays:
             arrays[role][box] = np.maximum(_warp(arrays[role][box], disp, spacing, 3), 0.0)
         warped = _warp(new_labels[box], disp, spacing, 0)
@@ -449,8 +466,11 @@ def _grow_tumour(rng, arrays, labels, brain, image, stats) -> tuple[np.ndarray, 
         "edge_profiles": profiles,
         "method": "displacement growth: image and labels pulled along a smooth outward field that moves the "
                   "tumour's edge and visible rim out by the growth distance (bisection to the requested "
-                  "volume; +-35 % lobulation, 4 mm), stretching the interior and pushing the tissue beyond "
-                  "aside; whole tumour first, then the core into the oedema; inside the brain mask",
+                  "volume; +-35 % lobulation, 4 mm), stretching the interior and "
+                  + ("overwriting the tissue the rim advances over (infiltration, no mass effect)" if infiltrate
+                     else "pushing the tissue beyond aside")
+                  + "; the core first (into the oedema), then the whole tumour; inside the brain mask",
+        "infiltrating": infiltrate,
     }
     return new_labels, growth, info
 
@@ -752,8 +772,9 @@ def make_pair(case_id: str, variant: str, out_dir: Path | str, seed: int = 0, *,
     new_ids = np.zeros(labels.shape, np.uint16)
     growth = np.zeros(labels.shape, np.uint8)
     growth_info, lesions = None, []
-    if variant == "grown":
-        current_labels, growth, growth_info = _grow_tumour(rng, arrays, labels, brain, ref, stats)
+    if variant in GROWN_VARIANTS:
+        current_labels, growth, growth_info = _grow_tumour(rng, arrays, labels, brain, ref, stats,
+                                                           infiltrate=variant == "infiltrated")
     elif variant in ("new", "thick"):
         new_ids, lesions = _insert_lesions(rng, arrays, labels, brain, ref, stats, n=n_new,
                                            volumes=new_volumes_mm3)
@@ -847,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pair = make_pair(case, variant, args.out, args.seed, data_root=args.data, spacing_mm=args.spacing)
             t = pair.truth
             extra = (f"growth WT {t['change_mm3']['whole_tumor']:.0f} mm3 TC {t['change_mm3']['tumor_core']:.0f} mm3"
-                     if variant == "grown" else
+                     if variant in GROWN_VARIANTS else
                      f"{len(t['new_lesions'])} new lesions "
                      + ", ".join(f"{l['volume_mm3']:.0f}" for l in t["new_lesions"])
                      + " mm3" if t["new_lesions"] else "")

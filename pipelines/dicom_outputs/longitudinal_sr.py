@@ -122,6 +122,8 @@ CHANGE_METHODS = {
         "SUB-VOXELS", "Subtraction-confirmed segmentation change"),
     "deformable registration": _private(
         "DEFORM-CARRIED", "Prior segmentation carried by deformable registration"),
+    "deformable registration and boundary shift": _private(
+        "DEFORM-BSI", "Deformable registration plus residual boundary shift"),
     "joint segmentation of the registered pair": _private(
         "JOINT-SEG", "Joint segmentation of the registered image pair"),
     "segmentations": _private("SEG-DIFFERENCE", "Difference of two independent segmentations"),
@@ -146,6 +148,9 @@ _MEASURE_WORDS = {"boundary shift integral": "the boundary shift integral on the
                                                   "registered image pair",
                   "deformable registration": "the deformable registration of the image pair (the prior's "
                                              "segmentation carried into the current anatomy)",
+                  "deformable registration and boundary shift": "the deformable registration of the image pair "
+                                                                "plus the boundary shift integral of what it left "
+                                                                "unexplained",
                   "joint segmentation of the registered pair": "the joint segmentation of the registered image pair",
                   "segmentations": "the difference of the two segmentations"}
 
