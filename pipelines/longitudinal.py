@@ -48,10 +48,10 @@ lesion mode; with >= 2 priors), and a RANO-like assessment (thresholds in
 
 The change against the most recent prior is measured twice: by the two
 timepoints' own segmentations (``change.vs_prior``) and on the registered
-pair (``change.vs_prior_paired``; ``paired_method`` per component: the
-boundary shift integral by default; optionally the deformable registration of
-the pair carrying the prior's segmentation, :mod:`.deformation_change`).
-Which one the
+pair (``change.vs_prior_paired``; ``paired_method`` per component: by
+default the boundary shift integral for WT, and for TC and ET the deformable
+registration of the pair carrying the prior's segmentation plus the boundary
+shift of what it left unexplained, :mod:`.deformation_change`). Which one the
 assessment, the SR and the PDF use is chosen per component by the segmenter
 (``change_measure``, :func:`change_measure`): the registered pair for the
 baseline segmenter (irreproducible between two scans), ``change_measure_trained``
