@@ -22,25 +22,18 @@ from tests.shared_data import needs_data
 from tests.test_longitudinal import CASE, _run, load_case, make_prior
 
 
-def _ball_image(radius_mm: float, shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), seed=0):
-    """(image z y x, ball mask) of a lesion 1.0 on tissue 0.4 with a 1 mm edge ramp, noise SD 0.02."""
+def _ball_image(radius_mm: float, shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), seed=0, texture_sd: float = 0.0):
+    """(image z y x, ball mask) of a lesion 1.0 on tissue 0.4 with a 1 mm edge ramp, noise SD 0.02
+    (``seed``). ``texture_sd`` > 0: the tissue has a fixed texture (smooth noise, 1.5 voxels, that
+    SD; the same at every scan), so a ball that grows turns tissue to lesion where it stands
+    (infiltration) instead of pushing it aside."""
     zz, yy, xx = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, spacing[::-1])], indexing="ij")
     r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
     frac = np.clip(radius_mm + 0.5 - r, 0.0, 1.0)
-    img = 0.4 + 0.6 * frac + 0.02 * np.random.default_rng(seed).standard_normal(shape)
-    return img.astype(np.float32), r <= radius_mm
-
-
-def _textured_ball(radius_mm: float, texture_sd: float, seed: int, shape=(64, 64, 64)):
-    """A ball 1.0 (1 mm edge ramp) over tissue 0.4 with a fixed texture (smooth noise,
-    1.5 mm, SD ``texture_sd``; the same at every scan), noise SD 0.02 (``seed``): a
-    ball that grows by ``radius_mm`` turns tissue to lesion where it stands
-    (infiltration) instead of pushing it aside."""
-    zz, yy, xx = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
-    r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
-    texture = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(shape), 1.5)
-    tissue = 0.4 + texture_sd * texture / texture.std()
-    frac = np.clip(radius_mm + 0.5 - r, 0.0, 1.0)
+    tissue = 0.4
+    if texture_sd > 0:
+        texture = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(shape), 1.5)
+        tissue = 0.4 + texture_sd * texture / texture.std()
     img = tissue * (1 - frac) + frac + 0.02 * np.random.default_rng(seed).standard_normal(shape)
     return img.astype(np.float32), r <= radius_mm
 
@@ -55,8 +48,8 @@ def test_infiltrating_ball_adds_the_residual_shift():
     boundary shift of the current image against the warped prior adds what
     the field left unexplained (measured: carried 2,714 + residual 282 of
     2,984 mm^3)."""
-    prior, prior_mask = _textured_ball(10.0, 0.1, seed=1)
-    current, current_mask = _textured_ball(12.0, 0.1, seed=2)
+    prior, prior_mask = _ball_image(10.0, seed=1, texture_sd=0.1)
+    current, current_mask = _ball_image(12.0, seed=2, texture_sd=0.1)
     true = float(current_mask.sum() - prior_mask.sum())
     r = propagated_growth(current, prior, {"ball": prior_mask}, _grid(), margin_mm=12.0,
                           residual={"ball": _residual(current_mask)})
@@ -69,9 +62,9 @@ def test_infiltrating_ball_adds_the_residual_shift():
 def test_unchanged_textured_ball_has_no_residual_whatever_the_mask():
     """Unchanged ball on textured tissue, the prior's and current masks 2 mm too
     large: carried growth and residual both near zero (< 3 % of the ball)."""
-    prior, _ = _textured_ball(10.0, 0.1, seed=1)
-    current, _ = _textured_ball(10.0, 0.1, seed=2)
-    _, too_large = _textured_ball(12.0, 0.1, seed=0)
+    prior, _ = _ball_image(10.0, seed=1, texture_sd=0.1)
+    current, _ = _ball_image(10.0, seed=2, texture_sd=0.1)
+    _, too_large = _ball_image(12.0, seed=0, texture_sd=0.1)
     r = propagated_growth(current, prior, {"ball": too_large}, _grid(), margin_mm=12.0,
                           residual={"ball": _residual(too_large)})
     assert abs(r["growth_mm3"]["ball"] + r["residual_mm3"]["ball"]) < 0.03 * too_large.sum(), r
