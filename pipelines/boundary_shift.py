@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .longitudinal_images import mask_box
+
 __all__ = ["boundary_distances", "boundary_band", "boundary_shift"]
 
 
@@ -50,7 +52,17 @@ def boundary_band(prior: np.ndarray, current: np.ndarray, spacing_zyx, out_mm: f
     ``prior | current`` and at most ``in_mm`` inside ``prior & current``
     (Euclidean distances in mm; bool arrays, same shape). ``distances``:
     :func:`boundary_distances` of the same masks, when already computed."""
-    outside, inside = distances if distances is not None else boundary_distances(prior, current, spacing_zyx)
+    if distances is None:
+        # only voxels within out_mm of the union can be in the band: the distances are taken on
+        # the union's box widened by out_mm + one voxel (exact there: every union voxel is inside
+        # it, and its outer layer is outside both masks), not on the whole grid
+        box = mask_box([prior, current], spacing_zyx, out_mm + max(spacing_zyx))
+        band = np.zeros(prior.shape, bool)
+        if box is not None:
+            band[box] = boundary_band(prior[box], current[box], spacing_zyx, out_mm, in_mm, within[box],
+                                      boundary_distances(prior[box], current[box], spacing_zyx))
+        return band
+    outside, inside = distances
     band = outside <= out_mm
     if inside is not None:
         band &= ~(inside > in_mm)

@@ -99,3 +99,30 @@ def test_core_window_lies_between_oedema_and_enhancement_and_counts_inside_the_t
     assert 1000.0 * level_only["tumor_core"]["delta_ml"] > true + 0.4 * outside
     band_only = bsi_change(current_lab, prior_lab, images, SPACING, replace(lc, bsi_core_tissue="brain"))
     assert 1000.0 * band_only["tumor_core"]["delta_ml"] == pytest.approx(0.75 * true, rel=0.02)
+
+
+def test_band_taken_on_the_masks_box_equals_the_whole_grid_band():
+    """boundary_band takes the distances on the union's box widened by the
+    outer band (not the whole grid): the same voxels as the band from
+    whole-grid distances, for masks at the grid's edge, overlapping or not,
+    one of them empty, on anisotropic voxels."""
+    from scipy import ndimage
+
+    from brainline.pipelines.boundary_shift import boundary_distances
+
+    rng = np.random.default_rng(3)
+    shape = (40, 50, 60)
+    z, y, x = np.indices(shape)
+    ball = (z - 20) ** 2 + (y - 25) ** 2 + (x - 30) ** 2 <= 64
+    edge = np.zeros(shape, bool)
+    edge[:4, :12, -5:] = True                          # touches three faces of the grid
+    pairs = [(ball, ndimage.binary_dilation(ball, iterations=2)), (ball, edge), (edge, edge | (x > 55)),
+             (ball, np.zeros(shape, bool)), (rng.random(shape) > 0.999, ball)]
+    within = rng.random(shape) > 0.2
+    for spacing in ((1.0, 1.0, 1.0), (4.0, 0.9, 0.9)):
+        for out_mm, in_mm in ((3.0, 3.0), (12.0, 1.0), (0.5, 0.0)):
+            for prior, current in pairs:
+                whole = boundary_band(prior, current, spacing, out_mm, in_mm, within,
+                                      boundary_distances(prior, current, spacing))
+                assert np.array_equal(boundary_band(prior, current, spacing, out_mm, in_mm, within), whole)
+    assert not boundary_band(np.zeros(shape, bool), np.zeros(shape, bool), SPACING, 3.0, 3.0, within).any()

@@ -523,6 +523,26 @@ def test_paired_change_counts_only_changes_the_subtraction_confirms():
     assert both["whole_tumor"]["sequence"] == "flair" and both["tumor_core"]["sequence"] == "t1c"
 
 
+def test_paired_change_margin_is_a_box_around_the_prior_component():
+    """With ``margin_voxels`` (z, y, x) a confirmed rise counts as growth up to
+    that many voxels from the prior component along each axis (a box, the
+    same per axis as the margin in mm), even where the current segmentation
+    missed it; one voxel further it does not."""
+    from brainline.pipelines.longitudinal import paired_change
+
+    prior = np.zeros((30, 30, 30), np.uint8)
+    prior[10:20, 10:20, 10:20] = 2
+    z = {"flair": np.zeros(prior.shape), "t1c": np.zeros(prior.shape)}
+    z["flair"][10:20, 10:20, 20:25] = 5.0        # rose over 5 voxels along x beyond the prior edge
+    z["flair"][20:23, 10:15, 10:20] = 5.0        # and over 3 slices (50 voxels each) beyond it along z
+    z["flair"][21:24, 22:24, 22:24] = 5.0        # and at a corner, 2-4 voxels off on every axis
+    out = paired_change(prior, prior, z, voxel_mm3=1.0, support_z=2.0, margin_voxels=(1, 2, 3))
+    # x: 3 of the 5 columns (margin 3); z: 1 of the 3 slices (margin 1); corner: none
+    # (axes swapped, (3, 2, 1), it would read 100 + 150)
+    assert out["whole_tumor"]["gained_ml"] == pytest.approx((300 + 50) / 1000.0)
+    assert paired_change(prior, prior, z, voxel_mm3=1.0, support_z=2.0)["whole_tumor"]["gained_ml"] == 0.0
+
+
 def test_native_coverage_is_the_acquired_slab_less_one_slice():
     """The region a 5 mm axial acquisition covers, carried onto a 2 mm grid:
     its voxel boxes less one slice at each end (partial volume with what was
