@@ -152,6 +152,7 @@ class LongitudinalConfig:
     growth_net_fraction: float = 0.5
     growth_net_dilate_mm: float = 3.0
     lesion_bright_z: float = 3.5
+    lesion_growth_excludes_prior_bright: bool = True
     confidence_z_scale: float = 3.0
     confidence_volume_mm3: float = 50.0
     progression_percent: float = 40.0
@@ -909,6 +910,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     axes = _axes(grid)
     out_dir = work / "longitudinal"
     subtractions, resolution, z_maps, prior_z, current_z, matched_rec, sd_rec = {}, {}, {}, {}, {}, {}, {}
+    prior_voxel_z: dict = {}
     coverage_rec: dict = {}
     pair_images: dict = {}
     joint_images: dict = {}
@@ -999,6 +1001,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
             pair_images[role] = (c_arr, matched, covered)
             prior_image_z = robust_z(matched, common, stats_mask=pri_signal)[0]
             prior_z[role] = _neighbourhood_max(prior_image_z, grid, lcfg.prior_bright_radius_mm)
+            prior_voxel_z[role] = prior_image_z
             current_z[role] = robust_z(c_arr, common, stats_mask=cur_signal)[0]
             if role == "flair":
                 flair_bright_cur = current_z[role] > lcfg.lesion_bright_z
@@ -1025,10 +1028,12 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
         search_z[COMBINED_ROLE], rec["combined_t2"] = combined_evidence(evidence["flair"], evidence["t2"])
         # brightness now and at the prior from the FLAIR: a lesion and CSF are both bright on T2
         search_prior[COMBINED_ROLE], search_current[COMBINED_ROLE] = prior_z["flair"], current_z["flair"]
+        prior_voxel_z[COMBINED_ROLE] = prior_voxel_z["flair"]
         min_current[COMBINED_ROLE] = lcfg.combined_current_min_z
     cands, dropped = find_lesions(search_z, search_prior, search_current, common, cur_lesion, pri_lesion, voxel_mm3,
                                   lcfg, segmentation_extent=(mode == "tumour"), detect=detect,
-                                  spacing_zyx=tuple(grid.GetSpacing()[::-1]), min_current=min_current)
+                                  spacing_zyx=tuple(grid.GetSpacing()[::-1]), min_current=min_current,
+                                  prior_voxel_z=prior_voxel_z if lcfg.lesion_growth_excludes_prior_bright else None)
     margin = (tuple(max(0, int(round(lcfg.paired_margin_mm / s))) for s in grid.GetSpacing()[::-1])
               if lcfg.paired_margin_mm > 0 else None)
     voxels = paired_change(cur_lab, prior_lab, z_maps, voxel_mm3, lcfg.paired_support_z, margin)

@@ -300,7 +300,8 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
                  brain: np.ndarray, current_lesion: np.ndarray, prior_lesion: np.ndarray, voxel_mm3: float,
                  cfg, segmentation_extent: bool = True, detect: np.ndarray | None = None,
                  spacing_zyx: tuple[float, float, float] | None = None,
-                 min_current: dict[str, float] | None = None) -> tuple[list[Candidate], dict]:
+                 min_current: dict[str, float] | None = None,
+                 prior_voxel_z: dict[str, np.ndarray] | None = None) -> tuple[list[Candidate], dict]:
     """New and growing lesions.
 
     z_maps: robust z of each subtraction (role -> (z, y, x) array);
@@ -335,7 +336,14 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
     (lesion mode, lesion masks include bright FLAIR): a new lesion is its
     half-maximum subtraction region and a growing lesion's growth is the new
     subtraction voxels only (v = p + new voxels), as the bright masks of two
-    differently blurred timepoints are not comparable voxel for voxel.
+    differently blurred timepoints are not comparable voxel for voxel; with
+    ``prior_voxel_z`` (role -> robust z of the matched prior image, voxel by
+    voxel, not the neighbourhood maximum of ``prior_z``) a growing lesion
+    whose new voxels were already bright at the prior by the new-lesion
+    rule's own limit (their median prior z above min(prior_bright_z,
+    prior_bright_fraction x their median current z)) is dropped as
+    "bright_at_prior": a lesion, or a bright normal structure such as the
+    septum pellucidum, that only grew brighter did not enlarge.
     A new lesion also gets ``integrated_mm3``: its volume as the integral of
     the subtraction over its extent dilated by ``new_volume_dilate_mm``,
     each voxel counting min(z / z_ref, 1) with z_ref the
@@ -402,6 +410,10 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
         if grown.any():
             level = max(cfg.z_threshold, cfg.volume_fraction_of_peak * float(np.percentile(zc[grown], 95)))
             grown &= zc >= level
+        if (not segmentation_extent and prior_voxel_z and grown.any()
+                and _grown_bright_at_prior(grown, zarg[sl], roles, prior_voxel_z, current_z, sl, cfg)):
+            dropped["bright_at_prior"] += 1
+            continue
         region = (cur | grown) if segmentation_extent else (p_vox | grown)
         p = float(p_vox.sum() * voxel_mm3)
         v = float(region.sum() * voxel_mm3)
@@ -488,6 +500,25 @@ def axial_axis(direction) -> int:
     nearest-to-axial, for an oblique grid) planes RANO measures on."""
     d = np.asarray(direction, dtype=float).reshape(3, 3)   # column k: direction of index axis k (x, y, z)
     return 2 - int(np.argmax(np.abs(d[2, :])))
+
+
+def _grown_bright_at_prior(grown: np.ndarray, role_index: np.ndarray, roles: list[str], prior_voxel_z: dict,
+                           current_z: dict, sl: tuple[slice, ...], cfg) -> bool:
+    """Whether a growing lesion's new voxels (bool, the box ``sl``) were
+    already bright at the prior, as the new-lesion rule asks of a new
+    lesion's peak: their median prior z (voxel by voxel, on the role whose
+    subtraction is highest at each voxel, ``role_index`` into ``roles``)
+    above min(prior_bright_z, prior_bright_fraction x their median current z)."""
+    prior, now = [], []
+    for k, role in enumerate(roles):
+        at = grown & (role_index == k)
+        if role in prior_voxel_z and at.any():
+            prior.append(prior_voxel_z[role][sl][at])
+            now.append(current_z[role][sl][at])
+    if not prior:
+        return False
+    p, c = float(np.median(np.concatenate(prior))), float(np.median(np.concatenate(now)))
+    return p > min(cfg.prior_bright_z, cfg.prior_bright_fraction * c)
 
 
 def _ball(radius_mm: float, spacing_zyx) -> np.ndarray:

@@ -48,7 +48,7 @@ def run(prior_structure: np.ndarray, current_structure: np.ndarray, cfg=CFG):
     pri_near = ndimage.maximum_filter(pri_z, size=5)    # prior_bright_radius_mm 2 at 1 mm
     return find_lesions({"flair": z_sub}, {"flair": pri_near}, {"flair": cur_z}, brain,
                         cur_z > cfg.lesion_bright_z, pri_z > cfg.lesion_bright_z, 1.0, cfg,
-                        segmentation_extent=False, spacing_zyx=SPACING)
+                        segmentation_extent=False, spacing_zyx=SPACING, prior_voxel_z={"flair": pri_z})
 
 
 def test_shifted_thin_structure_is_not_growth():
@@ -72,3 +72,36 @@ def test_grown_lesion_is_growth():
 def test_unchanged_lesion_is_not_growth():
     cands, dropped = run(ball(5.0), ball(5.0))
     assert [c for c in cands if c.kind == "growing"] == [], cands
+
+
+def brightened(shell_prior_z: float, voxel_rule: bool = True):
+    """find_lesions on noiseless z maps, lesion mode: a lesion of z 10 (4 mm
+    ball) at the prior whose 4-6 mm shell was at ``shell_prior_z`` (under
+    lesion_bright_z) and is at z 10 now, so the subtraction rose there by
+    10 - shell_prior_z."""
+    core, whole = ball(4.0), ball(6.0)
+    shell = whole & ~core
+    pri_z = np.where(core, 10.0, np.where(shell, shell_prior_z, 0.0)).astype(np.float32)
+    cur_z = np.where(whole, 10.0, 0.0).astype(np.float32)
+    z_sub = cur_z - pri_z
+    brain = np.ones(SHAPE, bool)
+    return find_lesions({"flair": z_sub}, {"flair": ndimage.maximum_filter(pri_z, size=5)}, {"flair": cur_z},
+                        brain, cur_z > CFG.lesion_bright_z, pri_z > CFG.lesion_bright_z, 1.0, CFG,
+                        segmentation_extent=False, spacing_zyx=SPACING,
+                        prior_voxel_z={"flair": pri_z} if voxel_rule else None)
+
+
+def test_structure_that_only_grew_brighter_did_not_enlarge():
+    """Lesion mode: a growth whose voxels were already bright at the prior
+    (z 3.3: above the Penn rule's prior_bright_z 3, under lesion_bright_z
+    3.5) and only brightened is not enlargement (the septum pellucidum of
+    CBICA_ALU's `new` pair); the same shell rising from z 1 is."""
+    assert CFG.prior_bright_z < 3.3 < CFG.lesion_bright_z
+    cands, dropped = brightened(3.3)
+    assert [c for c in cands if c.kind == "growing"] == [] and dropped["bright_at_prior"] == 1, (cands, dropped)
+    # the voxel rule is what removes it: without prior_voxel_z the brightening reads as growth
+    [before] = brightened(3.3, voxel_rule=False)[0]
+    assert before.kind == "growing"
+    [grown] = brightened(1.0)[0]
+    assert grown.kind == "growing" and grown.volume_mm3 == before.volume_mm3, (grown, before)
+
