@@ -410,16 +410,16 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
         if grown.any():
             level = max(cfg.z_threshold, cfg.volume_fraction_of_peak * float(np.percentile(zc[grown], 95)))
             grown &= zc >= level
-        if (not segmentation_extent and prior_voxel_z and grown.any()
-                and _grown_bright_at_prior(grown, zarg[sl], roles, prior_voxel_z, current_z, sl, cfg)):
-            dropped["bright_at_prior"] += 1
-            continue
         region = (cur | grown) if segmentation_extent else (p_vox | grown)
         p = float(p_vox.sum() * voxel_mm3)
         v = float(region.sum() * voxel_mm3)
         new_vox = float((grown.sum()) * voxel_mm3)
         if v - p <= max(cfg.growth_fraction * p, cfg.growth_min_mm3) or new_vox < cfg.min_volume_mm3:
             dropped["not_grown"] += 1
+            continue
+        if (not segmentation_extent and prior_voxel_z and grown.any()
+                and _grown_bright_at_prior(grown, zarg[sl], roles, prior_voxel_z, current_z, sl, cfg)):
+            dropped["bright_at_prior"] += 1
             continue
         gz = np.where(grown, zc, -np.inf)
         pk = np.unravel_index(int(np.argmax(gz)), gz.shape)
