@@ -388,8 +388,7 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
             zs = np.where(support, zc, -np.inf)
             pk = np.unravel_index(int(np.argmax(zs)), zs.shape)
             role = roles[int(zarg[sl][pk])]
-            bright = min(cfg.prior_bright_z, cfg.prior_bright_fraction * float(current_z[role][sl][pk]))
-            if float(prior_z[role][sl][pk]) > bright:
+            if float(prior_z[role][sl][pk]) > _prior_bright_limit(float(current_z[role][sl][pk]), cfg):
                 dropped["bright_at_prior"] += 1
                 continue
             level = max(cfg.z_threshold, cfg.volume_fraction_of_peak * float(np.percentile(zc[support], 95)))
@@ -417,7 +416,7 @@ def find_lesions(z_maps: dict[str, np.ndarray], prior_z: dict[str, np.ndarray], 
         if v - p <= max(cfg.growth_fraction * p, cfg.growth_min_mm3) or new_vox < cfg.min_volume_mm3:
             dropped["not_grown"] += 1
             continue
-        if (not segmentation_extent and prior_voxel_z and grown.any()
+        if (not segmentation_extent and prior_voxel_z
                 and _grown_bright_at_prior(grown, zarg[sl], roles, prior_voxel_z, current_z, sl, cfg)):
             dropped["bright_at_prior"] += 1
             continue
@@ -502,6 +501,12 @@ def axial_axis(direction) -> int:
     return 2 - int(np.argmax(np.abs(d[2, :])))
 
 
+def _prior_bright_limit(current_z: float, cfg) -> float:
+    """The Penn MS CAD rule's limit: prior robust z above min(prior_bright_z,
+    prior_bright_fraction x the current z) was already bright at the prior."""
+    return min(cfg.prior_bright_z, cfg.prior_bright_fraction * current_z)
+
+
 def _grown_bright_at_prior(grown: np.ndarray, role_index: np.ndarray, roles: list[str], prior_voxel_z: dict,
                            current_z: dict, sl: tuple[slice, ...], cfg) -> bool:
     """Whether a growing lesion's new voxels (bool, the box ``sl``) were
@@ -518,7 +523,7 @@ def _grown_bright_at_prior(grown: np.ndarray, role_index: np.ndarray, roles: lis
     if not prior:
         return False
     p, c = float(np.median(np.concatenate(prior))), float(np.median(np.concatenate(now)))
-    return p > min(cfg.prior_bright_z, cfg.prior_bright_fraction * c)
+    return p > _prior_bright_limit(c, cfg)
 
 
 def _ball(radius_mm: float, spacing_zyx) -> np.ndarray:
