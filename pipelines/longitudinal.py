@@ -162,6 +162,8 @@ class LongitudinalConfig:
     paired_support_z: float = 2.0
     paired_margin_mm: float = 5.0
     paired_method: str | dict = "boundary_shift"
+    # the same for a pair one trained model segmented at both timepoints; None: paired_method
+    paired_method_trained: str | dict | None = None
     bsi_window: tuple = (0.1, 0.5)
     bsi_band_out_mm: float = 3.0
     bsi_band_in_mm: float = 3.0
@@ -212,6 +214,9 @@ class LongitudinalConfig:
         if cfg.bsi_core_tissue not in ("oedema", "brain"):
             raise ValueError(f"bsi_core_tissue must be oedema or brain, not {cfg.bsi_core_tissue!r}")
         cfg.paired_method = _per_component_setting(cfg.paired_method, PAIRED_METHODS, "paired_method")
+        if cfg.paired_method_trained is not None:
+            cfg.paired_method_trained = _per_component_setting(cfg.paired_method_trained, PAIRED_METHODS,
+                                                               "paired_method_trained")
         if cfg.new_lesion_rule not in NEW_LESION_RULES:
             raise ValueError(f"new_lesion_rule must be {', '.join(NEW_LESION_RULES)}, not {cfg.new_lesion_rule!r}")
         if cfg.change_measure not in ("auto", "paired", "segmentations"):
@@ -514,6 +519,23 @@ def segmenter_of(summary: dict) -> str | None:
     return str(name) if name else None
 
 
+def one_trained_model(prior_summary: dict, current_summary: dict) -> str | None:
+    """The trained model (any backend but :data:`UNTRAINED_SEGMENTERS`) that
+    segmented both timepoints, or None (the baseline, two different segmenters,
+    an unknown one)."""
+    prior, current = segmenter_of(prior_summary), segmenter_of(current_summary)
+    return current if prior == current and current not in (None, *UNTRAINED_SEGMENTERS) else None
+
+
+def paired_methods_for(lcfg: "LongitudinalConfig", prior_summary: dict, current_summary: dict) -> tuple[dict, str]:
+    """The paired measure per component ("3" ET, "tumor_core", "whole_tumor") and
+    the setting it came from: ``paired_method_trained`` when one trained model
+    segmented both timepoints and that key is set, else ``paired_method``."""
+    if lcfg.paired_method_trained is not None and one_trained_model(prior_summary, current_summary):
+        return per_component(lcfg.paired_method_trained, "boundary_shift"), "paired_method_trained"
+    return per_component(lcfg.paired_method, "boundary_shift"), "paired_method"
+
+
 MEASURE_NAMES = {"3": "ET", "tumor_core": "TC", "whole_tumor": "WT"}
 
 
@@ -548,7 +570,7 @@ def change_measure(lcfg: "LongitudinalConfig", prior_summary: dict, current_summ
         return {**rec, "uses": {k: "segmentations" for k in PAIRED_COMPONENTS},
                 "reason": "no change could be measured on the registered image pair, so the two segmentations "
                           "are compared"}
-    trained = segs["prior"] == segs["current"] and segs["current"] not in (None, *UNTRAINED_SEGMENTERS)
+    trained = one_trained_model(prior_summary, current_summary) is not None
     if lcfg.change_measure != "auto":
         uses = {k: lcfg.change_measure for k in PAIRED_COMPONENTS}
         why = f"configured (change_measure: {lcfg.change_measure})"
@@ -834,11 +856,13 @@ def _norm_smooth(image: sitk.Image, mask: sitk.Image, sigma: np.ndarray, cache: 
 
 
 def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg: PipelineConfig,
-                    lcfg: LongitudinalConfig, mode: str, joint_backend=None) -> dict:
+                    lcfg: LongitudinalConfig, mode: str, joint_backend=None,
+                    paired_setting: tuple[dict, str] | None = None) -> dict:
     """Register, match, subtract and find lesions; returns a record with
     "registration", "ok" (False = flagged/failed, with "note"), and when ok:
     "subtractions", "resolution", "intensity_match", "lesions" (Candidates),
-    "notes", "grid"."""
+    "notes", "grid". ``paired_setting``: (measure per component, the key it came
+    from) from :func:`paired_methods_for`; None: ``paired_method``."""
     rec: dict = {"ok": False, "notes": [], "flags": []}
     cur_roles, pri_roles = _roles(work), _roles(prior_dir)
     common_roles = [r for r in ROLES if r in cur_roles and r in pri_roles]
@@ -1043,7 +1067,8 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                         lcfg.bsi_core_tissue, lcfg.bsi_core_within_tumour)
     bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg, bsi_in)
     rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
-    chosen_methods = per_component(lcfg.paired_method, "boundary_shift")
+    chosen_methods, rec["paired_setting"] = paired_setting or (per_component(lcfg.paired_method, "boundary_shift"),
+                                                               "paired_method")
     by_deformation = [k for k, m in chosen_methods.items() if m in DEFORMATION_METHODS]
     if by_deformation:
         with_residual = {k: v for k, v in bsi_in.items() if chosen_methods.get(k) == "deformation_shift"}
@@ -1070,11 +1095,12 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
     return rec
 
 
-def _joint_backend(lcfg: LongitudinalConfig, prior_summary: dict, current_summary: dict):
-    """The segmenter for the joint-segmentation measure: when ``paired_method`` is
-    joint_segmentation and one segmenter that can re-run on arrays
+def _joint_backend(methods: dict[str, str], prior_summary: dict, current_summary: dict):
+    """The segmenter for the joint-segmentation measure: when the paired measure
+    (``methods``, :func:`paired_methods_for`) is joint_segmentation for a component
+    and one segmenter that can re-run on arrays
     (:data:`.joint_segmentation.JOINT_SEGMENTERS`) segmented both timepoints; else None."""
-    if "joint_segmentation" not in per_component(lcfg.paired_method, "boundary_shift").values():
+    if "joint_segmentation" not in methods.values():
         return None
     name = segmenter_of(current_summary)
     if name not in JOINT_SEGMENTERS or segmenter_of(prior_summary) != name:
@@ -1153,8 +1179,9 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
         date_text = _date(recent["date"])
         t_img = time.monotonic()
         try:
+            setting = paired_methods_for(lc, recent["summary"], cur_summary)
             rec = _compare_images(work, recent["dir"], recent["index"], date_text, cfg, lc, mode,
-                                  _joint_backend(lc, recent["summary"], cur_summary))
+                                  _joint_backend(setting[0], recent["summary"], cur_summary), setting)
         except Exception as exc:  # noqa: BLE001 - unreadable prior images etc.
             log.warning("longitudinal comparison failed: %s", _words(exc))
             rec = {"ok": False, "notes": [], "flags": [f"comparison with the prior study ({date_text}) failed: "
@@ -1197,6 +1224,7 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
             # a nadir or baseline further back still compares two segmentations
             out["change"]["vs_prior_paired"] = paired
             out["change"]["paired_methods"] = rec.get("paired_methods")
+            out["change"]["paired_setting"] = rec.get("paired_setting")   # which key chose vs_prior_paired's measures
         # which of the two the assessment (and the SR / PDF) uses: by the segmenter (change_measure)
         measure = change_measure(lc, recent["summary"], cur_summary, paired)
         out["change"]["measure"] = measure

@@ -6,6 +6,7 @@ into tissue that did not move)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -16,10 +17,10 @@ from scipy import ndimage
 from brainline.pipelines.deformation_change import ResidualShift, propagated_growth
 from brainline.pipelines.dicom_outputs.longitudinal_sr import CHANGE_METHODS, change_measure_words
 from brainline.pipelines.image_pipeline import PipelineConfig
-from brainline.pipelines.longitudinal import LongitudinalConfig
+from brainline.pipelines.longitudinal import LongitudinalConfig, paired_methods_for, step_longitudinal
 from brainline.pipelines.longitudinal_images import mask_box
 from tests.shared_data import needs_data
-from tests.test_longitudinal import CASE, _run, load_case, make_prior
+from tests.test_longitudinal import CASE, _run, load_case, make_prior, write_priors, write_work
 
 
 def _ball_image(radius_mm: float, shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), seed=0, texture_sd: float = 0.0):
@@ -133,6 +134,68 @@ def test_no_change_pair_measured_by_deformation(tmp_path):
     assert res["change"]["vs_prior_paired"]["whole_tumor"]["method"] == "deformable registration"
     words = change_measure_words(res["change"])
     assert "ET, TC and WT by the deformable registration of the image pair" in words, words
+    assert res["assessment"]["code"] == "stable"
+
+
+def _segmented_by(name: str | None) -> dict:
+    return {"backends": {"segmentation": {"backend": name}}} if name else {}
+
+
+def test_paired_method_trained_only_where_one_trained_model_segmented_both():
+    """``paired_method_trained`` chooses the pair's measures when one trained model
+    segmented both timepoints; the baseline, two different segmenters or an unknown
+    one keep ``paired_method``, and so does every pair when the key is null."""
+    lc = replace(LongitudinalConfig(), paired_method={"whole_tumor": "boundary_shift", "tumor_core": "deformation"},
+                 paired_method_trained="deformation_shift")
+    trained = {k: "deformation_shift" for k in ("3", "tumor_core", "whole_tumor")}
+    plain = {"3": "boundary_shift", "tumor_core": "deformation", "whole_tumor": "boundary_shift"}
+    assert paired_methods_for(lc, _segmented_by("brats17-wang"), _segmented_by("brats17-wang")) == (
+        trained, "paired_method_trained")
+    for prior, current in (("baseline", "baseline"), ("baseline", "brats17-wang"), ("brats17-wang", "other-net"),
+                           (None, "brats17-wang"), (None, None)):
+        assert paired_methods_for(lc, _segmented_by(prior), _segmented_by(current)) == (plain, "paired_method")
+    unset = replace(lc, paired_method_trained=None)
+    assert paired_methods_for(unset, _segmented_by("brats17-wang"), _segmented_by("brats17-wang")) == (
+        plain, "paired_method")
+    shipped = LongitudinalConfig.load()
+    assert paired_methods_for(shipped, _segmented_by("brats17-wang"), _segmented_by("brats17-wang"))[0][
+        "whole_tumor"] == "deformation_shift"
+    assert paired_methods_for(shipped, _segmented_by("baseline"), _segmented_by("baseline"))[0][
+        "whole_tumor"] == "boundary_shift"
+
+
+def test_paired_method_trained_is_validated(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text in ("paired_method_trained: jacobian\n", "paired_method_trained: {NCR: deformation}\n"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="paired_method_trained"):
+            LongitudinalConfig.load(bad)
+
+
+@needs_data(CASE)
+def test_a_pair_one_trained_model_segmented_is_measured_by_paired_method_trained(tmp_path):
+    """The step reads the segmenter of each timepoint from summary.json (here both
+    say brats17-wang) and measures the pair with ``paired_method_trained``: WT by
+    the FLAIR's deformation + residual, which the baseline's ``paired_method`` gives
+    to the boundary shift; recorded as change.paired_setting. An unchanged 2 mm pair:
+    within 1 mL, "stable"."""
+    images, seg = load_case()
+    prior, prior_seg = make_prior(images, seg)
+    work = write_work(tmp_path / "current", images, seg)
+    write_work(work / "priors" / "0", prior, prior_seg)
+    write_priors(work, ["20240101"])
+    for folder in (work, work / "priors" / "0"):
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps({**summary, **_segmented_by("brats17-wang")}))
+    lcfg = replace(LongitudinalConfig.load(), locate=False)
+    res = step_longitudinal(work, PipelineConfig(model="baseline"), lcfg)
+    change = res["change"]
+    assert change["paired_setting"] == "paired_method_trained"
+    wt = change["vs_prior_paired"]["whole_tumor"]
+    assert wt["method"] == "deformable registration and boundary shift" and wt["sequence"] == "flair", wt
+    assert abs(wt["delta_ml"]) < 1.0, wt
+    assert "whole_tumor" in change["paired_methods"]["deformation_shift"]
+    assert change["measure"]["uses"]["whole_tumor"] == "paired"
     assert res["assessment"]["code"] == "stable"
 
 

@@ -24,7 +24,9 @@ from tests.test_longitudinal import CASE, load_case, make_prior, paint, write_pr
 
 pytestmark = needs_data(CASE)
 
-JOINT = replace(LongitudinalConfig.load(), paired_method="joint_segmentation", locate=False)
+# paired_method_trained null: joint_segmentation is asked of every segmenter, a trained one too
+JOINT = replace(LongitudinalConfig.load(), paired_method="joint_segmentation", paired_method_trained=None,
+                locate=False)
 
 
 @pytest.fixture(scope="module")
