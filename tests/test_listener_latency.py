@@ -474,15 +474,41 @@ def test_reactor_paused_between_requests_is_always_resumed(live_listener, monkey
             assoc.abort()
 
 
-def test_reactor_waits_paused_for_the_next_request(live_listener):
+class _ReactorSleeps:
+    """pynetdicom.association's ``time`` with the sleeps of one thread (the
+    association reactor's 1 ms poll) recorded as perf_counter() stamps."""
+
+    def __init__(self, thread_of) -> None:
+        self.thread_of, self.stamps = thread_of, []
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if threading.current_thread() is self.thread_of():
+            self.stamps.append(time.perf_counter())
+        time.sleep(seconds)
+
+
+def test_reactor_waits_paused_for_the_next_request(live_listener, monkeypatch):
     """Between our answer and the next complete request the association
     thread is blocked on its checkpoint (not in its 1 ms poll), and the
-    handler then starts without waiting for a poll."""
+    handler then starts without waiting for a poll: for every request that
+    found the reactor paused, the reactor thread did not sleep between the
+    request being queued and its handler starting. (A mechanism check: a
+    wall-clock bound on the pickup, median < 1 ms, failed once in CI at
+    1.2 ms on a loaded machine; latency is bench/ingest.py's.)"""
+    import pynetdicom.association as pyn_association
+
     listener, _, _ = live_listener
     paused: list[bool] = []
     delays: list[float] = []
     queued: list[float] = []
+    started: list[float] = []
     original_store = listener._on_store
+    reactor: dict = {}
+    sleeps = _ReactorSleeps(lambda: reactor.get("thread"))
+    monkeypatch.setattr(pyn_association, "time", sleeps)
 
     def on_dimse_recv(event):  # DUL thread, request complete, not yet queued
         server = event.assoc
@@ -491,12 +517,14 @@ def test_reactor_waits_paused_for_the_next_request(live_listener):
         L._on_dimse_recv(event)
 
     def on_store(event):
-        delays.append(time.perf_counter() - queued[-1])
+        started.append(time.perf_counter())
+        delays.append(started[-1] - queued[-1])
         return original_store(event)
 
     assoc = _associate(listener.settings.dicom_port)
     try:
         server = _server_association(listener)
+        reactor["thread"] = server  # the Association is the reactor's thread
         server.unbind(evt.EVT_DIMSE_RECV, L._on_dimse_recv)
         server.bind(evt.EVT_DIMSE_RECV, on_dimse_recv)
         server.unbind(evt.EVT_C_STORE, listener._on_store)
@@ -508,5 +536,9 @@ def test_reactor_waits_paused_for_the_next_request(live_listener):
     # the first request follows the association (no P-DATA answer before it);
     # a request slower than _PEER_WAIT_S finds the reactor resumed (polling)
     assert sum(paused[1:]) >= 0.5 * len(paused[1:]), paused
+    assert len(queued) == len(started) == 60 and sleeps.stamps, (len(queued), len(started), len(sleeps.stamps))
+    polled = [i for i in range(1, 60) if paused[i]
+              and any(queued[i] < t < started[i] for t in sleeps.stamps)]
+    assert not polled, f"requests {polled} waited for the reactor's poll although it was paused"
     delays.sort()
-    assert delays[len(delays) // 2] < 0.001, f"median pickup {delays[len(delays) // 2] * 1e3:.2f} ms"
+    print(f"median pickup {delays[len(delays) // 2] * 1e3:.3f} ms (report only)")
