@@ -178,7 +178,7 @@ def test_a_pair_one_trained_model_segmented_is_measured_by_paired_method_trained
     say brats17-wang) and measures the pair with ``paired_method_trained``: WT by
     the FLAIR's deformation + residual, which the baseline's ``paired_method`` gives
     to the boundary shift; recorded as change.paired_setting. An unchanged 2 mm pair:
-    within 1 mL, "stable"."""
+    within 1 mL (measured: WT -0.22 of 39.5 mL), "stable"."""
     images, seg = load_case()
     prior, prior_seg = make_prior(images, seg)
     work = write_work(tmp_path / "current", images, seg)
