@@ -856,13 +856,13 @@ def _norm_smooth(image: sitk.Image, mask: sitk.Image, sigma: np.ndarray, cache: 
 
 
 def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg: PipelineConfig,
-                    lcfg: LongitudinalConfig, mode: str, joint_backend=None,
-                    paired_setting: tuple[dict, str] | None = None) -> dict:
+                    lcfg: LongitudinalConfig, mode: str, paired_setting: tuple[dict, str],
+                    joint_backend=None) -> dict:
     """Register, match, subtract and find lesions; returns a record with
     "registration", "ok" (False = flagged/failed, with "note"), and when ok:
     "subtractions", "resolution", "intensity_match", "lesions" (Candidates),
     "notes", "grid". ``paired_setting``: (measure per component, the key it came
-    from) from :func:`paired_methods_for`; None: ``paired_method``."""
+    from), :func:`paired_methods_for`."""
     rec: dict = {"ok": False, "notes": [], "flags": []}
     cur_roles, pri_roles = _roles(work), _roles(prior_dir)
     common_roles = [r for r in ROLES if r in cur_roles and r in pri_roles]
@@ -1067,8 +1067,7 @@ def _compare_images(work: Path, prior_dir: Path, index: int, date_text: str, cfg
                         lcfg.bsi_core_tissue, lcfg.bsi_core_within_tumour)
     bsi = bsi_change(cur_lab, prior_lab, pair_images, grid.GetSpacing()[::-1], lcfg, bsi_in)
     rec["paired_methods"] = {"boundary_shift": bsi, "confirmed_voxels": voxels}
-    chosen_methods, rec["paired_setting"] = paired_setting or (per_component(lcfg.paired_method, "boundary_shift"),
-                                                               "paired_method")
+    chosen_methods, rec["paired_setting"] = paired_setting
     by_deformation = [k for k, m in chosen_methods.items() if m in DEFORMATION_METHODS]
     if by_deformation:
         with_residual = {k: v for k, v in bsi_in.items() if chosen_methods.get(k) == "deformation_shift"}
@@ -1180,8 +1179,8 @@ def step_longitudinal(work: Path, cfg: PipelineConfig, lcfg: LongitudinalConfig 
         t_img = time.monotonic()
         try:
             setting = paired_methods_for(lc, recent["summary"], cur_summary)
-            rec = _compare_images(work, recent["dir"], recent["index"], date_text, cfg, lc, mode,
-                                  _joint_backend(setting[0], recent["summary"], cur_summary), setting)
+            rec = _compare_images(work, recent["dir"], recent["index"], date_text, cfg, lc, mode, setting,
+                                  _joint_backend(setting[0], recent["summary"], cur_summary))
         except Exception as exc:  # noqa: BLE001 - unreadable prior images etc.
             log.warning("longitudinal comparison failed: %s", _words(exc))
             rec = {"ok": False, "notes": [], "flags": [f"comparison with the prior study ({date_text}) failed: "

@@ -475,17 +475,19 @@ def test_reactor_paused_between_requests_is_always_resumed(live_listener, monkey
 
 
 class _ReactorSleeps:
-    """pynetdicom.association's ``time`` with the sleeps of one thread (the
-    association reactor's 1 ms poll) recorded as perf_counter() stamps."""
+    """pynetdicom.association's ``time`` with the sleeps of one thread
+    (``thread``, the association reactor: its 1 ms poll) recorded as
+    perf_counter() stamps."""
 
-    def __init__(self, thread_of) -> None:
-        self.thread_of, self.stamps = thread_of, []
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.stamps: list[float] = []
 
     def __getattr__(self, name):
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        if threading.current_thread() is self.thread_of():
+        if threading.current_thread() is self.thread:
             self.stamps.append(time.perf_counter())
         time.sleep(seconds)
 
@@ -506,8 +508,7 @@ def test_reactor_waits_paused_for_the_next_request(live_listener, monkeypatch):
     queued: list[float] = []
     started: list[float] = []
     original_store = listener._on_store
-    reactor: dict = {}
-    sleeps = _ReactorSleeps(lambda: reactor.get("thread"))
+    sleeps = _ReactorSleeps()
     monkeypatch.setattr(pyn_association, "time", sleeps)
 
     def on_dimse_recv(event):  # DUL thread, request complete, not yet queued
@@ -524,7 +525,7 @@ def test_reactor_waits_paused_for_the_next_request(live_listener, monkeypatch):
     assoc = _associate(listener.settings.dicom_port)
     try:
         server = _server_association(listener)
-        reactor["thread"] = server  # the Association is the reactor's thread
+        sleeps.thread = server  # the Association is the reactor's thread
         server.unbind(evt.EVT_DIMSE_RECV, L._on_dimse_recv)
         server.bind(evt.EVT_DIMSE_RECV, on_dimse_recv)
         server.unbind(evt.EVT_C_STORE, listener._on_store)
