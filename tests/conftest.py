@@ -27,6 +27,36 @@ def pytest_report_header(config) -> str:
     return f"shared data: {DATA} ({state})"
 
 
+#: Modules that take more than a minute (seconds in a one-process run on the 2-core
+#: development machine, 2026-12-01), longest first. `make test` hands whole modules to
+#: its pytest-xdist workers in collection order (scripts/run-tests.sh,
+#: --no-loadscope-reorder); putting these first keeps a long module from starting last
+#: while the other worker idles. Only the order changes; a stale entry costs time, not tests.
+LONG_MODULES = (
+    "test_celery_scaleout.py",      # 229 s
+    "test_service_ingest.py",       # 217
+    "test_longitudinal.py",         # 214
+    "test_wang_pipeline.py",        # 168 (one test: the trained model end to end)
+    "test_process.py",              # 149
+    "test_results_delivery.py",     # 123
+    "test_wang_port.py",            # 111
+    "test_review_ui.py",            # 89
+    "test_longitudinal_service.py", # 76
+    "test_service_api.py",          # 76
+    "test_deformation_change.py",   # 74
+    "test_longitudinal_lesion_mode.py",  # 66
+    "test_combined_t2.py",          # 65
+    "test_viewer.py",               # 62
+    "test_supersede.py",            # 62
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Long modules first (LONG_MODULES), the rest in their usual order."""
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the order within a module
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared data folder (tests/shared_data.py); skips the test when it is missing."""

@@ -30,6 +30,10 @@ from tests.segmentation_cases import (
     read_array,
 )
 
+# test_runtime_a_few_seconds bounds the segmenter's time in seconds: the module (its
+# shared run) runs alone, after the parallel phase (README "Tests and benchmarks").
+pytestmark = pytest.mark.serial
+
 
 def tcga_reference(name: str = "fusion_simple") -> np.ndarray:
     return read_array(TCGA / "segmentations" / f"{name}.nii.gz")

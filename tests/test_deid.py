@@ -499,6 +499,7 @@ def test_context_validation():
         DeidContext("BL-1", "BL-1", 0, "not callable")  # type: ignore[arg-type]
 
 
+@pytest.mark.serial  # a wall-clock bound: runs alone, after the parallel phase
 def test_fast_enough_for_a_study(profile: DeidProfile):
     """~600 instances of 240x240 in a few seconds."""
     template = make_mr(0, rows=240, cols=240)

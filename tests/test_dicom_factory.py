@@ -137,6 +137,7 @@ def test_dciodvfy_reports_no_errors(small_study, role):
 
 
 @needs_data
+@pytest.mark.serial  # a wall-clock bound: runs alone, after the parallel phase
 def test_full_study_is_fast(tmp_path):
     start = time.perf_counter()
     info = write_study(tmp_path, TCGA)

@@ -33,7 +33,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-pytestmark = pytest.mark.integration
+# Liveness bounds in seconds (a legitimate peer served within 5 s while hostile ones
+# hold connections): run alone, after the parallel phase (README "Tests and benchmarks").
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 QUIET = {"BRAINLINE_STABLE_SECONDS": "3600"}  # no job during these tests
 

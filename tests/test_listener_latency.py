@@ -46,7 +46,9 @@ from brainline.service.settings import load_settings
 from tests.peers import free_port
 from tests.test_listener_hardening import mr_instance
 
-pytestmark = pytest.mark.integration
+# Timing mechanisms (the reactor's pauses, a stalled peer meeting the network timeout):
+# run alone, after the parallel phase (README "Tests and benchmarks").
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 
 # -- the routing header --------------------------------------------------------

@@ -25,7 +25,9 @@ from brainline.pipelines.registration import (
 )
 from tests.shared_data import BRATS, TCGA, needs_data
 
-pytestmark = needs_data(TCGA / "t1c.nii.gz")
+# The quality check's cost is bounded in seconds (elapsed_s < 3): the module runs alone,
+# after the parallel phase (README "Tests and benchmarks").
+pytestmark = [needs_data(TCGA / "t1c.nii.gz"), pytest.mark.serial]
 
 ANGLES_DEG = (4.0, -3.0, 6.0)
 SHIFT_MM = (6.0, -4.0, 5.0)

@@ -203,6 +203,7 @@ def test_scan_missing_folder(tmp_path):
         scan_series(tmp_path / "nope")
 
 
+@pytest.mark.serial  # a wall-clock bound: runs alone, after the parallel phase
 def test_scan_is_fast(tmp_path):
     for number in range(6):
         write_series(tmp_path, number + 1, f"AX T2 FSE {number}", n=100, tr=5000, te=100)
