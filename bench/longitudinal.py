@@ -564,6 +564,15 @@ def split_totals(rows: list[dict]) -> dict:
         "grown_assessments": {r["case"]: {"reported": r["assessment"], "expected": r["growth"]["expected_assessment"]}
                               for r in grown},
         "grown_assessment_agreement": _mean([float(r["growth"]["assessment_agrees"]) for r in grown]),
+        # "borderline" (config borderline_percent) is not a RANO category: counted apart from agreement
+        "grown_progressions": sum(r["growth"]["expected_assessment"] == "progression suspected" for r in grown),
+        "grown_progressions_borderline": sum(r["growth"]["expected_assessment"] == "progression suspected"
+                                             and r["assessment"] == "borderline" for r in grown),
+        "grown_progressions_stable": sum(r["growth"]["expected_assessment"] == "progression suspected"
+                                         and r["assessment"] == "stable" for r in grown),
+        "grown_stable_borderline": sum(r["growth"]["expected_assessment"] == "stable"
+                                       and r["assessment"] == "borderline" for r in grown),
+        "nochange_borderline": sum(r["assessment"] == "borderline" for r in nochange),
         "median_added_s": round(statistics.median(added), 1) if added else None,
         "max_added_s": round(max(added), 1) if added else None,
         "median_added_without_prior_prep_s": (round(statistics.median(
@@ -705,6 +714,10 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
             print(f"  RANO-like flag on grown pairs agrees with the truth in {_f(t['grown_assessment_agreement'])}: "
                   + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})"
                               for c, v in t["grown_assessments"].items()))
+            print(f"  true progressions among grown pairs {t['grown_progressions']}: read borderline "
+                  f"{t['grown_progressions_borderline']}, stable {t['grown_progressions_stable']}; grown pairs the "
+                  f"truth calls stable read borderline {t['grown_stable_borderline']}; no-change pairs read "
+                  f"borderline {t['nochange_borderline']}")
         if t["rano_new_pairs"]:
             enh, cnt = t["enhancing_confusion"], t["counting_confusion"]
             print(f"  RANO flag on 'new' pairs agrees with the truth in {_f(t['new_pair_flag_agreement'])} "

@@ -156,6 +156,8 @@ class LongitudinalConfig:
     confidence_z_scale: float = 3.0
     confidence_volume_mm3: float = 50.0
     progression_percent: float = 40.0
+    # tumour mode: growth from this up to progression_percent reads "borderline" (None: off)
+    borderline_percent: float | None = 25.0
     decrease_percent: float = -50.0
     min_change_ml: float = 1.0
     assessed_components: tuple = ("3", "tumor_core")
@@ -219,6 +221,9 @@ class LongitudinalConfig:
                                                                "paired_method_trained")
         if cfg.new_lesion_rule not in NEW_LESION_RULES:
             raise ValueError(f"new_lesion_rule must be {', '.join(NEW_LESION_RULES)}, not {cfg.new_lesion_rule!r}")
+        if cfg.borderline_percent is not None and not 0.0 < cfg.borderline_percent < cfg.progression_percent:
+            raise ValueError(f"borderline_percent must be above 0 and below progression_percent "
+                             f"({cfg.progression_percent:g}), or null, not {cfg.borderline_percent!r}")
         if cfg.change_measure not in ("auto", "paired", "segmentations"):
             raise ValueError(f"change_measure must be auto, paired or segmentations, not {cfg.change_measure!r}")
         cfg.change_measure_trained = _per_component_setting(cfg.change_measure_trained, ("paired", "segmentations"),
@@ -674,9 +679,15 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
     (against the most recent prior without a nadir), or appeared (0 before,
     >= min_change_ml now), or when a new enhancing lesion counts under
     ``new_lesion_rule`` (:func:`new_lesion_finding`; default: measurable,
-    RANO 2.0); "decrease" when it fell by <= decrease_percent and by >=
-    min_change_ml against the baseline (earliest prior); else "stable". New
-    lesions the rule does not count are named in the reason.
+    RANO 2.0); "borderline" when none of that holds but ET or TC grew by
+    >= borderline_percent (and < progression_percent) AND >= min_change_ml
+    against the same study: growth this close to the threshold may be a
+    progression the volume-change measures under-read (they read growth low
+    on the synthetic follow-ups, README), so the reason asks for the images
+    to be compared (``assessment["borderline"]``: the components); "decrease"
+    when it fell by <= decrease_percent and by >= min_change_ml against the
+    baseline (earliest prior); else "stable". New lesions the rule does not
+    count are named in the reason.
     ``assessment["new_lesions"]`` lists the ids the rule counted and did not.
     Lesion mode: "progression suspected" when new or growing lesions were
     found, "stable" when the subtraction found none, "not assessable" when
@@ -698,7 +709,7 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
     ref_name = "the nadir" if change.get("vs_nadir") else "the prior study"
     names = {"3": "enhancing tumour", "tumor_core": "tumour core", "whole_tumor": "whole tumour",
              "1": "necrosis", "2": "oedema"}
-    found, comp_texts = [], []
+    found, near, comp_texts = [], [], []
     for k in lcfg.assessed_components:
         c = ref.get(k)
         if not c:
@@ -708,6 +719,8 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
         big = c["delta_ml"] >= lcfg.min_change_ml
         if big and (c["percent"] is None or c["percent"] >= lcfg.progression_percent):
             found.append(names.get(k, k))
+        elif big and lcfg.borderline_percent is not None and c["percent"] >= lcfg.borderline_percent:
+            near.append(k)
     if not comp_texts and not finding["counted"]:
         return {"code": "not assessable", "reason": "; ".join(["tumour volumes are missing for the comparison",
                                                                *words]), **extra}
@@ -717,6 +730,12 @@ def assess(change: dict, baseline_change: dict | None, lcfg: LongitudinalConfig,
         volume = ([f"{' and '.join(found)} increased against {ref_name}: " + "; ".join(comp_texts) + f"; {rule}"]
                   if found else [])
         return {"code": "progression suspected", "reason": "; ".join(volume + words), **extra}
+    if near:
+        return {"code": "borderline", "borderline": near, "reason": "; ".join([
+            f"{' and '.join(names.get(k, k) for k in near)} increased against {ref_name} by less than the "
+            f"progression threshold but by at least +{lcfg.borderline_percent:g} %: " + "; ".join(comp_texts)
+            + f"; {rule}; the volume-change measures can read growth low by a quarter or more, so progression "
+              "cannot be excluded: compare the images", *words]), **extra}
     base = baseline_change or {}
     dec = []
     for k in lcfg.assessed_components:

@@ -427,6 +427,7 @@ def test_no_priors_and_broken_prior(tmp_path, case, cfg):
     assert res2["priors"] == 0 and "could not be processed" in res2["note"]
 
 
+@pytest.mark.serial  # the issue's 90-s bound on the added time: runs alone, after the parallel phase
 def test_prior_prepared_from_nifti_and_thick_flair(tmp_path, case, cfg):
     """A prior holding only nifti/ goes through the real image steps
     (baseline segmenter); its FLAIR has 6 mm slices (thick-slice note)."""
@@ -454,7 +455,7 @@ def test_prior_prepared_from_nifti_and_thick_flair(tmp_path, case, cfg):
     assert elapsed < 90
 
 
-def test_thresholds_change_the_assessment():
+def test_thresholds_change_the_assessment(tmp_path):
     def tp(date, et, tc):
         return {"label": "prior", "study_date": date, "kept_as": [],
                 "volumes_ml": {"1": tc - et, "2": 10.0, "3": et, "tumor_core": tc, "whole_tumor": tc + 10}}
@@ -465,9 +466,18 @@ def test_thresholds_change_the_assessment():
     base_change = {k: v for k, v in volume_change([base, tps[-1]], "tumour")[0].items()}
     lc = LongitudinalConfig()
     assert assess(change, base_change, lc, None, "tumour")["code"] == "progression suspected"
-    lc.min_change_ml = 1.5  # ET +1.0 mL, TC +1.5 mL (+25 %): no longer progression
+    lc.min_change_ml = 1.5  # ET +1.0 mL, TC +1.5 mL (+25 %): no longer progression, TC borderline (>= +25 %)
+    a = assess(change, base_change, lc, None, "tumour")
+    assert a["code"] == "borderline" and a["borderline"] == ["tumor_core"], a
+    assert "tumour core increased against the nadir by less than the progression threshold but by at least " \
+           "+25 %" in a["reason"] and "compare the images" in a["reason"], a["reason"]
+    assert "tumour core 6.0 -> 7.5 mL (+25 %)" in a["reason"], a["reason"]
+    lc.borderline_percent = 30.0
     assert assess(change, base_change, lc, None, "tumour")["code"] == "stable"
-    lc = LongitudinalConfig(progression_percent=60.0)
+    lc = LongitudinalConfig(progression_percent=60.0)  # ET +50 %, TC +25 %: both in the band
+    a = assess(change, base_change, lc, None, "tumour")
+    assert a["code"] == "borderline" and a["borderline"] == ["3", "tumor_core"], a
+    lc.borderline_percent = None
     assert assess(change, base_change, lc, None, "tumour")["code"] == "stable"
     tps2 = [tp("20230101", 10.0, 20.0), tp("20240601", 3.0, 8.0)]
     vp, vn, b = volume_change(tps2, "tumour")
@@ -476,6 +486,13 @@ def test_thresholds_change_the_assessment():
     assert assess({"vs_prior": vp, "vs_nadir": vn}, vp, LongitudinalConfig(decrease_percent=-80.0), None,
                   "tumour")["code"] == "stable"
     assert LongitudinalConfig.load().progression_percent == 40.0
+    assert LongitudinalConfig.load().borderline_percent == 25.0
+    for bad in ("45", "0", "-5"):   # the band must lie below the progression threshold
+        (tmp_path / "bad.yaml").write_text(f"borderline_percent: {bad}\n")
+        with pytest.raises(ValueError, match="borderline_percent must be above 0 and below progression_percent"):
+            LongitudinalConfig.load(tmp_path / "bad.yaml")
+    (tmp_path / "off.yaml").write_text("borderline_percent: null\n")
+    assert LongitudinalConfig.load(tmp_path / "off.yaml").borderline_percent is None
 
 
 def test_lobe_map_rules():

@@ -351,6 +351,29 @@ def test_pdf_has_the_followup_section(followup, tmp_path):
     assert NOTE.replace("2023-10-16", "2023-10-26") in text and "2023-10-16" not in text
 
 
+def test_borderline_assessment_is_coded_and_explained(followup, tmp_path):
+    """Growth between borderline_percent and the progression threshold reads
+    "borderline": the change SR codes it (valid DICOM), and the SR text and the
+    PDF carry the reason that asks for the images to be compared."""
+    reason = ("tumour core increased against the nadir by less than the progression threshold but by at least "
+              "+25 %: tumour core 6.0 -> 7.9 mL (+32 %); compare the images")
+    work = fresh(followup, tmp_path, assessment={"code": "borderline", "borderline": ["tumor_core"],
+                                                 "reason": reason})
+    record = build_results(work, followup.files)
+    assert record["complete"] and record["failed"] == [], record["failed"]
+    sr_path = files_of(record, work, "change_sr")[0]
+    errors, _ = dciodvfy(sr_path)
+    assert errors == [], errors
+    assessment = groups(pydicom.dcmread(sr_path))["BrainLine follow-up assessment"]
+    coded = {c.ConceptNameCodeSequence[0].CodeValue: c for c in assessment.ContentSequence}
+    value = coded[FOLLOWUP_ASSESSMENT.value].ConceptCodeSequence[0]
+    assert (value.CodeValue, value.CodeMeaning) == ("FU-BORDERLINE", "Borderline growth, below the progression "
+                                                                     "threshold")
+    assert sr_texts(sr_path)["Follow-up volumetric assessment"] == [f"borderline: {reason}"]
+    text = " ".join(pdf_text(files_of(record, work, "pdf")[0]).split())
+    assert "Assessment: borderline." in text and "compare the images" in text, text
+
+
 def _methods(item) -> dict[str, str]:
     """NUM children of a content item: concept meaning -> its Measurement Method code value ("" if none)."""
     out = {}

@@ -452,6 +452,7 @@ FOLLOWUP_ASSESSMENT = _private("FU-ASSESSMENT", "Follow-up volumetric assessment
 ASSESSMENTS: Mapping[str, Code] = MappingProxyType({
     "progression suspected": _private("FU-PROGRESSION", "Progression suspected"),
     "stable": _private("FU-STABLE", "Stable"),
+    "borderline": _private("FU-BORDERLINE", "Borderline growth, below the progression threshold"),
     "decrease": _private("FU-DECREASE", "Decrease"),
     "not assessable": _private("FU-NA", "Not assessable"),
 })

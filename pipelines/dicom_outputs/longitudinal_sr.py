@@ -22,7 +22,7 @@ prior study's objects. Content tree (coded concepts from :mod:`.codes`)::
           (:data:`CHANGE_METHODS`), and the Qualitative Evaluations say it in
           words (:func:`change_measure_words`)
         TID 1501 "BrainLine follow-up assessment": qualitative evaluation
-          Follow-up volumetric assessment = Progression suspected | Stable |
+          Follow-up volumetric assessment = Progression suspected | Borderline | Stable |
           Decrease | Not assessable, NUM Interval since prior study [d],
           Number of new / growing lesions (only when detection ran), UIDREF
           Prior study compared (the prior's Study Instance UID)
