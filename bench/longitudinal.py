@@ -30,6 +30,10 @@ prior: the same STEPS on ``priors/0``), and scores:
   (boundary shift, confirmed voxels, segmentations) are recorded in
   ``growth.methods``; and of the lesion list (sum of ``growth_mm3`` of the lesions that
   touch the grown voxels, against the true WT growth);
+* the assessment of grown pairs against the one their true growth calls for
+  (:func:`expected_by_growth`: "progression suspected", "borderline" when an
+  assessed component truly grew by borderline_percent or more, else "stable"),
+  with the true progressions read "borderline" or "stable" counted apart;
 * time added per study: wall time of ``step_longitudinal`` (preparing the prior
   included), and its part without the prior's preparation;
 * registration error of the prior (mean / max over the current brain of the
@@ -267,6 +271,21 @@ def progressed_by_growth(pair: FollowupPair, lc: LongitudinalConfig | None = Non
             and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= lc.progression_percent)]
 
 
+def expected_by_growth(pair: FollowupPair, lc: LongitudinalConfig | None = None) -> str:
+    """The assessment the true growth calls for under the config: "progression suspected"
+    (:func:`progressed_by_growth`), else "borderline" when an assessed component truly grew by
+    >= borderline_percent and >= min_change_ml, else "stable"."""
+    lc = lc or LongitudinalConfig.load()
+    if progressed_by_growth(pair, lc):
+        return "progression suspected"
+    before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
+    if lc.borderline_percent is not None and any(
+            before[k] > 0 and after[k] - before[k] >= lc.min_change_ml
+            and 100.0 * (after[k] - before[k]) / before[k] >= lc.borderline_percent for k in lc.assessed_components):
+        return "borderline"
+    return "stable"
+
+
 def new_lesion_flag(pair: FollowupPair, result: dict, matched: dict, lc: LongitudinalConfig | None = None) -> dict:
     """The flag the truth calls for in a new-lesion pair (RANO: a new enhancing
     measurable lesion is progression; or the growth rule) against the step's."""
@@ -317,10 +336,9 @@ def growth_scores(pair: FollowupPair, result: dict, lc: LongitudinalConfig | Non
         out["methods"][method] = m
     # the RANO-like flag the truth calls for (config thresholds: +progression_percent and min_change_ml on ET/TC)
     before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
-    progressed = progressed_by_growth(pair, lc)
     out["true_percent"] = {k: (round(100.0 * (after[k] - before[k]) / before[k], 1) if before[k] else None)
                            for k in ("whole_tumor", "tumor_core", "3")}
-    out["expected_assessment"] = "progression suspected" if progressed else "stable"
+    out["expected_assessment"] = expected_by_growth(pair, lc)
     out["assessment_agrees"] = (result.get("assessment") or {}).get("code") == out["expected_assessment"]
     # lesion list: lesions that touch the grown voxels
     lesion_map = _array(pair.current / "longitudinal" / "lesions.nii.gz")
@@ -572,6 +590,7 @@ def split_totals(rows: list[dict]) -> dict:
                                          and r["assessment"] == "stable" for r in grown),
         "grown_stable_borderline": sum(r["growth"]["expected_assessment"] == "stable"
                                        and r["assessment"] == "borderline" for r in grown),
+        "grown_borderline_truth": sum(r["growth"]["expected_assessment"] == "borderline" for r in grown),
         "nochange_borderline": sum(r["assessment"] == "borderline" for r in nochange),
         "median_added_s": round(statistics.median(added), 1) if added else None,
         "max_added_s": round(max(added), 1) if added else None,
@@ -715,9 +734,10 @@ def print_report(rows: list[dict], totals: dict, args) -> None:
                   + ", ".join(f"{c} {v['reported']} (truth: {v['expected']})"
                               for c, v in t["grown_assessments"].items()))
             print(f"  true progressions among grown pairs {t['grown_progressions']}: read borderline "
-                  f"{t['grown_progressions_borderline']}, stable {t['grown_progressions_stable']}; grown pairs the "
-                  f"truth calls stable read borderline {t['grown_stable_borderline']}; no-change pairs read "
-                  f"borderline {t['nochange_borderline']}")
+                  f"{t['grown_progressions_borderline']}, stable {t['grown_progressions_stable']}; true growth in "
+                  f"the borderline band {t['grown_borderline_truth']} pairs; grown pairs the truth calls stable "
+                  f"read borderline {t['grown_stable_borderline']}; no-change pairs read borderline "
+                  f"{t['nochange_borderline']}")
         if t["rano_new_pairs"]:
             enh, cnt = t["enhancing_confusion"], t["counting_confusion"]
             print(f"  RANO flag on 'new' pairs agrees with the truth in {_f(t['new_pair_flag_agreement'])} "
