@@ -68,6 +68,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -261,14 +262,20 @@ def match_new_lesions(pair: FollowupPair, result: dict) -> dict:
     return {"truth": rows, "false_positives": fps}
 
 
+def grown_by(pair: FollowupPair, lc: LongitudinalConfig, percent: float) -> list[str]:
+    """Assessed components (config) that truly grew by >= ``percent`` % (or newly
+    appeared) and by >= min_change_ml."""
+    before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
+    return [k for k in lc.assessed_components
+            if after[k] - before[k] >= lc.min_change_ml
+            and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= percent)]
+
+
 def progressed_by_growth(pair: FollowupPair, lc: LongitudinalConfig | None = None) -> list[str]:
     """Components whose true growth calls for "progression suspected" (config thresholds:
     +progression_percent and min_change_ml on the assessed components, or newly appeared)."""
-    before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
     lc = lc or LongitudinalConfig.load()
-    return [k for k in lc.assessed_components
-            if after[k] - before[k] >= lc.min_change_ml
-            and (before[k] == 0 or 100.0 * (after[k] - before[k]) / before[k] >= lc.progression_percent)]
+    return grown_by(pair, lc, lc.progression_percent)
 
 
 def expected_by_growth(pair: FollowupPair, lc: LongitudinalConfig | None = None) -> str:
@@ -278,10 +285,7 @@ def expected_by_growth(pair: FollowupPair, lc: LongitudinalConfig | None = None)
     lc = lc or LongitudinalConfig.load()
     if progressed_by_growth(pair, lc):
         return "progression suspected"
-    before, after = pair.truth["volumes_ml"]["prior"], pair.truth["volumes_ml"]["current"]
-    if lc.borderline_percent is not None and any(
-            before[k] > 0 and after[k] - before[k] >= lc.min_change_ml
-            and 100.0 * (after[k] - before[k]) / before[k] >= lc.borderline_percent for k in lc.assessed_components):
+    if lc.borderline_percent is not None and grown_by(pair, lc, lc.borderline_percent):
         return "borderline"
     return "stable"
 
@@ -533,6 +537,8 @@ def split_totals(rows: list[dict]) -> dict:
              if t["volume_mm3"] >= MIN_SCORED_MM3]
     nochange = [r for r in ok if r["variant"] == "nochange"]
     grown = [r for r in ok if r["variant"] in GROWN_VARIANTS]
+    # (assessment the true growth calls for, assessment reported) -> number of grown pairs
+    read_as = Counter((r["growth"]["expected_assessment"], r["assessment"]) for r in grown)
     added = [r["added_s"] for r in ok if r.get("added_s") is not None]
     added_prep = [r["added_s"] for r in ok if r.get("added_s") is not None and r.get("prior_prepared_in_step")]
     return {
@@ -583,14 +589,11 @@ def split_totals(rows: list[dict]) -> dict:
                               for r in grown},
         "grown_assessment_agreement": _mean([float(r["growth"]["assessment_agrees"]) for r in grown]),
         # "borderline" (config borderline_percent) is not a RANO category: counted apart from agreement
-        "grown_progressions": sum(r["growth"]["expected_assessment"] == "progression suspected" for r in grown),
-        "grown_progressions_borderline": sum(r["growth"]["expected_assessment"] == "progression suspected"
-                                             and r["assessment"] == "borderline" for r in grown),
-        "grown_progressions_stable": sum(r["growth"]["expected_assessment"] == "progression suspected"
-                                         and r["assessment"] == "stable" for r in grown),
-        "grown_stable_borderline": sum(r["growth"]["expected_assessment"] == "stable"
-                                       and r["assessment"] == "borderline" for r in grown),
-        "grown_borderline_truth": sum(r["growth"]["expected_assessment"] == "borderline" for r in grown),
+        "grown_progressions": sum(n for (expected, _), n in read_as.items() if expected == "progression suspected"),
+        "grown_progressions_borderline": read_as["progression suspected", "borderline"],
+        "grown_progressions_stable": read_as["progression suspected", "stable"],
+        "grown_stable_borderline": read_as["stable", "borderline"],
+        "grown_borderline_truth": sum(n for (expected, _), n in read_as.items() if expected == "borderline"),
         "nochange_borderline": sum(r["assessment"] == "borderline" for r in nochange),
         "median_added_s": round(statistics.median(added), 1) if added else None,
         "max_added_s": round(max(added), 1) if added else None,
