@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, generate_uid
 
 ROLES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
 
@@ -432,6 +433,56 @@ def write_study(
         )
     paths = [p for info in series.values() for p in info.paths]
     return StudyInfo(study_uid, series, len(paths), paths, frame_uid, patient_id, accession)
+
+
+@dataclass(frozen=True)
+class CompressedSyntax:
+    """A lossless compressed transfer syntax: its UID, the dcmtk converter that
+    writes it (empty: pydicom with pylibjpeg-openjpeg, as Debian's dcmtk has no
+    JPEG 2000 encoder) and the dcmtk ``storescu`` option that proposes it
+    (storescu proposes uncompressed syntaxes only unless told)."""
+
+    uid: str
+    converter: tuple[str, ...]
+    storescu_option: str
+
+
+#: One compressed syntax per role, as PACS archives and some scanners send them.
+COMPRESSED_SYNTAXES: dict[str, CompressedSyntax] = {
+    "t1c": CompressedSyntax("1.2.840.10008.1.2.4.70", ("dcmcjpeg",), "-xs"),   # JPEG Lossless, first-order prediction
+    "flair": CompressedSyntax("1.2.840.10008.1.2.4.80", ("dcmcjpls",), "-xt"),  # JPEG-LS Lossless
+    "t2": CompressedSyntax("1.2.840.10008.1.2.5", ("dcmcrle",), "-xr"),          # RLE Lossless
+    "t1": CompressedSyntax("1.2.840.10008.1.2.4.90", (), "-xv"),                 # JPEG 2000 Lossless
+}
+
+
+def compress_study(study: StudyInfo, out_dir: Path) -> StudyInfo:
+    """A copy of ``study`` under ``out_dir/<role>/`` with each series re-encoded
+    losslessly in the transfer syntax :data:`COMPRESSED_SYNTAXES` gives its role
+    (same UIDs, same pixel values). Raises RuntimeError when a converter fails."""
+    series: dict[str, SeriesInfo] = {}
+    for role, info in study.series.items():
+        syntax, command = COMPRESSED_SYNTAXES[role].uid, COMPRESSED_SYNTAXES[role].converter
+        folder = Path(out_dir) / role
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for src in info.paths:
+            dst = folder / src.name
+            if command:
+                done = subprocess.run([*command, str(src), str(dst)], capture_output=True, text=True, timeout=60)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{command[0]} failed on {src.name}: {done.stderr.strip()}")
+            else:
+                ds = pydicom.dcmread(src)
+                ds.compress(JPEG2000Lossless)
+                ds.save_as(dst)
+            if str(pydicom.dcmread(dst, stop_before_pixels=True).file_meta.TransferSyntaxUID) != syntax:
+                raise RuntimeError(f"{dst.name} was not written as {syntax}")
+            paths.append(dst)
+        series[role] = SeriesInfo(info.series_uid, info.description, len(paths), folder, paths)
+    all_paths = [p for info in series.values() for p in info.paths]
+    return StudyInfo(study.study_uid, series, len(all_paths), all_paths, study.frame_of_reference_uid,
+                     study.patient_id, study.accession)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from .codes import DERIVATION_SEGMENTATION, LABELS, PURPOSE_SOURCE_IMAGE, AlgorithmInfo
 from .seg import labels_on_source_grid, new_uid
-from .source_series import SourceSeries, as_source_series
+from .source_series import SourceSeries, as_source_series, inherit_lossy_compression
 
 __all__ = ["build_overlay_series", "render_overlay", "outline", "patient_orientation", "window_of",
            "DRAW_ORDER", "DEFAULT_SERIES_DESCRIPTION"]
@@ -166,6 +166,7 @@ def build_overlay_series(
         # General Image
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = burned_in_annotation
+        inherit_lossy_compression(sc, [ds])
         sc.DerivationDescription = description
         sc.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(DERIVATION_SEGMENTATION)]
         src = Dataset()

@@ -50,7 +50,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-__all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series"]
+__all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series", "inherit_lossy_compression"]
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -214,3 +214,36 @@ def as_source_series(source: SourceSeries | Sequence[str | PathLike]) -> SourceS
     its files (headers only). For builders called with a list of files by
     callers that have no SourceSeries; ``build_results`` passes one."""
     return source if isinstance(source, SourceSeries) else read_source_series(source)
+
+
+#: Transfer syntaxes whose encoding always loses information, with the PS3.3
+#: C.7.6.1.1.5 method term (JPEG 2000, 1.2.840.10008.1.2.4.91, may be either: its
+#: LossyImageCompression attribute decides).
+LOSSY_SYNTAX_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",   # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",   # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",   # JPEG-LS Near-lossless
+}
+_LOSSY_DETAILS = ("LossyImageCompressionRatio", "LossyImageCompressionMethod")
+
+
+def inherit_lossy_compression(target: Dataset, sources: Sequence[Dataset]) -> None:
+    """Mark the derived image ``target`` as lossy compressed when one of the
+    images it was made from was (PS3.3 C.7.6.1.1.5: once an image has been
+    lossy compressed, images derived from it say so): its LossyImageCompression
+    is "01", or it was stored in a lossy transfer syntax. Copies that source's
+    ratio and method where it gives them (the method of the transfer syntax
+    otherwise). ``target`` is left as it is when no source was lossy."""
+    for src in sources:
+        syntax = str(getattr(getattr(src, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if str(src.get("LossyImageCompression", "")) != "01" and syntax not in LOSSY_SYNTAX_METHODS:
+            continue
+        target.LossyImageCompression = "01"
+        for keyword in _LOSSY_DETAILS:
+            if keyword in src:
+                setattr(target, keyword, src.data_element(keyword).value)
+            elif keyword in target:
+                delattr(target, keyword)
+        if "LossyImageCompressionMethod" not in target and syntax in LOSSY_SYNTAX_METHODS:
+            target.LossyImageCompressionMethod = LOSSY_SYNTAX_METHODS[syntax]
+        return

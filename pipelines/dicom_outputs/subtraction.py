@@ -41,7 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from ..roles import ROLE_LABELS
 from .codes import DERIVATION_SUBTRACTION, PURPOSE_SOURCE_IMAGE, AlgorithmInfo
 from .seg import image_on_source_grid, new_uid, truncate_words
-from .source_series import SourceSeries, as_source_series
+from .source_series import SourceSeries, as_source_series, inherit_lossy_compression
 
 __all__ = ["build_subtraction_series", "subtraction_description", "encode_signed", "ROLE_WORDS",
            "STUDY_SOP_CLASS"]
@@ -160,6 +160,8 @@ def build_subtraction_series(
         src.ReferencedSOPInstanceUID = ds.SOPInstanceUID
         src.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PURPOSE_SOURCE_IMAGE)]
         im.SourceImageSequence = [src]
+        # the current study's images it was computed from (the prior's headers are not at hand here)
+        inherit_lossy_compression(im, [ds, header])
         im.PixelData = np.ascontiguousarray(stored[index - 1]).tobytes()
         out.append(im)
     return out
