@@ -37,6 +37,7 @@ import pydicom.errors
 import SimpleITK as sitk
 
 from .dicom_dates import parse_da, shift_da
+from .dicom_outputs.charset import declare_usable_character_set
 from .dicom_outputs.codes import FOLLOWUP_ASSESSMENT, LESION_KINDS, QCFinding, qc_concept
 from .dicom_outputs.lesion_seg import lesions_on_source_grid
 from .dicom_outputs.longitudinal_sr import change_measure_words, change_vs_prior, lesion_volumes, prior_evidence
@@ -193,7 +194,9 @@ def role_header(work: Path, role: str, source: SourceSeries) -> pydicom.Dataset 
         files = read_record(SeriesSelection, work / SELECTION_FILE).files_of(role, work)
         if {p.resolve() for p in files} & {p.resolve() for p in source.paths[:1]}:
             return source.first
-        return pydicom.dcmread(files[0], stop_before_pixels=True)
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        declare_usable_character_set(header)
+        return header
     except (KeyError, IndexError, OSError, ValueError, pydicom.errors.InvalidDicomError):
         return None
 

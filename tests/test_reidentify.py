@@ -140,3 +140,47 @@ def test_a_result_built_on_pseudonymized_data_is_reidentified_exactly(vault, ori
     assert {str(out.SOPInstanceUID), str(out.SeriesInstanceUID)} == seg_uids
     # the de-identification markers are gone
     assert not [k for k in DEID_MARKERS if k in out]
+
+
+#: (Specific Character Set as scanners write it, patient name, what the results declare)
+CHARACTER_SETS = [
+    ("ISO_IR 100", "MÜLLER^JÜRGEN", "ISO_IR 100"),
+    ("ISO_IR 192", "山田^太郎", "ISO_IR 192"),
+    # Japanese: an empty first value stands for ISO 2022 IR 6 (PS3.3 C.12.1.1.2); highdicom refused it
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    # Korean: a term highdicom does not know; the results declare Unicode
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "ISO_IR 192"),
+]
+
+
+@pytest.mark.parametrize("charset, name, declared", CHARACTER_SETS, ids=["latin1", "utf8", "japanese", "korean"])
+def test_patient_names_in_other_character_sets_come_back_exactly(vault, tmp_path, charset, name, declared):
+    """A study whose names are not ASCII gets a SEG built on its pseudonymized
+    instances, and the re-identified SEG, written and read back, names the
+    patient exactly as the scanner did, in a character set it declares."""
+    affine_lps = np.array([[-1.0, 0, 0, 90.0], [0, -1.2, 0, 100.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
+    base = study_level_dataset(patient_name="PLACEHOLDER", patient_id=IDENTITY["patient_id"],
+                               birth_date=IDENTITY["birth_date"], accession=IDENTITY["accession"],
+                               study_uid=pydicom.uid.generate_uid(), study_date=STUDY_DATE,
+                               frame_of_reference_uid=pydicom.uid.generate_uid())
+    info = write_series(base, "t1c", _synthetic_head(), affine_lps, tmp_path / "original",
+                        series_uid=pydicom.uid.generate_uid(), study_date=STUDY_DATE,
+                        patient_name="PLACEHOLDER", slice_step=1)
+    original = []
+    for path in info.paths:  # re-written in the scanner's character set
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.save_as(path)
+        original.append(pydicom.dcmread(path))
+    assert str(original[0].PatientName) == name
+
+    engine, files, pseudo_study = _pseudonymize(vault, original, tmp_path / "dicom")
+    image = sitk.ReadImage([str(p) for p in sorted(files, key=lambda p: pydicom.dcmread(p).InstanceNumber)])
+    seg = build_seg(files, sitk.Cast(image > 700, sitk.sitkUInt8) * 3,
+                    AlgorithmInfo(backend="baseline", model_name="character sets"))
+    out = reidentify_dataset(seg, vault.get("study", pseudo_study), vault.get("patient", engine.pseudo_patient_id))
+    out.save_as(tmp_path / "seg.dcm")
+    back = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert str(back.PatientName) == name
+    assert back.SpecificCharacterSet == declared

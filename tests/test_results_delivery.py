@@ -12,7 +12,10 @@ import httpx
 import pydicom
 import pytest
 
+from tests.conftest import PHI
+from tests.dicom_factory import write_study
 from tests.peers import OrthancServer, storescu
+from tests.shared_data import TCGA, require
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +45,7 @@ def dciodvfy_errors(path) -> list[str]:
     return [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
 
 
-def check_delivered(svc, orthanc, study, tmp_path) -> dict:
+def check_delivered(svc, orthanc, study, tmp_path, patient_name: str = "DOE^JANE") -> dict:
     [job] = svc.wait_jobs(1, timeout=300)
     assert job["state"] == "done", job
     box = wait_outbox(svc)
@@ -55,7 +58,7 @@ def check_delivered(svc, orthanc, study, tmp_path) -> dict:
         ds = orthanc_instance(orthanc, item["sop_instance_uid"])
         by_kind.setdefault(item["kind"], ds)
         assert ds.StudyInstanceUID == study.study_uid
-        assert ds.PatientID == "PID-4711-XYZ" and str(ds.PatientName) == "DOE^JANE"
+        assert ds.PatientID == "PID-4711-XYZ" and str(ds.PatientName) == patient_name
         assert ds.AccessionNumber == "ACC-98765"
         assert ds.PatientBirthDate == "19640229" and ds.StudyDate == "20240115"
         assert "PatientIdentityRemoved" not in ds
@@ -82,6 +85,33 @@ def test_results_arrive_in_orthanc_over_cstore(service_factory, orthanc, small_s
     box = check_delivered(svc, orthanc, small_study, tmp_path)
     assert box["depth"] == 0
     assert svc.metric("brainline_outbox_depth") == 0
+
+
+#: A Japanese patient name as Japanese scanners write it: alphabetic, ideographic and phonetic
+#: groups, Specific Character Set "\\ISO 2022 IR 87" (an empty first value stands for ISO 2022 IR 6).
+JAPANESE_NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+@pytest.fixture(scope="module")
+def japanese_study(tmp_path_factory):
+    study = write_study(tmp_path_factory.mktemp("japanese_study"), require(TCGA), slice_step=5, **PHI)
+    for path in study.paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = JAPANESE_NAME
+        ds.save_as(path)
+    return study
+
+
+def test_a_japanese_study_gets_every_result_under_its_patients_name(service_factory, orthanc, japanese_study,
+                                                                    tmp_path):
+    """highdicom refused the empty first value of the study's Specific Character
+    Set, so no result was built; now SEG, SR, RANO SR, overlay series and PDF
+    arrive, dciodvfy-clean, and name the patient exactly as the scanner did."""
+    svc = service_factory(BRAINLINE_DEST_DICOM=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+    assert storescu(japanese_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
+    box = check_delivered(svc, orthanc, japanese_study, tmp_path, patient_name=JAPANESE_NAME)
+    assert box["depth"] == 0
 
 
 def test_results_arrive_over_stowrs_and_a_refusing_destination_does_not_block(

@@ -50,6 +50,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from .charset import declare_usable_character_set
+
 __all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series", "inherit_lossy_compression"]
 
 
@@ -189,6 +191,8 @@ def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool =
     if not paths:
         raise ValueError("no source DICOM files given")
     datasets = [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in paths]
+    for ds in datasets:   # the results copy it with the patient's text: a spelling highdicom accepts
+        declare_usable_character_set(ds)
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) != 1:
         raise ValueError(f"source files belong to {len(series_uids)} series; expected exactly one")
