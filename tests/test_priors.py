@@ -321,3 +321,32 @@ def test_keep_recent_with_baseline_or_nadir():
     kept, _ = priors.choose([_candidate("20200101", 3.0, 1)], ["recent", "baseline"])
     assert len(kept) == 1 and kept[0].kept_as == ["most recent", "baseline"]
     assert priors.choose([], ["recent"]) == ([], [])
+
+
+def test_studies_without_a_patient_id_are_not_linked(tmp_path):
+    """Two unidentified patients (empty PatientID): the later study's job does
+    not take the earlier, finished one as its prior, says why, and the PACS is
+    not asked. Before, both studies shared one pseudonym and the earlier study
+    of another patient was used as the prior."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    sessions = make_sessionmaker(make_engine(url))
+    settings = _settings(prior_search="both", prior_pacs_dicomweb="http://127.0.0.1:9/dicom-web")
+    case = _tiny_case(tmp_path / "case", 2)
+    unknown = {**PHI, "patient_id": ""}
+    first = write_study(tmp_path / "first", case, roles=("t1c", "flair"), study_date="20230101",
+                        **{**unknown, "patient_name": "EMERGENCY^ONE"})
+    second = write_study(tmp_path / "second", case, roles=("t1c", "flair"), study_date=CURRENT_DATE,
+                         **{**unknown, "patient_name": "EMERGENCY^TWO"})
+    earlier = _context(tmp_path / "a", first, 1, settings, sessions)
+    pseudo = json.loads(earlier.path("pseudonymize.json").read_text())
+    with sessions.begin() as s:
+        s.add(Job(id=1, study_key=earlier.study_key, state=State.DONE.value,
+                  pseudo_study_uid=pseudo["pseudo_study_uid"], pseudo_patient_id=pseudo["pseudo_patient_id"]))
+    ctx = _context(tmp_path / "b", second, 2, settings, sessions)
+    assert json.loads(ctx.path("pseudonymize.json").read_text())["pseudo_patient_id"] != pseudo["pseudo_patient_id"]
+    result = priors.find_priors(ctx)
+    record = json.loads(ctx.path("priors.json").read_text())
+    assert result["priors"] == 0 and record["priors"] == []
+    assert "the study has no patient ID, so no earlier BrainLine study is linked to it" in record["notes"]
+    assert "the study has no patient ID, so the PACS was not asked for priors" in record["notes"]

@@ -184,3 +184,41 @@ def test_patient_names_in_other_character_sets_come_back_exactly(vault, tmp_path
     back = pydicom.dcmread(tmp_path / "seg.dcm")
     assert str(back.PatientName) == name
     assert back.SpecificCharacterSet == declared
+
+
+def _series_of(tmp_path: Path, name: str, patient_name: str, patient_id: str) -> list[pydicom.Dataset]:
+    """One small t1c series of a new study of ``patient_name`` / ``patient_id``."""
+    affine_lps = np.array([[-1.0, 0, 0, 90.0], [0, -1.2, 0, 100.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
+    base = study_level_dataset(patient_name=patient_name, patient_id=patient_id, birth_date=IDENTITY["birth_date"],
+                               accession=IDENTITY["accession"], study_uid=pydicom.uid.generate_uid(),
+                               study_date=STUDY_DATE, frame_of_reference_uid=pydicom.uid.generate_uid())
+    info = write_series(base, "t1c", _synthetic_head(), affine_lps, tmp_path / name,
+                        series_uid=pydicom.uid.generate_uid(), study_date=STUDY_DATE,
+                        patient_name=patient_name, slice_step=1)
+    return [pydicom.dcmread(p) for p in info.paths]
+
+
+def test_studies_without_a_patient_id_are_never_linked_nor_renamed(vault, tmp_path):
+    """Two unidentified patients (empty PatientID, as emergency studies arrive)
+    get two pseudonyms, so the prior search (by pseudonym) cannot take one's
+    study as the other's prior, and the first patient's results, re-identified
+    after the second study was pseudonymized, carry the first patient's name.
+    Before, both shared one pseudonym and the second identity replaced the
+    first in the vault. Studies of one PatientID still share their pseudonym."""
+    first = _series_of(tmp_path, "first", "EMERGENCY^ONE", "")
+    engine_a, files_a, study_a = _pseudonymize(vault, first, tmp_path / "dicom_a")
+    second = _series_of(tmp_path, "second", "EMERGENCY^TWO", "   ")
+    engine_b, _, _ = _pseudonymize(vault, second, tmp_path / "dicom_b")
+    assert engine_a.pseudo_patient_id != engine_b.pseudo_patient_id
+
+    image = sitk.ReadImage([str(p) for p in sorted(files_a, key=lambda p: pydicom.dcmread(p).InstanceNumber)])
+    seg = build_seg(files_a, sitk.Cast(image > 700, sitk.sitkUInt8) * 3,
+                    AlgorithmInfo(backend="baseline", model_name="no patient id"))
+    out = reidentify_dataset(seg, vault.get("study", study_a), vault.get("patient", engine_a.pseudo_patient_id))
+    assert str(out.PatientName) == "EMERGENCY^ONE" and out.PatientID == ""
+
+    known_1 = _series_of(tmp_path, "known_1", "DOE^JANE", "PID-4711-XYZ")
+    known_2 = _series_of(tmp_path, "known_2", "DOE^JANE", "PID-4711-XYZ")
+    engine_1, _, study_1 = _pseudonymize(vault, known_1, tmp_path / "dicom_1")
+    engine_2, _, study_2 = _pseudonymize(vault, known_2, tmp_path / "dicom_2")
+    assert engine_1.pseudo_patient_id == engine_2.pseudo_patient_id and study_1 != study_2

@@ -694,16 +694,19 @@ def find_priors(ctx: StageContext) -> dict:
         return _result(record)
     timeout = float(_setting(settings, "prior_timeout_seconds", 120.0))
     candidates: list[Candidate] = []
-    if mode in ("brainline", "both"):
+    vault = _vault(ctx)
+    patient_record = vault.get("patient", pseudo["pseudo_patient_id"])
+    study = vault.get("study", pseudo["pseudo_study_uid"])
+    if mode in ("brainline", "both") and patient_record is not None and not patient_record.get("PatientID"):
+        # its pseudonym is the study's own (pseudonymize._patient_key): nothing to search
+        record["notes"].append("the study has no patient ID, so no earlier BrainLine study is linked to it")
+    elif mode in ("brainline", "both"):
         found, notes = brainline_candidates(ctx, pseudo["pseudo_patient_id"], current_date,
                                             time.monotonic() + timeout)
         candidates += found
         record["searched"].append(f"BrainLine jobs of this patient: {_plural(len(found), 'earlier study')}")
         record["notes"] += notes
     pacs = None
-    vault = _vault(ctx)
-    patient_record = vault.get("patient", pseudo["pseudo_patient_id"])
-    study = vault.get("study", pseudo["pseudo_study_uid"])
     deadline = time.monotonic() + timeout   # for the PACS: search and retrieval together
     if mode in ("pacs", "both"):
         pacs_list = configured_pacs(settings, timeout)

@@ -50,6 +50,19 @@ def _identity_of(ds: pydicom.Dataset) -> dict:
     }
 
 
+def _patient_key(identity: dict, study_uid: str) -> tuple[str, str]:
+    """What the vault derives the patient pseudonym from: the PatientID and its
+    issuer; for a study without a PatientID (an emergency or unidentified
+    patient), the study itself. Such studies would otherwise all share one
+    pseudonym: the prior search would link different patients' studies, and
+    each study's identity record would replace the previous one, so results
+    re-identified later could carry another patient's name. A NUL cannot occur
+    in a PatientID (LO), so no real ID maps to these keys."""
+    if identity["PatientID"].strip():
+        return identity["PatientID"], identity["IssuerOfPatientID"]
+    return f"\0no PatientID\0{study_uid}", ""
+
+
 #: Transfer syntaxes whose pixel data dcm2niix decodes (native, deflate, JPEG
 #: baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE).
 NATIVE_SYNTAXES = {dicom_uid.ImplicitVRLittleEndian, dicom_uid.ExplicitVRLittleEndian,
@@ -217,7 +230,7 @@ class StudyPseudonymizer:
 
     def _start(self, ds: pydicom.Dataset) -> DeidContext:
         identity = _identity_of(ds)
-        patient = self.patient or self.vault.patient(identity["PatientID"], identity["IssuerOfPatientID"])
+        patient = self.patient or self.vault.patient(*_patient_key(identity, str(ds.StudyInstanceUID)))
         deid = self._deid = DeidContext(
             pseudo_patient_id=patient.pseudo_id,
             pseudo_patient_name=patient.pseudo_id,
