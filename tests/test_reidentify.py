@@ -222,3 +222,23 @@ def test_studies_without_a_patient_id_are_never_linked_nor_renamed(vault, tmp_pa
     engine_1, _, study_1 = _pseudonymize(vault, known_1, tmp_path / "dicom_1")
     engine_2, _, study_2 = _pseudonymize(vault, known_2, tmp_path / "dicom_2")
     assert engine_1.pseudo_patient_id == engine_2.pseudo_patient_id and study_1 != study_2
+
+
+def test_results_carry_the_patient_attributes_of_their_own_study(vault, tmp_path):
+    """The registry corrected the patient's name between two studies: the first
+    study's results, re-identified after the second was pseudonymized (an
+    outbox retry, a review re-issue), still carry the name the first study came
+    with, as the PACS holds it under that study. Before, the patient record,
+    replaced by the second study's attributes, named them."""
+    first = _series_of(tmp_path, "first", "SMITH^JANE", "PID-4711-XYZ")
+    engine_a, files_a, study_a = _pseudonymize(vault, first, tmp_path / "dicom_a")
+    second = _series_of(tmp_path, "second", "JONES^JANE", "PID-4711-XYZ")
+    engine_b, files_b, study_b = _pseudonymize(vault, second, tmp_path / "dicom_b")
+    assert engine_a.pseudo_patient_id == engine_b.pseudo_patient_id
+    patient = vault.get("patient", engine_a.pseudo_patient_id)
+    for files, study_uid, name in ((files_a, study_a, "SMITH^JANE"), (files_b, study_b, "JONES^JANE")):
+        image = sitk.ReadImage([str(p) for p in sorted(files, key=lambda p: pydicom.dcmread(p).InstanceNumber)])
+        seg = build_seg(files, sitk.Cast(image > 700, sitk.sitkUInt8) * 3,
+                        AlgorithmInfo(backend="baseline", model_name="renamed"))
+        out = reidentify_dataset(seg, vault.get("study", study_uid), patient)
+        assert (str(out.PatientName), out.PatientID) == (name, "PID-4711-XYZ")

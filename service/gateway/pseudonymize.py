@@ -274,7 +274,10 @@ class StudyPseudonymizer:
         pseudo_study_uid = self.vault.uid(self.study_record["StudyInstanceUID"])
         if self.patient is None:
             self.vault.put("patient", self._deid.pseudo_patient_id, self.identity)
-        self.vault.put("study", pseudo_study_uid, {**self.study_record, "uid_map": self.uid_map})
+        # the study keeps the patient attributes it came with: its results are re-identified with
+        # them even when a later study of the patient brings a corrected name (reidentify_dataset)
+        self.vault.put("study", pseudo_study_uid, {**self.study_record, "uid_map": self.uid_map,
+                                                   "patient": self.identity})
         return pseudo_study_uid
 
 

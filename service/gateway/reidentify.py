@@ -55,7 +55,11 @@ def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | 
 
     ``study``: the vault's study record (original StudyInstanceUID,
     AccessionNumber, StudyID, date_shift_days, uid_map pseudo->original);
-    ``patient``: the vault's patient record (PatientID, PatientName, ...).
+    ``patient``: the vault's patient record (PatientID, PatientName, ...),
+    used when the study record does not hold the patient attributes the study
+    came with (records written before it did); the study's win, so results
+    carry the name, birth date and sex of their own study even when a later
+    study of the patient corrected them.
     ``extra_uid_maps``: UID maps of other studies of the same patient that the
     object references (the prior studies of a longitudinal comparison); the
     object must still belong to ``study``, whose map wins on a conflict.
@@ -71,6 +75,8 @@ def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | 
     _swap_uids(out, uid_map)
     if out.get("StudyInstanceUID") != study["StudyInstanceUID"]:
         raise ReidentificationError("the object does not belong to the study of this job")
+    # the patient attributes the study came with (vault records written before they were kept: the patient's)
+    patient = study.get("patient") or patient
     out.PatientName = patient.get("PatientName", "")
     out.PatientID = patient.get("PatientID", "")
     if patient.get("IssuerOfPatientID"):
