@@ -350,3 +350,44 @@ def test_studies_without_a_patient_id_are_not_linked(tmp_path):
     assert result["priors"] == 0 and record["priors"] == []
     assert "the study has no patient ID, so no earlier BrainLine study is linked to it" in record["notes"]
     assert "the study has no patient ID, so the PACS was not asked for priors" in record["notes"]
+
+
+def _set_issuer(study, issuer: str, birth_date: str | None = None) -> None:
+    for path in study.paths:
+        ds = pydicom.dcmread(path)
+        ds.IssuerOfPatientID = issuer
+        if birth_date is not None:
+            ds.PatientBirthDate = birth_date
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("kind", ["dicomweb", "dimse"])
+def test_same_patient_id_of_another_issuer_or_birth_date_is_not_a_prior(tmp_path, kind):
+    """A regional PACS holds two hospitals' patients under the same PatientID:
+    the search (by ID) finds both, and only the studies whose issuer and birth
+    date agree with the current study's are priors; the others are counted as
+    another patient's and left out. Before, the most recent of them, another
+    patient's study, was compared with this patient's scan."""
+    case = _tiny_case(tmp_path / "case", 3)
+    same = {**PHI}
+    current = write_study(tmp_path / "current", case, roles=("t1c", "flair"), study_date=CURRENT_DATE, **same)
+    own = write_study(tmp_path / "own", case, roles=("t1c", "flair"), study_date="20220101", **same)
+    issuer = write_study(tmp_path / "issuer", case, roles=("t1c", "flair"), study_date="20230101", **same)
+    born = write_study(tmp_path / "born", case, roles=("t1c", "flair"), study_date="20230601", **same)
+    _set_issuer(current, "HOSPITAL-A")
+    _set_issuer(own, "HOSPITAL-A")
+    _set_issuer(issuer, "HOSPITAL-B")
+    _set_issuer(born, "HOSPITAL-A", birth_date="19990101")
+    with OrthancServer() as orthanc:
+        for folder in ("own", "issuer", "born"):
+            orthanc.upload_dir(tmp_path / folder)
+        settings = (_settings(prior_pacs_dicomweb=orthanc.dicomweb_url) if kind == "dicomweb" else
+                    _settings(prior_pacs_dicom=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"))
+        ctx = _context(tmp_path, current, 1, settings)
+        result = priors.find_priors(ctx)
+    record = json.loads(ctx.path("priors.json").read_text())
+    assert result["priors"] == 1
+    [prior] = record["priors"]
+    assert prior["pseudo_study_uid"] == ctx.vault.uid(own.study_uid)
+    assert "1 earlier MR study" in record["searched"][0]
+    assert "2 studies with this patient ID but another issuer or birth date" in record["searched"][0]

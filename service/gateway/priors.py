@@ -289,6 +289,15 @@ class PacsStudy:
     study_uid: str
     study_date: str          # as at the PACS (real date)
     series: list[str] = field(default_factory=list)   # MR series UIDs, when known
+    issuer: str = ""         # IssuerOfPatientID at the PACS, when it gave one
+    birth_date: str = ""     # PatientBirthDate at the PACS, when it gave one
+
+    def other_patient(self, issuer: str, birth_date: str) -> bool:
+        """True when the PACS names another patient with the same PatientID:
+        another issuer of the ID, or another birth date (both sides known).
+        A regional PACS holds several hospitals' IDs; the query is by ID."""
+        return bool((issuer and self.issuer and self.issuer != issuer)
+                    or (birth_date and self.birth_date and self.birth_date != birth_date))
 
 
 def _value(item: dict, tag: str, default=""):
@@ -327,7 +336,8 @@ class DicomWebPacs:
     def find_studies(self, patient_id: str) -> list[PacsStudy]:
         found = self._call("the QIDO-RS study search", self.client.search_for_studies,
                            search_filters={"PatientID": patient_id, "ModalitiesInStudy": PRIOR_MODALITY},
-                           fields=["StudyDate", "ModalitiesInStudy", "PatientID"])
+                           fields=["StudyDate", "ModalitiesInStudy", "PatientID", "IssuerOfPatientID",
+                                   "PatientBirthDate"])
         studies = []
         for item in found or []:
             if _value(item, "00100020") not in ("", patient_id):
@@ -335,7 +345,9 @@ class DicomWebPacs:
             modalities = (item.get("00080061", {}).get("Value") or [])
             if modalities and PRIOR_MODALITY not in modalities:
                 continue
-            studies.append(PacsStudy(_value(item, "0020000D"), str(_value(item, "00080020"))))
+            studies.append(PacsStudy(_value(item, "0020000D"), str(_value(item, "00080020")),
+                                     issuer=str(_value(item, "00100021")),
+                                     birth_date=str(_value(item, "00100030"))))
         return [s for s in studies if s.study_uid]
 
     def retrieve(self, study: PacsStudy, folder: Path, deadline: float) -> int:
@@ -427,6 +439,8 @@ class DimsePacs:
         query = pydicom.Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.PatientID = patient_id
+        query.IssuerOfPatientID = ""
+        query.PatientBirthDate = ""
         query.StudyInstanceUID = ""
         query.StudyDate = ""
         query.ModalitiesInStudy = PRIOR_MODALITY
@@ -444,7 +458,9 @@ class DimsePacs:
             if modalities and PRIOR_MODALITY not in modalities:
                 continue
             if ds.get("StudyInstanceUID"):
-                studies.append(PacsStudy(str(ds.StudyInstanceUID), str(ds.get("StudyDate", "") or "")))
+                studies.append(PacsStudy(str(ds.StudyInstanceUID), str(ds.get("StudyDate", "") or ""),
+                                         issuer=str(ds.get("IssuerOfPatientID", "") or ""),
+                                         birth_date=str(ds.get("PatientBirthDate", "") or "")))
         return studies
 
     what = "C-GET"
@@ -535,11 +551,15 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {plural or (word[:-1] + 'ies' if word.endswith('y') else word + 's')}"
 
 
-def pacs_candidates(ctx: StageContext, pacs_list: list, patient_id: str, current_uid: str,
+def pacs_candidates(ctx: StageContext, pacs_list: list, patient: dict, current_uid: str,
                     current_real_date: str, shift_days: int) -> tuple[list[Candidate], object, list[str], list[str]]:
-    """Ask the PACS (the first that answers) for the patient's earlier MR
-    studies. Returns (candidates, the PACS that answered or None, searched
-    words, notes)."""
+    """Ask the PACS (the first that answers) for the earlier MR studies of
+    ``patient`` (the current study's PatientID, IssuerOfPatientID and
+    PatientBirthDate; a study of the same ID with another issuer or birth date
+    is another patient's and is left out). Returns (candidates, the PACS that
+    answered or None, searched words, notes)."""
+    patient_id = patient["PatientID"]
+    issuer, birth_date = patient.get("IssuerOfPatientID", ""), patient.get("PatientBirthDate", "")
     searched, notes = [], []
     for pacs in pacs_list:
         try:
@@ -554,9 +574,12 @@ def pacs_candidates(ctx: StageContext, pacs_list: list, patient_id: str, current
             log.warning("prior search at the PACS failed", extra={"job_id": ctx.job_id, "pacs": pacs.kind,
                                                                    "error": type(exc).__name__})
             continue
-        earlier, later = [], 0
+        earlier, later, others = [], 0, 0
         for study in studies:
             if study.study_uid == current_uid:
+                continue
+            if study.other_patient(issuer, birth_date):
+                others += 1
                 continue
             if not _as_date(study.study_date) or study.study_date[:8] >= current_real_date:
                 later += 1
@@ -567,6 +590,9 @@ def pacs_candidates(ctx: StageContext, pacs_list: list, patient_id: str, current
         words = f"PACS over {pacs.kind}: {_plural(len(earlier), 'earlier MR study')}"
         if later:
             words += f" ({later} not earlier than this one or undated, left out)"
+        if others:
+            words += (f" ({_plural(others, 'study')} with this patient ID but another issuer or birth date, "
+                      "another patient's, left out)")
         searched.append(words)
         return earlier, pacs, searched, notes
     return [], None, searched, notes
@@ -718,7 +744,7 @@ def find_priors(ctx: StageContext) -> dict:
         else:
             shift = int(study.get("date_shift_days", 0))
             found, pacs, searched, notes = pacs_candidates(
-                ctx, pacs_list, patient_record["PatientID"], study["StudyInstanceUID"],
+                ctx, pacs_list, study.get("patient") or patient_record, study["StudyInstanceUID"],
                 _shift(current_date, -shift), shift)
             record["searched"] += searched
             record["notes"] += notes
