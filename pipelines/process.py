@@ -23,43 +23,127 @@ from .stage_table import INPUT_STAGES, stages
 log = logging.getLogger("brainline.process")
 
 
-class PriorError(ValueError):
+class InputError(ValueError):
+    """The input folder is not the DICOM files of one study of one patient;
+    the message says why, with file counts and folders, not identities."""
+
+
+class PriorError(InputError):
     """A ``--prior`` folder cannot be used; the message names it and why."""
 
 
-def study_date_of(folder: Path) -> str:
-    """StudyDate (YYYYMMDD) of the first DICOM file under ``folder`` that has
-    one; "" when none does."""
+_STUDY_TAGS = ["StudyInstanceUID", "StudyDate", "PatientID", "IssuerOfPatientID", "PatientBirthDate"]
+
+
+@dataclasses.dataclass
+class FolderStudy:
+    """The one study a folder holds (its headers; PHI stays in memory)."""
+
+    study_uid: str
+    study_date: str            # YYYYMMDD, "" when no file has a valid one
+    patient_id: str
+    issuer: str
+    birth_date: str
+
+    def other_patient(self, other: "FolderStudy") -> bool:
+        """True when ``other`` is known to be another patient: another
+        PatientID, issuer or birth date (each where both sides have one)."""
+        return any(a and b and a != b for a, b in ((self.patient_id, other.patient_id),
+                                                   (self.issuer, other.issuer),
+                                                   (self.birth_date, other.birth_date)))
+
+
+def folder_study(folder: Path, what: str = "the input folder") -> FolderStudy:
+    """The study of the DICOM files under ``folder``. Raises InputError when
+    they belong to several studies or several patients: the pipeline would
+    otherwise take a series of one patient and a series of another into one
+    result (a folder of two studies did, before this check)."""
+    studies: dict[str, list[Path]] = {}
+    patients: set[tuple[str, str]] = set()
+    dates: dict[str, str] = {}
+    first: dict[str, tuple[str, str, str]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"])
-        except Exception:  # not DICOM: keep looking
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_STUDY_TAGS)
+        except Exception:  # not DICOM (DICOMDIR, README, ...): skipped as the conversion does
             continue
+        uid = str(ds.get("StudyInstanceUID", "") or "")
+        if not uid:
+            continue
+        studies.setdefault(uid, []).append(path)
+        person = (str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or ""))
+        if person[0]:
+            patients.add(person)
         date = str(ds.get("StudyDate", "") or "")
         if len(date) == 8 and date.isdigit():
-            return date
-    return ""
+            dates.setdefault(uid, date)
+        first.setdefault(uid, (*person, str(ds.get("PatientBirthDate", "") or "")))
+    if len(studies) > 1:
+        where = "; ".join(f"{len(files)} files under {files[0].parent.relative_to(folder)}"
+                          for files in sorted(studies.values(), key=len, reverse=True))
+        raise InputError(f"{what} {folder} holds {len(studies)} studies ({where}): give the folder of one study")
+    if len(patients) > 1:
+        raise InputError(f"{what} {folder} holds files of {len(patients)} patients (different PatientID or "
+                         "issuer): give the folder of one patient's study")
+    if not studies:
+        return FolderStudy("", "", "", "", "")
+    (uid,) = studies
+    return FolderStudy(uid, dates.get(uid, ""), *first[uid])
 
 
-def write_offline_priors(input_dir: Path, prior_dirs: Sequence[Path], out: Path) -> dict:
-    """``out/priors.json`` and ``out/priors/<k>/prior.json`` for the prior
-    studies given on the command line (the contract of
-    :mod:`.longitudinal`): each prior's DICOM stays where it is
-    (``dicom_dir``), every prior earlier than the current study is used, the
-    earliest is the baseline. Raises PriorError for a folder that is missing,
-    has no dated DICOM file, or is not earlier than the current study."""
-    current = study_date_of(input_dir)
+@dataclasses.dataclass
+class OfflinePriors:
+    """The checked ``--prior`` folders: (study date, folder) pairs, the
+    current study's date and notes in words."""
+
+    current_date: str
+    found: list[tuple[str, Path]]
+    notes: list[str]
+
+
+def check_offline_priors(input_dir: Path, prior_dirs: Sequence[Path]) -> OfflinePriors:
+    """Check the input folder (one study of one patient, else InputError)
+    and each prior folder. Raises PriorError for a folder that is missing,
+    holds several studies or patients, is another patient's study (PatientID,
+    issuer or birth date), has no dated DICOM file, or is not earlier than
+    the current study. Writes nothing."""
+    this = folder_study(input_dir)
+    current = this.study_date
     found: list[tuple[str, Path]] = []
+    notes: list[str] = []
     for folder in prior_dirs:
         folder = Path(folder)
         if not folder.is_dir():
             raise PriorError(f"prior {folder} is not a folder of DICOM files")
-        date = study_date_of(folder)
-        if not date:
+        try:
+            study = folder_study(folder, "prior")
+        except InputError as exc:
+            raise PriorError(str(exc)) from None
+        if not study.study_date:
             raise PriorError(f"prior {folder} holds no DICOM file with a study date")
-        if current and date >= current:
-            raise PriorError(f"prior {folder} ({date}) is not earlier than the current study ({current})")
-        found.append((date, folder.resolve()))
+        if this.other_patient(study):
+            raise PriorError(f"prior {folder} is another patient's study (its PatientID, issuer or birth date "
+                             "differs from the current study's)")
+        if current and study.study_date >= current:
+            raise PriorError(f"prior {folder} ({study.study_date}) is not earlier than the current study "
+                             f"({current})")
+        if not (this.patient_id and study.patient_id):
+            notes.append(f"prior {folder.name}: no PatientID on one side, so it could not be checked to be "
+                         "the same patient")
+        found.append((study.study_date, folder.resolve()))
+    return OfflinePriors(current, found, notes)
+
+
+def write_offline_priors(input_dir: Path, prior_dirs: Sequence[Path], out: Path,
+                         checked: OfflinePriors | None = None) -> dict:
+    """``out/priors.json`` and ``out/priors/<k>/prior.json`` for the prior
+    studies given on the command line (the contract of
+    :mod:`.longitudinal`): each prior's DICOM stays where it is
+    (``dicom_dir``), every prior earlier than the current study is used, the
+    earliest is the baseline. ``checked``: :func:`check_offline_priors`'s
+    answer when the caller has it (else it is asked; PriorError)."""
+    checked = checked or check_offline_priors(input_dir, prior_dirs)
+    current, found, notes = checked.current_date, list(checked.found), checked.notes
     found.sort()
     priors = []
     for k, (date, folder) in enumerate(sorted(found, reverse=True)):  # most recent first
@@ -71,7 +155,7 @@ def write_offline_priors(input_dir: Path, prior_dirs: Sequence[Path], out: Path)
         priors.append(entry)
     record = {"current": {"study_date": current}, "priors": priors,
               "searched": [f"{len(priors)} prior folder{'s' if len(priors) != 1 else ''} given on the command line"],
-              "notes": []}
+              "notes": notes}
     (out / "priors.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -87,16 +171,19 @@ def process_study(input_dir: Path, out: Path, cfg: PipelineConfig | None = None,
     ``out/dicom``; an overlay or PDF that cannot be built is logged (a warning
     on stderr) and recorded, the run still succeeds. Raises OutputsError when
     the SEG or the SR cannot be built. ``priors``: folders of earlier studies
-    of the same patient (PriorError when one cannot be used); the follow-up
+    of the same patient (PriorError when one cannot be used: not one study,
+    another patient's, not earlier); InputError when ``input_dir`` holds
+    several studies or patients; the follow-up
     comparison goes to ``longitudinal.json`` and its DICOM objects to
     ``out/dicom``."""
     cfg = dataclasses.replace(cfg or PipelineConfig(), dicom_dir=str(input_dir),
                               series_rules=str(rules_path) if rules_path else None,
                               uid_root=uid_root, results_dir="dicom")
+    checked = check_offline_priors(input_dir, priors)   # before anything is written: InputError / PriorError
     out.mkdir(parents=True, exist_ok=True)
     migrate_workspace(out)   # an OUT folder of an earlier version: record files under their stage names
     if priors:
-        write_offline_priors(input_dir, priors, out)
+        write_offline_priors(input_dir, priors, out, checked)
     results: dict[str, dict] = {}
     for stage in stages():
         if stage.zone != "compute":

@@ -257,7 +257,7 @@ def cmd_process(args, settings) -> int:
 
     from tqdm import tqdm
 
-    from brainline.pipelines.process import STEP_NAMES, PriorError, process_study
+    from brainline.pipelines.process import STEP_NAMES, InputError, process_study
 
     from .compute.stages import pipeline_config
     from .jobs.errors import pipeline_errors
@@ -274,7 +274,7 @@ def cmd_process(args, settings) -> int:
         bar.set_postfix_str(name)
         bar.update(1)
 
-    caught: tuple[type[BaseException], ...] = (*pipeline_errors(), PriorError)
+    caught: tuple[type[BaseException], ...] = (*pipeline_errors(), InputError)
     try:
         summary = process_study(source, out, cfg, rules_path=_opt_path(settings.series_rules),
                                 uid_root=settings.uid_root or None, on_step=on_step,

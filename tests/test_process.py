@@ -141,3 +141,45 @@ def test_process_with_prior_no_change_pair(followup_run):
     assert subtraction, "no subtraction series"
     titles = [ds.ConceptNameCodeSequence[0].CodeMeaning for ds in kinds["SR"]]
     assert len(titles) >= 2, titles  # the volumes SR and the change SR
+
+
+ANOTHER = {"patient_name": "ROE^RICHARD", "patient_id": "PID-0815-ABC", "birth_date": "19500505",
+           "accession": "ACC-0815"}
+
+
+def test_process_refuses_a_folder_of_two_studies(tmp_path):
+    """Two patients' studies in one folder: before, series selection took the
+    T2 of one patient with the other's T1, T1c and FLAIR into one result.
+    Now nothing runs and the message says why, with counts, not identities."""
+    write_study(tmp_path / "in" / "a", TCGA, roles=("t1c", "flair"), slice_step=15, **PHI)
+    write_study(tmp_path / "in" / "b", TCGA, roles=("t1", "t1c", "t2", "flair"), slice_step=15, **ANOTHER)
+    result = run_process(tmp_path / "in", tmp_path / "out")
+    assert result.returncode == 1
+    assert "holds 2 studies" in result.stderr and "give the folder of one study" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [v for v in (*PHI.values(), *ANOTHER.values()) if v in result.stderr]
+
+
+def test_process_refuses_a_prior_of_another_patient(tmp_path):
+    """``--prior`` of another patient's study is refused before any work; a
+    prior whose PatientID is missing is used with a note that it could not be
+    checked."""
+    from brainline.pipelines.process import PriorError, write_offline_priors
+
+    current = write_study(tmp_path / "current", TCGA, roles=("t1c", "flair"), slice_step=15, **PHI)
+    other = write_study(tmp_path / "other", TCGA, roles=("t1c", "flair"), slice_step=15, study_date="20230101",
+                        **ANOTHER)
+    result = subprocess.run(CLI + [str(tmp_path / "current"), "--prior", str(tmp_path / "other"),
+                                   "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "is another patient's study" in result.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PriorError, match="another patient's"):
+        write_offline_priors(tmp_path / "current", [tmp_path / "other"], tmp_path / "o1")
+    unnamed = write_study(tmp_path / "unnamed", TCGA, roles=("t1c", "flair"), slice_step=15, study_date="20230101",
+                          **{**PHI, "patient_id": ""})
+    record = write_offline_priors(tmp_path / "current", [tmp_path / "unnamed"], tmp_path / "o2")
+    assert len(record["priors"]) == 1
+    assert record["notes"] == ["prior unnamed: no PatientID on one side, so it could not be checked to be the "
+                               "same patient"]
+    assert current.study_uid and other.study_uid and unnamed.study_uid
