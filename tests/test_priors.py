@@ -338,12 +338,12 @@ def test_studies_without_a_patient_id_are_not_linked(tmp_path):
                         **{**unknown, "patient_name": "EMERGENCY^ONE"})
     second = write_study(tmp_path / "second", case, roles=("t1c", "flair"), study_date=CURRENT_DATE,
                          **{**unknown, "patient_name": "EMERGENCY^TWO"})
-    earlier = _context(tmp_path / "a", first, 1, settings, sessions)
+    earlier = _context(tmp_path, first, 1, settings, sessions)
     pseudo = json.loads(earlier.path("pseudonymize.json").read_text())
     with sessions.begin() as s:
         s.add(Job(id=1, study_key=earlier.study_key, state=State.DONE.value,
                   pseudo_study_uid=pseudo["pseudo_study_uid"], pseudo_patient_id=pseudo["pseudo_patient_id"]))
-    ctx = _context(tmp_path / "b", second, 2, settings, sessions)
+    ctx = _context(tmp_path, second, 2, settings, sessions)
     assert json.loads(ctx.path("pseudonymize.json").read_text())["pseudo_patient_id"] != pseudo["pseudo_patient_id"]
     result = priors.find_priors(ctx)
     record = json.loads(ctx.path("priors.json").read_text())
@@ -391,3 +391,30 @@ def test_same_patient_id_of_another_issuer_or_birth_date_is_not_a_prior(tmp_path
     assert prior["pseudo_study_uid"] == ctx.vault.uid(own.study_uid)
     assert "1 earlier MR study" in record["searched"][0]
     assert "2 studies with this patient ID but another issuer or birth date" in record["searched"][0]
+
+
+def test_brainline_study_of_the_same_id_with_another_birth_date_is_not_a_prior(tmp_path):
+    """The same PatientID and issuer came with another birth date at an
+    earlier study BrainLine processed (an ID reused, or a registry error):
+    the pseudonym is the same, but that study is not taken as the prior."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    sessions = make_sessionmaker(make_engine(url))
+    settings = _settings(prior_search="brainline")
+    case = _tiny_case(tmp_path / "case", 4)
+    first = write_study(tmp_path / "first", case, roles=("t1c", "flair"), study_date="20230101",
+                        **{**PHI, "birth_date": "19991231"})
+    second = write_study(tmp_path / "second", case, roles=("t1c", "flair"), study_date=CURRENT_DATE, **PHI)
+    earlier = _context(tmp_path, first, 1, settings, sessions)
+    pseudo = json.loads(earlier.path("pseudonymize.json").read_text())
+    (earlier.workspace / "summary.json").write_text(json.dumps({"volumes_ml": {"tumor_core": 1.0}}))
+    with sessions.begin() as s:
+        s.add(Job(id=1, study_key=earlier.study_key, state=State.DONE.value,
+                  pseudo_study_uid=pseudo["pseudo_study_uid"], pseudo_patient_id=pseudo["pseudo_patient_id"]))
+    ctx = _context(tmp_path, second, 2, settings, sessions)
+    assert json.loads(ctx.path("pseudonymize.json").read_text())["pseudo_patient_id"] == pseudo["pseudo_patient_id"]
+    result = priors.find_priors(ctx)
+    record = json.loads(ctx.path("priors.json").read_text())
+    assert result["priors"] == 0, record
+    assert ("1 earlier BrainLine study of this patient ID came with another birth date (another patient's) and "
+            "was left out") in record["notes"]

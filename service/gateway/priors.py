@@ -183,10 +183,13 @@ def _tumor_core_ml(work: Path) -> float | None:
 
 
 def brainline_candidates(ctx: StageContext, pseudo_patient_id: str, current_date: str,
-                         deadline: float) -> tuple[list[Candidate], list[str]]:
+                         deadline: float, patient: dict | None = None) -> tuple[list[Candidate], list[str]]:
     """Done jobs of the same pseudonymous patient with an earlier study date
     (one per study, the newest job). An earlier-dated job of the patient
-    still running is waited for until ``deadline`` (time.monotonic())."""
+    still running is waited for until ``deadline`` (time.monotonic()).
+    ``patient``: the current study's patient attributes; a job whose study
+    came with another birth date (:func:`another_patient`: the same ID and
+    issuer reused, or a registry error) is another patient's and is left out."""
     sessions = ctx.job_sessions()
     if sessions is None:
         return [], ["BrainLine jobs could not be searched (no job store)"]
@@ -210,8 +213,13 @@ def brainline_candidates(ctx: StageContext, pseudo_patient_id: str, current_date
     if waited:
         log.info("waited for an earlier job of the patient", extra={"job_id": ctx.job_id})
     found: dict[str, Candidate] = {}
+    others = 0
     for row in rows:
         if row.state != State.DONE.value or row.study_key in found or not row.pseudo_study_uid:
+            continue
+        theirs = ((_vault(ctx).get("study", row.pseudo_study_uid) or {}).get("patient") or {}) if patient else {}
+        if patient and another_patient(patient, theirs):
+            others += 1
             continue
         work = _workspace_of(ctx, row.id)
         study_date = study_date_of(work)
@@ -220,6 +228,10 @@ def brainline_candidates(ctx: StageContext, pseudo_patient_id: str, current_date
         found[row.study_key] = Candidate(study_date=study_date, pseudo_study_uid=row.pseudo_study_uid,
                                          source=f"BrainLine job {row.id}", job_id=row.id, workspace=work,
                                          tumor_core_ml=_tumor_core_ml(work))
+    if others:
+        notes.append(f"{_plural(others, 'earlier BrainLine study', 'earlier BrainLine studies')} of this "
+                     "patient ID came with another birth date (another patient's) and "
+                     f"{'was' if others == 1 else 'were'} left out")
     return list(found.values()), notes
 
 
@@ -293,11 +305,19 @@ class PacsStudy:
     birth_date: str = ""     # PatientBirthDate at the PACS, when it gave one
 
     def other_patient(self, issuer: str, birth_date: str) -> bool:
-        """True when the PACS names another patient with the same PatientID:
-        another issuer of the ID, or another birth date (both sides known).
-        A regional PACS holds several hospitals' IDs; the query is by ID."""
-        return bool((issuer and self.issuer and self.issuer != issuer)
-                    or (birth_date and self.birth_date and self.birth_date != birth_date))
+        """True when the PACS names another patient with the same PatientID
+        (:func:`another_patient`). A regional PACS holds several hospitals'
+        IDs; the query is by ID."""
+        return another_patient({"IssuerOfPatientID": issuer, "PatientBirthDate": birth_date},
+                               {"IssuerOfPatientID": self.issuer, "PatientBirthDate": self.birth_date})
+
+
+def another_patient(ours: dict, theirs: dict) -> bool:
+    """True when two patient records (vault keys: PatientID,
+    IssuerOfPatientID, PatientBirthDate) name different patients: a value
+    that differs where both records have one."""
+    return any(ours.get(k) and theirs.get(k) and ours[k] != theirs[k]
+               for k in ("PatientID", "IssuerOfPatientID", "PatientBirthDate"))
 
 
 def _value(item: dict, tag: str, default=""):
@@ -728,7 +748,7 @@ def find_priors(ctx: StageContext) -> dict:
         record["notes"].append("the study has no patient ID, so no earlier BrainLine study is linked to it")
     elif mode in ("brainline", "both"):
         found, notes = brainline_candidates(ctx, pseudo["pseudo_patient_id"], current_date,
-                                            time.monotonic() + timeout)
+                                            time.monotonic() + timeout, (study or {}).get("patient"))
         candidates += found
         record["searched"].append(f"BrainLine jobs of this patient: {_plural(len(found), 'earlier study')}")
         record["notes"] += notes
