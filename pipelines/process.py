@@ -77,7 +77,8 @@ def folder_study(folder: Path, what: str = "the input folder") -> FolderStudy:
         date = str(ds.get("StudyDate", "") or "")
         if len(date) == 8 and date.isdigit():
             dates.setdefault(uid, date)
-        first.setdefault(uid, (*person, str(ds.get("PatientBirthDate", "") or "")))
+        if not first.get(uid, ("",))[0]:   # the first file that names the patient
+            first[uid] = (*person, str(ds.get("PatientBirthDate", "") or ""))
     if len(studies) > 1:
         where = "; ".join(f"{len(files)} files under {files[0].parent.relative_to(folder)}"
                           for files in sorted(studies.values(), key=len, reverse=True))
