@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import pydicom
 
 from .image_pipeline import PipelineConfig
+from .patient_match import PATIENT_KEYS, another_patient
 from .records import Summary, migrate_workspace
 from .stage_table import INPUT_STAGES, stages
 
@@ -41,16 +42,7 @@ class FolderStudy:
 
     study_uid: str
     study_date: str            # YYYYMMDD, "" when no file has a valid one
-    patient_id: str
-    issuer: str
-    birth_date: str
-
-    def other_patient(self, other: "FolderStudy") -> bool:
-        """True when ``other`` is known to be another patient: another
-        PatientID, issuer or birth date (each where both sides have one)."""
-        return any(a and b and a != b for a, b in ((self.patient_id, other.patient_id),
-                                                   (self.issuer, other.issuer),
-                                                   (self.birth_date, other.birth_date)))
+    patient: dict              # PatientID, IssuerOfPatientID, PatientBirthDate ("" when absent)
 
 
 def folder_study(folder: Path, what: str = "the input folder") -> FolderStudy:
@@ -61,7 +53,7 @@ def folder_study(folder: Path, what: str = "the input folder") -> FolderStudy:
     studies: dict[str, list[Path]] = {}
     patients: set[tuple[str, str]] = set()
     dates: dict[str, str] = {}
-    first: dict[str, tuple[str, str, str]] = {}
+    first: dict[str, dict] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_STUDY_TAGS)
@@ -77,8 +69,8 @@ def folder_study(folder: Path, what: str = "the input folder") -> FolderStudy:
         date = str(ds.get("StudyDate", "") or "")
         if len(date) == 8 and date.isdigit():
             dates.setdefault(uid, date)
-        if not first.get(uid, ("",))[0]:   # the first file that names the patient
-            first[uid] = (*person, str(ds.get("PatientBirthDate", "") or ""))
+        if not first.get(uid, {}).get("PatientID"):   # the first file that names the patient
+            first[uid] = {k: str(ds.get(k, "") or "") for k in PATIENT_KEYS}
     if len(studies) > 1:
         where = "; ".join(f"{len(files)} files under {files[0].parent.relative_to(folder)}"
                           for files in sorted(studies.values(), key=len, reverse=True))
@@ -87,9 +79,9 @@ def folder_study(folder: Path, what: str = "the input folder") -> FolderStudy:
         raise InputError(f"{what} {folder} holds files of {len(patients)} patients (different PatientID or "
                          "issuer): give the folder of one patient's study")
     if not studies:
-        return FolderStudy("", "", "", "", "")
+        return FolderStudy("", "", {})
     (uid,) = studies
-    return FolderStudy(uid, dates.get(uid, ""), *first[uid])
+    return FolderStudy(uid, dates.get(uid, ""), first[uid])
 
 
 @dataclasses.dataclass
@@ -122,13 +114,13 @@ def check_offline_priors(input_dir: Path, prior_dirs: Sequence[Path]) -> Offline
             raise PriorError(str(exc)) from None
         if not study.study_date:
             raise PriorError(f"prior {folder} holds no DICOM file with a study date")
-        if this.other_patient(study):
+        if another_patient(this.patient, study.patient):
             raise PriorError(f"prior {folder} is another patient's study (its PatientID, issuer or birth date "
                              "differs from the current study's)")
         if current and study.study_date >= current:
             raise PriorError(f"prior {folder} ({study.study_date}) is not earlier than the current study "
                              f"({current})")
-        if not (this.patient_id and study.patient_id):
+        if not (this.patient.get("PatientID") and study.patient.get("PatientID")):
             notes.append(f"prior {folder.name}: no PatientID on one side, so it could not be checked to be "
                          "the same patient")
         found.append((study.study_date, folder.resolve()))

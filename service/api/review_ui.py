@@ -52,6 +52,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from sqlalchemy import func, select
 
 from ..db import Job, OutboxItem, OutboxState, Review, User
+from ..gateway.reidentify import study_patient
 from . import auth
 from .auth import IDENTITY_ROLES, REVIEW_ROLES, LoginThrottle, SessionInvalid, SessionManager
 
@@ -693,8 +694,7 @@ def review_router(ctx) -> APIRouter:
                                 headers=SECURITY_HEADERS)
         patient = ctx.vault.get("patient", job.pseudo_patient_id) if job.pseudo_patient_id else None
         study = ctx.vault.get("study", job.pseudo_study_uid) if job.pseudo_study_uid else None
-        if study and study.get("patient"):
-            patient = study["patient"]   # the attributes this job's study came with (reidentify_dataset)
+        patient = study_patient(study, patient)   # the attributes this job's study came with
         if patient is None:
             auth.audit(ctx.sessions, user.username, "identity_missing", job.id,
                        detail="the vault holds no identity for this job")

@@ -56,6 +56,7 @@ from dicomweb_client.api import DICOMwebClient
 from sqlalchemy import select
 
 from brainline.pipelines.dicom_dates import parse_da, shift_da
+from brainline.pipelines.patient_match import another_patient
 from brainline.pipelines.records import (
     BIAS_CORRECTION_FILE,
     REGISTRATION_FILE,
@@ -70,6 +71,7 @@ from brainline.pipelines.records import (
 from ..db import Job, State
 from ..jobs.context import StageContext
 from .pseudonymize import ENCAPSULATED_SYNTAXES, NATIVE_SYNTAXES, StudyPseudonymizer, deid_profile
+from .reidentify import study_patient
 from .vault import PatientPseudonym, Vault
 
 if TYPE_CHECKING:
@@ -217,8 +219,8 @@ def brainline_candidates(ctx: StageContext, pseudo_patient_id: str, current_date
     for row in rows:
         if row.state != State.DONE.value or row.study_key in found or not row.pseudo_study_uid:
             continue
-        theirs = ((_vault(ctx).get("study", row.pseudo_study_uid) or {}).get("patient") or {}) if patient else {}
-        if patient and another_patient(patient, theirs):
+        if patient and another_patient(patient, study_patient(_vault(ctx).get("study", row.pseudo_study_uid),
+                                                              None) or {}):
             others += 1
             continue
         work = _workspace_of(ctx, row.id)
@@ -301,23 +303,9 @@ class PacsStudy:
     study_uid: str
     study_date: str          # as at the PACS (real date)
     series: list[str] = field(default_factory=list)   # MR series UIDs, when known
-    issuer: str = ""         # IssuerOfPatientID at the PACS, when it gave one
-    birth_date: str = ""     # PatientBirthDate at the PACS, when it gave one
-
-    def other_patient(self, issuer: str, birth_date: str) -> bool:
-        """True when the PACS names another patient with the same PatientID
-        (:func:`another_patient`). A regional PACS holds several hospitals'
-        IDs; the query is by ID."""
-        return another_patient({"IssuerOfPatientID": issuer, "PatientBirthDate": birth_date},
-                               {"IssuerOfPatientID": self.issuer, "PatientBirthDate": self.birth_date})
-
-
-def another_patient(ours: dict, theirs: dict) -> bool:
-    """True when two patient records (vault keys: PatientID,
-    IssuerOfPatientID, PatientBirthDate) name different patients: a value
-    that differs where both records have one."""
-    return any(ours.get(k) and theirs.get(k) and ours[k] != theirs[k]
-               for k in ("PatientID", "IssuerOfPatientID", "PatientBirthDate"))
+    # IssuerOfPatientID and PatientBirthDate as the PACS gave them ("" when it did not): a
+    # regional PACS holds several hospitals' IDs, and the query is by ID (another_patient)
+    patient: dict = field(default_factory=dict)
 
 
 def _value(item: dict, tag: str, default=""):
@@ -366,8 +354,8 @@ class DicomWebPacs:
             if modalities and PRIOR_MODALITY not in modalities:
                 continue
             studies.append(PacsStudy(_value(item, "0020000D"), str(_value(item, "00080020")),
-                                     issuer=str(_value(item, "00100021")),
-                                     birth_date=str(_value(item, "00100030"))))
+                                     patient={"IssuerOfPatientID": str(_value(item, "00100021")),
+                                              "PatientBirthDate": str(_value(item, "00100030"))}))
         return [s for s in studies if s.study_uid]
 
     def retrieve(self, study: PacsStudy, folder: Path, deadline: float) -> int:
@@ -479,8 +467,8 @@ class DimsePacs:
                 continue
             if ds.get("StudyInstanceUID"):
                 studies.append(PacsStudy(str(ds.StudyInstanceUID), str(ds.get("StudyDate", "") or ""),
-                                         issuer=str(ds.get("IssuerOfPatientID", "") or ""),
-                                         birth_date=str(ds.get("PatientBirthDate", "") or "")))
+                                         patient={k: str(ds.get(k, "") or "")
+                                                  for k in ("IssuerOfPatientID", "PatientBirthDate")}))
         return studies
 
     what = "C-GET"
@@ -578,12 +566,10 @@ def pacs_candidates(ctx: StageContext, pacs_list: list, patient: dict, current_u
     PatientBirthDate; a study of the same ID with another issuer or birth date
     is another patient's and is left out). Returns (candidates, the PACS that
     answered or None, searched words, notes)."""
-    patient_id = patient["PatientID"]
-    issuer, birth_date = patient.get("IssuerOfPatientID", ""), patient.get("PatientBirthDate", "")
     searched, notes = [], []
     for pacs in pacs_list:
         try:
-            studies = pacs.find_studies(patient_id)
+            studies = pacs.find_studies(patient["PatientID"])
         except PriorSearchError as exc:
             notes.append(f"{exc}; priors were not searched there")
             log.warning("prior search at the PACS failed", extra={"job_id": ctx.job_id, "pacs": pacs.kind,
@@ -598,7 +584,7 @@ def pacs_candidates(ctx: StageContext, pacs_list: list, patient: dict, current_u
         for study in studies:
             if study.study_uid == current_uid:
                 continue
-            if study.other_patient(issuer, birth_date):
+            if another_patient(patient, study.patient):
                 others += 1
                 continue
             if not _as_date(study.study_date) or study.study_date[:8] >= current_real_date:
@@ -743,12 +729,13 @@ def find_priors(ctx: StageContext) -> dict:
     vault = _vault(ctx)
     patient_record = vault.get("patient", pseudo["pseudo_patient_id"])
     study = vault.get("study", pseudo["pseudo_study_uid"])
+    current_patient = study_patient(study, patient_record)   # the attributes this study came with
     if mode in ("brainline", "both") and patient_record is not None and not patient_record.get("PatientID"):
         # its pseudonym is the study's own (pseudonymize._patient_key): nothing to search
         record["notes"].append("the study has no patient ID, so no earlier BrainLine study is linked to it")
     elif mode in ("brainline", "both"):
         found, notes = brainline_candidates(ctx, pseudo["pseudo_patient_id"], current_date,
-                                            time.monotonic() + timeout, (study or {}).get("patient"))
+                                            time.monotonic() + timeout, current_patient)
         candidates += found
         record["searched"].append(f"BrainLine jobs of this patient: {_plural(len(found), 'earlier study')}")
         record["notes"] += notes
@@ -763,8 +750,9 @@ def find_priors(ctx: StageContext) -> dict:
             record["notes"].append("the study has no patient ID, so the PACS was not asked for priors")
         else:
             shift = int(study.get("date_shift_days", 0))
+            assert current_patient is not None  # patient_record was checked above
             found, pacs, searched, notes = pacs_candidates(
-                ctx, pacs_list, study.get("patient") or patient_record, study["StudyInstanceUID"],
+                ctx, pacs_list, current_patient, study["StudyInstanceUID"],
                 _shift(current_date, -shift), shift)
             record["searched"] += searched
             record["notes"] += notes

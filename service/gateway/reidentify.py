@@ -49,6 +49,15 @@ def _swap_uids(ds: Dataset, uid_map: dict[str, str]) -> int:
     return swapped
 
 
+def study_patient(study: dict | None, patient: dict | None) -> dict | None:
+    """The patient attributes a study came with (its vault study record keeps
+    them: name, ID, issuer, birth date, sex), else the vault's patient record
+    (records written before the study kept them; each new study of the patient
+    replaces the patient record, so a name corrected later would otherwise
+    appear on an earlier study's results)."""
+    return (study or {}).get("patient") or patient
+
+
 def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | None = None,
                        extra_uid_maps: Iterable[dict] = ()) -> Dataset:
     """Return a re-identified copy of ``ds``.
@@ -75,8 +84,7 @@ def reidentify_dataset(ds: Dataset, study: dict, patient: dict, now: datetime | 
     _swap_uids(out, uid_map)
     if out.get("StudyInstanceUID") != study["StudyInstanceUID"]:
         raise ReidentificationError("the object does not belong to the study of this job")
-    # the patient attributes the study came with (vault records written before they were kept: the patient's)
-    patient = study.get("patient") or patient
+    patient = study_patient(study, patient) or {}
     out.PatientName = patient.get("PatientName", "")
     out.PatientID = patient.get("PatientID", "")
     if patient.get("IssuerOfPatientID"):
