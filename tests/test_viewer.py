@@ -6,8 +6,9 @@ into a throw-away Orthanc with the DICOMweb plugin. The prebuilt OHIF viewer
 from the npm package ``@ohif/app`` is served from a local HTTP server that
 also proxies ``/dicom-web`` to that Orthanc (one origin, no CORS), configured
 to hydrate SEG and SR without asking. Debian's chromium (headless, software
-WebGL) is driven over the Chrome DevTools Protocol (``websockets``), and the
-test asserts:
+WebGL) is driven over the Chrome DevTools Protocol (``websockets``). Each
+object is opened as a reader does (the T1c series, then a double-click on the
+object's thumbnail once every image is in), and the test asserts:
 
 * SEG: every segment label appears in OHIF's segmentation panel and the
   segment colours are drawn over the image (pixels of the viewport canvas);
@@ -299,6 +300,70 @@ def _current_instance(browser: Browser) -> int | None:
     return None if value is None else int(value)
 
 
+# The first viewport's identity and whether a segmentation is drawn on it. The
+# tag marks the JS viewport object, so a viewport OHIF replaced reads as new.
+_VIEWPORT_STATE = """(() => {
+  const cs = window.cornerstone, tools = window.cornerstoneTools;
+  const engines = cs && cs.getRenderingEngines ? cs.getRenderingEngines() : [];
+  const viewports = engines.length ? engines[0].getViewports() : [];
+  if (!viewports.length || viewports[0].isDisabled) return null;
+  const vp = viewports[0];
+  vp.__brainlineTag = vp.__brainlineTag || Math.random().toString(36).slice(2);
+  const segs = tools.segmentation.state.getSegmentationRepresentations(vp.id) || [];
+  return vp.__brainlineTag + ' ' + segs.length;
+})()"""
+
+
+def _wait_for_settled_viewport(browser: Browser, segmentation: bool, quiet: float = 3.0,
+                               timeout: float = 240) -> None:
+    """Wait until OHIF stops replacing the first viewport.
+
+    Hydrating a SEG swaps the viewport for a new one, and on a loaded machine
+    the segment labels reach the panel before the swap. A wheel scroll on the
+    old viewport then fires cornerstone's debounced setImageIdIndex on a
+    destroyed viewport (an EXCEPTION in the console). So: wait for the same
+    viewport object (with a segmentation drawn on it, when ``segmentation``)
+    to stay for ``quiet`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    state, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = browser.evaluate(_VIEWPORT_STATE)
+        if now != state:
+            state, since = now, time.monotonic()
+        ready = state is not None and (not segmentation or not state.endswith(" 0"))
+        if ready and time.monotonic() - since >= quiet:
+            return
+        browser.pump(0.2)
+    raise AssertionError(f"the viewport did not settle (last: {state}); console tail: {browser.console[-15:]}")
+
+
+_ALL_IMAGES_CACHED = """(() => {
+  const vp = window.cornerstone.getRenderingEngines()[0].getViewports()[0];
+  const ids = vp.getImageIds ? vp.getImageIds() : [];
+  return ids.length > 0 && ids.every(id => window.cornerstone.cache.isLoaded(id));
+})()"""
+
+
+def _open_after_images(browser: Browser, env, description: str) -> None:
+    """Open a SEG or SR as a reader does: the image series first, then, once
+    every image is in, a double-click on the object's study-browser thumbnail
+    (the one whose text holds ``description``).
+
+    Opened straight from the URL instead, OHIF 3.13 jumps to the object's
+    slice with a debounced scroll on a viewport it replaces 40 ms later while
+    images are still loading: an EXCEPTION and a route error boundary on a
+    loaded machine, whatever the object holds.
+    """
+    browser.navigate(_viewer_url(env, str(env["t1c"].series_uid)))
+    _wait_for_settled_viewport(browser, segmentation=False)
+    browser.wait_for(_ALL_IMAGES_CACHED, timeout=240, what="every image of the series in the viewer's cache")
+    find = ("Array.from(document.querySelectorAll('[data-cy^=\"study-browser-thumbnail\"]'))"
+            f".find(e => e.innerText.includes({json.dumps(description)}))")
+    browser.wait_for(f"!!{find}", timeout=240, what=f"the thumbnail of {description!r}")
+    browser.evaluate(f"{find}.dispatchEvent(new MouseEvent('dblclick', {{bubbles: true}}))")
+
+
 def _scroll_to_instance(browser: Browser, target: int, max_steps: int = 120) -> None:
     """Mouse-wheel the viewport until its overlay shows instance ``target``."""
     rect = browser.evaluate("(() => { const r = document.querySelector('[data-cy=\"viewport-pane\"]')"
@@ -332,12 +397,13 @@ def test_seg_segments_listed_and_drawn(viewer_env, browser, tmp_path):
     present = [v for v in sorted(LABELS) if np.any(arr == v)]
     # the slice where the least represented label is largest: every segment shows
     k = int(np.argmax(np.min([np.count_nonzero(arr == v, axis=(1, 2)) for v in present], axis=0)))
-    browser.navigate(_viewer_url(env, str(seg.SeriesInstanceUID)))
+    _open_after_images(browser, env, str(seg.SeriesDescription))
     _open_panel(browser, "panelSegmentation-btn")
     labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
     browser.wait_for(f"(() => {{ const t = {BODY_TEXT}; return " + " && ".join(
         f"t.includes({json.dumps(label)})" for label in labels) + "; })()",
         timeout=240, what=f"segment labels {labels} in the segmentation panel")
+    _wait_for_settled_viewport(browser, segmentation=True)
     _scroll_to_instance(browser, int(series.datasets[k].InstanceNumber))
     browser.pump(8)
     img = browser.screenshot(tmp_path / "seg.png")
@@ -355,7 +421,7 @@ def test_rano_sr_rehydrated_and_drawn(viewer_env, browser, tmp_path):
     rano = env["rano"]
     expected = bidimensional_measurements(env["seg"], read_source_series(env["t1c"].paths))
     assert expected
-    browser.navigate(_viewer_url(env, str(rano.SeriesInstanceUID)))
+    _open_after_images(browser, env, str(rano.SeriesDescription))
     _open_panel(browser, "trackedMeasurements-btn")
     browser.wait_for(f"{BODY_TEXT}.includes('Measurements ({len(expected)})')", timeout=240,
                      what=f"{len(expected)} rehydrated measurements in the measurement panel")
