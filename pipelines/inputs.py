@@ -14,8 +14,8 @@ FLAIR only").
 
 Every selected series is checked for completeness first
 (:mod:`.series_completeness`: instance-number and slice-position gaps,
-ImagesInAcquisition) and, for the reference role, for being classic
-single-frame images (the DICOM results are built on it). A series that fails
+ImagesInAcquisition) and, for the reference role, for being single-frame
+images or one multi-frame instance (the DICOM results are built on it). A series that fails
 is left out and selection runs again without it, so a complete duplicate
 takes its place. A needed role left without a usable series raises
 :class:`IncompleteSeriesError` (a MissingSeriesError) naming the series and
@@ -127,10 +127,13 @@ def series_name(role: str, header: SeriesHeader) -> str:
 def series_problem(role: str, header: SeriesHeader, reference: str) -> tuple[str, dict] | None:
     """Why the series selected for ``role`` cannot be used (words), with the
     completeness record; None when it can."""
-    if role == reference and (header.is_enhanced or header.n_frames > header.n_instances):
-        return (f"{series_name(role, header)} is an enhanced (multi-frame) MR image, and the results "
-                f"are built on the reference series as classic single-frame images: send it as "
-                f"classic MR images (most scanners can export them)", {"multi_frame": True})
+    multi_frame = header.is_enhanced or header.n_frames > header.n_instances
+    if role == reference and multi_frame and header.n_instances != 1:
+        return (f"{series_name(role, header)} is an enhanced (multi-frame) MR series in "
+                f"{header.n_instances} instances, and the results are built on the reference series as one "
+                f"multi-frame instance or as single-frame images: send it as one instance or as classic MR "
+                f"images (most scanners can export either)", {"multi_frame": True,
+                                                              "instances": header.n_instances})
     report = check_series_files(header.files)
     if report.complete:
         return None
@@ -141,7 +144,7 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
     """Pick the series of each role in ``dicom_dir``; writes ``work/select_series.json``.
 
     Every selected series must be complete (and the reference series
-    single-frame); one that is not is left out and the selection runs again
+    single-frame images or one multi-frame instance); one that is not is left out and the selection runs again
     without it. Returns the selection record without file lists (for the job
     store). Raises MissingSeriesError (names the missing role, why it is
     needed and every series considered), IncompleteSeriesError (a needed role

@@ -367,6 +367,14 @@ def render() -> str:
       "Measurement Method is a HAS CONCEPT MOD of its group. Private concepts use the coding scheme "
       "`99BRAINLINE`, declared in the Coding Scheme Identification Sequence.")
     w("")
+    w("Multi-frame reference series: a reference series received as one Enhanced MR or Legacy Converted "
+      "Enhanced MR instance gets the same objects, built on its frames. Every image reference names the "
+      "instance and its Referenced Frame Number: the SEG's per-frame source images, the RANO SR's SCOORD "
+      "source images, and the SourceImageSequence of each overlay and subtraction image (one image per "
+      "frame, in slice order). The SRs' evidence and the PDF's SourceInstanceSequence list the instance. A "
+      "multi-frame reference series split over several instances is refused at series selection "
+      "(`needs_input`).")
+    w("")
     w("### 3.1 Coded concepts")
     w("")
     w("| Concept | Code value | Scheme | Meaning |")

@@ -485,6 +485,34 @@ def compress_study(study: StudyInfo, out_dir: Path) -> StudyInfo:
                      study.patient_id, study.accession)
 
 
+def write_multi_frame_series(info: SeriesInfo, out_dir: Path, *, enhanced_class: bool = False,
+                             parts: int = 1) -> SeriesInfo:
+    """``info``'s series as multi-frame MR under ``out_dir``, its frames in
+    descending slice order (frame 1 is the last slice, as a scanner that
+    acquires head to foot stores them): highdicom's Legacy Converted Enhanced
+    MR conversion of the classic instances (plane position and orientation,
+    pixel measures, rescale and window in functional groups), in ``parts``
+    instances of consecutive frames. ``enhanced_class``: labelled Enhanced MR
+    Image Storage instead, the class Siemens XA and Philips scanners send. A
+    new SeriesInstanceUID; the classic files are left as they are."""
+    import highdicom as hd
+
+    slices = [pydicom.dcmread(p) for p in info.paths]
+    slices.sort(key=lambda ds: -float(ds.ImagePositionPatient[2]))
+    series_uid = generate_uid()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for part, chunk in enumerate(np.array_split(np.arange(len(slices)), parts), start=1):
+        ds = hd.legacy.LegacyConvertedEnhancedMRImage([slices[i] for i in chunk], series_uid,
+                                                      int(slices[0].SeriesNumber), generate_uid(), part)
+        if enhanced_class:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+        paths.append(out_dir / f"MF_{part}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return SeriesInfo(series_uid, info.description, len(paths), out_dir, paths)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -13,6 +13,7 @@ real Orthanc as destination."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,6 @@ import time
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pydicom.uid import EnhancedMRImageStorage, generate_uid
 
 from brainline.pipelines.conversion import UnequalSpacingError, convert_series
 from brainline.pipelines.image_pipeline import PipelineConfig
@@ -36,7 +34,7 @@ from brainline.pipelines.series_completeness import (
 )
 from brainline.pipelines.series_selection import MissingSeriesError
 from tests.conftest import PHI, TCGA
-from tests.dicom_factory import write_study
+from tests.dicom_factory import write_multi_frame_series, write_study
 from tests.peers import storescu
 
 CLI = [sys.executable, "-m", "brainline.service.cli", "process", "--quiet"]
@@ -187,44 +185,16 @@ def test_dcm2niix_interpolation_is_refused(study, tmp_path):
         convert_inputs(work)
 
 
-def enhanced_copy(series_paths, out_dir) -> None:
-    """One Enhanced MR instance holding every frame of a classic series."""
-    slices = [pydicom.dcmread(p) for p in series_paths]
-    first = slices[0]
-    ds = first.copy()
-    ds.SOPClassUID = EnhancedMRImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.NumberOfFrames = len(slices)
-    shared = Dataset()
-    measures, orientation = Dataset(), Dataset()
-    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
-    orientation.ImageOrientationPatient = first.ImageOrientationPatient
-    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    frames = []
-    for s in slices:
-        frame, position = Dataset(), Dataset()
-        position.ImagePositionPatient = s.ImagePositionPatient
-        frame.PlanePositionSequence = Sequence([position])
-        frames.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
-    for keyword in ("ImagePositionPatient", "InstanceNumber", "SliceLocation"):
-        delattr(ds, keyword)
-    ds.PixelData = b"".join(s.PixelData for s in slices)
-    out_dir.mkdir()
-    ds.save_as(out_dir / "enhanced.dcm", enforce_file_format=True)
-
-
-def test_enhanced_multiframe_reference_is_refused_at_selection(study, tmp_path):
+def test_multi_frame_reference_in_two_instances_is_refused_at_selection(study, tmp_path):
+    """One multi-frame instance is a usable reference (tests/test_enhanced_reference.py);
+    the frames of a reference series spread over two instances are not."""
     t1c_dir = study.series["t1c"].dir
-    enhanced_copy(study.series["t1c"].paths, t1c_dir.parent / "t1c_enhanced")
+    write_multi_frame_series(study.series["t1c"], t1c_dir.parent / "t1c_enhanced", enhanced_class=True, parts=2)
     shutil.rmtree(t1c_dir)
     with pytest.raises(IncompleteSeriesError) as info:
         select_inputs(study.series["t1"].dir.parent, tmp_path / "work", PipelineConfig())
-    assert str(info.value).startswith("T1c series 8 'AX T1 3D POST GAD' is an enhanced (multi-frame) MR image")
+    assert re.match(r"T1c series 8 'AX T1 3D POST GAD[^']*' is an enhanced \(multi-frame\) MR series in 2 "
+                    r"instances", str(info.value)), str(info.value)
     assert "it is the reference sequence" in str(info.value)
     # the same series as a non-reference role is accepted (converted by dcm2niix)
     record = select_inputs(study.series["t1"].dir.parent, tmp_path / "w2", PipelineConfig(reference="flair"))

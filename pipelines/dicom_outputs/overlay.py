@@ -169,9 +169,7 @@ def build_overlay_series(
         inherit_lossy_compression(sc, [ds])
         sc.DerivationDescription = description
         sc.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(DERIVATION_SEGMENTATION)]
-        src = Dataset()
-        src.ReferencedSOPClassUID = ds.SOPClassUID
-        src.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        src = series.reference_item(index - 1)
         src.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PURPOSE_SOURCE_IMAGE)]
         sc.SourceImageSequence = [src]
         # SC Equipment: rendered on a workstation by BrainLine
@@ -190,5 +188,7 @@ def build_overlay_series(
             sc.SliceLocation = ds.SliceLocation
         if "BodyPartExamined" in ds:
             sc.BodyPartExamined = ds.BodyPartExamined
+        if ds.get("ImageLaterality"):   # General Image; an enhanced source has it per frame
+            sc.ImageLaterality = ds.ImageLaterality
         out.append(sc)
     return out

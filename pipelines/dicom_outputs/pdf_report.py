@@ -692,6 +692,6 @@ def build_encapsulated_pdf(
         software_versions=algorithm.software_versions,
         device_serial_number=algorithm.device_serial_number,
         series_description=series_description,
-        source_instances=list(series.datasets) + list(referenced_instances),
+        source_instances=list(series.instances) + list(referenced_instances),
         verified=verified,
     )

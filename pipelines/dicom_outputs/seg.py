@@ -243,8 +243,8 @@ def binary_segmentation(series: SourceSeries, masks: Sequence[np.ndarray],
     """A BINARY highdicom SEG on ``series``: one mask ``[instance, row,
     column]`` per segment description, new UIDs, the algorithm as device."""
     seg = hd.seg.Segmentation(
-        source_images=series.datasets,
-        pixel_array=np.stack(list(masks), axis=-1).astype(np.uint8),
+        source_images=series.instances,   # one multi-frame instance: frames in its frame order
+        pixel_array=series.in_frame_order(np.stack(list(masks), axis=-1).astype(np.uint8)),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=list(descriptions),
         series_instance_uid=new_uid(uid_root),
@@ -296,12 +296,21 @@ def read_seg_labels(
     series = as_source_series(source_files)
     mapping = segment_label_values(seg)
     numbers = sorted(mapping)
-    masks = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=series.sop_instance_uids,
-        segment_numbers=numbers,
-        combine_segments=False,
-        assert_missing_frames_are_empty=True,
-    )
+    if series.frames is None:
+        masks = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=series.sop_instance_uids,
+            segment_numbers=numbers,
+            combine_segments=False,
+            assert_missing_frames_are_empty=True,
+        )
+    else:   # the frames of one multi-frame instance, in slice order
+        masks = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=str(series.first.SOPInstanceUID),
+            source_frame_numbers=series.frames,
+            segment_numbers=numbers,
+            combine_segments=False,
+            assert_missing_frames_are_empty=True,
+        )
     out = np.zeros(series.shape, dtype=np.uint8)
     for index, number in enumerate(numbers):
         out[masks[..., index] > 0] = mapping[number]

@@ -26,6 +26,19 @@ computed from the headers alone (the reader would decode every pixel again):
 An instance off that grid (uneven spacing, a gap) is resampled on its own
 plane by :func:`.seg.labels_on_source_grid` and friends.
 
+Enhanced (multi-frame) MR
+-------------------------
+A series sent as one Enhanced MR (or Legacy Converted Enhanced MR) instance
+is read as its frames: each frame becomes one entry of
+:attr:`SourceSeries.datasets`, a *frame view* (:func:`frame_view`): the
+instance's attributes with that frame's functional groups (plane position and
+orientation, pixel measures, rescale, window) written out as a single-frame
+image has them. A frame view keeps the multi-frame instance's SOP Class and
+Instance UID, so a reference to it must also name the frame:
+:meth:`SourceSeries.reference_item` and :meth:`SourceSeries.frame_number` give
+it, and :attr:`SourceSeries.instances` holds the instance itself (what a SEG
+is built on and what an SR lists as evidence).
+
 Pixels
 ------
 ``read_source_series(files, pixels=True)`` keeps each instance's pixel data
@@ -52,7 +65,8 @@ from pydicom.pixels import apply_modality_lut
 
 from .charset import declare_usable_character_set
 
-__all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series", "inherit_lossy_compression"]
+__all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series", "inherit_lossy_compression",
+           "frame_view"]
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -96,23 +110,120 @@ class SeriesGrid:
         return image
 
 
+#: Functional groups (PS3.3 C.7.6.16.2) a frame view writes out, and the
+#: attributes of each that a single-frame image carries at its top level.
+_FRAME_GROUPS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+#: Attributes of a multi-frame instance a frame view leaves out.
+_MULTI_FRAME_ONLY = {"NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                     "DimensionOrganizationSequence", "DimensionIndexSequence", "PixelData", "FloatPixelData",
+                     "DoubleFloatPixelData"}
+
+
+def is_multi_frame(ds: Dataset) -> bool:
+    """True for a functional-group multi-frame image (Enhanced / Legacy Converted Enhanced MR)."""
+    return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) != 1
+
+
+def frame_view(ds: Dataset, frame_number: int) -> Dataset:
+    """Frame ``frame_number`` (1-based) of the multi-frame image ``ds`` as a
+    single-frame image's header: every attribute of ``ds`` but the multi-frame
+    ones (functional groups, dimensions, NumberOfFrames, pixel data), with the
+    frame's functional groups (its per-frame item over the shared one) written
+    out at the top level: ImagePositionPatient / ImageOrientationPatient (LPS,
+    mm), PixelSpacing / SliceThickness (mm), rescale, window, and the frame
+    laterality as ImageLaterality. The SOP Class
+    and Instance UID stay those of ``ds``. Elements are shared with ``ds``, not
+    copied: set new values on the view, do not change its elements in place.
+    """
+    view = Dataset()
+    for element in ds:
+        if element.keyword not in _MULTI_FRAME_ONLY:
+            view.add(element)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
+    groups = [seq[0] for seq in (ds.get("SharedFunctionalGroupsSequence"),) if seq]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) >= frame_number:
+        groups.append(per_frame[frame_number - 1])
+    for group in groups:    # the per-frame item last: it overrides the shared one
+        for sequence, keywords in _FRAME_GROUPS.items():
+            items = group.get(sequence)
+            if not items:
+                continue
+            for keyword in keywords:
+                if keyword in items[0]:
+                    view.add(items[0].data_element(keyword))
+        anatomy = group.get("FrameAnatomySequence")
+        if anatomy and anatomy[0].get("FrameLaterality"):   # the single-frame image's ImageLaterality
+            view.ImageLaterality = anatomy[0].FrameLaterality
+    return view
+
+
 @dataclass(frozen=True, eq=False)
 class SourceSeries:
-    """The single-frame instances of one series, sorted along the slice normal
+    """The images of one series, one per slice, sorted along the slice normal
     (ascending position along ``normal``: the order of axis 0 of
     ``sitk.GetArrayFromImage`` of the grid).
 
-    datasets: one per instance, in that order (headers; with pixel data when
-        read with ``pixels=True``).
-    paths: the file of each dataset, same order.
+    datasets: one per slice, in that order: the single-frame instances, or
+        for a multi-frame series the frame views of its instance (see the
+        module doc). Headers; with pixel data when read with ``pixels=True``
+        (single-frame only: a multi-frame instance keeps its pixel data in
+        :attr:`instances`).
+    paths: the file of each dataset, same order (one file for every frame of
+        a multi-frame instance).
     normal: unit slice normal (row cosines x column cosines), LPS.
+    frames: for a multi-frame series, the frame number (1-based) of each
+        dataset, same order; None for single-frame instances.
+    multi_frame_instance: the multi-frame instance itself (None for single-frame).
     """
 
     datasets: list[Dataset]
     paths: list[Path]
     normal: np.ndarray
+    frames: list[int] | None = None
+    multi_frame_instance: Dataset | None = None
     _pixels: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def instances(self) -> list[Dataset]:
+        """The DICOM instances of the series: the single-frame ones in slice
+        order, or the one multi-frame instance (what a SEG is derived from and
+        an SR lists as evidence)."""
+        return self.datasets if self.multi_frame_instance is None else [self.multi_frame_instance]
+
+    def frame_number(self, index: int) -> int | None:
+        """Frame number (1-based) of slice ``index`` in its multi-frame instance; None for single-frame."""
+        return None if self.frames is None else self.frames[index]
+
+    def reference_item(self, index: int) -> Dataset:
+        """An image SOP instance reference to slice ``index`` (ReferencedSOPClassUID,
+        ReferencedSOPInstanceUID, and ReferencedFrameNumber for a frame of a
+        multi-frame instance), e.g. for a derived image's SourceImageSequence."""
+        ds, item = self.datasets[index], Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        frame = self.frame_number(index)
+        if frame is not None:
+            item.ReferencedFrameNumber = frame
+        return item
+
+    def in_frame_order(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (axis 0 in slice order) in the order of the instances'
+        frames: slice order for single-frame instances, frame number order for
+        a multi-frame one (what a SEG built on it stores frame by frame)."""
+        if self.frames is None:
+            return array
+        out = np.empty_like(array)
+        out[np.asarray(self.frames) - 1] = array
+        return out
 
     @property
     def first(self) -> Dataset:
@@ -157,12 +268,16 @@ class SourceSeries:
 
     @property
     def has_pixels(self) -> bool:
-        """Whether the datasets hold their pixel data (read with ``pixels=True``)."""
-        return all("PixelData" in ds for ds in self.datasets)
+        """Whether the instances hold their pixel data (read with ``pixels=True``)."""
+        return all("PixelData" in ds for ds in self.instances)
 
     def pixel_array(self, index: int) -> np.ndarray:
-        """Stored pixel values of instance ``index`` (sorted order), ``[row,
-        column]``; read from its file on first use when the dataset is a header."""
+        """Stored pixel values of slice ``index`` (sorted order), ``[row,
+        column]``; read from its file on first use when the dataset is a header
+        (a multi-frame instance is decoded once, all frames)."""
+        frame = self.frame_number(index)
+        if frame is not None:
+            return self._multi_frame_pixels()[frame - 1]
         ds = self.datasets[index]
         if "PixelData" in ds:
             return ds.pixel_array
@@ -170,6 +285,17 @@ class SourceSeries:
             if index not in self._pixels:
                 self._pixels[index] = pydicom.dcmread(self.paths[index]).pixel_array
             return self._pixels[index]
+
+    def _multi_frame_pixels(self) -> np.ndarray:
+        """Every frame of the multi-frame instance, ``[frame - 1, row, column]``."""
+        with self._lock:
+            if -1 not in self._pixels:
+                instance = self.multi_frame_instance
+                source = instance if instance is not None and "PixelData" in instance else \
+                    pydicom.dcmread(self.paths[0])
+                pixels = source.pixel_array
+                self._pixels[-1] = pixels.reshape((-1,) + pixels.shape[-2:])
+            return self._pixels[-1]
 
     def modality_image(self, index: int) -> np.ndarray:
         """Instance ``index`` in modality units (Modality LUT / rescale applied), float64 ``[row, column]``."""
@@ -181,24 +307,37 @@ class SourceSeries:
 
 
 def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool = False) -> SourceSeries:
-    """Read the instances of one single-frame series (each file once) and sort
-    them along the slice normal. ``pixels``: keep the pixel data too.
+    """Read the images of one series (each file once) and sort them along the
+    slice normal: single-frame instances, or the frames of one multi-frame
+    (Enhanced MR) instance. ``pixels``: keep the pixel data too.
 
-    Raises ValueError (in words) for an empty list, mixed series, multi-frame
-    instances, missing geometry, mixed orientations or matrix sizes.
+    Raises ValueError (in words) for an empty list, mixed series, more than
+    one multi-frame instance or one mixed with single-frame ones, missing
+    geometry, mixed orientations or matrix sizes.
     """
     paths = [Path(p) for p in source_files]
     if not paths:
         raise ValueError("no source DICOM files given")
-    datasets = [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in paths]
-    for ds in datasets:   # the results copy it with the patient's text: a spelling highdicom accepts
+    instances = [pydicom.dcmread(p, stop_before_pixels=not pixels) for p in paths]
+    for ds in instances:   # the results copy it with the patient's text: a spelling highdicom accepts
         declare_usable_character_set(ds)
-    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in instances}
     if len(series_uids) != 1:
         raise ValueError(f"source files belong to {len(series_uids)} series; expected exactly one")
+    multi = [ds for ds in instances if is_multi_frame(ds)]
+    frames: list[int] | None = None
+    datasets = instances
+    if multi:
+        if len(instances) != 1:
+            raise ValueError(f"the series has {len(multi)} multi-frame instance(s) among {len(instances)} "
+                             "files; a multi-frame source series must be one instance")
+        n_frames = int(multi[0].get("NumberOfFrames", 1) or 1)
+        if len(multi[0].get("PerFrameFunctionalGroupsSequence") or []) != n_frames:
+            raise ValueError(f"{paths[0].name}: multi-frame image without one functional group item per frame")
+        frames = list(range(1, n_frames + 1))
+        datasets = [frame_view(multi[0], f) for f in frames]
+        paths = paths * n_frames
     for ds, path in zip(datasets, paths):
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise ValueError(f"{path.name}: multi-frame source images are not supported")
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
             raise ValueError(f"{path.name}: source image has no image plane geometry (position/orientation/spacing)")
     iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
@@ -210,7 +349,9 @@ def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool =
     normal = _unit(np.cross(iop[:3], iop[3:]))
     order = sorted(range(len(datasets)),
                    key=lambda i: float(np.dot(np.array(datasets[i].ImagePositionPatient, dtype=float), normal)))
-    return SourceSeries([datasets[i] for i in order], [paths[i] for i in order], normal)
+    return SourceSeries([datasets[i] for i in order], [paths[i] for i in order], normal,
+                        frames=None if frames is None else [frames[i] for i in order],
+                        multi_frame_instance=multi[0] if multi else None)
 
 
 def as_source_series(source: SourceSeries | Sequence[str | PathLike]) -> SourceSeries:

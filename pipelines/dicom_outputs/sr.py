@@ -210,9 +210,10 @@ def _bidimensional_group(m: ComponentMeasurement, enhancing: bool, series: Sourc
     INFERRED FROM a 2-point SCOORD POLYLINE on the source image of its slice.
     The tracking identifier starts with the one OHIF rehydrates as a
     Bidirectional measurement."""
-    ds = series.datasets[m.slice_index]
+    ds, frame = series.datasets[m.slice_index], series.frame_number(m.slice_index)
     source = hd.sr.SourceImageForRegion(referenced_sop_class_uid=str(ds.SOPClassUID),
-                                        referenced_sop_instance_uid=str(ds.SOPInstanceUID))
+                                        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                                        referenced_frame_numbers=None if frame is None else [frame])
 
     def axis(name, value, points_rc):
         # SCOORD pixel coordinates are (column, row) with the centre of the first pixel at (0.5, 0.5)
@@ -397,7 +398,7 @@ def _document(groups: list[Any], texts: hd.sr.ContainerContentItem | None, seg: 
     )
     if texts is not None:
         report[0].ContentSequence.append(texts)
-    evidence = ([seg] if seg is not None else []) + list(series.datasets) + list(other_evidence)
+    evidence = ([seg] if seg is not None else []) + list(series.instances) + list(other_evidence)
     cls = SR_CLASSES[sr_class]
     return cls(
         evidence=evidence,

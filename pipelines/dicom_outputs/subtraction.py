@@ -155,9 +155,9 @@ def build_subtraction_series(
             im.SliceLocation = ds.SliceLocation
         elif "SliceLocation" in im:
             del im.SliceLocation
-        src = Dataset()
-        src.ReferencedSOPClassUID = ds.SOPClassUID
-        src.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        if ds.get("ImageLaterality"):   # General Image; an enhanced source has it per frame
+            im.ImageLaterality = ds.ImageLaterality
+        src = series.reference_item(index - 1)
         src.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PURPOSE_SOURCE_IMAGE)]
         im.SourceImageSequence = [src]
         # the current study's images it was computed from (the prior's headers are not at hand here)
