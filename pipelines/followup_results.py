@@ -201,6 +201,29 @@ def role_header(work: Path, role: str, source: SourceSeries) -> pydicom.Dataset 
         return None
 
 
+#: What a derived image needs to know of a source to mark itself lossy (PS3.3 C.7.6.1.1.5);
+#: the transfer syntax comes with the file meta.
+LOSSY_TAGS = ["LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"]
+
+
+def prior_role_headers(work: Path, longitudinal: dict, role: str) -> list[pydicom.Dataset]:
+    """Headers (file meta and :data:`LOSSY_TAGS`) of the compared prior's
+    series of ``role``, when its DICOM files are in the prior's work folder;
+    [] when they are not (a prior given as NIfTI)."""
+    pwork = _prior_dir(work, longitudinal)
+    try:
+        files = read_record(SeriesSelection, pwork / SELECTION_FILE).files_of(role, pwork)
+    except KeyError:
+        return []
+    out = []
+    for path in files:
+        try:
+            out.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=LOSSY_TAGS))
+        except (OSError, pydicom.errors.InvalidDicomError):
+            continue
+    return out
+
+
 def prior_objects(work: Path, longitudinal: dict, prior: dict) -> list[pydicom.Dataset]:
     """The compared prior's objects (minimal headers): its BrainLine SEG when
     prior.json names one, and the instances of its reference series when its

@@ -73,6 +73,7 @@ from .followup_results import (  # noqa: F401 - names kept importable from here
     longitudinal_findings,
     prior_objects,
     prior_record,
+    prior_role_headers,
     prior_study_uid,
     prior_words,
     role_header,
@@ -201,7 +202,8 @@ def _build_followup(work: Path, source: SourceSeries, longitudinal: dict, algori
         writer.attempt("subtraction", lambda role=role, rel=rel, number=number: writer.save("subtraction", [
             (f"subtraction_{role}_{i:04d}.dcm", ds) for i, ds in enumerate(build_subtraction_series(
                 source, sitk.ReadImage(str(work / rel)), role, prior_words=words, prior_study_uid=study,
-                brain_mask=mask, role_header=role_header(work, role, source), algorithm=algorithm,
+                brain_mask=mask, role_header=role_header(work, role, source),
+                prior_headers=prior_role_headers(work, longitudinal, role), algorithm=algorithm,
                 uid_root=uid_root, series_number=number, method_words=method), 1)]),
             what=f"{ROLE_LABELS.get(role, role)} subtraction series")
     lesion_seg = None

@@ -80,7 +80,13 @@ _HEADER_TAGS: tuple[str, ...] = (
     "NumberOfFrames",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
+    "DerivationCodeSequence",
 )
+
+#: CID 7203 "Lossy Compression" (DCM 113040): the one derivation that leaves an
+#: image the acquisition it was (dcmtk and archives that lossy-compress old
+#: studies mark such images DERIVED with this code; PS3.3 C.7.6.1.1.5).
+LOSSY_COMPRESSION_CODE = ("113040", "DCM")
 
 #: Parameters a rule may constrain: attribute of SeriesHeader -> short name.
 _PARAMETER_NAMES: dict[str, str] = {
@@ -290,7 +296,7 @@ def _series_from_instances(uid: str, items: list[tuple[Path, Dataset]]) -> Serie
         slice_thickness=_slice_thickness(first),
         contrast_agent=_first_contrast_agent(ds for _, ds in items),
         image_type=image_type,
-        is_derived=bool(image_type) and image_type[0].upper() == "DERIVED",
+        is_derived=bool(image_type) and image_type[0].upper() == "DERIVED" and not _only_lossy_compression(first),
         repetition_time=_timing(first, "RepetitionTime", "MRTimingAndRelatedParametersSequence"),
         echo_time=_echo_time(first),
         inversion_time=_inversion_time(first),
@@ -303,6 +309,15 @@ def _series_from_instances(uid: str, items: list[tuple[Path, Dataset]]) -> Serie
 
 
 # --- header value helpers ---------------------------------------------------
+
+
+def _only_lossy_compression(ds: Dataset) -> bool:
+    """True when the image's derivation codes name lossy compression and
+    nothing else: a lossy-compressed copy of an original image, which is still
+    that acquisition (selected as original; its results say lossy)."""
+    codes = {(str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", "")))
+             for item in ds.get("DerivationCodeSequence") or []}
+    return codes == {LOSSY_COMPRESSION_CODE}
 
 
 def _is_multiframe(ds: Dataset) -> bool:

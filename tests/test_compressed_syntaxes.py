@@ -12,6 +12,8 @@ were not built."""
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -23,7 +25,8 @@ from brainline.pipelines.conversion import find_dcm2niix
 from brainline.pipelines.dicom_outputs.overlay import build_overlay_series
 from brainline.pipelines.dicom_outputs.source_series import read_source_series
 from brainline.pipelines.dicom_outputs.subtraction import build_subtraction_series
-from tests.dicom_factory import COMPRESSED_SYNTAXES, compress_study
+from tests.conftest import PHI, TCGA
+from tests.dicom_factory import COMPRESSED_SYNTAXES, compress_study, write_study
 from tests.peers import storescu
 from tests.test_results_delivery import check_delivered
 
@@ -87,6 +90,24 @@ def test_compressed_study_is_processed_and_every_result_arrives(service_factory,
         assert got.shape == expected.shape and np.array_equal(got, expected), role
 
 
+def near_lossless(paths, folder: Path) -> list[Path]:
+    """``paths`` re-encoded JPEG-LS near-lossless by dcmcjpls into ``folder``
+    (same names; dcmcjpls marks them LossyImageCompression 01). dcmcjpls
+    encodes near-lossless unsigned data only: the values are clipped at 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in paths:
+        ds = pydicom.dcmread(src)
+        ds.PixelRepresentation = 0
+        ds.PixelData = np.clip(ds.pixel_array, 0, None).astype(np.uint16).tobytes()
+        ds.save_as(folder / "unsigned.tmp")
+        subprocess.run(["dcmcjpls", "+en", str(folder / "unsigned.tmp"), str(folder / src.name)], check=True,
+                       capture_output=True, timeout=60)
+        out.append(folder / src.name)
+    (folder / "unsigned.tmp").unlink(missing_ok=True)
+    return out
+
+
 def test_images_derived_from_a_lossy_compressed_series_say_so(small_study, tmp_path):
     """PS3.3 C.7.6.1.1.5: an image derived from a lossy-compressed one keeps
     LossyImageCompression 01. A JPEG-LS near-lossless series (dcmcjpls marks it
@@ -95,15 +116,7 @@ def test_images_derived_from_a_lossy_compressed_series_say_so(small_study, tmp_p
     transfer syntax; a lossless one is not marked."""
     t1c = small_study.series["t1c"]
     near = tmp_path / "near"
-    near.mkdir()
-    for src in t1c.paths:
-        # dcmcjpls encodes near-lossless unsigned data only: the values clipped at 0, unsigned
-        ds = pydicom.dcmread(src)
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.clip(ds.pixel_array, 0, None).astype(np.uint16).tobytes()
-        ds.save_as(tmp_path / "unsigned.dcm")
-        subprocess.run(["dcmcjpls", "+en", str(tmp_path / "unsigned.dcm"), str(near / src.name)], check=True,
-                       capture_output=True, timeout=60)
+    near_lossless(t1c.paths, near)
     unmarked = tmp_path / "unmarked"
     unmarked.mkdir()
     for path in sorted(near.iterdir()):
@@ -134,3 +147,27 @@ def test_images_derived_from_a_lossy_compressed_series_say_so(small_study, tmp_p
     assert {ds.LossyImageCompressionMethod for ds in lossy_sub} == {"ISO_14495_1"}
     plain_sub = build_subtraction_series(t1c.paths, difference, "t1c", prior_words="prior")
     assert {ds.LossyImageCompression for ds in plain_sub} == {"00"}
+    # a lossy prior: the subtraction is computed from its images too
+    prior = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(unmarked.iterdir())]
+    prior_sub = build_subtraction_series(t1c.paths, difference, "t1c", prior_words="prior", prior_headers=prior)
+    assert {(ds.LossyImageCompression, ds.LossyImageCompressionMethod) for ds in prior_sub} == {("01", "ISO_14495_1")}
+
+
+def test_a_lossy_prior_marks_its_subtraction_lossy(small_study, tmp_path):
+    """`brainline process --prior` with a prior whose FLAIR was stored JPEG-LS
+    near-lossless: the FLAIR subtraction series says it is derived from
+    lossy-compressed images; the T1c subtraction (both studies lossless) does not."""
+    prior = write_study(tmp_path / "prior", TCGA, slice_step=5, study_date="20231016", **PHI)
+    near_lossless(prior.series["flair"].paths, prior.series["flair"].dir)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "brainline.service.cli", "process", "--quiet",
+                             str(small_study.series["t1"].dir.parent), "--out", str(out),
+                             "--prior", str(prior.series["t1"].dir.parent)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    marks = {}
+    for path in (out / "dicom").glob("subtraction_*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        marks.setdefault(path.name.split("_")[1], set()).add(
+            (ds.get("LossyImageCompression"), ds.get("LossyImageCompressionMethod")))
+    assert marks == {"flair": {("01", "ISO_14495_1")}, "t1c": {("00", None)}}, marks

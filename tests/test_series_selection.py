@@ -54,8 +54,10 @@ def _file_dataset(sop_class: str) -> Dataset:
 def write_series(root: Path, number: int, description: str, *, n: int = 20,
                  thickness: float = 5.0, acq: str = "2D", tr: float = 500.0,
                  te: float = 10.0, ti: float | None = None, seq: str | list[str] = "SE",
-                 agent: str | None = None, image_type=ORIGINAL, modality: str = "MR") -> str:
-    """Write ``n`` single-frame MR headers of one series under root/S<number>/ (times in ms)."""
+                 agent: str | None = None, image_type=ORIGINAL, modality: str = "MR",
+                 derivation: tuple[tuple[str, str], ...] = ()) -> str:
+    """Write ``n`` single-frame MR headers of one series under root/S<number>/ (times in ms);
+    ``derivation``: (code value, scheme) items of DerivationCodeSequence."""
     uid = generate_uid()
     folder = root / f"S{number:03d}"
     folder.mkdir(parents=True)
@@ -76,6 +78,10 @@ def write_series(root: Path, number: int, description: str, *, n: int = 20,
         ds.Rows = ds.Columns = 256
         if agent:
             ds.ContrastBolusAgent = agent
+        if derivation:
+            ds.DerivationCodeSequence = Sequence([Dataset() for _ in derivation])
+            for item, (value, scheme) in zip(ds.DerivationCodeSequence, derivation):
+                item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, value
         ds.save_as(folder / f"IM{i:04d}.dcm", enforce_file_format=True)
     return uid
 
@@ -352,6 +358,22 @@ def test_3d_1mm_flair_beats_2d_5mm(rules):
 def test_preference_order(rules, a, b, winner):
     result = select_series([flair(1, **a), flair(2, **b)], only_flair_rules(rules))
     assert result.roles["flair"].series_number == winner
+
+
+def test_a_lossy_compressed_copy_is_still_the_acquisition(tmp_path, rules):
+    """dcmtk, and archives that lossy-compress older studies, mark the images
+    DERIVED with the derivation code Lossy Compression (113040, DCM): such a
+    FLAIR is selected as the acquisition it is. DERIVED with any other
+    derivation as well (a reformat of the compressed images) is not."""
+    lossy = (("113040", "DCM"),)
+    kept = write_series(tmp_path / "a", 7, "AX T2 FLAIR", n=30, tr=9000, te=120, ti=2500, seq=["SE", "IR"],
+                        image_type=("DERIVED", "PRIMARY", "M", "ND"), derivation=lossy)
+    result = select_series(scan_series(tmp_path / "a"), only_flair_rules(rules))
+    assert result.roles["flair"].series_uid == kept and result.roles["flair"].is_derived is False
+    write_series(tmp_path / "b", 7, "AX T2 FLAIR", n=30, tr=9000, te=120, ti=2500, seq=["SE", "IR"],
+                 image_type=("DERIVED", "SECONDARY"), derivation=lossy + (("113072", "DCM"),))
+    with pytest.raises(MissingSeriesError, match="ImageType is DERIVED"):
+        select_series(scan_series(tmp_path / "b"), only_flair_rules(rules))
 
 
 @pytest.mark.parametrize("series, reason", [

@@ -100,6 +100,7 @@ def build_subtraction_series(
     prior_study_uid: str | None = None,
     brain_mask: sitk.Image | None = None,
     role_header: Dataset | None = None,
+    prior_headers: Sequence[Dataset] = (),
     algorithm: AlgorithmInfo | None = None,
     uid_root: str | None = None,
     series_number: int = 310,
@@ -113,7 +114,9 @@ def build_subtraction_series(
     earlier"); ``prior_study_uid``: the prior's StudyInstanceUID for
     ReferencedStudySequence; ``brain_mask`` (optional, any grid) only sets the
     window; ``role_header``: a header of the subtracted sequence in the current
-    study (MR acquisition attributes); ``method_words``: how the map was made
+    study (MR acquisition attributes); ``prior_headers``: headers of the
+    prior's images of that sequence (transfer syntax, LossyImageCompression),
+    so a lossy-compressed prior marks the subtraction lossy too; ``method_words``: how the map was made
     (registration, intensity matching), for DerivationDescription.
     """
     algorithm = algorithm or AlgorithmInfo()
@@ -160,8 +163,8 @@ def build_subtraction_series(
         src = series.reference_item(index - 1)
         src.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PURPOSE_SOURCE_IMAGE)]
         im.SourceImageSequence = [src]
-        # the current study's images it was computed from (the prior's headers are not at hand here)
-        inherit_lossy_compression(im, [ds, header])
+        # every image it was computed from: the current study's and the prior's
+        inherit_lossy_compression(im, [ds, header, *prior_headers])
         im.PixelData = np.ascontiguousarray(stored[index - 1]).tobytes()
         out.append(im)
     return out
