@@ -36,16 +36,33 @@ LOOPBACK = "127.0.0.1"
 _HANDED_OUT: set[int] = set()
 
 
+def _claim_for_this_run(port: int) -> bool:
+    """Claim ``port`` for this test run across processes (the xdist workers of
+    one run share PYTEST_XDIST_TESTRUNUID): a file created exclusively in a
+    folder of the run. False when another process of the run has it."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:     # one process: _HANDED_OUT is enough
+        return True
+    folder = Path(tempfile.gettempdir()) / f"brainline-test-ports-{run}"
+    folder.mkdir(exist_ok=True)
+    try:
+        os.close(os.open(folder / str(port), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)
-    and that this process has not been given before: once the probing socket
-    is closed the OS may offer the same port to the next call, and a service
-    was once started with its DICOM and HTTP ports equal (CI, stop 23)."""
+    and that no process of this test run has been given before: once the
+    probing socket is closed the OS may offer the same port to the next call,
+    in this process or in another xdist worker, and a service was once started
+    with its DICOM and HTTP ports equal (CI, stop 23)."""
     for _ in range(1000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((LOOPBACK, 0))
             port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
+        if port not in _HANDED_OUT and _claim_for_this_run(port):
             _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free TCP port on 127.0.0.1 that was not handed out before")
