@@ -121,7 +121,8 @@ def series_name(role: str, header: SeriesHeader) -> str:
     """'FLAIR series 5 'AX T2 FLAIR 3D''."""
     number = "?" if header.series_number is None else header.series_number
     text = header.description or header.protocol_name
-    return f"{ROLE_LABELS.get(role, role)} series {number}" + (f" '{text}'" if text else "")
+    echo = f" echo {header.echo_number}" if header.echo_number is not None else ""
+    return f"{ROLE_LABELS.get(role, role)} series {number}" + (f" '{text}'" if text else "") + echo
 
 
 def series_problem(role: str, header: SeriesHeader, reference: str) -> tuple[str, dict] | None:
@@ -159,10 +160,10 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
                          f"the pipeline needs (model {backend}, reference {ROLE_LABELS.get(cfg.reference)})")
     needed_because = {r: _needed_because(r, backend, roles, cfg.reference) for r in needed}
     series = scan_series(dicom_dir)
-    left_out: dict[str, tuple[str, str, dict]] = {}  # series uid -> (role, why, record)
+    left_out: dict[str, tuple[str, str, dict]] = {}  # series key -> (role, why, record)
     checked: dict[tuple[str, bool], tuple[str, dict] | None] = {}  # (uid, as reference) -> problem
     while True:
-        pool = [s for s in series if s.series_uid not in left_out]
+        pool = [s for s in series if s.key not in left_out]
         try:
             selection = select_series(pool, rules, required=needed, needed_because=needed_because)
         except MissingSeriesError as exc:
@@ -175,12 +176,12 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
             raise
         bad = {}
         for role, header in selection.roles.items():
-            key = (header.series_uid, role == cfg.reference)
+            key = (header.key, role == cfg.reference)
             if key not in checked:
                 checked[key] = series_problem(role, header, cfg.reference)
             problem = checked[key]
             if problem is not None:
-                bad[header.series_uid] = (role, *problem)
+                bad[header.key] = (role, *problem)
         if not bad:
             break
         left_out.update(bad)

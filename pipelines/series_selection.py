@@ -81,6 +81,7 @@ _HEADER_TAGS: tuple[str, ...] = (
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
     "DerivationCodeSequence",
+    "EchoNumbers",
 )
 
 #: CID 7203 "Lossy Compression" (DCM 113040): the one derivation that leaves an
@@ -110,6 +111,11 @@ class SeriesHeader:
 
     ``n_instances`` counts files; ``n_frames`` counts images (equal for
     classic single-frame MR, larger for enhanced multi-frame MR).
+    ``echo_number``: set when the series holds several echoes at each slice
+    position (a PD/T2 dual echo, a multi-echo series): each echo is then a
+    series of its own for selection (:attr:`key`), with that echo's files and
+    echo time, so a T2 rule finds the T2-weighted echo and the images
+    converted and built on are one per position.
     """
 
     series_uid: str
@@ -135,6 +141,13 @@ class SeriesHeader:
     n_frames: int = 0
     is_enhanced: bool = False
     study_uid: str = ""
+    echo_number: int | None = None
+
+    @property
+    def key(self) -> str:
+        """What tells this header from every other of the study: the series
+        UID, with the echo number for one echo of a multi-echo series."""
+        return self.series_uid if self.echo_number is None else f"{self.series_uid}#echo{self.echo_number}"
 
     @property
     def is_3d(self) -> bool:
@@ -161,7 +174,7 @@ class SeriesHeader:
         """Short human form: ``#5 'AX T2 FSE'``."""
         number = "?" if self.series_number is None else str(self.series_number)
         text = self.description.strip() or self.protocol_name.strip() or "(no description)"
-        return f"#{number} '{text}'"
+        return f"#{number} '{text}'" + (f" echo {self.echo_number}" if self.echo_number is not None else "")
 
     def to_dict(self, include_files: bool = False) -> dict[str, Any]:
         """JSON-serializable form; file paths only when include_files is True."""
@@ -188,6 +201,8 @@ class SeriesHeader:
             "is_derived": self.is_derived,
             "is_enhanced": self.is_enhanced,
         }
+        if self.echo_number is not None:
+            out["echo_number"] = self.echo_number
         if include_files:
             out["files"] = [str(p) for p in self.files]
         return out
@@ -233,8 +248,9 @@ def scan_directory(dicom_dir: Path) -> ScanReport:
             skipped.append((path, why))
             continue
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
-    series = [_series_from_instances(uid, items) for uid, items in groups.items()]
-    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
+    series = [_series_from_instances(uid, part, echo) for uid, items in groups.items()
+              for echo, part in _split_echoes(items)]
+    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid, s.echo_number or 0))
     if skipped:
         log.info("series scan of %s: %d files, %d skipped (not DICOM images)",
                  dicom_dir, len(paths), len(skipped))
@@ -273,8 +289,25 @@ def _read_header_without_preamble(path: Path) -> Dataset | None:
         return None
 
 
-def _series_from_instances(uid: str, items: list[tuple[Path, Dataset]]) -> SeriesHeader:
-    """Build one SeriesHeader from the (path, header) pairs of one series."""
+def _split_echoes(items: list[tuple[Path, Dataset]]) -> list[tuple[int | None, list[tuple[Path, Dataset]]]]:
+    """The (path, header) pairs of one series by echo: [(None, items)] for a
+    single-echo or multi-frame series; [(echo number, that echo's items), ...]
+    when single-frame images carry two or more EchoNumbers (each echo of a
+    PD/T2 or multi-echo series is an image of its own at every position)."""
+    if any(_is_multiframe(ds) for _, ds in items):
+        return [(None, items)]
+    by_echo: dict[int | None, list[tuple[Path, Dataset]]] = {}
+    for path, ds in items:
+        by_echo.setdefault(_int_or_none(ds.get("EchoNumbers")), []).append((path, ds))
+    if len(by_echo) < 2 or None in by_echo:
+        return [(None, items)]
+    return [(echo, by_echo[echo]) for echo in sorted(by_echo, key=lambda e: e or 0)]
+
+
+def _series_from_instances(uid: str, items: list[tuple[Path, Dataset]],
+                           echo_number: int | None = None) -> SeriesHeader:
+    """Build one SeriesHeader from the (path, header) pairs of one series (of
+    one of its echoes, ``echo_number``, for a multi-echo series)."""
     items = sorted(items, key=lambda item: str(item[0]))
     first = items[0][1]
     enhanced = _is_multiframe(first)
@@ -304,6 +337,7 @@ def _series_from_instances(uid: str, items: list[tuple[Path, Dataset]]) -> Serie
         sequence_variant=_strings(first.get("SequenceVariant")),
         rows=_int_or_none(first.get("Rows")),
         columns=_int_or_none(first.get("Columns")),
+        echo_number=echo_number,
         is_enhanced=enhanced,
     )
 
@@ -968,15 +1002,15 @@ def select_series(series: list[SeriesHeader], rules: SelectionRules,
     message); other missing roles are listed in ``missing_optional``.
     """
     wanted = None if required is None else set(required)
-    verdicts = {s.series_uid: {k: evaluate_role(s, r, rules) for k, r in rules.roles.items()}
+    verdicts = {s.key: {k: evaluate_role(s, r, rules) for k, r in rules.roles.items()}
                 for s in series}
     candidates = {
-        key: sorted((s for s in series if not verdicts[s.series_uid][key]),
+        key: sorted((s for s in series if not verdicts[s.key][key]),
                     key=preference_key, reverse=True)
         for key in rules.roles
     }
     chosen = _assign(candidates, list(rules.roles))
-    considered = [_considered_entry(s, verdicts[s.series_uid], chosen, candidates, rules)
+    considered = [_considered_entry(s, verdicts[s.key], chosen, candidates, rules)
                   for s in series]
     missing = [k for k in rules.roles if k not in chosen]
     missing_required = [k for k in missing if _is_required(rules.roles[k], wanted)]
@@ -1015,8 +1049,9 @@ def _considered_entry(series: SeriesHeader, verdicts: Mapping[str, list[str]],
                       candidates: Mapping[str, list[SeriesHeader]],
                       rules: SelectionRules) -> dict[str, Any]:
     """Per-series record: what it is, and for every role why it was or wasn't used."""
-    selected_as = next((rules.label(k) for k, s in chosen.items()
-                        if s.series_uid == series.series_uid), None)
+    selected_as = next((rules.label(k) for k, s in chosen.items() if s.key == series.key), None)
+    used_as = selected_as or next((rules.label(k) for k, s in chosen.items()   # another echo of it
+                                   if s.series_uid == series.series_uid), None)
     roles = {}
     for key, reasons in verdicts.items():
         label = rules.label(key)
@@ -1025,10 +1060,10 @@ def _considered_entry(series: SeriesHeader, verdicts: Mapping[str, list[str]],
                           "why": "rejected: " + "; ".join(reasons), "reasons": list(reasons)}
             continue
         winner = chosen.get(key)
-        if winner is not None and winner.series_uid == series.series_uid:
+        if winner is not None and winner.key == series.key:
             why = "selected"
-        elif selected_as is not None:
-            why = f"matched, but already used as {selected_as}"
+        elif used_as is not None:
+            why = f"matched, but already used as {used_as}"
         elif winner is not None:
             why = f"matched, but {winner.display_name} preferred ({_why_preferred(winner, series)})"
         else:
@@ -1044,4 +1079,4 @@ def _considered_entry(series: SeriesHeader, verdicts: Mapping[str, list[str]],
         "slice_thickness_mm": series.slice_thickness,
         "selected_as": selected_as,
         "roles": roles,
-    }
+    } | ({"echo_number": series.echo_number} if series.echo_number is not None else {})

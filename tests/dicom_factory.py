@@ -485,6 +485,28 @@ def compress_study(study: StudyInfo, out_dir: Path) -> StudyInfo:
                      study.patient_id, study.accession)
 
 
+def make_dual_echo(info: SeriesInfo, first_echo_ms: float, first_echo_pixels_of: SeriesInfo) -> SeriesInfo:
+    """Make ``info`` the second echo of a dual-echo series, as a PD/T2 dual
+    echo sends it: its images become echo 2 (instance numbers after the first
+    echo's), and a first echo (EchoTime ``first_echo_ms``, the pixels of
+    ``first_echo_pixels_of``'s image at each position, new SOP Instance UIDs,
+    instance numbers 1..n) is written beside them in the series folder."""
+    n = len(info.paths)
+    pixels = {tuple(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient): p
+              for p in first_echo_pixels_of.paths}
+    first = []
+    for path in info.paths:
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber, ds.EchoNumbers = int(ds.InstanceNumber) + n, 2
+        ds.save_as(path, enforce_file_format=True)
+        ds.PixelData = pydicom.dcmread(pixels[tuple(ds.ImagePositionPatient)]).PixelData
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber, ds.EchoNumbers, ds.EchoTime = int(ds.InstanceNumber) - n, 1, first_echo_ms
+        first.append(path.with_name(f"E1_{path.name}"))
+        ds.save_as(first[-1], enforce_file_format=True)
+    return SeriesInfo(info.series_uid, info.description, 2 * n, info.dir, first + info.paths)
+
+
 def write_multi_frame_series(info: SeriesInfo, out_dir: Path, *, enhanced_class: bool = False,
                              parts: int = 1) -> SeriesInfo:
     """``info``'s series as multi-frame MR under ``out_dir``, its frames in
