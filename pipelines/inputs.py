@@ -136,9 +136,14 @@ def series_problem(role: str, header: SeriesHeader, reference: str) -> tuple[str
                 f"images (most scanners can export either)", {"multi_frame": True,
                                                               "instances": header.n_instances})
     report = check_series_files(header.files)
-    if report.complete:
-        return None
-    return f"{series_name(role, header)} is incomplete: {report.describe()}", report.to_dict()
+    if not report.complete:
+        return f"{series_name(role, header)} is incomplete: {report.describe()}", report.to_dict()
+    if role == reference and report.images_per_position > 1:
+        return (f"{series_name(role, header)} holds {report.images_per_position} images at each slice "
+                f"position that are not echoes of one scan (several contrasts or repeated acquisitions in one "
+                f"series), and the results are built on the reference series one image per position: send "
+                f"each contrast or acquisition as a series of its own", report.to_dict())
+    return None
 
 
 def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: Path | None = None) -> dict:

@@ -83,6 +83,7 @@ class Completeness:
     missing_instance_numbers: list[int] = field(default_factory=list)
     missing_positions: int = 0
     spacing_mm: float | None = None
+    images_per_position: int = 1    # most images found at one slice position (echoes, contrasts)
 
     @property
     def complete(self) -> bool:
@@ -96,7 +97,8 @@ class Completeness:
         return {"complete": self.complete, "received": self.received, "expected": self.expected,
                 "problems": list(self.problems),
                 "missing_instance_numbers": number_ranges(self.missing_instance_numbers),
-                "missing_positions": self.missing_positions, "spacing_mm": self.spacing_mm}
+                "missing_positions": self.missing_positions, "spacing_mm": self.spacing_mm,
+                "images_per_position": self.images_per_position}
 
 
 class IncompleteSeriesError(MissingSeriesError):
@@ -301,6 +303,7 @@ def _check_positions(instances: Sequence[InstanceInfo], result: Completeness) ->
         else:
             clusters.append([d])
     counts = [len(c) for c in clusters]
+    result.images_per_position = max(counts)
     if len(set(counts)) > 1:
         fewer = sum(1 for c in counts if c < max(counts))
         result.problems.append(f"{_plural(fewer, 'slice position')} of {len(counts)} hold fewer images "

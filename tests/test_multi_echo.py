@@ -24,6 +24,7 @@ import pytest
 from brainline.pipelines.conversion import find_dcm2niix
 from brainline.pipelines.image_pipeline import PipelineConfig
 from brainline.pipelines.inputs import select_inputs
+from brainline.pipelines.series_completeness import IncompleteSeriesError
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import make_dual_echo, write_study
 
@@ -90,3 +91,22 @@ def test_process_converts_the_t2_echo_and_builds_results_on_a_dual_echo_referenc
     assert len(overlays) == 31
     assert {pydicom.dcmread(p, stop_before_pixels=True).SourceImageSequence[0].ReferencedSOPInstanceUID
             for p in overlays} == used
+
+
+def test_a_reference_with_two_images_per_position_is_refused_in_words(study, tmp_path):
+    """Two images at each position that are not echoes (one echo number: a
+    Dixon water and fat pair, a repeated acquisition) cannot be the reference:
+    refused at selection, before any image step, in words. Before, the job ran
+    and its SEG was "not built" (duplicate plane positions)."""
+    t1c = make_dual_echo(study.series["t1c"], 1.2, study.series["t1c"])
+    for path in t1c.paths:
+        ds = pydicom.dcmread(path)
+        ds.EchoNumbers = 1
+        ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(IncompleteSeriesError) as info:
+        select_inputs(study.series["t1"].dir.parent, tmp_path / "work", PipelineConfig())
+    assert "holds 2 images at each slice position that are not echoes of one scan" in str(info.value)
+    assert "it is the reference sequence" in str(info.value)
+    # not the reference: accepted (dcm2niix converts it)
+    record = select_inputs(study.series["t1"].dir.parent, tmp_path / "w2", PipelineConfig(reference="flair"))
+    assert record["roles"]["t1c"]["n_instances"] == 62
