@@ -4,7 +4,8 @@ Pure image-header processing, no network and no database:
 
 * :func:`scan_series` reads the headers of every DICOM file under a folder
   (pixel data is never read) and groups them by SeriesInstanceUID into
-  :class:`SeriesHeader` records.
+  :class:`SeriesHeader` records; a single-frame series with two or more
+  EchoNumbers (a PD/T2 dual echo) gives one record per echo.
 * :func:`load_rules` reads the declarative rules (default: the packaged
   ``brainline/config/series_rules.yaml``) into :class:`SelectionRules`.
 * :func:`select_series` applies the rules and returns a

@@ -31,6 +31,7 @@ CLI: ``python -m tests.dicom_factory CASE_DIR OUT_DIR [--slice-step N]``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import subprocess
 import sys
@@ -508,14 +509,16 @@ def make_dual_echo(info: SeriesInfo, first_echo_ms: float, first_echo_pixels_of:
 
 
 def write_multi_frame_series(info: SeriesInfo, out_dir: Path, *, enhanced_class: bool = False,
-                             parts: int = 1) -> SeriesInfo:
+                             parts: int = 1, per_frame_orientation: bool = False) -> SeriesInfo:
     """``info``'s series as multi-frame MR under ``out_dir``, its frames in
     descending slice order (frame 1 is the last slice, as a scanner that
     acquires head to foot stores them): highdicom's Legacy Converted Enhanced
     MR conversion of the classic instances (plane position and orientation,
     pixel measures, rescale and window in functional groups), in ``parts``
     instances of consecutive frames. ``enhanced_class``: labelled Enhanced MR
-    Image Storage instead, the class Siemens XA and Philips scanners send. A
+    Image Storage instead, the class Siemens XA and Philips scanners send.
+    ``per_frame_orientation``: the plane orientation in every frame's
+    functional groups instead of the shared ones, as Philips writes it. A
     new SeriesInstanceUID; the classic files are left as they are."""
     import highdicom as hd
 
@@ -530,6 +533,11 @@ def write_multi_frame_series(info: SeriesInfo, out_dir: Path, *, enhanced_class:
                                                       int(slices[0].SeriesNumber), generate_uid(), part)
         if enhanced_class:
             ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+        if per_frame_orientation:
+            orientation = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+            del ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+            for item in ds.PerFrameFunctionalGroupsSequence:
+                item.PlaneOrientationSequence = copy.deepcopy(orientation)
         paths.append(out_dir / f"MF_{part}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     return SeriesInfo(series_uid, info.description, len(paths), out_dir, paths)

@@ -56,10 +56,15 @@ def study(tmp_path_factory):
     return write_study(tmp_path_factory.mktemp("enhanced") / "dicom", TCGA, slice_step=5, **PHI)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["legacy-converted", "enhanced-class"])
+@pytest.fixture(scope="module", params=[(False, False), (True, False), (True, True)],
+                ids=["legacy-converted", "enhanced-class", "per-frame-orientation"])
 def multi_frame(request, study, tmp_path_factory):
+    """The T1c as one multi-frame instance; the last variant keeps its plane
+    orientation per frame, as Philips writes it (highdicom wants it shared)."""
     folder = tmp_path_factory.mktemp("multi_frame") / "t1c"
-    return write_multi_frame_series(study.series["t1c"], folder, enhanced_class=request.param)
+    enhanced_class, per_frame = request.param
+    return write_multi_frame_series(study.series["t1c"], folder, enhanced_class=enhanced_class,
+                                    per_frame_orientation=per_frame)
 
 
 def _frame_positions(ds: pydicom.Dataset) -> dict[int, tuple[float, ...]]:

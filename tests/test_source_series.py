@@ -21,13 +21,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from brainline.pipelines.dicom_outputs import volume_summary
+from brainline.pipelines.dicom_outputs import build_seg, read_seg_labels, volume_summary
 from brainline.pipelines.dicom_outputs.seg import image_on_source_grid, labels_on_source_grid
 from brainline.pipelines.dicom_outputs.source_series import SourceSeries, as_source_series, read_source_series
 from brainline.pipelines.results import build_results, rerender_pdf
 from tests.conftest import PHI, TCGA
 from tests.dicom_factory import write_study
 from tests.reslice import reslice
+from tests.test_dicom_outputs import ALGORITHM, dciodvfy
 
 
 def _itk_grid(paths) -> sitk.Image:
@@ -166,3 +167,31 @@ def test_build_results_reads_the_source_series_once(studies, monkeypatch):
     rerender_pdf(pdf, work, files, {"patient_id": "P", "study_date": "20240115"})
     # headers once, and the pixel data of the key image's one instance
     assert len(reads) == len(sources) + 1 and set(reads) == sources and itk_reads == []
+
+
+def test_orientation_rounding_between_images_still_gets_every_result(studies, tmp_path):
+    """Images of one series whose ImageOrientationPatient differ in the 4th
+    decimal (a converter's rounding): series completeness accepts them
+    (tolerance 1e-3), so the results must be built too. Before, the source
+    series was refused (tolerance 1e-4) and highdicom refused any difference."""
+    files = []
+    for i, path in enumerate(studies.axial):
+        ds = pydicom.dcmread(path)
+        if i % 2:
+            iop = [float(v) for v in ds.ImageOrientationPatient]
+            iop[1], iop[3] = iop[1] + 5e-4, iop[3] - 5e-4
+            ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+        ds.save_as(tmp_path / path.name)
+        files.append(tmp_path / path.name)
+    series = read_source_series(files)
+    labels = sitk.ChangeLabel(sitk.ReadImage(str(TCGA / "segmentations" / "fusion_simple.nii.gz"), sitk.sitkUInt8),
+                              {4: 3})
+    seg = build_seg(series, labels, ALGORITHM)
+    assert {tuple(seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient)} == {
+        tuple(series.first.ImageOrientationPatient)}
+    seg.save_as(tmp_path / "seg.dcm")
+    assert np.array_equal(read_seg_labels(tmp_path / "seg.dcm", series), labels_on_source_grid(labels, series))
+    assert dciodvfy(tmp_path / "seg.dcm")[0] == []
+    sources = {src.ReferencedSOPInstanceUID for f in seg.PerFrameFunctionalGroupsSequence
+               for d in f.DerivationImageSequence for src in d.SourceImageSequence}
+    assert sources <= set(series.sop_instance_uids)

@@ -243,7 +243,7 @@ def binary_segmentation(series: SourceSeries, masks: Sequence[np.ndarray],
     """A BINARY highdicom SEG on ``series``: one mask ``[instance, row,
     column]`` per segment description, new UIDs, the algorithm as device."""
     seg = hd.seg.Segmentation(
-        source_images=series.instances,   # one multi-frame instance: frames in its frame order
+        source_images=series.seg_sources(),   # one multi-frame instance: frames in its frame order
         pixel_array=series.in_frame_order(np.stack(list(masks), axis=-1).astype(np.uint8)),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=list(descriptions),

@@ -50,6 +50,7 @@ slice) and keeps it.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -67,6 +68,12 @@ from .charset import declare_usable_character_set
 
 __all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series", "inherit_lossy_compression",
            "frame_view"]
+
+
+#: Largest difference between the ImageOrientationPatient cosines of two
+#: images of one series: the tolerance series_completeness accepts a series
+#: with (an image that differs by less is resampled on its own plane).
+ORIENTATION_TOLERANCE = 1e-3
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -215,6 +222,42 @@ class SourceSeries:
             item.ReferencedFrameNumber = frame
         return item
 
+    def seg_sources(self) -> list[Dataset]:
+        """:attr:`instances` as highdicom's SEG needs them: with one shared
+        image orientation. highdicom refuses single-frame images whose
+        ImageOrientationPatient differs in any digit, and a multi-frame image
+        whose PlaneOrientationSequence is per frame (as Philips writes it).
+        Images that differ within :data:`ORIENTATION_TOLERANCE` (all that
+        :func:`read_source_series` accepts) are given as copies carrying the
+        first image's orientation; SOP Instance UIDs and positions are theirs."""
+        if self.multi_frame_instance is not None:
+            instance = self.multi_frame_instance
+            shared = (instance.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+            if "PlaneOrientationSequence" in shared:
+                return [instance]
+            header = copy.deepcopy(Dataset({e.tag: e for e in instance if e.keyword != "PixelData"}))
+            header.file_meta = instance.file_meta
+            if "SharedFunctionalGroupsSequence" not in header:
+                header.SharedFunctionalGroupsSequence = [Dataset()]
+            orientation = None
+            for item in header.PerFrameFunctionalGroupsSequence:
+                orientation = orientation or item.get("PlaneOrientationSequence")
+                if "PlaneOrientationSequence" in item:
+                    del item.PlaneOrientationSequence
+            header.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = orientation
+            return [header]
+        first = [float(v) for v in self.first.ImageOrientationPatient]
+        if all([float(v) for v in ds.ImageOrientationPatient] == first for ds in self.datasets):
+            return self.datasets
+        out = []
+        for ds in self.datasets:
+            header = Dataset({e.tag: e for e in ds})    # elements shared, the orientation replaced
+            if hasattr(ds, "file_meta"):
+                header.file_meta = ds.file_meta
+            header.ImageOrientationPatient = self.first.ImageOrientationPatient
+            out.append(header)
+        return out
+
     def in_frame_order(self, array: np.ndarray) -> np.ndarray:
         """``array`` (axis 0 in slice order) in the order of the instances'
         frames: slice order for single-frame instances, frame number order for
@@ -342,7 +385,7 @@ def read_source_series(source_files: Sequence[str | PathLike], *, pixels: bool =
             raise ValueError(f"{path.name}: source image has no image plane geometry (position/orientation/spacing)")
     iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
     for ds, path in zip(datasets, paths):
-        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
+        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), iop, atol=ORIENTATION_TOLERANCE):
             raise ValueError(f"{path.name}: orientation differs from the rest of the series")
         if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
             raise ValueError(f"{path.name}: matrix size differs from the rest of the series")
