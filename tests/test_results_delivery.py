@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import PHI
 from tests.dicom_factory import write_study
-from tests.peers import OrthancServer, storescu
+from tests.peers import LOOPBACK, OrthancServer, free_port, storescu
 from tests.shared_data import TCGA, require
 
 pytestmark = pytest.mark.integration
@@ -175,3 +175,62 @@ def test_outbox_waits_for_pacs_and_survives_kill9(service_factory, small_study):
         assert pacs.count_instances() == n_objects  # each object stored exactly once
         assert svc.api("GET", "/delivery-health").status_code == 200
         assert svc.metric("brainline_destination_up") == 1
+
+
+#: dcmtk storescp association profile of a PACS without DICOM SEG support (many
+#: archives): images, SRs, PDF and KOS, no Segmentation Storage.
+NO_SEG_PACS_CONFIG = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[NoSegContexts]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = MRImageStorage\\Uncompressed
+PresentationContext3 = SecondaryCaptureImageStorage\\Uncompressed
+PresentationContext4 = EncapsulatedPDFStorage\\Uncompressed
+PresentationContext5 = ComprehensiveSRStorage\\Uncompressed
+PresentationContext6 = Comprehensive3DSRStorage\\Uncompressed
+PresentationContext7 = KeyObjectSelectionDocumentStorage\\Uncompressed
+[[Profiles]]
+[NoSeg]
+PresentationContexts = NoSegContexts
+"""
+
+
+def test_a_pacs_without_seg_support_gets_every_other_result(service_factory, small_study, tmp_path):
+    """dcmtk's storescp configured as a PACS that does not accept Segmentation
+    Storage: the SEG is rejected with that reason, and SR, RANO SR, overlay
+    series and PDF are stored. Before, pynetdicom raised for the SEG's
+    missing presentation context, the whole batch was marked rejected as
+    "cannot read the object: ValueError" and nothing was delivered."""
+    (tmp_path / "scp.cfg").write_text(NO_SEG_PACS_CONFIG)
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    scp = subprocess.Popen(["storescp", "-xf", str(tmp_path / "scp.cfg"), "NoSeg", "-od", str(received),
+                            "-aet", "NOSEGPACS", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["echoscu", "-aec", "NOSEGPACS", LOOPBACK, str(port)],
+                             capture_output=True, timeout=30).returncode != 0:
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.2)
+        svc = service_factory(BRAINLINE_DEST_DICOM=f"NOSEGPACS@{LOOPBACK}:{port}")
+        assert storescu(small_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
+        [job] = svc.wait_jobs(1, timeout=300)
+        assert job["state"] == "done", job
+        box = wait_outbox(svc, states=("sent", "rejected"))
+    finally:
+        scp.terminate()
+        scp.wait(30)
+    by_kind: dict[str, set[str]] = {}
+    for item in box["items"]:
+        by_kind.setdefault(item["kind"], set()).add(item["state"])
+    assert by_kind == {"seg": {"rejected"}, "sr": {"sent"}, "rano": {"sent"}, "overlay": {"sent"},
+                       "pdf": {"sent"}}, by_kind
+    [seg] = [i for i in box["items"] if i["kind"] == "seg"]
+    assert "does not accept Segmentation Storage" in seg["last_error"], seg["last_error"]
+    stored = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
+    assert stored == {i["sop_instance_uid"] for i in box["items"] if i["kind"] != "seg"}

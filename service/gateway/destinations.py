@@ -27,7 +27,7 @@ from pathlib import Path
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from brainline.models.plugins import Registry
@@ -120,8 +120,14 @@ class DicomDestination(Destination):
             why = "rejected the association" if assoc.is_rejected else "cannot be reached"
             raise DestinationUnavailable(f"{self.name} {why}")
         outcomes: list[str | None] = []
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
             for ds in datasets:
+                sop_class = str(ds.SOPClassUID)
+                if sop_class not in accepted:   # a PACS without SEG (or 3D SR) support: refuse this one only
+                    outcomes.append(f"{self.name} does not accept {UID(sop_class).name} ({sop_class}): "
+                                    f"it rejected the presentation context at association")
+                    continue
                 status = assoc.send_c_store(ds)
                 if not status or "Status" not in status:
                     raise DestinationUnavailable(f"{self.name}: no C-STORE response (timeout or abort)")
