@@ -295,6 +295,30 @@ def storescu(
         return subprocess.CompletedProcess(command, 124, output or "", f"timed out after {timeout} s")
 
 
+def start_storescp(config: Path, profile: str, out_dir: Path, aet: str,
+                   attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    """Start dcmtk ``storescp`` with the association profile ``profile`` of
+    ``config`` (``-xf``), storing into ``out_dir`` as ``aet``; returns the
+    process and its port once it answers C-ECHO. A storescp that exits at
+    once (its port taken between free_port and its bind) is started again on
+    another port, up to ``attempts`` times."""
+    for _ in range(attempts):
+        port = free_port()
+        proc = subprocess.Popen(["storescp", "-xf", str(config), profile, "-od", str(out_dir), "-aet", aet,
+                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            echo = subprocess.run(["echoscu", "-aec", aet, LOOPBACK, str(port)], capture_output=True, timeout=30)
+            if echo.returncode == 0:
+                time.sleep(0.5)     # a storescp that could not bind has exited by now: then another listener answered
+                if proc.poll() is None:
+                    return proc, port
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait(30)
+    raise RuntimeError(f"storescp did not start in {attempts} attempts")
+
+
 def _postgres_bin(name: str) -> str:
     """Path of a PostgreSQL server binary (Debian keeps them off the PATH)."""
     found = shutil.which(name)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import PHI
 from tests.dicom_factory import write_study
-from tests.peers import LOOPBACK, OrthancServer, free_port, storescu
+from tests.peers import LOOPBACK, OrthancServer, start_storescp, storescu
 from tests.shared_data import TCGA, require
 
 pytestmark = pytest.mark.integration
@@ -208,15 +208,8 @@ def test_a_pacs_without_seg_support_gets_every_other_result(service_factory, sma
     (tmp_path / "scp.cfg").write_text(NO_SEG_PACS_CONFIG)
     received = tmp_path / "received"
     received.mkdir()
-    port = free_port()
-    scp = subprocess.Popen(["storescp", "-xf", str(tmp_path / "scp.cfg"), "NoSeg", "-od", str(received),
-                            "-aet", "NOSEGPACS", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp, port = start_storescp(tmp_path / "scp.cfg", "NoSeg", received, "NOSEGPACS")
     try:
-        deadline = time.monotonic() + 30
-        while subprocess.run(["echoscu", "-aec", "NOSEGPACS", LOOPBACK, str(port)],
-                             capture_output=True, timeout=30).returncode != 0:
-            assert time.monotonic() < deadline, "storescp did not start"
-            time.sleep(0.2)
         svc = service_factory(BRAINLINE_DEST_DICOM=f"NOSEGPACS@{LOOPBACK}:{port}")
         assert storescu(small_study.series["t1"].dir.parent, svc.dicom_port).returncode == 0
         [job] = svc.wait_jobs(1, timeout=300)
