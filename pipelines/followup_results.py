@@ -43,7 +43,7 @@ from .dicom_outputs.lesion_seg import lesions_on_source_grid
 from .dicom_outputs.longitudinal_sr import change_measure_words, change_vs_prior, lesion_volumes, prior_evidence
 from .dicom_outputs.pdf_report import FollowUp, KeyImage
 from .dicom_outputs.seg import image_on_source_grid
-from .dicom_outputs.source_series import SourceSeries
+from .dicom_outputs.source_series import LOSSY_ATTRIBUTES, SourceSeries
 from .records import SELECTION_FILE, SeriesSelection, read_record
 
 __all__ = [
@@ -201,13 +201,8 @@ def role_header(work: Path, role: str, source: SourceSeries) -> pydicom.Dataset 
         return None
 
 
-#: What a derived image needs to know of a source to mark itself lossy (PS3.3 C.7.6.1.1.5);
-#: the transfer syntax comes with the file meta.
-LOSSY_TAGS = ["LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"]
-
-
 def prior_role_headers(work: Path, longitudinal: dict, role: str) -> list[pydicom.Dataset]:
-    """Headers (file meta and :data:`LOSSY_TAGS`) of the compared prior's
+    """Headers (file meta and the lossy compression attributes) of the compared prior's
     series of ``role``, when its DICOM files are in the prior's work folder;
     [] when they are not (a prior given as NIfTI)."""
     pwork = _prior_dir(work, longitudinal)
@@ -218,7 +213,7 @@ def prior_role_headers(work: Path, longitudinal: dict, role: str) -> list[pydico
     out = []
     for path in files:
         try:
-            out.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=LOSSY_TAGS))
+            out.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(LOSSY_ATTRIBUTES)))
         except (OSError, pydicom.errors.InvalidDicomError):
             continue
     return out

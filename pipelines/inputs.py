@@ -166,7 +166,7 @@ def select_inputs(dicom_dir: Path, work: Path, cfg: PipelineConfig, rules_path: 
     needed_because = {r: _needed_because(r, backend, roles, cfg.reference) for r in needed}
     series = scan_series(dicom_dir)
     left_out: dict[str, tuple[str, str, dict]] = {}  # series key -> (role, why, record)
-    checked: dict[tuple[str, bool], tuple[str, dict] | None] = {}  # (uid, as reference) -> problem
+    checked: dict[tuple[str, bool], tuple[str, dict] | None] = {}  # (series key, as reference) -> problem
     while True:
         pool = [s for s in series if s.key not in left_out]
         try:

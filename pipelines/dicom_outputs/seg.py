@@ -296,21 +296,12 @@ def read_seg_labels(
     series = as_source_series(source_files)
     mapping = segment_label_values(seg)
     numbers = sorted(mapping)
+    common = dict(segment_numbers=numbers, combine_segments=False, assert_missing_frames_are_empty=True)
     if series.frames is None:
-        masks = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=series.sop_instance_uids,
-            segment_numbers=numbers,
-            combine_segments=False,
-            assert_missing_frames_are_empty=True,
-        )
+        masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=series.sop_instance_uids, **common)
     else:   # the frames of one multi-frame instance, in slice order
-        masks = seg.get_pixels_by_source_frame(
-            source_sop_instance_uid=str(series.first.SOPInstanceUID),
-            source_frame_numbers=series.frames,
-            segment_numbers=numbers,
-            combine_segments=False,
-            assert_missing_frames_are_empty=True,
-        )
+        masks = seg.get_pixels_by_source_frame(source_sop_instance_uid=str(series.first.SOPInstanceUID),
+                                               source_frame_numbers=series.frames, **common)
     out = np.zeros(series.shape, dtype=np.uint8)
     for index, number in enumerate(numbers):
         out[masks[..., index] > 0] = mapping[number]

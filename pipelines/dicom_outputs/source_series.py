@@ -64,16 +64,13 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from ..series_completeness import ORIENTATION_TOLERANCE  # the series selection accepted is read here
 from .charset import declare_usable_character_set
 
 __all__ = ["SeriesGrid", "SourceSeries", "read_source_series", "as_source_series", "inherit_lossy_compression",
            "frame_view"]
 
 
-#: Largest difference between the ImageOrientationPatient cosines of two
-#: images of one series: the tolerance series_completeness accepts a series
-#: with (an image that differs by less is resampled on its own plane).
-ORIENTATION_TOLERANCE = 1e-3
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -412,7 +409,11 @@ LOSSY_SYNTAX_METHODS = {
     "1.2.840.10008.1.2.4.51": "ISO_10918_1",   # JPEG Extended
     "1.2.840.10008.1.2.4.81": "ISO_14495_1",   # JPEG-LS Near-lossless
 }
-_LOSSY_DETAILS = ("LossyImageCompressionRatio", "LossyImageCompressionMethod")
+#: The attributes that say whether and how an image was lossy compressed
+#: (with the transfer syntax of its file meta, all a derived image needs to
+#: know of a source; read by followup_results for the prior's images).
+LOSSY_ATTRIBUTES = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+_LOSSY_DETAILS = LOSSY_ATTRIBUTES[1:]
 
 
 def inherit_lossy_compression(target: Dataset, sources: Sequence[Dataset]) -> None:
